@@ -1,0 +1,36 @@
+"""The `capfilt` command: one subcommand per job. `capfilt <command> --help` for each."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "demo": ("jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
+    "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
+    "config": ("jobs.config", "print the effective configuration, or every key with its help"),
+    "validate": ("jobs.validate", "check a Parquet dataset or stage output against a data contract"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="capfilt", description="Image-text curation (BLIP-style CapFilt) on Apache Spark.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
+               + "\n\nRun 'capfilt COMMAND --help' for a command's options.")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    ns = parser.parse_args(argv[:1])
+    import importlib
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    from jobs.common import run
+    return run(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stages as DataFrame -> DataFrame transforms, plus config, session, readers and writers."""

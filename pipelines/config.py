@@ -1,0 +1,160 @@
+"""Configuration: one YAML file plus `--set key.path=value` overrides, checked against typed dataclasses.
+
+Defaults live in the dataclasses below; configs/default.yaml shows every key with its default (a test
+keeps the two equal). Unknown keys and bad values are refused with the key's full path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _opt(default, help: str = "", **checks):
+    """A config field with its help text and checks (min, max, choices)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **checks}, **factory)
+
+
+@dataclass
+class SparkSettings:
+    master: str = _opt("local[*]", "Spark master when not launched by spark-submit (spark-submit's --master wins)")
+    app_name: str = _opt("capfilt", "Spark application name")
+    driver_memory: str = _opt("4g", "driver memory in local mode (JVM heap)")
+    arrow_batch_size: int = _opt(512, "rows per Arrow batch sent to Python workers; bounds worker memory "
+                                      "with image bytes (spark.sql.execution.arrow.maxRecordsPerBatch)", min=1)
+    shuffle_partitions: int = _opt(0, "spark.sql.shuffle.partitions; 0 = Spark's default", min=0)
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = _opt("WARN", "driver log level")
+    conf: dict[str, str] = _opt(dict, "any other Spark settings, passed as they are")
+
+
+@dataclass
+class OutputSettings:
+    overwrite: bool = _opt(False, "recompute a stage whose output is already committed")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = _opt("zstd", "Parquet compression codec")
+
+
+@dataclass
+class Config:
+    seed: int = _opt(0, "seed for every random choice (sampling is seeded per row from it)", min=0)
+    spark: SparkSettings = _opt(SparkSettings)
+    output: OutputSettings = _opt(OutputSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key.path=value` overrides (values parsed as YAML)."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return build(Config, data, "")
+
+
+def build(cls, data: Any, path: str):
+    """Build dataclass `cls` from `data`, refusing unknown keys and ill-typed values by key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean '{_join(path, near[0])}'?)" if near else f" (known: {', '.join(known)})"
+            raise ConfigError(f"unknown config key '{_join(path, key)}'{hint}")
+    values = {}
+    for name, f in known.items():
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], _join(path, name), f.metadata)
+    return cls(**values)
+
+
+def _coerce(tp, value, path: str, meta) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, meta)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, _join(path, str(k)), {}) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        ok = isinstance(value, int) if tp is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+        value = tp(value)
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. spark conf values written as numbers
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {path} has an unsupported type {tp}")
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key path, default, help) for every leaf: used by `capfilt config` and the docs test."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), key)
+        else:
+            rows.append((key, value, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,39 @@
+"""Reading and writing stage outputs with Spark, in the layout of pipelines.output."""
+from __future__ import annotations
+
+from pipelines.output import Counts, StageOutput, read_manifest
+from schemas import REJECTS, Contract
+
+
+def read_stage(spark, root: str, contract: Contract):
+    """The committed records of a stage, validated against its contract."""
+    read_manifest(root)  # refuses an uncommitted directory
+    path = f"{str(root).rstrip('/')}/data"
+    df = spark.read.option("pathGlobFilter", "*.parquet").parquet(path)
+    contract.validate(df, where=path)
+    return df
+
+
+def read_rejects(spark, root: str):
+    read_manifest(root)
+    return spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{str(root).rstrip('/')}/rejects")
+
+
+def empty_rejects(spark):
+    return spark.createDataFrame([], REJECTS.spark_schema())
+
+
+def write_stage(out: StageOutput, data, rejects, input_count: int, compression: str = "zstd") -> Counts:
+    """Write records and rejects into the in-progress directory and count them from the files written
+    (not from the plan: what a reader will see is what gets counted)."""
+    spark = data.sparkSession
+    codec = "uncompressed" if compression == "none" else compression
+    REJECTS.validate(rejects, where=f"{out.stage} rejects")
+    data.write.option("compression", codec).mode("overwrite").parquet(out.data_dir)
+    rejects.select(*REJECTS.names).write.option("compression", codec).mode("overwrite").parquet(out.rejects_dir)
+    output = spark.read.parquet(out.data_dir).count()
+    rejected: dict[str, dict[str, int]] = {}
+    # One row per (stage, reason): tiny, safe to bring to the driver.
+    for row in spark.read.parquet(out.rejects_dir).groupBy("stage", "reason").count().collect():
+        rejected.setdefault(row["stage"], {})[row["reason"]] = row["count"]
+    return Counts(input=input_count, output=output, rejected=rejected)

@@ -1,0 +1,150 @@
+"""Atomic, resumable stage output.
+
+Every stage writes one directory:
+    <root>/data/          the stage's records (Parquet)
+    <root>/rejects/       rows this stage dropped (Parquet, schemas.REJECTS)
+    <root>/manifest.json  config, versions, timings and counts; written last
+All of it is first written to a hidden sibling `.<name>.inprogress-<id>` (Spark and Hadoop readers skip
+names starting with '.'), then renamed into place. A directory without manifest.json is never a finished
+output: `read_stage` refuses it. A killed run leaves only a hidden in-progress directory, removed by
+the next run. Rename is atomic on local and HDFS file systems, not on object stores (docs/output.md).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import PurePosixPath
+
+import fsspec
+
+MANIFEST = "manifest.json"
+
+
+class ConservationError(RuntimeError):
+    """Counts do not add up: input != output + rejected. The output is not committed."""
+
+
+class NotCommittedError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Counts:
+    input: int
+    output: int
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> reason -> rows
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(n for reasons in self.rejected.values() for n in reasons.values())
+
+    def check(self) -> None:
+        if self.input != self.output + self.rejected_total:
+            raise ConservationError(
+                f"counts do not add up: input {self.input} != output {self.output} + rejected "
+                f"{self.rejected_total} ({self.rejected}); {self.input - self.output - self.rejected_total:+d} "
+                f"rows unaccounted for. Nothing was committed.")
+
+    def to_dict(self) -> dict:
+        return {"input": self.input, "output": self.output, "rejected_total": self.rejected_total,
+                "rejected": self.rejected}
+
+
+class StageOutput:
+    def __init__(self, root: str, stage: str, overwrite: bool = False):
+        self.root = str(root).rstrip("/")
+        self.stage = stage
+        self.overwrite = overwrite
+        self.fs, self._path = fsspec.core.url_to_fs(self.root)
+        self._parent = str(PurePosixPath(self._path).parent)
+        self._name = PurePosixPath(self._path).name
+        self.tmp: str | None = None
+        self.started = time.time()
+
+    @property
+    def complete(self) -> bool:
+        return self.fs.exists(f"{self._path}/{MANIFEST}")
+
+    def begin(self) -> bool:
+        """Prepare to write. False when the output is already committed and overwrite is off (skip)."""
+        if self.complete and not self.overwrite:
+            return False
+        self.fs.makedirs(self._parent, exist_ok=True)
+        for stale in self.fs.glob(f"{self._parent}/.{self._name}.inprogress-*"):
+            self.fs.rm(stale, recursive=True)  # left by a killed run
+        self.tmp = f"{self._parent}/.{self._name}.inprogress-{uuid.uuid4().hex[:12]}"
+        self.fs.makedirs(self.tmp, exist_ok=True)
+        self.started = time.time()
+        return True
+
+    def _url(self, path: str) -> str:
+        # Keep the caller's scheme (s3://, hdfs://) so Spark writes where fsspec commits.
+        proto = self.root.split("://")[0] if "://" in self.root else None
+        return f"{proto}://{path.split('://')[-1]}" if proto and proto != "file" else path
+
+    @property
+    def data_dir(self) -> str:
+        return self._url(f"{self.tmp}/data")
+
+    @property
+    def rejects_dir(self) -> str:
+        return self._url(f"{self.tmp}/rejects")
+
+    def commit(self, manifest: dict) -> None:
+        """Write manifest.json last, then move the whole directory into place."""
+        assert self.tmp is not None, "begin() first"
+        self.fs.pipe(f"{self.tmp}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        old = None
+        if self.fs.exists(self._path):
+            old = f"{self._parent}/.{self._name}.replaced-{uuid.uuid4().hex[:12]}"
+            self.fs.mv(self._path, old, recursive=True)
+        self.fs.mv(self.tmp, self._path, recursive=True)
+        if old:
+            self.fs.rm(old, recursive=True)
+        self.tmp = None
+
+    def abort(self) -> None:
+        if self.tmp and self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp, recursive=True)
+        self.tmp = None
+
+
+def read_manifest(root: str) -> dict:
+    fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+    try:
+        return json.loads(fs.cat(f"{path}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise NotCommittedError(
+            f"{root} is not a committed stage output (no {MANIFEST}): the stage that writes it has not "
+            f"finished. Run it (again); a killed run leaves nothing a reader could take for finished.") from None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("capfilt", "pyspark", "pyarrow", "img2dataset", "open_clip_torch", "torch",
+                 "transformers", "faiss-cpu", "datasketch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_manifest(out: StageOutput, config: dict, counts: Counts, **extra) -> dict:
+    """The run manifest; refuses (ConservationError) when counts do not add up."""
+    counts.check()
+    finished = time.time()
+    return {
+        "stage": out.stage,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(out.started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+        "seconds": round(finished - out.started, 3),
+        "versions": versions(),
+        "config": config,
+        "counts": counts.to_dict(),
+        **extra,
+    }

@@ -1,0 +1,92 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipelines.io import empty_rejects, read_rejects, read_stage, write_stage
+from pipelines.output import (ConservationError, Counts, NotCommittedError, StageOutput, build_manifest,
+                              read_manifest)
+from schemas import PAIRS
+from tests.conftest import ROOT
+
+
+def test_commit_makes_the_layout_and_a_rerun_is_skipped(tmp_path):
+    out = StageOutput(str(tmp_path / "stage"), "demo")
+    assert out.begin()
+    (tmp_path / "marker").write_text("x")
+    os.makedirs(out.data_dir)
+    out.commit(build_manifest(out, {}, Counts(input=3, output=2, rejected={"demo": {"bad": 1}})))
+    assert read_manifest(tmp_path / "stage")["counts"]["rejected_total"] == 1
+    assert not list(tmp_path.glob(".stage.*")), "no in-progress directory left behind"
+    assert StageOutput(str(tmp_path / "stage"), "demo").begin() is False
+    again = StageOutput(str(tmp_path / "stage"), "demo", overwrite=True)
+    assert again.begin()
+    again.commit(build_manifest(again, {}, Counts(input=1, output=1)))
+    assert read_manifest(tmp_path / "stage")["counts"]["input"] == 1
+
+
+def test_counts_that_do_not_add_up_are_refused_and_nothing_is_committed(tmp_path):
+    out = StageOutput(str(tmp_path / "stage"), "demo")
+    out.begin()
+    with pytest.raises(ConservationError, match=r"input 10 != output 7 \+ rejected 2.*\+1 rows unaccounted"):
+        out.commit(build_manifest(out, {}, Counts(input=10, output=7, rejected={"demo": {"x": 2}})))
+    out.abort()
+    with pytest.raises(NotCommittedError):
+        read_manifest(tmp_path / "stage")
+    assert not (tmp_path / "stage").exists()
+
+
+def test_a_killed_write_leaves_nothing_a_reader_takes_for_finished(tmp_path, spark):
+    target = tmp_path / "stage"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pipelines.output import StageOutput
+        out = StageOutput({str(target)!r}, "demo")
+        out.begin()
+        os.makedirs(out.data_dir)
+        open(out.data_dir + "/part-0.parquet", "wb").write(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists()
+    leftovers = list(tmp_path.glob(".stage.inprogress-*"))
+    assert len(leftovers) == 1, "the killed run's work is hidden, not published"
+    with pytest.raises(NotCommittedError, match="not a committed stage output"):
+        read_stage(spark, str(target), PAIRS)
+    # Spark reading the parent folder does not pick up the hidden half-written directory.
+    assert spark.read.option("recursiveFileLookup", True).format("binaryFile").load(str(tmp_path)).count() == 0
+    rerun = StageOutput(str(target), "demo")
+    assert rerun.begin()
+    assert not leftovers[0].exists(), "the next run clears the stale in-progress directory"
+    rerun.abort()
+
+
+def test_write_stage_counts_what_was_written(spark, tmp_path):
+    data = spark.createDataFrame([("a", "http://h/a", "x"), ("b", "http://h/b", "y")], PAIRS.spark_schema())
+    rejects = spark.createDataFrame([("c", "http://h/c", None, "demo", "too_small", "4x4", None)],
+                                    "uid string, url string, caption string, stage string, reason string, "
+                                    "detail string, duplicate_of string")
+    out = StageOutput(str(tmp_path / "s"), "demo")
+    out.begin()
+    counts = write_stage(out, data, rejects, input_count=3)
+    assert counts.to_dict() == {"input": 3, "output": 2, "rejected_total": 1, "rejected": {"demo": {"too_small": 1}}}
+    out.commit(build_manifest(out, {"k": 1}, counts))
+    assert sorted(r.uid for r in read_stage(spark, str(tmp_path / "s"), PAIRS).collect()) == ["a", "b"]
+    assert read_rejects(spark, str(tmp_path / "s")).count() == 1
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["versions"]["pyspark"].startswith("4.") and manifest["config"] == {"k": 1}
+
+
+def test_empty_rejects_still_make_a_readable_table(spark, tmp_path):
+    data = spark.createDataFrame([("a", "u", "x")], PAIRS.spark_schema())
+    out = StageOutput(str(tmp_path / "s"), "demo")
+    out.begin()
+    counts = write_stage(out, data, empty_rejects(spark), input_count=1)
+    out.commit(build_manifest(out, {}, counts))
+    assert read_rejects(spark, str(tmp_path / "s")).count() == 0
