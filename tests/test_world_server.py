@@ -1,0 +1,212 @@
+"""The loopback web server of the shapes world: every fault, clean shutdown, and `serve` in the CLI.
+All traffic goes to 127.0.0.1, and never through a proxy."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from world.corpus import bomb_png, make_web_corpus
+from world.scene import Scene, SceneObject, encode_jpeg, render
+from world.server import WorldServer, serve
+
+REPO = Path(__file__).resolve().parents[1]
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any *_proxy variables
+
+
+def fetch(url: str, timeout: float = 5):
+    """(status, body, headers, final url); HTTP errors are answers too."""
+    try:
+        with OPENER.open(url, timeout=timeout) as response:
+            return response.status, response.read(), response.headers, response.url
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers, url
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    img = tmp_path / "img"
+    img.mkdir()
+    scene = Scene((SceneObject("red", "circle", "small"), SceneObject("blue", "square", "large")), "white")
+    jpeg = encode_jpeg(render(scene))
+    (img / "a.jpg").write_bytes(jpeg)
+    (img / "b.jpg").write_bytes(jpeg)
+    (img / "half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (img / "bomb.png").write_bytes(bomb_png())
+    return tmp_path
+
+
+@pytest.fixture
+def server(site):
+    with serve(site) as running:
+        yield running
+
+
+def test_serves_files_on_loopback_with_their_content_type(server, site):
+    assert server.base_url == f"http://127.0.0.1:{server.port}" and server.port > 0
+    status, body, headers, _ = fetch(server.base_url + "/img/a.jpg")
+    assert (status, body, headers["Content-Type"]) == (200, (site / "img/a.jpg").read_bytes(), "image/jpeg")
+    assert fetch(server.base_url + "/img/bomb.png")[2]["Content-Type"] == "image/png"
+
+
+def test_head_sends_headers_without_body(server, site):
+    request = urllib.request.Request(server.base_url + "/img/a.jpg", method="HEAD")
+    with OPENER.open(request, timeout=5) as response:
+        assert response.read() == b""
+        assert int(response.headers["Content-Length"]) == (site / "img/a.jpg").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "path", ["/f/404/a.jpg", "/img/missing.jpg", "/img/../img/a.jpg", "/etc/passwd", "/f/unknown/a.jpg"])
+def test_404_for_the_fault_missing_files_and_paths_outside_the_site(server, path):
+    assert fetch(server.base_url + path)[0] == 404
+
+
+def test_burst_answers_500_n_times_then_the_file_with_a_counter_per_path(server, site):
+    statuses = [fetch(server.base_url + "/f/burst/3/a.jpg")[0] for _ in range(5)]
+    assert statuses == [500, 500, 500, 200, 200]
+    assert fetch(server.base_url + "/f/burst/3/b.jpg")[0] == 500  # b's counter is its own
+    assert fetch(server.base_url + "/f/burst/0/b.jpg")[0] == 200
+
+
+def test_slow_answers_after_the_delay(server):
+    start = time.monotonic()
+    status, body, _, _ = fetch(server.base_url + "/f/slow/400/a.jpg")
+    assert status == 200 and body and time.monotonic() - start >= 0.4
+
+
+def test_reset_sends_part_of_the_body_then_resets(server, site):
+    with pytest.raises((ConnectionResetError, http.client.IncompleteRead)):
+        fetch(server.base_url + "/f/reset/a.jpg")
+    # On a raw socket: a reset (RST), not a clean close (FIN) after a short body.
+    received, reset = b"", False
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /f/reset/a.jpg HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            reset = True  # the reset may also discard what was still unread: either way, short
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert reset and len(body) < (site / "img/a.jpg").stat().st_size
+
+
+def test_redirect_lands_on_the_image(server, site):
+    status, body, _, final_url = fetch(server.base_url + "/f/redirect/a.jpg")
+    assert (status, body, final_url) == (200, (site / "img/a.jpg").read_bytes(), server.base_url + "/img/a.jpg")
+    assert server.requests[-2:] == [("/f/redirect/a.jpg", 302), ("/img/a.jpg", 200)]
+
+
+def test_redirect_loop_never_lands(server):
+    assert fetch(server.base_url + "/f/loop/a/a.jpg")[0] == 302  # urllib gives up on the loop
+    paths = [path for path, status in server.requests if status == 302]
+    assert {"/f/loop/a/a.jpg", "/f/loop/b/a.jpg"} <= set(paths) and len(paths) > 2
+
+
+def test_opt_out_headers(server):
+    assert fetch(server.base_url + "/f/noai/a.jpg")[2]["X-Robots-Tag"] == "noai"
+    assert fetch(server.base_url + "/f/noai-other/a.jpg")[2]["X-Robots-Tag"] == "otherbot: noai"
+    assert fetch(server.base_url + "/img/a.jpg")[2]["X-Robots-Tag"] is None
+
+
+def test_bad_files_are_served_as_they_are(server, site):
+    status, body, _, _ = fetch(server.base_url + "/img/half.jpg")
+    assert status == 200 and len(body) < (site / "img/a.jpg").stat().st_size
+    body = fetch(server.base_url + "/img/bomb.png")[1]
+    assert body[12:16] == b"IHDR" and struct.unpack(">II", body[16:24]) == (40_000, 40_000) and len(body) < 10_000
+
+
+def test_requests_are_logged_and_nothing_is_printed(server, capfd):
+    for path in ("/img/a.jpg", "/f/404/a.jpg", "/f/burst/1/a.jpg"):
+        fetch(server.base_url + path)
+    assert server.requests == [("/img/a.jpg", 200), ("/f/404/a.jpg", 404), ("/f/burst/1/a.jpg", 500)]
+    with pytest.raises(Exception):
+        fetch(server.base_url + "/f/reset/a.jpg")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_stop_interrupts_slow_requests_joins_every_thread_and_closes_the_port(site):
+    before = set(threading.enumerate())
+    server = WorldServer(site)
+    slow_outcome = []
+
+    def slow_client():
+        try:
+            slow_outcome.append(fetch(server.base_url + "/f/slow/10000/a.jpg")[0])
+        except Exception as error:  # expected: the server drops the request when it stops
+            slow_outcome.append(type(error).__name__)
+
+    client = threading.Thread(target=slow_client)
+    client.start()
+    assert fetch(server.base_url + "/img/a.jpg")[0] == 200
+    time.sleep(0.2)  # let the slow request reach its wait
+    start = time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < 3  # not the 10 s of the slow request
+    client.join(5)
+    assert slow_outcome and slow_outcome[0] != 200
+    assert set(threading.enumerate()) == before
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2)
+    server.stop()  # a second stop is harmless
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com"])
+def test_refuses_to_bind_anything_but_loopback(site, host):
+    with pytest.raises(ValueError, match="loopback"):
+        WorldServer(site, host=host)
+
+
+def test_every_corpus_row_fetches_as_its_sidecar_says(tmp_path):
+    make_web_corpus(tmp_path, 60, seed=4, slow_ms=100, burst=1)
+    truth = pq.read_table(tmp_path / "truth.parquet").to_pylist()
+    with serve(tmp_path / "site") as server:
+        for row in truth:
+            fault = row["fault"]
+            url = row["url_path"] if not row["url_path"].startswith("/") else server.base_url + row["url_path"]
+            if fault in ("malformed_url", "refused", "reset"):
+                failures = (ValueError, urllib.error.URLError, ConnectionError, http.client.HTTPException)
+                with pytest.raises(failures):
+                    fetch(url)  # malformed: refused before any traffic; refused: to 127.0.0.1:1
+                continue
+            status, body, headers, _ = fetch(url)
+            if fault == "http_500_burst":
+                assert status == 500
+                status, body, headers, _ = fetch(url)
+            expected = {"http_404": 404, "redirect_loop": 302}.get(fault, 200)
+            assert status == expected, (fault, url)
+            if expected == 200:
+                assert body == (tmp_path / "site" / row["file"]).read_bytes(), (fault, url)
+            if fault in ("noai", "noai_other_agent"):
+                assert headers["X-Robots-Tag"] == ("noai" if fault == "noai" else "otherbot: noai")
+            if fault == "not_image":
+                assert headers["Content-Type"] == "image/jpeg" and body.startswith(b"<!doctype html")
+
+
+def test_cli_serve_writes_metadata_for_its_port_and_stops_on_ctrl_c(tmp_path):
+    make_web_corpus(tmp_path, 40, seed=5)
+    process = subprocess.Popen([sys.executable, "-m", "world.cli", "serve", str(tmp_path), "--format", "parquet",
+                                "--format", "jsonl"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(4)]
+        base_url = lines[0].split(" at ")[1].strip()
+        assert base_url.startswith("http://127.0.0.1:")
+        assert (tmp_path / "metadata.jsonl").exists()
+        urls = pq.read_table(tmp_path / "metadata.parquet", columns=["url"]).column("url").to_pylist()
+        first_image = next(url for url in urls if url.startswith(base_url + "/img/"))
+        assert fetch(first_image)[0] == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0

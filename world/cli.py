@@ -1,0 +1,87 @@
+"""Command line of the shapes world: `generate` a corpus, `serve` it on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from world.corpus import METADATA_FORMATS, make_annotated, make_web_corpus, write_metadata
+from world.server import WorldServer, serve_until_interrupted
+
+
+def _generate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    summary = make_web_corpus(out, args.n, args.seed, noise=args.noise, duplicates=args.duplicates,
+                              fault_rate=args.fault_rate, slow_ms=args.slow_ms, overwrite=args.overwrite)
+    print(f"web corpus: {out / 'site'} (files), {out / 'truth.parquet'} (ground truth), {out / 'corpus.json'}")
+    if args.annotated:
+        print(f"annotated split: {make_annotated(out, args.annotated, args.seed)} ({args.annotated} images)")
+    mix = {k: summary[k] for k in ("kinds", "faults", "variants", "image_rows", "noise_share")}
+    print(json.dumps(mix, indent=2))
+    print(f"next: serve it with `serve {out}` to write {out / 'metadata.parquet'}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+
+    def announce(server: WorldServer) -> None:
+        paths = [write_metadata(out, server.base_url, fmt=fmt) for fmt in args.format or ["parquet"]]
+        print(f"serving {out / 'site'} at {server.base_url}", flush=True)
+        for path in paths:
+            print(f"metadata: {path}", flush=True)
+        print("Ctrl-C to stop", flush=True)
+
+    serve_until_interrupted(out / "site", args.port, on_start=announce)
+    print("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capfilt world",
+        description="The shapes world: a synthetic image-text domain with ground truth, and a loopback "
+                    "web server with faults, standing in for the web and for COCO. See docs/world.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser(
+        "generate", help="write a noisy web corpus (and optionally a clean annotated split)",
+        description="Write OUT/site (files to serve), OUT/truth.parquet (ground truth, for tests and "
+                    "benchmarks only) and OUT/corpus.json (the mix produced). Same seed, same bytes.")
+    generate.add_argument("--out", required=True, help="output directory")
+    generate.add_argument("--n", type=int, required=True, help="number of web corpus rows")
+    generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    generate.add_argument("--noise", type=float, default=0.45,
+                          help="share of plain rows whose caption does not fit the image (default 0.45)")
+    generate.add_argument("--duplicates", type=float, default=0.06,
+                          help="share of plain rows that duplicate another row (default 0.06)")
+    generate.add_argument("--fault-rate", type=float, default=0.04,
+                          help="share of rows that are faults; each fault kind appears at least once "
+                               "(default 0.04)")
+    generate.add_argument("--slow-ms", type=int, default=2000, help="delay of the slow fault in ms (default 2000)")
+    generate.add_argument("--annotated", type=int, default=0, metavar="N",
+                          help="also write OUT/annotated.parquet with N clean captioned images")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing corpus in OUT")
+    generate.set_defaults(run=_generate)
+
+    serve_cmd = commands.add_parser(
+        "serve", help="serve DIR/site on 127.0.0.1 and write DIR/metadata.parquet for it",
+        description="Serve DIR/site on 127.0.0.1 until Ctrl-C. The metadata's URLs name the server's "
+                    "port, so it is (re)written at start: DIR/metadata.<format>.")
+    serve_cmd.add_argument("dir", metavar="DIR", help="a directory written by `generate`")
+    serve_cmd.add_argument("--port", type=int, default=0, help="port to bind (default: an ephemeral one)")
+    serve_cmd.add_argument("--format", action="append", choices=METADATA_FORMATS,
+                           help="metadata format, repeatable (default: parquet)")
+    serve_cmd.set_defaults(run=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
