@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 check-java:
-	@command -v java >/dev/null || { echo "capfilt needs Java 17 or newer for Spark 4 (none found). Install it, e.g. 'apt-get install openjdk-17-jre-headless', or set JAVA_HOME."; exit 1; }
-	@v=$$(java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); \
+	@java=$${JAVA_HOME:+$$JAVA_HOME/bin/}java; command -v $$java >/dev/null || { echo "capfilt needs Java 17 or newer for Spark 4 (none found). Install it, e.g. 'apt-get install openjdk-17-jre-headless', or set JAVA_HOME."; exit 1; }; \
+	  v=$$($$java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); \
 	  [ "$${v:-0}" -ge 17 ] || { echo "capfilt needs Java 17 or newer for Spark 4 (found Java $$v). Install openjdk-17-jre-headless or set JAVA_HOME."; exit 1; }
 
 demo: check-java venv

@@ -45,9 +45,46 @@ class OutputSettings:
 
 
 @dataclass
+class DownloadSettings:
+    # Image hygiene (img2dataset's resizer options, plus a header check before any decode).
+    image_size: int = _opt(256, "side of the stored image in pixels (img2dataset image_size)", min=8)
+    resize_mode: Literal["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"] = _opt(
+        "border", "img2dataset resize mode: border pads to a square, center_crop crops, no keeps the original")
+    resize_only_if_bigger: bool = _opt(False, "never upscale small images")
+    encode_format: Literal["jpg", "png", "webp"] = _opt("jpg", "format of the stored image")
+    encode_quality: int = _opt(95, "JPEG/WebP quality (0-100) or PNG compression (0-9)", min=0, max=100)
+    min_image_size: int = _opt(32, "smallest accepted side in pixels of the original (too_small below)", min=0)
+    max_image_pixels: int = _opt(50_000_000, "largest accepted width*height, checked on the header before "
+                                             "decoding: no decompression bomb reaches memory (too_large above)", min=1)
+    max_aspect_ratio: float = _opt(10.0, "largest accepted long side / short side (too_large above)", min=1)
+    max_bytes: int = _opt(32 * 1024 * 1024, "largest accepted response body in bytes", min=1)
+    # Fetching.
+    processes: int = _opt(0, "parallel download tasks; 0 = Spark's default parallelism", min=0)
+    threads: int = _opt(32, "download threads per task (img2dataset thread_count)", min=1)
+    timeout: float = _opt(10.0, "seconds per request", min=0.1)
+    retries: int = _opt(0, "immediate retries of a failed request inside img2dataset", min=0)
+    max_shard_retry: int = _opt(1, "reruns of a shard whose task failed as a whole", min=0)
+    rows_per_shard: int = _opt(10_000, "input rows per img2dataset shard (unit of resume)", min=1)
+    subjob_size: int = _opt(1000, "shards per Spark job of the img2dataset distributor", min=1)
+    user_agent_token: str = _opt("capfilt", "token in the User-Agent and for scoped X-Robots-Tag directives")
+    opt_out_directives: list[str] = _opt(lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+                                         "X-Robots-Tag directives that opt an image out (empty list: ignore)")
+    # Safety.
+    allow_hosts: list[str] = _opt(list, "HOST or HOST:PORT endpoints allowed although private or loopback "
+                                        "(e.g. a local test server); everything else non-public is blocked")
+    loopback_only: bool = _opt(False, "refuse every connection outside 127.0.0.0/8 and ::1 at the socket "
+                                      "level (tests, air-gapped runs)")
+    # Input rules.
+    drop_empty_captions: bool = _opt(True, "reject rows whose caption is empty or blank (empty_caption); "
+                                           "false keeps them for the captioner")
+    extract_exif: bool = _opt(False, "keep EXIF as a JSON column (img2dataset extract_exif)")
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, "seed for every random choice (sampling is seeded per row from it)", min=0)
     spark: SparkSettings = _opt(SparkSettings)
+    download: DownloadSettings = _opt(DownloadSettings)
     output: OutputSettings = _opt(OutputSettings)
 
     def to_dict(self) -> dict:

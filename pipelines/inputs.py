@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import PAIRS, SchemaError
+from schemas import CONTRACTS, PAIRS, SchemaError
 
 PRESETS = {
     # LAION-400M/5B parquet: URL, TEXT, SAMPLE_ID, WIDTH, HEIGHT, similarity, punsafe, pwatermark...
@@ -17,6 +17,10 @@ PRESETS = {
     "default": {"url_col": "url", "caption_col": "caption", "id_col": None},
 }
 FORMATS = ("parquet", "csv", "jsonl")
+# Names that stages produce (ours, and img2dataset's status columns). An input column with one of these
+# names (in any case: Spark resolves names case-insensitively) is kept as input_<name>.
+RESERVED = {n.lower() for c in CONTRACTS.values() for n in c.names} | {
+    "key", "status", "error_message", "exif", "jpg", "png", "webp", "txt"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,8 @@ def read_pairs(spark, spec: InputSpec):
         raise SchemaError("pairs", missing + [f"the input's columns are: {', '.join(raw.columns)}"], spec.path)
 
     mapped = {spec.url_col, spec.caption_col} | ({spec.id_col} if spec.id_col else set())
-    # An input column that collides with a name we produce is kept under a prefixed name.
-    extras = [F.col(f"`{c}`").alias(c if c not in PAIRS.names else f"input_{c}") for c in raw.columns if c not in mapped]
+    extras = [F.col(f"`{c}`").alias(f"input_{c}" if c.lower() in RESERVED else c)
+              for c in raw.columns if c not in mapped]
     url = F.trim(F.col(f"`{spec.url_col}`").cast("string"))
     caption = F.make_valid_utf8(F.col(f"`{spec.caption_col}`").cast("string"))
     if spec.id_col:

@@ -4,10 +4,10 @@ Every stage writes one directory:
     <root>/data/          the stage's records (Parquet)
     <root>/rejects/       rows this stage dropped (Parquet, schemas.REJECTS)
     <root>/manifest.json  config, versions, timings and counts; written last
-All of it is first written to a hidden sibling `.<name>.inprogress-<id>` (Spark and Hadoop readers skip
+All of it is first written to a hidden sibling `.<name>.inprogress` (Spark and Hadoop readers skip
 names starting with '.'), then renamed into place. A directory without manifest.json is never a finished
-output: `read_stage` refuses it. A killed run leaves only a hidden in-progress directory, removed by
-the next run. Rename is atomic on local and HDFS file systems, not on object stores (docs/output.md).
+output: `read_stage` refuses it. A killed run leaves only the hidden in-progress directory, which the
+next run clears, or continues from when the stage can resume (download). Rename is atomic on local and HDFS file systems, not on object stores (docs/output.md).
 """
 from __future__ import annotations
 
@@ -69,17 +69,26 @@ class StageOutput:
     def complete(self) -> bool:
         return self.fs.exists(f"{self._path}/{MANIFEST}")
 
-    def begin(self) -> bool:
-        """Prepare to write. False when the output is already committed and overwrite is off (skip)."""
-        if self.complete and not self.overwrite:
+    def begin(self, resume: bool = False, force: bool = False) -> bool:
+        """Prepare to write. False when the output is already committed and neither overwrite nor
+        force is set (skip). With resume, a killed run's in-progress directory is kept to continue."""
+        if self.complete and not (self.overwrite or force):
             return False
         self.fs.makedirs(self._parent, exist_ok=True)
-        for stale in self.fs.glob(f"{self._parent}/.{self._name}.inprogress-*"):
-            self.fs.rm(stale, recursive=True)  # left by a killed run
-        self.tmp = f"{self._parent}/.{self._name}.inprogress-{uuid.uuid4().hex[:12]}"
+        self.tmp = f"{self._parent}/.{self._name}.inprogress"
+        if self.fs.exists(self.tmp) and not resume:
+            self.fs.rm(self.tmp, recursive=True)  # left by a killed run
         self.fs.makedirs(self.tmp, exist_ok=True)
         self.started = time.time()
         return True
+
+    def path(self, name: str) -> str:
+        """A path inside the in-progress directory (work files that commit along, or get removed)."""
+        return self._url(f"{self.tmp}/{name}")
+
+    def remove(self, name: str) -> None:
+        if self.fs.exists(f"{self.tmp}/{name}"):
+            self.fs.rm(f"{self.tmp}/{name}", recursive=True)
 
     def _url(self, path: str) -> str:
         # Keep the caller's scheme (s3://, hdfs://) so Spark writes where fsspec commits.
@@ -88,11 +97,11 @@ class StageOutput:
 
     @property
     def data_dir(self) -> str:
-        return self._url(f"{self.tmp}/data")
+        return self.path("data")
 
     @property
     def rejects_dir(self) -> str:
-        return self._url(f"{self.tmp}/rejects")
+        return self.path("rejects")
 
     def commit(self, manifest: dict) -> None:
         """Write manifest.json last, then move the whole directory into place."""

@@ -21,3 +21,58 @@ def spark():
                                           conf={"spark.ui.enabled": "false"}))
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def world_site(tmp_path_factory):
+    """A small shapes-world web corpus (every fault kind and image variant at least once), served on
+    127.0.0.1 for the whole session. Yields (corpus_dir, server, metadata_path)."""
+    from world.corpus import make_web_corpus, write_metadata
+    from world.server import serve
+    root = tmp_path_factory.mktemp("world")
+    make_web_corpus(root, n=120, seed=7, slow_ms=1500, burst=1)
+    with serve(root / "site") as server:
+        yield root, server, write_metadata(root, server.base_url)
+
+
+@pytest.fixture(scope="session")
+def probe_server():
+    """A loopback server for SSRF and opt-out probes: /to/<quoted url> redirects there;
+    /robots/<quoted header>/x.png serves a PNG with that X-Robots-Tag header."""
+    import io
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(buf, "PNG")
+    png = buf.getvalue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            parts = self.path.split("/")
+            if parts[1] == "to":
+                self.send_response(302)
+                self.send_header("Location", urllib.parse.unquote(parts[2]))
+                self.end_headers()
+            elif parts[1] == "robots":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("X-Robots-Tag", urllib.parse.unquote(parts[2]))
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+            else:
+                self.send_error(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)

@@ -49,7 +49,8 @@ def test_laion_preset_maps_its_columns(spark, tmp_path):
     df.to_parquet(tmp_path / "laion.parquet")
     pairs = read_pairs(spark, InputSpec.from_preset(str(tmp_path / "laion.parquet"), "laion"))
     assert sorted(r.uid for r in pairs.collect()) == ["7", "8"]
-    assert {"WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(pairs.columns)
+    # LAION's WIDTH/HEIGHT would clash (case-insensitively) with the downloaded width/height
+    assert {"input_WIDTH", "input_HEIGHT", "similarity", "punsafe", "pwatermark"} <= set(pairs.columns)
 
 
 def test_missing_columns_are_named(spark, tmp_path):

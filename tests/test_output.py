@@ -21,7 +21,7 @@ def test_commit_makes_the_layout_and_a_rerun_is_skipped(tmp_path):
     os.makedirs(out.data_dir)
     out.commit(build_manifest(out, {}, Counts(input=3, output=2, rejected={"demo": {"bad": 1}})))
     assert read_manifest(tmp_path / "stage")["counts"]["rejected_total"] == 1
-    assert not list(tmp_path.glob(".stage.*")), "no in-progress directory left behind"
+    assert not list(tmp_path.glob(".stage*")), "no in-progress directory left behind"
     assert StageOutput(str(tmp_path / "stage"), "demo").begin() is False
     again = StageOutput(str(tmp_path / "stage"), "demo", overwrite=True)
     assert again.begin()
@@ -55,7 +55,7 @@ def test_a_killed_write_leaves_nothing_a_reader_takes_for_finished(tmp_path, spa
     proc = subprocess.run([sys.executable, "-c", script])
     assert proc.returncode == -signal.SIGKILL
     assert not target.exists()
-    leftovers = list(tmp_path.glob(".stage.inprogress-*"))
+    leftovers = list(tmp_path.glob(".stage.inprogress*"))
     assert len(leftovers) == 1, "the killed run's work is hidden, not published"
     with pytest.raises(NotCommittedError, match="not a committed stage output"):
         read_stage(spark, str(target), PAIRS)
@@ -63,8 +63,14 @@ def test_a_killed_write_leaves_nothing_a_reader_takes_for_finished(tmp_path, spa
     assert spark.read.option("recursiveFileLookup", True).format("binaryFile").load(str(tmp_path)).count() == 0
     rerun = StageOutput(str(target), "demo")
     assert rerun.begin()
-    assert not leftovers[0].exists(), "the next run clears the stale in-progress directory"
+    assert not (leftovers[0] / "data").exists(), "the next run clears the stale in-progress directory"
     rerun.abort()
+    resumed = StageOutput(str(target), "demo")
+    resumed.begin()
+    os.makedirs(resumed.path("work"))
+    again = StageOutput(str(target), "demo")
+    again.begin(resume=True)
+    assert os.path.isdir(again.path("work")), "a resumable stage keeps the killed run's work"
 
 
 def test_write_stage_counts_what_was_written(spark, tmp_path):

@@ -1,0 +1,223 @@
+"""`capfilt download` / `spark-submit jobs/download.py`: fetch the images of a LAION-style dump.
+
+Writes OUTPUT/data (downloaded records), OUTPUT/rejects (every other row, with its reason),
+OUTPUT/manifest.json and OUTPUT/input (the prepared input, kept for --retry-failed).
+A killed run resumes where it stopped (finished img2dataset shards are skipped) when rerun with
+the same input and settings. --retry-failed re-downloads only rows that failed with a retryable
+reason (5xx, timeout, reset, refused, failed shard) and merges them into the committed output.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+
+from jobs.common import add_config_args, config_from_args, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="capfilt download", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="metadata: a parquet/csv/jsonl file, a folder or a glob")
+    p.add_argument("--output", required=True, help="stage output directory")
+    p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "csv", "jsonl"])
+    p.add_argument("--preset", default="default", choices=["default", "laion"],
+                   help="column names: default (url, caption) or laion (URL, TEXT, SAMPLE_ID)")
+    p.add_argument("--url-col", help="column holding the image URL")
+    p.add_argument("--caption-col", help="column holding the caption")
+    p.add_argument("--id-col", help="column holding a unique row id (else uid = hash of url+caption)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="let this private/loopback endpoint through the address policy (repeatable)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="re-download the retryable failures of a committed output and merge them")
+    p.add_argument("--no-progress", action="store_true", help="no periodic progress lines")
+    add_config_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    cfg = config_from_args(args)
+    cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
+
+    from pipelines.download import STAGE
+    from pipelines.inputs import InputSpec
+    from pipelines.output import StageOutput
+    from pipelines.session import spark_session
+
+    spec = InputSpec.from_preset(args.input, args.preset, url_col=args.url_col, caption_col=args.caption_col,
+                                 id_col=args.id_col)
+    spec = InputSpec(**{**spec.__dict__, "format": args.input_format})
+    out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
+    if args.retry_failed:
+        if not out.complete:
+            raise ValueError(f"--retry-failed needs a committed download at {args.output}; run without it first")
+    elif out.complete and not cfg.output.overwrite:
+        print(f"{args.output} is already committed: nothing to do (--overwrite to redo, "
+              f"--retry-failed to retry failures)")
+        return 0
+    spark = spark_session(cfg.spark)
+    print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
+    if args.retry_failed:
+        counts = retry_failed(spark, out, cfg, progress=not args.no_progress)
+    else:
+        counts = download(spark, spec, out, cfg, progress=not args.no_progress)
+    print_funnel(counts, args.output)
+    return 0
+
+
+def _fingerprint(spec, cfg) -> str:
+    settings = {k: v for k, v in cfg.download.__dict__.items()}
+    return hashlib.sha256(json.dumps([spec.__dict__, settings], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def download(spark, spec, out, cfg, progress=True):
+    import fsspec
+
+    from pipelines.download import fetch, precheck, prechecked_rejects, shard_size, to_fetch
+    from pipelines.inputs import read_pairs
+    from pipelines.io import write_stage
+    from pipelines.output import build_manifest
+
+    timer = Timer()
+    out.begin(resume=True, force=True)
+    fs = fsspec.core.url_to_fs(out.path(""))[0]
+    prepared_file = out.path("prepared.json").split("://")[-1]
+    fingerprint = _fingerprint(spec, cfg)
+    prepared = json.loads(fs.cat(prepared_file)) if fs.exists(prepared_file) else None
+    if prepared and prepared["fingerprint"] != fingerprint:
+        print("The unfinished run at this output used other input or settings: starting over.")
+        out.begin(resume=False, force=True)
+        prepared = None
+    if prepared:
+        print(f"Resuming: {prepared['todo']} rows to fetch, finished shards are skipped.")
+    else:
+        # One pass with the uid shuffle; everything after reads this small metadata-only file.
+        precheck(read_pairs(spark, spec), cfg.download).write.mode("overwrite").parquet(out.path("prechecked"))
+        marked = spark.read.parquet(out.path("prechecked"))
+        n_input = marked.count()  # Parquet counts come from file footers
+        # img2dataset shards each input file on its own: few large files, not one per Spark partition.
+        files = max(1, math.ceil(n_input / (cfg.download.rows_per_shard * 10)))
+        to_fetch(marked).coalesce(files).write.mode("overwrite").parquet(out.path("input"))
+        n_todo = spark.read.parquet(out.path("input")).count()
+        prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo,
+                    "rows_per_shard": shard_size(n_todo, cfg.download.processes or spark.sparkContext.defaultParallelism,
+                                                 cfg.download)}
+        fs.pipe(prepared_file, json.dumps(prepared).encode())
+    timer.lap("prepare")
+    todo = spark.read.parquet(out.path("input"))
+    extras = [c for c in todo.columns if c not in ("uid", "url", "caption")]
+    if prepared["todo"]:
+        fetch(spark, out.path("input"), out.path("shards"), extras, cfg.download, prepared["rows_per_shard"],
+              progress=progress)
+        results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
+    else:
+        results = None
+    timer.lap("fetch")
+    downloaded, failed = _classified(spark, results, todo, cfg, prepared["todo"])
+    rejects = prechecked_rejects(spark.read.parquet(out.path("prechecked"))).unionByName(failed)
+    counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
+    timer.lap("write")
+    shards = shard_stats(spark, out.path("shards")) if prepared["todo"] else {}
+    manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, shards=shards,
+                              reasons=_reasons(), timings=timer.laps)
+    for work in ("shards", "prechecked", "prepared.json"):
+        out.remove(work)
+    out.commit(manifest)
+    return counts
+
+
+def retry_failed(spark, out, cfg, progress=True):
+    """Fetch the retryable rejects again into a new in-progress version and commit the merge."""
+    from pipelines.download import fetch, retryable, shard_size
+    from pipelines.io import read_rejects, write_stage
+    from pipelines.output import build_manifest, read_manifest
+
+    committed = read_manifest(out.root)
+    old_data = spark.read.parquet(f"{out.root}/data")
+    old_rejects = read_rejects(spark, out.root)
+    old_input = spark.read.parquet(f"{out.root}/input")
+    retry = retryable(old_rejects).select("uid")
+    out.begin(resume=False, force=True)
+    todo = old_input.join(retry, "uid", "left_semi")
+    todo.write.mode("overwrite").parquet(out.path("retry_input"))
+    n_retry = spark.read.parquet(out.path("retry_input")).count()
+    print(f"Retrying {n_retry} rows that failed with a retryable reason.")
+    old_input.write.mode("overwrite").parquet(out.path("input"))
+    if n_retry:
+        rows = shard_size(n_retry, cfg.download.processes or spark.sparkContext.defaultParallelism, cfg.download)
+        extras = [c for c in old_input.columns if c not in ("uid", "url", "caption")]
+        fetch(spark, out.path("retry_input"), out.path("shards"), extras, cfg.download, rows, progress=progress)
+        results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
+    else:
+        results = None
+    new_data, new_failed = _classified(spark, results, spark.read.parquet(out.path("retry_input")), cfg, n_retry)
+    data = old_data.unionByName(new_data)
+    rejects = old_rejects.join(retry, "uid", "left_anti").unionByName(new_failed)
+    counts = write_stage(out, data, rejects, committed["counts"]["input"], cfg.output.compression)
+    manifest = build_manifest(out, cfg.to_dict(), counts, input=committed.get("input"),
+                              shards=committed.get("shards", {}), reasons=_reasons(),
+                              retries=[*committed.get("retries", []),
+                                       {"retried": n_retry, "recovered": counts.output - committed["counts"]["output"]}])
+    for work in ("shards", "retry_input"):
+        out.remove(work)
+    out.commit(manifest)
+    return counts
+
+
+def _classified(spark, results, todo, cfg, n_todo: int):
+    from pipelines.download import classify
+    from pipelines.io import empty_rejects
+    if results is None:  # nothing was fetched
+        from schemas import DOWNLOADED
+        return spark.createDataFrame([], DOWNLOADED.spark_schema()), empty_rejects(spark)
+    return classify(results, todo, cfg.download, complete=results.count() == n_todo)
+
+
+def shard_stats(spark, shards_dir: str) -> dict:
+    """img2dataset's per-shard _stats.json, summed (and listed when there are few)."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(shards_dir)
+    files = sorted(fs.glob(f"{path}/*_stats.json"))
+    stats = [json.loads(fs.cat(f)) for f in files[:10_000]]
+    keys = ("count", "successes", "failed_to_download", "failed_to_resize")
+    total = {k: sum(s.get(k, 0) for s in stats) for k in keys}
+    seconds = max((s["end_time"] for s in stats), default=0) - min((s["start_time"] for s in stats), default=0)
+    total.update(shards=len(files), seconds=round(seconds, 2),
+                 rows_per_second=round(total["count"] / seconds, 1) if seconds > 0 else None)
+    if len(stats) <= 20:
+        print(f"{'shard':>6} {'rows':>6} {'ok':>6} {'dl fail':>8} {'decode fail':>11} {'seconds':>8}")
+        for f, s in zip(files, stats):
+            print(f"{f.rsplit('/', 1)[-1].split('_')[0]:>6} {s['count']:>6} {s['successes']:>6} "
+                  f"{s['failed_to_download']:>8} {s['failed_to_resize']:>11} {s['duration']:>8.1f}")
+    return total
+
+
+class Timer:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _reasons():
+    from pipelines.download import REASONS
+    return REASONS
+
+
+def print_funnel(counts, where: str) -> None:
+    print(f"\n{where}: {counts.input} rows in, {counts.output} downloaded, {counts.rejected_total} rejected")
+    for stage, reasons in sorted(counts.rejected.items()):
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            print(f"  {stage:<10} {reason:<20} {n:>8}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,159 @@
+"""The download stage: pairs -> downloaded records + rejects, with img2dataset on Spark.
+
+    precheck   (DataFrame -> DataFrame) rows that must not be fetched: duplicate_uid, invalid_url, empty_caption
+    fetch      img2dataset's Reader, Resizer and Downloader, run by its pyspark distributor inside our
+               SparkSession; our wrappers (udfs.fetch) add the address policy, opt-out and bomb checks
+    classify   (DataFrame -> DataFrame) img2dataset's status row per input row -> a record or a named reject
+
+Every input row ends in exactly one of: the downloaded records, or the rejects with one of REASONS.
+"""
+from __future__ import annotations
+
+import math
+
+from pipelines.config import DownloadSettings
+
+STAGE = "download"
+REASONS = {
+    "duplicate_uid": "another row has the same uid (the first by url, caption is kept)",
+    "invalid_url": "not an http(s) URL with a host",
+    "empty_caption": "caption is null or blank (download.drop_empty_captions)",
+    "blocked_address": "the URL, a redirect or its DNS name leads to a private, loopback, link-local, "
+                       "multicast or metadata address that is not allow-listed",
+    "opted_out": "the publisher opted out with X-Robots-Tag (noai, noimageai, noindex, noimageindex)",
+    "failed_to_download": "HTTP error, timeout, reset, refused, redirect loop... (detail says which)",
+    "failed_to_decode": "the body is not a decodable image (truncated, not an image, empty)",
+    "too_small": "shorter side below download.min_image_size",
+    "too_large": "over download.max_image_pixels, max_aspect_ratio or max_bytes",
+}
+# Failures worth trying again later: --retry-failed re-downloads exactly these.
+RETRYABLE_DETAIL = (r"HTTP Error (5\d\d|429|408)|timed out|[Rr]eset|[Rr]efused|Remote end closed|"
+                    r"shard failed|Temporary failure|IncompleteRead|EOF occurred")
+_URL_OK = r"^https?://[^\s/?#@]*[A-Za-z0-9\]][^\s/?#]*([/?#]\S*)?$"
+
+
+def precheck(pairs, settings: DownloadSettings):
+    """Mark rows that must not be fetched, without touching the network: `_reason` is null for rows
+    to fetch. Split with `to_fetch` and `prechecked_rejects` (persist it first: it has a window)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    first = Window.partitionBy("uid").orderBy(F.col("url").asc_nulls_last(), F.col("caption").asc_nulls_last())
+    blank_caption = F.col("caption").isNull() | (F.trim(F.col("caption")) == "")
+    reason = (F.when(F.row_number().over(first) > 1, F.lit("duplicate_uid"))
+              .when(F.col("url").isNull() | ~F.col("url").rlike(_URL_OK), F.lit("invalid_url")))
+    if settings.drop_empty_captions:
+        reason = reason.when(blank_caption, F.lit("empty_caption"))
+    return pairs.withColumn("_reason", reason)
+
+
+def to_fetch(marked):
+    return marked.filter(marked["_reason"].isNull()).drop("_reason")
+
+
+def prechecked_rejects(marked):
+    from pyspark.sql import functions as F
+    r = F.col("_reason")
+    detail = (F.when(r == "duplicate_uid", F.concat(F.lit("uid "), F.col("uid"), F.lit(" seen before")))
+              .when(r == "invalid_url", F.concat(F.lit("url: "), F.substring(F.coalesce("url", F.lit("<null>")), 1, 200)))
+              .otherwise(F.lit("caption is empty")))
+    return marked.filter(r.isNotNull()).select(
+        "uid", "url", "caption", F.lit(STAGE).alias("stage"), r.alias("reason"), detail.alias("detail"),
+        F.when(r == "duplicate_uid", F.col("uid")).cast("string").alias("duplicate_of"))
+
+
+def shard_size(rows: int, parallelism: int, settings: DownloadSettings) -> int:
+    """Rows per img2dataset shard: the configured size, smaller when that would leave cores idle."""
+    return max(1, min(settings.rows_per_shard, math.ceil(rows / max(1, parallelism))))
+
+
+def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], settings: DownloadSettings,
+          rows_per_shard: int, progress: bool = True) -> None:
+    """Run img2dataset over the prepared input (parquet with uid, url, caption, extras) into shards_dir.
+    Shards already finished there (their _stats.json exists) are skipped: this is what resumes."""
+    import fsspec
+    from img2dataset.distributor import pyspark_distributor
+    from img2dataset.downloader import Downloader
+    from img2dataset.logger import LoggerProcess
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import ParquetSampleWriter
+
+    from udfs.fetch import FetchPolicy, GuardedDownloader, SafeResizer
+
+    fs, shards_path = fsspec.core.url_to_fs(shards_dir)
+    fs.makedirs(f"{shards_path}/_tmp", exist_ok=True)  # img2dataset's Reader writes its input shards here
+    done = {int(p.rsplit("/", 1)[-1].split("_")[0]) for p in fs.glob(f"{shards_path}/*_stats.json")}
+    reader = Reader(input_dir, "parquet", "url", "caption", None, None, ["uid", *extra_columns],
+                    rows_per_shard, done, f"{shards_dir}/_tmp")
+    resizer = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode,
+                      resize_only_if_bigger=settings.resize_only_if_bigger,
+                      encode_quality=settings.encode_quality, encode_format=settings.encode_format,
+                      min_image_size=settings.min_image_size, max_image_area=settings.max_image_pixels,
+                      max_aspect_ratio=settings.max_aspect_ratio)
+    downloader = Downloader(
+        sample_writer_class=ParquetSampleWriter, resizer=SafeResizer(resizer, settings.max_image_pixels),
+        thread_count=settings.threads, save_caption=True, extract_exif=settings.extract_exif,
+        output_folder=shards_dir, column_list=reader.column_list, timeout=settings.timeout,
+        number_sample_per_shard=rows_per_shard, oom_shard_count=5, compute_hash="sha256",
+        verify_hash_type=None, encode_format=settings.encode_format, retries=settings.retries,
+        user_agent_token=settings.user_agent_token,
+        disallowed_header_directives=settings.opt_out_directives or None)
+    policy = FetchPolicy(allow_hosts=tuple(settings.allow_hosts), loopback_only=settings.loopback_only,
+                         max_bytes=settings.max_bytes,
+                         user_agent_tokens=tuple(dict.fromkeys([settings.user_agent_token.lower(), "img2dataset"])),
+                         opt_out_directives=tuple(settings.opt_out_directives))
+    logger = None
+    if progress:  # img2dataset's own progress printer: per-shard and total speed, status counts
+        logger = LoggerProcess(shards_dir, False, "capfilt", {})
+        logger.done_shards = done
+        logger.start()
+    try:
+        pyspark_distributor(0, GuardedDownloader(downloader, policy), reader, settings.subjob_size,
+                            settings.max_shard_retry)
+    finally:
+        if logger is not None:
+            logger.join()
+        if fs.exists(f"{shards_path}/_tmp"):
+            fs.rm(f"{shards_path}/_tmp", recursive=True)
+
+
+def classify(results, todo, settings: DownloadSettings, complete: bool = False):
+    """img2dataset's status rows (and the todo rows they should cover) -> (downloaded, rejects).
+    `complete`: the caller counted one status row per todo row, so the search for missing rows
+    (a shuffle) is skipped."""
+    from pyspark.sql import functions as F
+
+    fmt = settings.encode_format
+    err = F.coalesce(F.col("error_message"), F.lit(""))
+    # "<urlopen error X>" -> "X", one line: details are read by people.
+    detail = F.regexp_replace(F.regexp_replace(err, r"(?s)^<urlopen error (.*)>$", "$1"), r"\s*\n\s*", " ")
+    reason = (F.when(F.col("status") == "success", F.lit(None))
+              .when(err.contains("blocked_address"), F.lit("blocked_address"))
+              .when(err.contains("opted_out") | err.contains("X-Robots-Tag"), F.lit("opted_out"))
+              .when(err.contains("response_too_large") | err.contains("image area too large")
+                    | err.contains("aspect ratio too large"), F.lit("too_large"))
+              .when(err.contains("image too small"), F.lit("too_small"))
+              .when(F.col("status") == "failed_to_resize", F.lit("failed_to_decode"))
+              .otherwise(F.lit("failed_to_download")))
+    marked = results.withColumn("_reason", reason)
+    extras = [c for c in todo.columns if c not in ("uid", "url", "caption")]
+    downloaded = marked.filter(F.col("_reason").isNull()).select(
+        "uid", "url", "caption", F.col(fmt).alias("image"), "width", "height", "original_width",
+        "original_height", "sha256", *extras, *([F.col("exif")] if settings.extract_exif and "exif" in results.columns else []))
+    failed = marked.filter(F.col("_reason").isNotNull()).select(
+        "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.col("_reason").alias("reason"),
+        F.substring(detail, 1, 500).alias("detail"), F.lit(None).cast("string").alias("duplicate_of"))
+    if complete:
+        return downloaded, failed
+    # A shard that failed as a whole (after max_shard_retry) wrote no status rows: its rows are not lost.
+    missing = todo.join(results.select("uid"), "uid", "left_anti").select(
+        "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.lit("failed_to_download").alias("reason"),
+        F.lit("shard failed: no status row (retryable)").alias("detail"),
+        F.lit(None).cast("string").alias("duplicate_of"))
+    return downloaded, failed.unionByName(missing)
+
+
+def retryable(rejects):
+    from pyspark.sql import functions as F
+    return rejects.filter((F.col("reason") == "failed_to_download") & F.col("detail").rlike(RETRYABLE_DETAIL))
