@@ -8,6 +8,8 @@ COMMANDS = {
     # name: (module, one-line help)
     "demo": ("jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
     "download": ("jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
+    "caption": ("jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
+    "filter": ("jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
     "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
     "config": ("jobs.config", "print the effective configuration, or every key with its help"),
     "validate": ("jobs.validate", "check a Parquet dataset or stage output against a data contract"),

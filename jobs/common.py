@@ -31,3 +31,44 @@ def run(main, argv=None) -> int:
     except (ConfigError, SchemaError, NotCommittedError, ConservationError, ValueError) as e:
         print(f"capfilt: error: {e}", file=sys.stderr)
         return 2
+
+
+def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="the previous stage's output directory")
+    p.add_argument("--output", required=True, help="this stage's output directory")
+    add_config_args(p)
+    return p
+
+
+def run_model_stage(args, stage: str, contract, transform, split, reasons: dict, models: dict) -> int:
+    """Read a committed stage, run a model transform once (persisted), split into records and
+    rejects, commit. Shared by caption and filter."""
+    from pyspark import StorageLevel
+
+    from pipelines.io import read_stage, write_stage
+    from pipelines.output import StageOutput, build_manifest
+    from pipelines.session import spark_session
+
+    cfg = config_from_args(args)
+    out = StageOutput(args.output, stage, overwrite=cfg.output.overwrite)
+    if not out.begin():
+        print(f"{args.output} is already committed: nothing to do (--overwrite to redo)")
+        return 0
+    spark = spark_session(cfg.spark)
+    print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
+    try:
+        source = read_stage(spark, args.input, contract)
+        n_input = source.count()
+        # Persisted: splitting into records and rejects takes two passes; inference must run once.
+        marked = transform(source, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        data, rejects = split(marked, cfg)
+        counts = write_stage(out, data, rejects, n_input, cfg.output.compression)
+        marked.unpersist()
+        out.commit(build_manifest(out, cfg.to_dict(), counts, models=models(cfg), reasons=reasons))
+    except BaseException:
+        out.abort()
+        raise
+    print(f"{args.output}: {counts.input} rows in, {counts.output} out, {counts.rejected_total} rejected "
+          f"{counts.rejected.get(stage, {})}")
+    return 0

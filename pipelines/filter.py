@@ -1,0 +1,119 @@
+"""The filter stage: captioned -> scored (+ rejects). One CLIP score per caption, then a rule.
+
+    score      (DataFrame -> DataFrame) image embedding + a score for the web and each synthetic caption
+    select     (DataFrame -> DataFrame) candidates with `kept` by the configured rule, best_score,
+               caption_primary; needs the global cutoff for the percentile rule (`percentile_cutoff`)
+    split      scored records (some kept caption) and rejects (`no_aligned_caption`, with the best score)
+
+Persist the output of `score` before computing a cutoff or splitting: each is an action, and
+inference must not run twice.
+"""
+from __future__ import annotations
+
+from pipelines.config import FilterSettings
+from pipelines.inference import OUT, apply_batches
+
+STAGE = "filter"
+REASONS = {
+    "no_aligned_caption": "no candidate caption passed the selection rule (detail: the best score)",
+    "undecodable_image": "the stored image bytes do not decode",
+    "image_too_large": "the image is over the pixel limit",
+}
+
+
+def _out_type():
+    from pyspark.sql import types as T
+    return T.StructType([T.StructField("embedding", T.BinaryType(), True),
+                         T.StructField("scores", T.ArrayType(T.FloatType()), True),
+                         T.StructField("error", T.StringType(), True)])
+
+
+class ScoreBatch:
+    def __init__(self, settings: FilterSettings):
+        self.settings = settings
+
+    def __call__(self, frame):
+        import numpy as np
+        import pandas as pd
+
+        from pipelines.inference import set_torch_threads
+        from udfs.clip_scores import clip_scores, embedding_bytes
+        from udfs.images import decode_images
+        from udfs.models import cached_clip
+
+        s = self.settings
+        set_torch_threads(s.torch_threads)
+        clip = cached_clip(s.model, None if s.device == "auto" else s.device)
+        images, errors = decode_images(frame["image"].tolist())
+        synthetic = [list(x) if x is not None else [] for x in frame["synthetic_captions"].tolist()]
+        embeddings, scores = clip_scores(clip, images, frame["caption"].tolist(), synthetic, s.batch_size)
+        return pd.DataFrame({
+            "embedding": [None if e is not None else embedding_bytes(embeddings[i]) for i, e in enumerate(errors)],
+            # NaN (blank web caption) travels as null
+            "scores": [None if sc is None else [None if np.isnan(v) else float(v) for v in sc] for sc in scores],
+            "error": errors})
+
+
+def score(df, settings: FilterSettings):
+    return apply_batches(df, ScoreBatch(settings), ["image", "caption", "synthetic_captions"], _out_type(),
+                         settings.gpus_per_task)
+
+
+def percentile_cutoff(scored, quantile: float) -> float | None:
+    """The global quantile of web-caption scores, computed on the cluster (approxQuantile)."""
+    from pyspark.sql import functions as F
+    web = scored.filter(F.col(f"{OUT}.error").isNull()).select(F.col(f"{OUT}.scores")[0].alias("s")).dropna()
+    values = web.approxQuantile("s", [quantile], 1e-4)
+    return values[0] if values else None
+
+
+def select(scored, settings: FilterSettings, cutoff: float | None = None):
+    """Candidates (web first, then synthetic) with scores and `kept`, best_score, caption_primary."""
+    from pyspark.sql import functions as F
+
+    scores = F.col(f"{OUT}.scores")
+    web = F.when(F.col("caption").isNotNull() & (F.trim(F.col("caption")) != ""),
+                 F.array(F.struct(F.col("caption").alias("text"), F.lit("web").alias("source"),
+                                  scores[0].alias("score")))).otherwise(F.array())
+    synthetic = F.transform(F.col("synthetic_captions"), lambda t, i: F.struct(
+        t.alias("text"), F.lit("synthetic").alias("source"), scores[i + 1].alias("score")))
+    candidates = F.concat(web, synthetic)
+    if settings.rule == "topk":
+        # Rank among the row's candidates (ties: earlier first); keep the top k above the floor.
+        def kept(c, i):
+            better = F.size(F.filter(F.sequence(F.lit(0), F.size(candidates) - 1), lambda j: (
+                candidates[j]["score"] > c["score"]) | ((candidates[j]["score"] == c["score"]) & (j < i))))
+            return (better < settings.top_k) & (c["score"] >= settings.threshold)
+    else:
+        floor = settings.threshold if settings.rule == "threshold" else cutoff
+        if floor is None:
+            raise ValueError("the percentile rule needs the cutoff from percentile_cutoff()")
+
+        def kept(c, i):
+            return c["score"] >= F.lit(float(floor))
+    marked = F.transform(candidates, lambda c, i: F.struct(
+        c["text"].alias("text"), c["source"].alias("source"), c["score"].cast("float").alias("score"),
+        F.coalesce(kept(c, i), F.lit(False)).alias("kept")))
+    kept_sorted = F.array_sort(F.filter(F.col("candidates"), lambda c: c["kept"]),
+                               lambda a, b: F.when(a["score"] > b["score"], -1).when(a["score"] < b["score"], 1)
+                               .otherwise(0))
+    return (scored.withColumn("candidates", marked)
+            .withColumn("best_score", F.array_max(F.transform("candidates", lambda c: c["score"])).cast("float"))
+            .withColumn("caption_primary", kept_sorted[0]["text"]))
+
+
+def split_scored(selected):
+    """(scored records, rejects): a row is kept when some candidate is."""
+    from pyspark.sql import functions as F
+
+    error = F.col(f"{OUT}.error")
+    any_kept = F.exists("candidates", lambda c: c["kept"])
+    scored = (selected.filter(error.isNull() & any_kept)
+              .withColumn("image_embedding", F.col(f"{OUT}.embedding")).drop(OUT))
+    reason = F.when(error.isNotNull(), F.substring_index(error, ":", 1)).otherwise(F.lit("no_aligned_caption"))
+    detail = F.when(error.isNotNull(), error).otherwise(
+        F.concat(F.lit("best score "), F.format_number(F.coalesce("best_score", F.lit(float("nan"))), 4)))
+    rejects = selected.filter(error.isNotNull() | ~any_kept).select(
+        "uid", "url", "caption", F.lit(STAGE).alias("stage"), reason.alias("reason"), detail.alias("detail"),
+        F.lit(None).cast("string").alias("duplicate_of"))
+    return scored, rejects

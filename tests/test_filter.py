@@ -1,0 +1,127 @@
+"""The filter stage on Spark: scores equal a direct open_clip computation, the selection rules keep
+what their papers keep, and rows without an aligned caption go to rejects with their best score."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.config import FilterSettings
+from pipelines.filter import score, select, split_scored
+from pipelines.inference import OUT
+from schemas import CAPTIONED, REJECTS, SCORED
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random-init open_clip CLIP saved as a local checkpoint folder (the loader's local path)."""
+    import open_clip
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
+                                           "head_width": 32},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(0)
+    save_file(open_clip.CLIP(**cfg).state_dict(), str(folder / "open_clip_model.safetensors"))
+    return str(folder)
+
+
+def _jpeg(colour, size=64):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _captioned(spark, rows):
+    full = [(uid, f"http://h/{uid}", caption, image, 64, 64, 64, 64, "0" * 64, synthetic)
+            for uid, caption, image, synthetic in rows]
+    return spark.createDataFrame(full, CAPTIONED.spark_schema())
+
+
+def test_spark_scores_equal_a_direct_open_clip_computation(spark, tiny_clip):
+    import open_clip
+    rows = [(f"u{i}", cap, _jpeg(col), syn) for i, (cap, col, syn) in enumerate([
+        ("a red square", (220, 20, 20), ["a red square", "a green thing"]),
+        ("   ", (20, 220, 20), ["green"]),                      # blank web caption: no web candidate
+        ("x" * 10_000, (20, 20, 220), []),                      # 10,000 characters: truncated, scored
+        ("blue", (20, 20, 200), ["a blue square on white", "blue", "a red circle"]),
+    ])]
+    settings = FilterSettings(model=tiny_clip, rule="threshold", threshold=-1.0, device="cpu")
+    got = {r.uid: r for r in score(_captioned(spark, rows), settings).select("uid", OUT).collect()}
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + tiny_clip)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + tiny_clip)
+    model.eval()
+    with torch.no_grad():
+        for uid, caption, image, synthetic in rows:
+            img = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None], normalize=True)[0]
+            texts = ([caption] if caption.strip() else []) + synthetic
+            txt = model.encode_text(tokenizer(texts), normalize=True)
+            expected = (txt @ img).numpy()
+            scores = got[uid][OUT]["scores"]
+            present = [s for s in scores if s is not None]
+            assert (scores[0] is None) == (not caption.strip())
+            np.testing.assert_allclose(present, expected, atol=1e-5)
+            emb = np.frombuffer(got[uid][OUT]["embedding"], "<f2")
+            np.testing.assert_allclose(emb, img.numpy(), atol=2e-3)  # float16
+
+
+def _scored(spark, rows):
+    """A DataFrame as `score` returns it, with hand-set scores: (uid, web caption, synthetic, scores)."""
+    from pyspark.sql import functions as F
+    df = _captioned(spark, [(u, c, b"", s) for u, c, s, _ in rows])
+    scores = spark.createDataFrame([(u, sc) for u, _, _, sc in rows], "uid string, scores array<float>")
+    return df.join(scores, "uid").withColumn(OUT, F.struct(F.lit(b"\x00\x3c").alias("embedding"),
+                                                            F.col("scores"), F.lit(None).cast("string").alias("error"))
+                                             ).drop("scores")
+
+
+ROWS = [("a", "web a", ["s1", "s2", "s3"], [0.30, 0.10, 0.35, 0.29]),
+        ("b", "web b", ["s1", "s2"], [0.10, 0.20, 0.05]),
+        ("c", None, ["s1"], [None, 0.31])]
+
+
+def _kept(spark, settings, cutoff=None):
+    selected = select(_scored(spark, ROWS), settings, cutoff)
+    scored, rejects = split_scored(selected)
+    SCORED.validate(scored)
+    REJECTS.validate(rejects)
+    kept = {r.uid: [c.text for c in r.candidates if c.kept] for r in scored.collect()}
+    primary = {r.uid: r.caption_primary for r in scored.collect()}
+    return kept, primary, {r.uid: (r.reason, r.detail) for r in rejects.collect()}
+
+
+def test_threshold_rule_keeps_captions_over_the_threshold(spark):
+    kept, primary, rejected = _kept(spark, FilterSettings(rule="threshold", threshold=0.28))
+    assert kept == {"a": ["web a", "s2", "s3"], "c": ["s1"]}
+    assert primary == {"a": "s2", "c": "s1"}, "the best kept caption"
+    assert rejected == {"b": ("no_aligned_caption", "best score 0.2000")}
+
+
+def test_topk_rule_ranks_web_and_synthetic_together(spark):
+    kept, _, rejected = _kept(spark, FilterSettings(rule="topk", top_k=2, threshold=0.0))
+    assert kept == {"a": ["web a", "s2"], "b": ["web b", "s1"], "c": ["s1"]} and rejected == {}
+
+
+def test_percentile_rule_uses_the_cutoff_computed_on_the_cluster(spark):
+    from pipelines.filter import percentile_cutoff
+    cutoff = percentile_cutoff(_scored(spark, ROWS), 0.5)
+    assert cutoff == pytest.approx(0.10, abs=1e-6)  # web scores 0.30, 0.10: the median is the lower one
+    kept, _, _ = _kept(spark, FilterSettings(rule="percentile"), cutoff)
+    assert kept == {"a": ["web a", "s1", "s2", "s3"], "b": ["web b", "s1"], "c": ["s1"]}
+    with pytest.raises(ValueError, match="needs the cutoff"):
+        select(_scored(spark, ROWS), FilterSettings(rule="percentile"), None)
+
+
+def test_bad_images_become_named_rejects_not_crashes(spark, tiny_clip):
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(buf, "JPEG")
+    rows = [("ok", "red", _jpeg((200, 0, 0)), ["red"]), ("empty", "red", b"", ["red"]),
+            ("cut", "red", _jpeg((200, 0, 0))[:100], ["red"]), ("cmyk", "red", buf.getvalue(), ["red"])]
+    settings = FilterSettings(model=tiny_clip, rule="threshold", threshold=-1.0, device="cpu")
+    scored, rejects = split_scored(select(score(_captioned(spark, rows), settings), settings))
+    assert sorted(r.uid for r in scored.collect()) == ["cmyk", "ok"]
+    assert {r.uid: r.reason for r in rejects.collect()} == {"empty": "undecodable_image", "cut": "undecodable_image"}
