@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def spark():
+    """The one SparkSession of the test run. Autouse: jobs called in-process (download_main...) take
+    the active session, so it must exist before any of them, whatever the test order."""
     from pipelines.config import SparkSettings
     from pipelines.session import spark_session
     session = spark_session(SparkSettings(master="local[2]", shuffle_partitions=4, log_level="ERROR",
