@@ -81,14 +81,8 @@ class DownloadSettings:
 
 
 @dataclass
-class CaptionSettings:
-    model: str = _opt("coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k",
-                      "captioner: open_clip name:tag, hf-hub: id, BLIP hub id, or a local checkpoint path")
-    num_captions: int = _opt(5, "synthetic captions per image (BLIP-2 sampled 10)", min=1)
-    top_p: float = _opt(0.9, "nucleus sampling mass (BLIP's CapFilt used 0.9)", min=0.01, max=1)
-    temperature: float = _opt(1.0, "sampling temperature", min=0.01)
-    max_new_tokens: int = _opt(30, "longest synthetic caption in tokens", min=1)
-    batch_size: int = _opt(32, "images per model call", min=1)
+class ModelRuntime:
+    """Where a model stage runs: shared by caption and filter."""
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA in half precision when present")
     torch_threads: int = _opt(0, "torch threads per Python worker; 0 = torch's default", min=0)
     gpus_per_task: float = _opt(0.0, "GPUs per task on a cluster (stage-level scheduling via mapInPandas); "
@@ -96,7 +90,18 @@ class CaptionSettings:
 
 
 @dataclass
-class FilterSettings:
+class CaptionSettings(ModelRuntime):
+    model: str = _opt("coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k",
+                      "captioner: open_clip name:tag, hf-hub: id, BLIP hub id, or a local checkpoint path")
+    num_captions: int = _opt(5, "synthetic captions per image (BLIP-2 sampled 10)", min=1)
+    top_p: float = _opt(0.9, "nucleus sampling mass (BLIP's CapFilt used 0.9)", min=0.01, max=1)
+    temperature: float = _opt(1.0, "sampling temperature", min=0.01)
+    max_new_tokens: int = _opt(30, "longest synthetic caption in tokens", min=1)
+    batch_size: int = _opt(32, "images per model call", min=1)
+
+
+@dataclass
+class FilterSettings(ModelRuntime):
     model: str = _opt("ViT-B-32:laion2b_s34b_b79k", "CLIP: open_clip name:tag, hf-hub: id, or a local path")
     rule: Literal["threshold", "topk", "percentile"] = _opt(
         "threshold", "threshold: keep captions scoring >= threshold (LAION: 0.28 with ViT-B/32); "
@@ -108,10 +113,6 @@ class FilterSettings:
     percentile: float = _opt(0.7, "quantile of web-caption scores below which captions drop (rule "
                                   "percentile; 0.7 keeps the top 30%)", min=0, max=1)
     batch_size: int = _opt(64, "images per model call", min=1)
-    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA in half precision when present")
-    torch_threads: int = _opt(0, "torch threads per Python worker; 0 = torch's default", min=0)
-    gpus_per_task: float = _opt(0.0, "GPUs per task on a cluster (stage-level scheduling via mapInPandas); "
-                                     "0 = plain UDF", min=0)
 
 
 @dataclass
