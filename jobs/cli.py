@@ -11,6 +11,7 @@ COMMANDS = {
     "caption": ("jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
     "filter": ("jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
     "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
+    "lab": ("lab.cli", "train and measure the small shapes-world models (models/)"),
     "config": ("jobs.config", "print the effective configuration, or every key with its help"),
     "validate": ("jobs.validate", "check a Parquet dataset or stage output against a data contract"),
 }

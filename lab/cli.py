@@ -1,0 +1,120 @@
+"""`python -m lab`: train the shapes-world models and measure them on held-out seeds.
+
+    python -m lab train clip --out models/shapes-clip --seed 0
+    python -m lab train captioner --out models/shapes-captioner --seed 0
+    python -m lab eval --clip models/shapes-clip --captioner models/shapes-captioner
+
+`train` measures the fresh model with `eval` and writes the figures into its model_card.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lab.data import EVAL_SEED_BASE
+
+DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
+    "clip": {"steps": 1200, "n_train": 20000, "batch": 128, "lr": 1e-3},
+    "captioner": {"steps": 1400, "n_train": 20000, "batch": 96, "lr": 1e-3},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model and write its checkpoint folder")
+    train.add_argument("model", choices=sorted(DEFAULTS))
+    train.add_argument("--out", required=True, help="checkpoint folder to write")
+    train.add_argument("--seed", type=int, default=0, help=f"training seed (held-out eval seeds start at {EVAL_SEED_BASE})")
+    train.add_argument("--steps", type=int, help="optimiser steps (the reproducible budget)")
+    train.add_argument("--minutes", type=float, default=20.0,
+                       help="wall-clock cap: stop early (and say so in the model card) if the steps take longer")
+    train.add_argument("--n-train", type=int, help="images in the training split")
+    train.add_argument("--batch", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--threads", type=int, help="torch threads (default 1: see docs/models.md)")
+    train.add_argument("--no-eval", action="store_true", help="skip measuring the fresh model")
+    ev = commands.add_parser("eval", help="measure a filter and/or a captioner on held-out seeds")
+    ev.add_argument("--clip", help="CLIP reference (any the loader takes)")
+    ev.add_argument("--captioner", help="captioner reference (any the loader takes)")
+    ev.add_argument("--seed", type=int, default=EVAL_SEED_BASE, help="held-out seed")
+    ev.add_argument("--n-web", type=int, default=2000, help="web-corpus rows for the filter AUC")
+    ev.add_argument("--n-pairs", type=int, default=1000, help="annotated images for the ranking checks")
+    ev.add_argument("--n-captions", type=int, default=500, help="images to caption")
+    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--json", help="also write the report to this file")
+    ev.add_argument("--update-card", action="store_true",
+                    help="write the figures into the model_card.json of local checkpoint folders")
+    return parser
+
+
+def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000, n_pairs=1000, n_captions=500,
+             top_p=0.9) -> dict:
+    from lab.evaluate import captioner_metrics, clip_metrics
+    from udfs.models import load_captioner, load_clip
+    report = {}
+    if clip_ref:
+        report["clip"] = {"reference": clip_ref, **clip_metrics(load_clip(clip_ref), n_web, n_pairs, seed)}
+    if captioner_ref:
+        report["captioner"] = {"reference": captioner_ref,
+                               **captioner_metrics(load_captioner(captioner_ref), n_captions, seed, top_p)}
+    return report
+
+
+def _update_card(folder: str, metrics: dict, command: str) -> None:
+    card_path = Path(folder) / "model_card.json"
+    if not card_path.is_file():
+        return
+    card = json.loads(card_path.read_text())
+    card["metrics"] = {**{k: v for k, v in metrics.items() if k != "reference"}, "command": command}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    if args.command == "train":
+        settings = dict(DEFAULTS[args.model])
+        for key in ("steps", "n_train", "batch", "lr"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        if args.model == "clip":
+            from lab.train_clip import train
+        else:
+            from lab.train_captioner import train
+        card = train(Path(args.out), seed=args.seed, minutes=args.minutes, threads=args.threads, **settings)
+        print(f"trained {args.model}: {card['training']['trained_steps']} steps in "
+              f"{card['training']['train_seconds']:.0f}s -> {args.out}")
+        if not args.no_eval:
+            torch.set_num_threads(args.threads or 1)
+            refs = {"clip_ref": args.out} if args.model == "clip" else {"captioner_ref": args.out}
+            report = evaluate(**refs)
+            metrics = report["clip" if args.model == "clip" else "captioner"]
+            _update_card(args.out, metrics, f"python -m lab eval --{args.model} {args.out}")
+            print(json.dumps(metrics, indent=2))
+        return 0
+    if not (args.clip or args.captioner):
+        print("eval: give --clip and/or --captioner", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    report = evaluate(args.clip, args.captioner, args.seed, args.n_web, args.n_pairs, args.n_captions, args.top_p)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.update_card:
+        command = "python -m lab " + " ".join(argv if argv is not None else sys.argv[1:])
+        for key, ref in (("clip", args.clip), ("captioner", args.captioner)):
+            if ref and key in report:
+                _update_card(ref, report[key], command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

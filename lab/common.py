@@ -1,0 +1,85 @@
+"""What both trainers share: seeding, threads, the LR schedule, fp16 safetensors export, model cards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> int:
+    """Torch intra-op threads (default 2: measured faster than 1 here, see docs/models.md)."""
+    threads = threads or int(os.environ.get("CAPFILT_TRAIN_THREADS", "2"))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Budget:
+    """A fixed number of steps (reproducible), with a wall-clock cap that stops early and says so."""
+
+    def __init__(self, steps: int, minutes: float | None):
+        self.steps, self.minutes = steps, minutes
+        self.start = time.perf_counter()
+        self.stopped_early_at: int | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over(self, step: int) -> bool:
+        if self.minutes is not None and self.elapsed() > 60 * self.minutes:
+            self.stopped_early_at = step
+            return True
+        return False
+
+
+def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Floating tensors as fp16, contiguous and unshared (safetensors refuses shared storage)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        out[name] = (tensor.half() if tensor.is_floating_point() else tensor).contiguous().clone()
+    return out
+
+
+def command_line() -> str:
+    return "python -m lab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
+        ("lab", "__main__.py", "cli.py")) else " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def environment() -> dict:
+    import open_clip
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_card(folder: Path, card: dict) -> None:
+    (folder / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,73 @@
+"""Shapes-world data in memory for training and evaluation: images as uint8 arrays, captions,
+scenes. Training uses the clean annotated split (`make_annotated`); evaluation uses held-out seeds
+of the annotated split and of the noisy web corpus (`make_web_corpus`), so the filter is measured
+on exactly the caption noise the pipeline meets."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from world.captions import N_PHRASINGS, describe
+from world.corpus import make_annotated, make_web_corpus
+from world.scene import Scene, change_one_attribute
+
+# Held-out seeds: training uses seeds below EVAL_SEED_BASE, evaluation seeds from it up.
+EVAL_SEED_BASE = 10_000
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+@dataclass
+class Annotated:
+    images: np.ndarray            # (n, H, W, 3) uint8, decoded from the split's JPEG bytes
+    captions: list[list[str]]     # N_PHRASINGS clean captions per image
+    scenes: list[Scene]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def pil(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+def annotated(n: int, seed: int, image_size: int = 64) -> Annotated:
+    """The clean annotated split of n images for seed (as `make_annotated` writes it), in memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pq.read_table(make_annotated(tmp, n, seed, image_size=image_size))
+    images = np.stack([decode(b) for b in table.column("image").to_pylist()])
+    captions = table.column("captions").to_pylist()
+    scenes = [Scene.from_json(s) for s in table.column("scene").to_pylist()]
+    return Annotated(images, captions, scenes)
+
+
+def wrong_attribute_captions(scenes: list[Scene], rng: np.random.Generator) -> list[str]:
+    """For each scene a clean caption (random phrasing) of the scene with one attribute changed:
+    the hard negatives the filter must rank below the truth."""
+    return [describe(change_one_attribute(s, rng), int(rng.integers(N_PHRASINGS))) for s in scenes]
+
+
+@dataclass
+class WebEval:
+    images: np.ndarray   # (n, H, W, 3) uint8
+    captions: list[str]
+    kinds: list[str]     # clean, web_phrasing, wrong_attribute, generic, spam, swapped
+    scenes: list[Scene]
+
+
+def web_corpus(n: int, seed: int) -> WebEval:
+    """The plain rows (no faults, no odd image modes, no duplicates) of a noisy web corpus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_web_corpus(tmp, n, seed, duplicates=0.0, fault_rate=0.0, faults=(), variants=())
+        truth = pq.read_table(Path(tmp) / "truth.parquet").to_pylist()
+        images = np.stack([decode((Path(tmp) / "site" / row["file"]).read_bytes()) for row in truth])
+    return WebEval(images, [row["caption"].decode("utf-8") for row in truth], [row["kind"] for row in truth],
+                   [Scene.from_json(row["scene"]) for row in truth])

@@ -1,0 +1,61 @@
+"""Compact token sets for the shapes-world models, saved in the standard Hugging Face formats so
+that the same loaders that read real checkpoints read ours.
+
+- CLIP: a word-level `tokenizer.json` (PreTrainedTokenizerFast) over the world's clean vocabulary.
+  Ids: [PAD]=0 (open_clip pads with 0), [UNK]=1, [SOT]=2, the words, ",", and [EOT] last, because
+  open_clip pools the text tower at the argmax of the token ids. Every word outside the clean
+  vocabulary (web synonyms, spam, file names) is [UNK]: unfamiliar to the model, as intended.
+- BLIP: a BERT WordPiece `vocab.txt` with whole words only, [DEC] as BLIP's decoder start token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from world.captions import VOCABULARY
+
+PUNCTUATION = (",",)
+CLIP_SPECIALS = ("[PAD]", "[UNK]", "[SOT]")
+CLIP_EOT = "[EOT]"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+
+
+def clip_vocab() -> dict[str, int]:
+    tokens = list(CLIP_SPECIALS) + list(VOCABULARY) + list(PUNCTUATION) + [CLIP_EOT]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def save_clip_tokenizer(folder: Path, context_length: int) -> int:
+    """Write tokenizer.json + tokenizer_config.json into folder; return the vocabulary size."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = clip_vocab()
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"[SOT] $A {CLIP_EOT}", special_tokens=[("[SOT]", vocab["[SOT]"]), (CLIP_EOT, vocab[CLIP_EOT])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[SOT]", eos_token=CLIP_EOT, unk_token="[UNK]", pad_token="[PAD]",
+        model_max_length=context_length)
+    fast.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def save_blip_processor(folder: Path, image_size: int, mean, std):
+    """Write a BlipProcessor (image processor + BERT tokenizer over the world's words) into folder;
+    return it."""
+    from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(list(BERT_SPECIALS) + list(VOCABULARY) + list(PUNCTUATION)) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, bos_token="[DEC]",
+                                  model_max_length=40)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(mean),
+                                         image_std=list(std), do_convert_rgb=True)
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(str(folder))
+    return processor

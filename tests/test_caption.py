@@ -1,0 +1,71 @@
+"""The caption stage on Spark: captions equal calling the model directly with each row's seed,
+reruns are identical, and images that do not decode become named rejects."""
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.caption import caption, split_captioned
+from pipelines.config import CaptionSettings
+from schemas import CAPTIONED, DOWNLOADED, REJECTS
+from udfs.caption import row_seed
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    """A random-init BLIP captioner saved with save_pretrained (the loader's local-folder path)."""
+    from transformers import BlipForConditionalGeneration
+
+    from lab.tokens import save_blip_processor
+    from lab.train_captioner import MEAN, STD, blip_config
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    processor = save_blip_processor(folder, 64, MEAN, STD)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(blip_config(processor.tokenizer, width=32, vision_layers=1, text_layers=1))
+    model.eval().save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def _png(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _downloaded(spark, images):
+    rows = [(uid, f"http://h/{uid}", "web", image, 64, 64, 64, 64, "0" * 64) for uid, image in images]
+    return spark.createDataFrame(rows, DOWNLOADED.spark_schema())
+
+
+def test_spark_captions_equal_the_model_called_directly_with_each_rows_seed(spark, tiny_blip):
+    from udfs.models import load_captioner
+    images = [(f"u{i}", _png(c)) for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)])]
+    settings = CaptionSettings(model=tiny_blip, num_captions=3, max_new_tokens=8, batch_size=2, device="cpu")
+    marked = caption(_downloaded(spark, images).repartition(2), settings, seed=11)
+    captioned, rejects = split_captioned(marked)
+    CAPTIONED.validate(captioned)
+    got = {r.uid: r.synthetic_captions for r in captioned.collect()}
+    assert rejects.count() == 0
+
+    direct = load_captioner(tiny_blip, "cpu")
+    for uid, data in images:
+        expected = direct.generate([Image.open(io.BytesIO(data)).convert("RGB")], num_captions=3, top_p=0.9,
+                                   seeds=[row_seed(uid, 11)], max_new_tokens=8)[0]
+        assert got[uid] == expected
+    rerun = {r.uid: r.synthetic_captions for r in split_captioned(
+        caption(_downloaded(spark, images).coalesce(1), settings, seed=11))[0].collect()}
+    assert rerun == got, "same seed, other partitioning and batch size: same captions"
+    other_seed = {r.uid: r.synthetic_captions for r in split_captioned(
+        caption(_downloaded(spark, images), settings, seed=12))[0].collect()}
+    assert other_seed != got
+
+
+def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
+    settings = CaptionSettings(model=tiny_blip, num_captions=1, max_new_tokens=4, device="cpu")
+    rows = [("ok", _png((1, 2, 3))), ("empty", b""), ("html", b"<html></html>"), ("cut", _png((9, 9, 9))[:60])]
+    captioned, rejects = split_captioned(caption(_downloaded(spark, rows), settings))
+    REJECTS.validate(rejects)
+    assert [r.uid for r in captioned.collect()] == ["ok"]
+    assert {r.uid: r.reason for r in rejects.collect()} == {"empty": "undecodable_image", "html": "undecodable_image",
+                                                           "cut": "undecodable_image"}
