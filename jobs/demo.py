@@ -25,6 +25,10 @@ def main(argv=None) -> int:
     cfg.output.overwrite = True
     cfg.download.image_size = 64
     cfg.download.timeout = 5.0
+    # The project's own small models (models/, trained on the shapes world by lab/): no hub here.
+    from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    cfg.caption.model, cfg.filter.model = SHAPES_CAPTIONER, SHAPES_CLIP
+    cfg.filter.threshold = _card_threshold(SHAPES_CLIP, cfg.filter.threshold)
 
     from jobs.download import download, print_funnel
     from pipelines.inputs import InputSpec
@@ -50,10 +54,34 @@ def main(argv=None) -> int:
         counts = download(spark, InputSpec(str(metadata), id_col="id"), StageOutput(str(stage_dir), "download",
                                                                                     overwrite=True), cfg)
     print_funnel(counts, str(stage_dir))
+    stages = out / "stages"
+    for name, job in (("caption", "jobs.caption"), ("filter", "jobs.filter")):
+        previous = {"caption": "download", "filter": "caption"}[name]
+        print(f"\n[demo] {name} ({getattr(cfg, name).model})", flush=True)
+        import importlib
+        importlib.import_module(job).main(["--input", str(stages / previous), "--output", str(stages / name),
+                                           "--overwrite", *_as_overrides(cfg, name)])
     print(f"\n[demo] done in {time.time() - started:.0f}s. Where things are:")
     print(f"  corpus + ground truth   {corpus}  (truth.parquet is read by tests/benchmarks only)")
-    print(f"  downloaded records      {stage_dir / 'data'}")
-    print(f"  rejects with reasons    {stage_dir / 'rejects'}")
-    print(f"  run manifest            {stage_dir / 'manifest.json'}")
-    print(f"  check a contract        capfilt validate {stage_dir} --contract downloaded")
+    for name in ("download", "caption", "filter"):
+        print(f"  {name:<22}  {stages / name}/{{data,rejects,manifest.json}}")
+    print(f"  check a contract        capfilt validate {stages / 'filter'} --contract scored")
     return 0
+
+
+def _card_threshold(model_dir: str, default: float) -> float:
+    """A small model's cosine scale is its own: its model card states the threshold measured for it."""
+    import json
+    card = Path(model_dir) / "model_card.json"
+    if card.exists():
+        return float(json.loads(card.read_text()).get("metrics", {}).get("recommended_threshold", default))
+    return default
+
+
+def _as_overrides(cfg, section: str) -> list[str]:
+    """The demo's settings for a stage, as --set arguments (the stage jobs read config like users do)."""
+    import json
+    args = ["--set", f"seed={cfg.seed}"]
+    for key, value in getattr(cfg, section).__dict__.items():
+        args += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return args
