@@ -7,6 +7,7 @@ server. The ground truth is used only to print how each planted fault ended.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from pathlib import Path
 
@@ -58,7 +59,6 @@ def main(argv=None) -> int:
     for name, job in (("caption", "jobs.caption"), ("filter", "jobs.filter")):
         previous = {"caption": "download", "filter": "caption"}[name]
         print(f"\n[demo] {name} ({getattr(cfg, name).model})", flush=True)
-        import importlib
         importlib.import_module(job).main(["--input", str(stages / previous), "--output", str(stages / name),
                                            "--overwrite", *_as_overrides(cfg, name)])
     print(f"\n[demo] done in {time.time() - started:.0f}s. Where things are:")

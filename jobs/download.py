@@ -70,8 +70,8 @@ def main(argv=None) -> int:
 
 
 def _fingerprint(spec, cfg) -> str:
-    settings = {k: v for k, v in cfg.download.__dict__.items()}
-    return hashlib.sha256(json.dumps([spec.__dict__, settings], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([spec.__dict__, cfg.download.__dict__], sort_keys=True,
+                                     default=str).encode()).hexdigest()
 
 
 def download(spark, spec, out, cfg, progress=True):

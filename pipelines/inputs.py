@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import CONTRACTS, PAIRS, SchemaError
+from schemas import CONTRACTS, SchemaError
 
 PRESETS = {
     # LAION-400M/5B parquet: URL, TEXT, SAMPLE_ID, WIDTH, HEIGHT, similarity, punsafe, pwatermark...

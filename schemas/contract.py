@@ -6,7 +6,7 @@ error message can name every missing or mistyped column at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import pyarrow as pa

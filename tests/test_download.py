@@ -3,7 +3,6 @@ counts that add up, retry of retryable failures, resume after a kill, opt-out an
 Every run uses download.loopback_only, so a broken address policy fails a test instead of sending
 a packet outside 127.0.0.0/8."""
 import io
-import json
 import os
 import shutil
 import signal
