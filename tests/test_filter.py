@@ -41,20 +41,45 @@ def _captioned(spark, rows):
     return spark.createDataFrame(full, CAPTIONED.spark_schema())
 
 
-def test_spark_scores_equal_a_direct_open_clip_computation(spark, tiny_clip):
+@pytest.fixture(scope="module")
+def vit_b_32(tmp_path_factory):
+    """A random-init ViT-B-32 (the filter's default architecture) saved as a local checkpoint."""
     import open_clip
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("vit-b-32")
+    torch.manual_seed(0)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32")}))
+    save_file(open_clip.create_model("ViT-B-32").state_dict(), str(folder / "open_clip_model.safetensors"))
+    return str(folder)
+
+
+def _direct(which: str, ref: str):
+    """(model, preprocess, tokenizer) straight from open_clip; the shapes CLIP's compact token table
+    belongs to the model, so its tokenizer is the loader's."""
+    import open_clip
+    if which == "shapes":
+        from udfs.models import load_clip
+        loaded = load_clip(ref, "cpu")
+        return loaded.model, loaded.preprocess, loaded.tokenizer
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + ref)
+    return model.eval(), preprocess, open_clip.get_tokenizer("local-dir:" + ref)
+
+
+@pytest.mark.parametrize("which", ["tiny", "shapes", "vit-b-32"])
+def test_spark_scores_equal_a_direct_open_clip_computation(spark, which, request):
+    from udfs.models import SHAPES_CLIP
+    ref = {"tiny": lambda: request.getfixturevalue("tiny_clip"), "shapes": lambda: SHAPES_CLIP,
+           "vit-b-32": lambda: request.getfixturevalue("vit_b_32")}[which]()
     rows = [(f"u{i}", cap, _jpeg(col), syn) for i, (cap, col, syn) in enumerate([
         ("a red square", (220, 20, 20), ["a red square", "a green thing"]),
         ("   ", (20, 220, 20), ["green"]),                      # blank web caption: no web candidate
         ("x" * 10_000, (20, 20, 220), []),                      # 10,000 characters: truncated, scored
         ("blue", (20, 20, 200), ["a blue square on white", "blue", "a red circle"]),
     ])]
-    settings = FilterSettings(model=tiny_clip, rule="threshold", threshold=-1.0, device="cpu")
+    settings = FilterSettings(model=ref, rule="threshold", threshold=-1.0, device="cpu")
     got = {r.uid: r for r in score(_captioned(spark, rows), settings).select("uid", OUT).collect()}
 
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + tiny_clip)
-    tokenizer = open_clip.get_tokenizer("local-dir:" + tiny_clip)
-    model.eval()
+    model, preprocess, tokenizer = _direct(which, ref)
     with torch.no_grad():
         for uid, caption, image, synthetic in rows:
             img = model.encode_image(preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None], normalize=True)[0]
@@ -67,6 +92,7 @@ def test_spark_scores_equal_a_direct_open_clip_computation(spark, tiny_clip):
             np.testing.assert_allclose(present, expected, atol=1e-5)
             emb = np.frombuffer(got[uid][OUT]["embedding"], "<f2")
             np.testing.assert_allclose(emb, img.numpy(), atol=2e-3)  # float16
+    assert len({round(float(v), 4) for r in got.values() for v in r[OUT]["scores"] if v is not None}) > 3
 
 
 def _scored(spark, rows):
