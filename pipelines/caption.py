@@ -33,14 +33,13 @@ class CaptionBatch:
     def __call__(self, frame):
         import pandas as pd
 
-        from pipelines.inference import set_torch_threads
+        from pipelines.inference import worker_model
         from udfs.caption import CaptionParams, caption_batch
         from udfs.images import decode_images
         from udfs.models import cached_captioner
 
         s = self.settings
-        set_torch_threads(s.torch_threads)
-        captioner = cached_captioner(s.model, None if s.device == "auto" else s.device)
+        captioner = worker_model(s, cached_captioner)
         images, errors = decode_images(frame["image"].tolist())
         params = CaptionParams(num_captions=s.num_captions, top_p=s.top_p, temperature=s.temperature,
                                max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=self.seed)

@@ -36,14 +36,13 @@ class ScoreBatch:
         import numpy as np
         import pandas as pd
 
-        from pipelines.inference import set_torch_threads
+        from pipelines.inference import worker_model
         from udfs.clip_scores import clip_scores, embedding_bytes
         from udfs.images import decode_images
         from udfs.models import cached_clip
 
         s = self.settings
-        set_torch_threads(s.torch_threads)
-        clip = cached_clip(s.model, None if s.device == "auto" else s.device)
+        clip = worker_model(s, cached_clip)
         images, errors = decode_images(frame["image"].tolist())
         synthetic = [list(x) if x is not None else [] for x in frame["synthetic_captions"].tolist()]
         embeddings, scores = clip_scores(clip, images, frame["caption"].tolist(), synthetic, s.batch_size)

@@ -58,6 +58,12 @@ def _map_in_pandas(df, batch_fn, columns, out_type, gpus_per_task, cpus_per_task
     return df.mapInPandas(run, schema, profile=profile)
 
 
+def worker_model(settings, cached):
+    """The stage's model in this Python worker: threads set, loaded once (udfs.models cache)."""
+    set_torch_threads(settings.torch_threads)
+    return cached(settings.model, None if settings.device == "auto" else settings.device)
+
+
 def set_torch_threads(threads: int) -> None:
     """Python workers share the machine's cores: an explicit thread count beats torch's default when
     several workers run (measured: see docs/benchmarks.md). 0 leaves torch's default."""
