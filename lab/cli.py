@@ -19,7 +19,7 @@ from lab.data import EVAL_SEED_BASE
 
 DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
     "clip": {"steps": 1200, "n_train": 20000, "batch": 128, "lr": 1e-3},
-    "captioner": {"steps": 1400, "n_train": 20000, "batch": 96, "lr": 1e-3},
+    "captioner": {"steps": 3600, "n_train": 20000, "batch": 64, "lr": 1e-3},
 }
 
 

@@ -23,8 +23,8 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(threads: int | None) -> int:
-    """Torch intra-op threads (default 2: measured faster than 1 here, see docs/models.md)."""
-    threads = threads or int(os.environ.get("CAPFILT_TRAIN_THREADS", "2"))
+    """Torch intra-op threads (default 1: on this shared machine 2 threads stall behind other processes, see docs/models.md)."""
+    threads = threads or int(os.environ.get("CAPFILT_TRAIN_THREADS", "1"))
     torch.set_num_threads(threads)
     return threads
 
@@ -65,8 +65,10 @@ def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def command_line() -> str:
-    return "python -m lab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
-        ("lab", "__main__.py", "cli.py")) else " ".join(shlex.quote(a) for a in sys.argv)
+    """The command that is running, as one would type it again."""
+    argv = sys.argv[1:] if sys.argv[0].endswith(("__main__.py", "lab/cli.py")) else sys.argv
+    prefix = "python -m lab " if argv is sys.argv[1:] or sys.argv[0].endswith("__main__.py") else ""
+    return prefix + " ".join(shlex.quote(a) for a in argv)
 
 
 def environment() -> dict:

@@ -29,7 +29,10 @@ MAX_TOKENS = 40
 def blip_config(tokenizer, width: int = 128, vision_layers: int = 3, text_layers: int = 3):
     from transformers import BlipConfig
     vision = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": vision_layers,
-              "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": 8, "attention_dropout": 0.0}
+              "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": 8, "attention_dropout": 0.0,
+              # BLIP's default (1e-10) expects a pretrained ViT to be loaded over it; from scratch it
+              # leaves the position and class embeddings at zero
+              "initializer_range": 0.02}
     text = {"vocab_size": len(tokenizer), "hidden_size": width, "encoder_hidden_size": width,
             "intermediate_size": 2 * width, "num_hidden_layers": text_layers, "num_attention_heads": 4,
             "max_position_embeddings": MAX_TOKENS, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,

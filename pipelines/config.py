@@ -87,6 +87,8 @@ class ModelRuntime:
     torch_threads: int = _opt(0, "torch threads per Python worker; 0 = torch's default", min=0)
     gpus_per_task: float = _opt(0.0, "GPUs per task on a cluster (stage-level scheduling via mapInPandas); "
                                      "0 = plain UDF", min=0)
+    rows_per_part: int = _opt(50_000, "input rows per resumable part: a killed run redoes at most the parts "
+                                      "not finished", min=1)
 
 
 @dataclass

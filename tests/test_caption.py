@@ -69,3 +69,47 @@ def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
     assert [r.uid for r in captioned.collect()] == ["ok"]
     assert {r.uid: r.reason for r in rejects.collect()} == {"empty": "undecodable_image", "html": "undecodable_image",
                                                            "cut": "undecodable_image"}
+
+
+def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.io import empty_rejects, write_stage
+    from pipelines.output import StageOutput, build_manifest, read_manifest
+    from tests.conftest import ROOT
+
+    images = [(f"u{i:02d}", _png((i * 9 % 256, 40, 200 - i))) for i in range(24)]
+    source = StageOutput(str(tmp_path / "download"), "download")
+    source.begin()
+    counts = write_stage(source, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))
+    source.commit(build_manifest(source, {}, counts))
+    from jobs.common import input_parts
+    total = len(input_parts(str(tmp_path / "download" / "data"), 3))
+    assert total >= 4
+    args = ["--input", str(tmp_path / "download"), "--output", str(tmp_path / "caption"),
+            "--set", f"caption.model={tiny_blip}", "--set", "caption.rows_per_part=3", "--set", "caption.num_captions=2",
+            "--set", "caption.max_new_tokens=6", "--set", "caption.device=cpu", "--set", "spark.master=local[1]",
+            "--set", "spark.conf={spark.ui.enabled: 'false'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / ".caption.inprogress" / "work"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(work.glob("part-*/_SUCCESS"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(work.glob("part-*/_SUCCESS")))
+    assert 2 <= finished < total and not (tmp_path / "caption").exists()
+    subprocess.run([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, check=True, capture_output=True,
+                   timeout=300)
+    manifest = read_manifest(tmp_path / "caption")
+    assert manifest["parts"] == {"total": total, "reused_from_a_killed_run": finished}
+    got = {r.uid: r.synthetic_captions for r in spark.read.parquet(str(tmp_path / "caption" / "data")).collect()}
+    settings = CaptionSettings(model=tiny_blip, num_captions=2, max_new_tokens=6, device="cpu")
+    clean = {r.uid: r.synthetic_captions for r in split_captioned(caption(_downloaded(spark, images), settings))[0].collect()}
+    assert got == clean, "resumed output equals a clean run's"
