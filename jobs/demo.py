@@ -25,7 +25,6 @@ def main(argv=None) -> int:
     # The demo reruns from scratch: the server's port, hence every URL, is new each time.
     cfg.output.overwrite = True
     cfg.download.image_size = 64
-    cfg.download.timeout = 5.0
     # The project's own small models (models/, trained on the shapes world by lab/): no hub here.
     from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
     cfg.caption.model, cfg.filter.model = SHAPES_CAPTIONER, SHAPES_CLIP
