@@ -94,7 +94,7 @@ def run_model_stage(args, stage: str, contract, transform, split, reasons: dict,
             left = sum(r for _, r in parts[i + 1:])
             print(f"[{stage}] part {i + 1}/{len(parts)}: {rows} rows, {rate:.1f} rows/s, "
                   f"about {left / rate:.0f}s left", flush=True)
-    marked = spark.read.parquet(out.path("work/part-*"))
+    marked = spark.read.parquet(*[out.path(f"work/part-{i:05d}") for i in range(len(parts))])
     data, rejects = split(marked, cfg)
     counts = write_stage(out, data, rejects, n_input, cfg.output.compression)
     out.remove("work")
