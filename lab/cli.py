@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from lab.data import EVAL_SEED_BASE
 
 DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
-    "clip": {"steps": 1200, "n_train": 20000, "batch": 128, "lr": 1e-3},
-    "captioner": {"steps": 3600, "n_train": 20000, "batch": 64, "lr": 1e-3},
+    # bf16 autocast: 1.5-1.8x faster for BLIP on this CPU (AMX), slower for open_clip's CLIP (measured)
+    "clip": {"steps": 1500, "n_train": 20000, "batch": 128, "lr": 1e-3, "bf16": False},
+    "captioner": {"steps": 5000, "n_train": 20000, "batch": 64, "lr": 1e-3, "bf16": True},
 }
 
 
@@ -37,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--threads", type=int, help="torch threads (default 1: see docs/models.md)")
+    precision = train.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                           help="bfloat16 autocast, fp32 master weights (default for the captioner)")
+    precision.add_argument("--fp32", dest="bf16", action="store_false", help="plain fp32 (default for clip)")
     train.add_argument("--no-eval", action="store_true", help="skip measuring the fresh model")
     ev = commands.add_parser("eval", help="measure a filter and/or a captioner on held-out seeds")
     ev.add_argument("--clip", help="CLIP reference (any the loader takes)")
@@ -81,23 +87,35 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     if args.command == "train":
         settings = dict(DEFAULTS[args.model])
-        for key in ("steps", "n_train", "batch", "lr"):
+        for key in ("steps", "n_train", "batch", "lr", "bf16"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         if args.model == "clip":
             from lab.train_clip import train
         else:
             from lab.train_captioner import train
-        card = train(Path(args.out), seed=args.seed, minutes=args.minutes, threads=args.threads, **settings)
+        # Train and measure in a sibling folder, then swap it in: a committed checkpoint is never
+        # half-written while training runs (the folder is in the repository).
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        card = train(partial, seed=args.seed, minutes=args.minutes, threads=args.threads, **settings)
         print(f"trained {args.model}: {card['training']['trained_steps']} steps in "
               f"{card['training']['train_seconds']:.0f}s -> {args.out}")
+        card_path = partial / "model_card.json"
+        card = json.loads(card_path.read_text())
+        card["reference"] = args.out
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
         if not args.no_eval:
             torch.set_num_threads(args.threads or 1)
-            refs = {"clip_ref": args.out} if args.model == "clip" else {"captioner_ref": args.out}
+            refs = {"clip_ref": str(partial)} if args.model == "clip" else {"captioner_ref": str(partial)}
             report = evaluate(**refs)
             metrics = report["clip" if args.model == "clip" else "captioner"]
-            _update_card(args.out, metrics, f"python -m lab eval --{args.model} {args.out}")
+            _update_card(partial, metrics, f"python -m lab eval --{args.model} {args.out}")
             print(json.dumps(metrics, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
         return 0
     if not (args.clip or args.captioner):
         print("eval: give --clip and/or --captioner", file=sys.stderr)

@@ -18,9 +18,9 @@ from PIL import Image
 
 from lab.data import EVAL_SEED_BASE, annotated, web_corpus, wrong_attribute_captions
 from lab.metrics import roc_auc
-from world.captions import parse
+from world.captions import N_PHRASINGS, describe, parse
 from world.corpus import NOISE_KINDS
-from world.scene import attribute_differences
+from world.scene import SHAPES, Scene, SceneObject, attribute_differences
 
 
 def clip_metrics(clip, n_web: int = 2000, n_pairs: int = 1000, seed: int = EVAL_SEED_BASE) -> dict:
@@ -69,13 +69,25 @@ def ranking_metrics(clip, n: int, seed: int = EVAL_SEED_BASE) -> dict:
             j = int(rng.integers(n))
         other.append(data.captions[j][int(rng.integers(len(data.captions[j])))])
     wrong = wrong_attribute_captions(data.scenes, rng)
+    wrong_shape = [describe(_with_other_shape(s, rng), i % N_PHRASINGS) for i, s in enumerate(data.scenes)]
     images = clip.encode_images([data.pil(i) for i in range(n)])
     score = {name: (images * clip.encode_texts(texts)).sum(axis=1) for name, texts in
-             (("true", true), ("other", other), ("wrong", wrong))}
+             (("true", true), ("other", other), ("wrong", wrong), ("shape", wrong_shape))}
     return {
         "true_beats_mismatched": round(float((score["true"] > score["other"]).mean()), 4),
         "true_beats_wrong_attribute": round(float((score["true"] > score["wrong"]).mean()), 4),
+        # shape is the attribute the small models learn last (docs/models.md)
+        "true_beats_wrong_shape": round(float((score["true"] > score["shape"]).mean()), 4),
     }
+
+
+def _with_other_shape(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with one object's shape changed (same phrasing, same everything else)."""
+    objects = list(scene.objects)
+    i = int(rng.integers(len(objects)))
+    shape = [s for s in SHAPES if s != objects[i].shape][int(rng.integers(len(SHAPES) - 1))]
+    objects[i] = SceneObject(objects[i].colour, shape, objects[i].size)
+    return Scene(tuple(objects), scene.background)
 
 
 def captioner_metrics(captioner, n: int = 500, seed: int = EVAL_SEED_BASE, top_p: float = 0.9,
@@ -90,6 +102,7 @@ def captioner_metrics(captioner, n: int = 500, seed: int = EVAL_SEED_BASE, top_p
     distance = Counter(attribute_differences(p, s) if p is not None else "unparsed" for p, s in flat)
     return {
         "exact_rate": round(float(np.mean(exact)), 4),
+        "errors_by_attribute": _errors_by_attribute(flat),
         "parse_rate": round(float(np.mean([p is not None for p, _ in flat])), 4),
         "attribute_errors": {str(k): v for k, v in sorted(distance.items(), key=lambda kv: str(kv[0]))},
         "top_p": top_p, "captions": len(flat),
@@ -97,3 +110,23 @@ def captioner_metrics(captioner, n: int = 500, seed: int = EVAL_SEED_BASE, top_p
         "eval_seconds": round(time.perf_counter() - start, 1),
         "eval_data": f"make_annotated(n={n}, seed={seed}), seeds 0..{n - 1} per image",
     }
+
+
+def _errors_by_attribute(pairs) -> dict:
+    """How many (parsed caption, true scene) pairs get each attribute wrong."""
+    counts = Counter()
+    for parsed, truth in pairs:
+        if parsed is None:
+            counts["unparsed"] += 1
+        elif len(parsed.objects) != len(truth.objects):
+            counts["object_count"] += 1
+        else:
+            if parsed.background != truth.background:
+                counts["background"] += 1
+            if len(truth.objects) == 2 and parsed.objects == truth.objects[::-1]:
+                counts["order"] += 1
+                continue
+            for p, t in zip(parsed.objects, truth.objects):
+                for field in ("colour", "shape", "size"):
+                    counts[field] += getattr(p, field) != getattr(t, field)
+    return {k: v for k, v in sorted(counts.items()) if v}

@@ -43,7 +43,7 @@ def blip_config(tokenizer, width: int = 128, vision_layers: int = 3, text_layers
 
 def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 20.0, n_train: int = 20000,
           batch: int = 96, lr: float = 1e-3, width: int = 128, vision_layers: int = 3, text_layers: int = 3,
-          threads: int | None = None, log_every: int = 100, log=print) -> dict:
+          threads: int | None = None, bf16: bool = True, log_every: int = 100, log=print) -> dict:
     from transformers import BlipForConditionalGeneration
 
     out = Path(out)
@@ -92,7 +92,8 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
         input_ids = input_ids[:, :length]
         attention = (input_ids != tokenizer.pad_token_id).long()
         labels = input_ids.masked_fill(attention == 0, -100)
-        loss = model(pixel_values=x, input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixel_values=x, input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,6 +121,7 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
             "objective": "captioning language-model loss (BLIP's LM objective)",
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
+            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "command": command_line(), "environment": environment(), "loss_history": history,

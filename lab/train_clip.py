@@ -59,7 +59,7 @@ def _encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
 
 def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 20.0, n_train: int = 20000,
           batch: int = 128, lr: float = 1e-3, hard_negatives: bool = True, threads: int | None = None,
-          log_every: int = 100, log=print) -> dict:
+          bf16: bool = True, log_every: int = 100, log=print) -> dict:
     import open_clip
     from transformers import PreTrainedTokenizerFast
 
@@ -117,9 +117,10 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
             mask = torch.cat([mask, torch.zeros(batch, batch, dtype=torch.bool)], dim=1)
         # Trailing padding changes nothing (causal mask, pooling at [EOT]); cutting it saves ~30%.
         texts = texts[:, :int((texts != 0).sum(dim=1).max())]
-        image_features = model.encode_image(x, normalize=True)
-        text_features = _encode_text_trimmed(model, texts)
-        logits = model.logit_scale.exp() * image_features @ text_features.T
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            image_features = model.encode_image(x, normalize=True)
+            text_features = _encode_text_trimmed(model, texts)
+        logits = model.logit_scale.exp() * image_features.float() @ text_features.float().T
         logits = logits.masked_fill(mask, float("-inf"))
         target = torch.arange(batch)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, target)) / 2
@@ -154,6 +155,7 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
             "objective": "symmetric InfoNCE" + (" + one wrong-attribute hard negative per image" if hard_negatives else ""),
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
+            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "command": command_line(), "environment": environment(), "loss_history": history,
