@@ -42,7 +42,8 @@ class CaptionBatch:
         captioner = worker_model(s, cached_captioner)
         images, errors = decode_images(frame["image"].tolist())
         params = CaptionParams(num_captions=s.num_captions, top_p=s.top_p, temperature=s.temperature,
-                               max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=self.seed)
+                               max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
+                               repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=self.seed)
         captions = caption_batch(captioner, images, frame["uid"].tolist(), params)
         return pd.DataFrame({"captions": captions, "error": errors})
 

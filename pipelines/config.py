@@ -99,6 +99,9 @@ class CaptionSettings(ModelRuntime):
     top_p: float = _opt(0.9, "nucleus sampling mass (BLIP's CapFilt used 0.9)", min=0.01, max=1)
     temperature: float = _opt(1.0, "sampling temperature", min=0.01)
     max_new_tokens: int = _opt(30, "longest synthetic caption in tokens", min=1)
+    min_new_tokens: int = _opt(0, "shortest synthetic caption in tokens (BLIP's CapFilt: 5)", min=0)
+    repetition_penalty: float = _opt(1.0, "> 1 makes words already in a caption less likely (CTRL's "
+                                          "rule; 1 = off)", min=0.01)
     batch_size: int = _opt(32, "images per model call", min=1)
 
 
@@ -153,7 +156,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return build(Config, data, "")
+    config = build(Config, data, "")
+    if config.caption.min_new_tokens > config.caption.max_new_tokens:
+        raise ConfigError(f"caption.min_new_tokens ({config.caption.min_new_tokens}) is above "
+                          f"caption.max_new_tokens ({config.caption.max_new_tokens})")
+    return config
 
 
 def build(cls, data: Any, path: str):

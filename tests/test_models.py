@@ -89,6 +89,37 @@ def test_sampling_is_seeded_per_image_not_per_batch(captioner, held_out):
     assert len({c for caps in together for c in caps}) > 4
 
 
+def test_min_length_holds_back_the_end_token_and_repetition_penalty_demotes_seen_tokens():
+    from udfs.models import _NucleusSampler
+    end = 0
+    logits = torch.tensor([[9.0, 5.0, 4.9, -1.0]] * 2)
+    start = torch.tensor([[3], [3]])
+    greedy = dict(top_p=0.01, temperature=1.0, end=end)  # top_p this small keeps only the best token
+    streams = lambda: [np.random.default_rng(i) for i in range(2)]  # noqa: E731
+    assert _NucleusSampler(streams(), **greedy)(logits, generated=start).tolist() == [end, end]
+    held = _NucleusSampler(streams(), **greedy, min_new_tokens=2)
+    assert held(logits, generated=start).tolist() == [1, 1]
+    assert held(logits, generated=torch.tensor([[3, 1, 2]] * 2)).tolist() == [end, end]  # two out: may end
+    seen = torch.tensor([[3, 1], [3, 2]])
+    penalised = _NucleusSampler(streams(), **greedy, min_new_tokens=5, repetition_penalty=2.0)
+    assert penalised(logits, generated=seen).tolist() == [2, 1]  # 5.0 -> 2.5 loses to 4.9, and back
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        models.Captioner.generate(None, [], min_new_tokens=5, max_new_tokens=4)
+
+
+def test_captions_honour_min_length_and_stay_seeded_with_a_repetition_penalty(captioner, held_out):
+    images = [held_out.pil(i) for i in range(6)]
+    tokens = lambda caps: [len(captioner.tokenizer.tokenize(c)) for cs in caps for c in cs]  # noqa: E731
+    short = captioner.generate(images, num_captions=2, seeds=range(6), max_new_tokens=4)
+    assert max(tokens(short)) <= 4
+    plain = captioner.generate(images, num_captions=2, seeds=range(6))
+    longer = captioner.generate(images, num_captions=2, seeds=range(6), min_new_tokens=max(tokens(plain)) + 2)
+    assert min(tokens(longer)) > max(tokens(plain)) >= 1
+    penalised = captioner.generate(images, num_captions=2, seeds=range(6), repetition_penalty=5.0)
+    assert penalised == captioner.generate(images, num_captions=2, seeds=range(6), repetition_penalty=5.0)
+    assert penalised != plain
+
+
 # --- the loader: local checkpoints round-trip -----------------------------------------------------
 
 def _open_clip_folder(model, preprocess_cfg: dict, config: dict, folder: Path) -> Path:

@@ -15,6 +15,8 @@ class CaptionParams:
     top_p: float = 0.9
     temperature: float = 1.0
     max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
     batch_size: int = 32
     seed: int = 0
 
@@ -32,7 +34,8 @@ def caption_batch(captioner, images: list, uids: list[str], params: CaptionParam
         captions = captioner.generate([images[i] for i in rows], num_captions=params.num_captions,
                                       top_p=params.top_p, seeds=[row_seed(uids[i], params.seed) for i in rows],
                                       max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                      batch_size=params.batch_size)
+                                      batch_size=params.batch_size, min_new_tokens=params.min_new_tokens,
+                                      repetition_penalty=params.repetition_penalty)
         for i, texts in zip(rows, captions):
             out[i] = texts
     return out

@@ -441,10 +441,15 @@ class Captioner:
 
     def generate(self, images: Sequence, num_captions: int = 1, top_p: float = 0.9,
                  seeds: Sequence[int] | None = None, max_new_tokens: int = 40,
-                 temperature: float = 1.0, batch_size: int = 64) -> list[list[str]]:
+                 temperature: float = 1.0, batch_size: int = 64, min_new_tokens: int = 0,
+                 repetition_penalty: float = 1.0) -> list[list[str]]:
         """num_captions captions per image, sampled with nucleus sampling (top_p), each image's
         draws coming from its own seed (default: its position), so a caption depends on its image
-        and seed only, not on what else is in the batch."""
+        and seed only, not on what else is in the batch. min_new_tokens holds back the end token
+        until that many tokens are out; repetition_penalty > 1 makes tokens already in the caption
+        less likely (CTRL's rule, as transformers applies it)."""
+        if min_new_tokens > max_new_tokens:
+            raise ValueError(f"min_new_tokens {min_new_tokens} > max_new_tokens {max_new_tokens}")
         seeds = list(range(len(images))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
@@ -454,7 +459,8 @@ class Captioner:
             pixels = self.preprocess(list(chunk)).to(self.device, dtype=_torch_dtype(self.precision))
             streams = [np.random.default_rng([s & 0xFFFFFFFF, j]) for s in seeds[start:start + batch_size]
                        for j in range(num_captions)]
-            sampler = _NucleusSampler(streams, top_p, temperature)
+            sampler = _NucleusSampler(streams, top_p, temperature, end=self.special["end"],
+                                      min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
             texts = _DECODERS[self.family](self, pixels, num_captions, sampler, max_new_tokens)
             out += [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(chunk))]
         return out
@@ -464,15 +470,28 @@ class _NucleusSampler:
     """Nucleus (top-p) sampling with one random stream per row: a row's tokens depend on its own
     stream only, so sampling is reproducible per image whatever the batch holds."""
 
-    def __init__(self, streams, top_p: float, temperature: float):
+    def __init__(self, streams, top_p: float, temperature: float, end: int | None = None,
+                 min_new_tokens: int = 0, repetition_penalty: float = 1.0):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         self.streams, self.top_p, self.temperature = streams, top_p, max(temperature, 1e-6)
+        self.end, self.min_new_tokens, self.repetition_penalty = end, min_new_tokens, repetition_penalty
 
-    def __call__(self, logits, rows=None):
-        """Token ids (1-D LongTensor) for the given rows (all by default) of logits."""
+    def __call__(self, logits, rows=None, generated=None):
+        """Token ids (1-D LongTensor) for the given rows (all by default) of logits; generated
+        holds those rows' tokens so far, the start token first."""
         import torch
         rows = range(len(self.streams)) if rows is None else rows
+        if generated is not None:
+            logits = logits.clone()
+            if self.repetition_penalty != 1.0:
+                seen = logits.gather(1, generated)
+                seen = torch.where(seen > 0, seen / self.repetition_penalty, seen * self.repetition_penalty)
+                logits.scatter_(1, generated, seen)
+            if self.end is not None and generated.shape[1] - 1 < self.min_new_tokens:
+                logits[:, self.end] = float("-inf")
         u = torch.tensor([self.streams[r].random() for r in rows], dtype=torch.float64)
         probs = torch.softmax(logits.double() / self.temperature, dim=-1).cpu()
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -494,7 +513,7 @@ class _ChosenTokenProcessor:
 
     def __call__(self, input_ids, scores):
         import torch
-        chosen = self.sampler(scores)
+        chosen = self.sampler(scores, generated=input_ids)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen[:, None], 0.0)
         return out
@@ -534,7 +553,7 @@ def _coca_decode(captioner: Captioner, pixels, k: int, sampler: _NucleusSampler,
             logits = model(images, out, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
             token = torch.full_like(done, pad, dtype=torch.long)
             live = (~done).nonzero().squeeze(-1)
-            token[live] = sampler(logits[live], live.tolist())
+            token[live] = sampler(logits[live], live.tolist(), out[live])
             out = torch.cat([out, token[:, None]], dim=1)
             done |= token == eot
             if done.all():
