@@ -3,7 +3,8 @@
 Runs the real filter job once per rule on a committed caption stage (e.g. the demo's), joins the
 output with the corpus's truth.parquet (only benchmarks read it) and prints, per rule: the noise
 rate of the web captions before and after, the fraction of aligned pairs whose web caption is kept,
-images kept, and how many kept synthetic captions describe their image exactly.
+images kept, how many kept synthetic captions describe their image exactly, the noise rate of all
+kept (image, caption) pairs, and the aligned images that leave with a right caption.
 
     .venv/bin/python bench/selection.py [--run demo-output] [--threshold 0.8364]
 """
@@ -52,8 +53,10 @@ def main() -> None:
              ("topk", ["filter.top_k=2", f"filter.threshold={threshold}"]),
              ("topk", ["filter.top_k=2", "filter.threshold=-1"]),
              ("percentile", ["filter.percentile=0.7"])]
-    print(f"{'rule':<32} {'web noise after':>15} {'aligned web kept':>16} {'images kept':>11} "
-          f"{'synthetic kept':>14} {'synthetic exact':>15}")
+    print(f"{'rule':<34} {'web noise':>9} {'aligned web':>11} {'images':>6} {'synthetic':>9} "
+          f"{'synth.':>6} {'pair noise':>10} {'aligned images':>14}")
+    print(f"{'':<34} {'after':>9} {'kept':>11} {'kept':>6} {'kept':>9} {'exact':>6} {'after':>10} "
+          f"{'kept, right':>14}")
     for rule, sets in rules:
         out = Path(tempfile.mkdtemp(prefix="selection-")) / "filter"
         argv = ["--input", str(run / "stages" / "caption"), "--output", str(out),
@@ -64,14 +67,20 @@ def main() -> None:
         rows = ds.dataset(out / "data").to_table(columns=["uid", "candidates"]).to_pylist()
         web_kept = {r["uid"] for r in rows if any(c["source"] == "web" and c["kept"] for c in r["candidates"])}
         kept_web_plain = web_kept & (aligned_ids | noisy_ids)
-        synthetic = [(r["uid"], c["text"]) for r in rows for c in r["candidates"] if c["source"] == "synthetic" and c["kept"]]
-        exact = sum(parse(text) == Scene.from_json(truth.scene[uid]) for uid, text in synthetic
-                    if uid in truth.index and truth.scene[uid] is not None)
-        label = f"{rule} ({', '.join(s.split('.')[-1] for s in sets)})"
-        print(f"{label:<32} {len(kept_web_plain & noisy_ids) / max(1, len(kept_web_plain)):>15.3f} "
-              f"{len(kept_web_plain & aligned_ids) / len(aligned_ids):>16.3f} {len(rows):>11} "
-              f"{len(synthetic):>14} {exact / max(1, len(synthetic)):>15.3f}", flush=True)
-
+        synthetic = [(r["uid"], parse(c["text"]) == Scene.from_json(truth.scene[uid]))
+                     for r in rows if (uid := r["uid"]) in plain.index
+                     for c in r["candidates"] if c["source"] == "synthetic" and c["kept"]]
+        exact = sum(right for _, right in synthetic)
+        # CapFilt's view: an aligned image counts as kept when it leaves with a right caption
+        # (its own web caption, or a synthetic one that parses to its scene).
+        right_images = (kept_web_plain & aligned_ids) | {uid for uid, right in synthetic if right}
+        pairs = len(kept_web_plain) + len(synthetic)
+        wrong_pairs = len(kept_web_plain & noisy_ids) + len(synthetic) - exact
+        label = f"{rule} ({', '.join(s.split('.', 1)[-1] for s in sets)})"
+        print(f"{label:<34} {len(kept_web_plain & noisy_ids) / max(1, len(kept_web_plain)):>9.3f} "
+              f"{len(kept_web_plain & aligned_ids) / len(aligned_ids):>11.3f} {len(rows):>6} "
+              f"{len(synthetic):>9} {exact / max(1, len(synthetic)):>6.3f} {wrong_pairs / max(1, pairs):>10.3f} "
+              f"{len(right_images & aligned_ids) / len(aligned_ids):>14.3f}", flush=True)
 
 if __name__ == "__main__":
     main()
