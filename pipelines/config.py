@@ -121,12 +121,49 @@ class FilterSettings(ModelRuntime):
 
 
 @dataclass
+class DedupSettings:
+    exact: bool = _opt(True, "drop rows whose image bytes (sha256) equal another's: the cheapest, surest evidence")
+    # Captions: MinHash-LSH, signatures identical to datasketch.MinHash.
+    captions: bool = _opt(True, "find near-duplicate web captions with MinHash-LSH")
+    shingle: Literal["word", "char"] = _opt("word", "caption shingles: word n-grams, or character n-grams "
+                                                    "for short alt-texts")
+    ngram: int = _opt(3, "shingle size; a caption shorter than this is one shingle, never skipped", min=1)
+    num_perm: int = _opt(128, "MinHash permutations (datasketch's default)", min=8)
+    caption_threshold: float = _opt(0.7, "Jaccard threshold: LSH bands and rows are datasketch's optimal "
+                                         "parameters for it", min=0.01, max=1)
+    caption_image_threshold: float = _opt(
+        0.9, "near-duplicate captions drop a row only when the images' cosine is at least this: two "
+             "different images under one template caption are not duplicates", min=-1, max=1)
+    max_per_caption_cluster: int = _opt(0, "keep at most this many rows per near-duplicate caption cluster, "
+                                           "whatever the images (0 = no cap)", min=0)
+    # Images: the filter's image embeddings, faiss.
+    images: bool = _opt(True, "find near-duplicate images from the filter's image embeddings with faiss")
+    image_threshold: float = _opt(0.95, "cosine at or above which two images are near-duplicate candidates",
+                                  min=-1, max=1)
+    image_verify: Literal["pixels", "none"] = _opt(
+        "pixels", "pixels: confirm each candidate pair on 32x32 thumbnails (embeddings alone can call two "
+                  "different pictures of one subject duplicates); none: the embedding decides")
+    pixel_tolerance: int = _opt(32, "thumbnail cells differing by more than this (0-255, any channel) count "
+                                    "as changed", min=0, max=255)
+    pixel_max_changed: float = _opt(0.01, "largest share of changed thumbnail cells for a confirmed duplicate",
+                                    min=0, max=1)
+    exact_search_rows: int = _opt(100_000, "up to this many rows, search all pairs in one faiss index; above, "
+                                           "SemDeDup-style k-means partitions", min=1)
+    partition_rows: int = _opt(50_000, "target rows per k-means partition at scale", min=100)
+    kmeans_sample: int = _opt(100_000, "rows sampled to train the k-means centroids", min=100)
+    # The survivor of each group.
+    inherit_captions: bool = _opt(True, "the survivor inherits the kept captions of the rows it replaces, "
+                                        "as candidates with source 'inherited_web' / 'inherited_synthetic'")
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, "seed for every random choice (sampling is seeded per row from it)", min=0)
     spark: SparkSettings = _opt(SparkSettings)
     download: DownloadSettings = _opt(DownloadSettings)
     caption: CaptionSettings = _opt(CaptionSettings)
     filter: FilterSettings = _opt(FilterSettings)
+    dedup: DedupSettings = _opt(DedupSettings)
     output: OutputSettings = _opt(OutputSettings)
 
     def to_dict(self) -> dict:
