@@ -5,6 +5,7 @@ T torch threads per worker; the raw loop is one process with W*T threads doing d
 model calls in batches, nothing else. Prints rows/s of each and the ratio stage / raw (goal >= 0.90).
 
     .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,caption]
+                                      [--clip vit-b-32]
 """
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ from pathlib import Path
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def random_vit_b_32(folder: Path) -> str:
+    """The filter's default architecture with random weights, saved as a local checkpoint: the
+    speed of ViT-B-32 does not depend on its weights, and no hub is reachable here."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32")}))
+    save_file(open_clip.create_model("ViT-B-32").state_dict(), str(folder / "open_clip_model.safetensors"))
+    return str(folder)
 
 
 def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[str]], ref: str, batch: int) -> None:
@@ -53,7 +69,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per Spark worker")
     ap.add_argument("--which", default="filter,caption")
-    ap.add_argument("--clip", default=None, help="default: the shapes-world CLIP in models/")
+    ap.add_argument("--clip", default=None, help="default: the shapes-world CLIP in models/; 'vit-b-32': the "
+                                                 "default architecture, random weights")
     ap.add_argument("--captioner", default=None, help="default: the shapes-world captioner in models/")
     ap.add_argument("--captions", type=int, default=5, help="synthetic captions per image")
     args = ap.parse_args()
@@ -71,8 +88,10 @@ def main() -> None:
     from world.corpus import make_annotated
     from world.scene import Scene
 
-    clip_ref, cap_ref = args.clip or SHAPES_CLIP, args.captioner or SHAPES_CAPTIONER
     work = Path(tempfile.mkdtemp(prefix="bench-capfilt-"))
+    clip_ref, cap_ref = args.clip or SHAPES_CLIP, args.captioner or SHAPES_CAPTIONER
+    if clip_ref == "vit-b-32":
+        clip_ref = random_vit_b_32(work / "vit-b-32")
     table = pq.read_table(make_annotated(work, n=args.rows, seed=4242))
     images = table.column("image").to_pylist()
     scenes = [Scene.from_json(s) for s in table.column("scene").to_pylist()]
