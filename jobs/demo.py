@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
     cfg.caption.model, cfg.filter.model = SHAPES_CAPTIONER, SHAPES_CLIP
     cfg.filter.threshold = _card_threshold(SHAPES_CLIP, cfg.filter.threshold)
+    for key, value in DEMO_DEDUP.items():
+        setattr(cfg.dedup, key, value)
 
     from jobs.download import download, print_funnel
     from pipelines.inputs import InputSpec
@@ -55,17 +57,22 @@ def main(argv=None) -> int:
                                                                                     overwrite=True), cfg)
     print_funnel(counts, str(stage_dir))
     stages = out / "stages"
-    for name, job in (("caption", "jobs.caption"), ("filter", "jobs.filter")):
-        previous = {"caption": "download", "filter": "caption"}[name]
-        print(f"\n[demo] {name} ({getattr(cfg, name).model})", flush=True)
+    for name, previous in (("caption", "download"), ("filter", "caption"), ("dedup", "filter")):
+        what = getattr(getattr(cfg, name), "model", "exact, faiss images, MinHash captions")
+        print(f"\n[demo] {name} ({what})", flush=True)
+        job = f"jobs.{name}"
         importlib.import_module(job).main(["--input", str(stages / previous), "--output", str(stages / name),
                                            "--overwrite", *_as_overrides(cfg, name)])
     print(f"\n[demo] done in {time.time() - started:.0f}s. Where things are:")
     print(f"  corpus + ground truth   {corpus}  (truth.parquet is read by tests/benchmarks only)")
-    for name in ("download", "caption", "filter"):
+    for name in ("download", "caption", "filter", "dedup"):
         print(f"  {name:<22}  {stages / name}/{{data,rejects,manifest.json}}")
-    print(f"  check a contract        capfilt validate {stages / 'filter'} --contract scored")
+    print(f"  check a contract        capfilt validate {stages / 'dedup'} --contract curated")
     return 0
+
+
+# Dedup settings for the shapes CLIP, whose cosine scale is its own (docs/dedup.md has the measurements).
+DEMO_DEDUP = {"image_threshold": 0.99}
 
 
 def _card_threshold(model_dir: str, default: float) -> float:

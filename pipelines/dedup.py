@@ -1,0 +1,195 @@
+"""The dedup stage: scored -> curated (+ rejects). Evidence from three detectors, one policy.
+
+    exact      rows whose image bytes are identical (sha256)
+    images     near-duplicate images: faiss on the filter's image embeddings, confirmed on
+               thumbnails (pipelines.image_dedup)
+    captions   near-duplicate web captions: MinHash-LSH identical to datasketch
+               (pipelines.caption_dedup) proposes, the exact shingle Jaccard confirms; a caption
+               pair counts only when the two images are also similar (cosine >= caption_image_threshold)
+
+Every piece of evidence is an edge between two rows; the connected components of all edges are
+the duplicate groups. Each group keeps one survivor, chosen deterministically (best caption score,
+then the larger image, then the lowest uid); the others go to rejects with the reason that links
+them to the group and `duplicate_of` = the survivor. docs/dedup.md gives the policy and its reasons.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from pipelines.config import DedupSettings
+
+STAGE = "dedup"
+REASONS = {
+    "exact_duplicate": "the same image bytes (sha256) and the same normalised web caption as the survivor",
+    "duplicate_image": "the same image bytes (sha256) as the survivor, under another caption",
+    "near_duplicate_image": "a near-duplicate image of a row in its group (embedding cosine >= "
+                            "image_threshold, confirmed on thumbnails)",
+    "near_duplicate_caption": "a near-duplicate web caption (MinHash-LSH) of a row in its group, whose image "
+                              "is similar too (cosine >= caption_image_threshold)",
+    "caption_cluster_cap": "its caption cluster already has max_per_caption_cluster rows",
+}
+EDGE_KINDS = ("exact", "image", "caption")
+
+
+def _normalise(captions: pd.Series) -> pd.Series:
+    from udfs.minhash import normalise_caption
+    return captions.map(lambda c: None if c is None else normalise_caption(c))
+
+
+def _normalised_caption():
+    from pyspark.sql.functions import pandas_udf
+    return pandas_udf(_normalise, "string")
+
+
+def exact_edges(df):
+    """(src, dst): every row to the smallest uid with the same image bytes (a star per group)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    first = F.min("uid").over(Window.partitionBy("sha256"))
+    return (df.select("uid", first.alias("first")).filter(F.col("uid") != F.col("first"))
+            .select(F.col("first").alias("src"), F.col("uid").alias("dst")))
+
+
+def caption_image_pairs(df, clusters, settings: DedupSettings):
+    """(uid_a, uid_b, cosine) within each near-duplicate caption cluster: pairs whose captions' exact
+    shingle Jaccard is >= caption_threshold (LSH buckets only propose candidates, and a cluster
+    chains them) and whose images' cosine is >= caption_image_threshold. Exact search inside the
+    cluster: a template shared by many rows is one group."""
+    kind, n = settings.shingle, settings.ngram
+    jaccard_min, cosine_min = settings.caption_threshold, settings.caption_image_threshold
+
+    def search(frame: pd.DataFrame) -> pd.DataFrame:
+        import numpy as np
+
+        from udfs.image_dedup import embedding_matrix, near_pairs
+        from udfs.minhash import shingles
+        frame = frame.sort_values("uid", kind="stable").reset_index(drop=True)
+        i, j, cosine = near_pairs(embedding_matrix(frame["image_embedding"].tolist()), cosine_min)
+        sets = [set(shingles(c, kind, n)) for c in frame["caption"]]
+        similar = np.array([len(sets[a] & sets[b]) >= jaccard_min * len(sets[a] | sets[b]) > 0
+                            for a, b in zip(i, j)], dtype=bool)
+        uids = frame["uid"].to_numpy()
+        return pd.DataFrame({"uid_a": uids[i[similar]], "uid_b": uids[j[similar]],
+                             "cosine": cosine[similar].astype("float32")})
+
+    rows = df.select("uid", "caption", "image_embedding").join(clusters, "uid")
+    return rows.groupBy("cluster").applyInPandas(search, "uid_a string, uid_b string, cosine float")
+
+
+def duplicate_groups(df, settings: DedupSettings, seed: int = 0):
+    """(uid, group, kinds) for every row with at least one duplicate edge, and the caption clusters
+    (uid, cluster) for the per-cluster cap. `kinds` lists the edge kinds that touch the row."""
+    from pyspark.sql import functions as F
+
+    from pipelines.caption_dedup import caption_clusters
+    from pipelines.components import connected_components
+
+    edges = []
+    if settings.exact:
+        edges.append(exact_edges(df).withColumn("kind", F.lit("exact")))
+    if settings.images:
+        from pipelines.image_dedup import image_pairs
+        pairs = image_pairs(df, settings, seed)
+        edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("image").alias("kind")))
+    clusters = None
+    if settings.captions:
+        # Only web captions the filter kept are evidence: a dropped one no longer describes the pair.
+        web_kept = F.exists("candidates", lambda c: (c["source"] == "web") & c["kept"])
+        df = df.withColumn("caption", F.when(web_kept, F.col("caption")))
+        clusters = caption_clusters(df, settings).localCheckpoint()
+        pairs = caption_image_pairs(df, clusters, settings)
+        edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("caption").alias("kind")))
+    if not edges:
+        spark = df.sparkSession
+        return (spark.createDataFrame([], "uid string, group string, kinds array<string>"), clusters)
+    all_edges = edges[0]
+    for more in edges[1:]:
+        all_edges = all_edges.unionByName(more)
+    all_edges = all_edges.localCheckpoint()  # the detectors run once; components and kinds both read it
+    components = connected_components(all_edges.select("src", "dst"))
+    ends = all_edges.select(F.col("src").alias("uid"), "kind").unionByName(
+        all_edges.select(F.col("dst").alias("uid"), "kind"))
+    kinds = ends.groupBy("uid").agg(F.array_sort(F.collect_set("kind")).alias("kinds"))
+    groups = (components.select(F.col("node").alias("uid"), F.col("component").alias("group"))
+              .join(kinds, "uid"))
+    return groups.localCheckpoint(), clusters
+
+
+def _survivor_order():
+    from pyspark.sql import functions as F
+    return [F.col("best_score").desc_nulls_last(), (F.col("width").cast("long") * F.col("height")).desc(),
+            F.col("uid").asc()]
+
+
+def dedup(df, settings: DedupSettings, seed: int = 0):
+    """(curated records, rejects) from scored records."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    groups, clusters = duplicate_groups(df, settings, seed)
+    normalise = _normalised_caption()
+    ranked = (df.join(groups, "uid", "left")
+              .withColumn("rank", F.when(F.col("group").isNull(), F.lit(1))
+                          .otherwise(F.row_number().over(Window.partitionBy("group").orderBy(*_survivor_order()))))
+              .withColumn("survivor", F.when(F.col("group").isNull(), F.col("uid")).otherwise(
+                  F.first("uid").over(Window.partitionBy("group").orderBy(*_survivor_order()))))
+              .withColumn("group_size", F.count("*").over(Window.partitionBy("group"))))
+    survivor_facts = ranked.filter(F.col("rank") == 1).select(
+        F.col("uid").alias("survivor"), F.col("sha256").alias("survivor_sha256"),
+        normalise(F.col("caption")).alias("survivor_caption"))
+    ranked = ranked.join(survivor_facts, "survivor", "left").localCheckpoint()
+
+    dropped = ranked.filter(F.col("rank") > 1)
+    same_image = F.col("sha256") == F.col("survivor_sha256")
+    reason = (F.when(same_image & (normalise(F.col("caption")).eqNullSafe(F.col("survivor_caption"))),
+                     F.lit("exact_duplicate"))
+              .when(same_image, F.lit("duplicate_image"))
+              .when(F.array_contains("kinds", "image") | F.array_contains("kinds", "exact"),
+                    F.lit("near_duplicate_image"))
+              .otherwise(F.lit("near_duplicate_caption")))
+    duplicate_rejects = dropped.select(
+        "uid", "url", "caption", F.lit(STAGE).alias("stage"), reason.alias("reason"),
+        F.concat(F.lit("group of "), F.col("group_size").cast("string"), F.lit(" rows; evidence: "),
+                 F.array_join("kinds", ", ")).alias("detail"),
+        F.col("survivor").alias("duplicate_of"))
+
+    kept = ranked.filter(F.col("rank") == 1)
+    rejects = duplicate_rejects
+    if clusters is not None and settings.max_per_caption_cluster > 0:
+        in_cluster = kept.join(clusters, "uid", "left")
+        order = Window.partitionBy("cluster").orderBy(*_survivor_order())
+        in_cluster = (in_cluster.withColumn("cluster_rank", F.row_number().over(order))
+                      .withColumn("cluster_first", F.first("uid").over(order)))
+        capped = F.col("cluster").isNotNull() & (F.col("cluster_rank") > settings.max_per_caption_cluster)
+        rejects = rejects.unionByName(in_cluster.filter(capped).select(
+            "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.lit("caption_cluster_cap").alias("reason"),
+            F.concat(F.lit("caption cluster keeps "), F.lit(str(settings.max_per_caption_cluster)),
+                     F.lit(" rows")).alias("detail"),
+            F.col("cluster_first").alias("duplicate_of")))
+        kept = in_cluster.filter(~capped).drop("cluster", "cluster_rank", "cluster_first")
+
+    if settings.inherit_captions:
+        kept = _inherit(kept, dropped)
+    curated = kept.drop("group", "kinds", "rank", "group_size", "survivor", "survivor_sha256", "survivor_caption",
+                        "synthetic_captions")
+    return curated, rejects
+
+
+def _inherit(kept, dropped):
+    """Append the kept captions of each survivor's dropped rows to its candidates (source
+    'inherited_web' / 'inherited_synthetic', score as measured on the dropped row's image), skipping
+    texts the survivor already has (compared lower-cased, whitespace collapsed)."""
+    from pyspark.sql import functions as F
+    gifts = (dropped.select("survivor", F.explode("candidates").alias("c")).filter(F.col("c.kept"))
+             .select("survivor", F.struct(F.col("c.text").alias("text"),
+                                          F.concat(F.lit("inherited_"), F.col("c.source")).alias("source"),
+                                          F.col("c.score").alias("score"), F.col("c.kept").alias("kept")).alias("c"))
+             .groupBy("survivor").agg(F.array_sort(F.collect_list("c")).alias("gifts")))
+    joined = kept.join(gifts.withColumnRenamed("survivor", "uid"), "uid", "left")
+    def key(text):
+        return F.lower(F.trim(F.regexp_replace(text, r"\s+", " ")))
+    own = F.transform("candidates", lambda c: key(c["text"]))
+    new = F.filter(F.coalesce("gifts", F.array()), lambda g: ~F.array_contains(own, key(g["text"])))
+    # One copy per text among the gifts (two dropped rows may share a caption).
+    distinct = F.filter(new, lambda g, i: ~F.exists(F.slice(new, 1, i), lambda h: key(h["text"]) == key(g["text"])))
+    return joined.withColumn("candidates", F.concat("candidates", distinct)).drop("gifts")

@@ -1,0 +1,68 @@
+"""Connected components in DataFrame operations (large-star/small-star) against a union-find."""
+import random
+
+import pytest
+
+from pipelines.components import ComponentsDidNotConverge, connected_components
+
+
+def union_find_components(edges) -> dict[str, str]:
+    """node -> smallest node of its component."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in list(parent)}
+
+
+def spark_components(spark, edges, **kwargs) -> dict[str, str]:
+    df = spark.createDataFrame(edges, "src string, dst string")
+    return {r.node: r.component for r in connected_components(df, **kwargs).collect()}
+
+
+def test_components_equal_union_find_on_random_graphs_chains_and_stars(spark):
+    rng = random.Random(3)
+    graphs = []
+    # Sparse random graphs over string ids of mixed lengths (string order, not numeric order).
+    for _ in range(2):
+        ids = [f"n{rng.randrange(10**6)}" for _ in range(150)]
+        graphs.append([(rng.choice(ids), rng.choice(ids)) for _ in range(120)])
+    # A path of 200 nodes in a shuffled id order: the longest distance to the minimum.
+    order = [f"p{i:04d}" for i in range(200)]
+    rng.shuffle(order)
+    graphs.append(list(zip(order, order[1:])))
+    # Stars: one centred on the minimum, one on the maximum (every leaf must move), a second root.
+    graphs.append([("s000", f"s{i:03d}") for i in range(1, 60)] + [("t999", f"t{i:03d}") for i in range(60)]
+                  + [("u5", "u5")])
+    # All of them as one graph (one Spark run: the path sets the number of rounds), with reversed
+    # duplicates.
+    edges = [e for g in graphs for e in g]
+    edges += [(b, a) for a, b in edges[:50]]
+    assert spark_components(spark, edges) == union_find_components(edges)
+
+
+def test_components_of_empty_and_self_loop_only_graphs(spark):
+    assert spark_components(spark, []) == {}
+    assert spark_components(spark, [("a", "a"), ("b", None)]) == {"a": "a"}
+
+
+def test_components_with_a_checkpoint_dir(spark, tmp_path):
+    edges = [("c", "b"), ("b", "a"), ("x", "y")]
+    assert spark_components(spark, edges, checkpoint_dir=str(tmp_path)) == {
+        "a": "a", "b": "a", "c": "a", "x": "x", "y": "x"}
+    assert any(tmp_path.iterdir())
+
+
+def test_components_refuse_to_run_past_max_rounds(spark):
+    path = [(f"p{i:03d}", f"p{i + 1:03d}") for i in range(40)]
+    with pytest.raises(ComponentsDidNotConverge, match="did not converge in 1 rounds"):
+        spark_components(spark, path, max_rounds=1)

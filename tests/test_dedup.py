@@ -1,0 +1,169 @@
+"""The dedup stage's policy (pipelines/dedup.py) and job (jobs/dedup.py): which rows go, why, and who survives."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import DedupSettings, load_config
+from pipelines.dedup import dedup
+from schemas import CURATED, REJECTS, SCORED
+from udfs.clip_scores import embedding_bytes
+from world.scene import Scene, encode_jpeg, render
+
+
+def _row(uid, image: bytes, caption: str, embedding, score: float, size=(64, 64), synthetic=()):
+    candidates = [{"text": caption, "source": "web", "score": score, "kept": True}]
+    candidates += [{"text": t, "source": "synthetic", "score": score - 0.01, "kept": True} for t in synthetic]
+    return {"uid": uid, "url": f"http://127.0.0.1/{uid}.jpg", "caption": caption, "image": image,
+            "width": size[0], "height": size[1], "original_width": size[0], "original_height": size[1],
+            "sha256": hashlib.sha256(image).hexdigest(), "synthetic_captions": list(synthetic),
+            "candidates": candidates, "best_score": score, "image_embedding": embedding_bytes(embedding),
+            "caption_primary": caption}
+
+
+def _scored(spark, rows):
+    schema = SCORED.spark_schema().add("caption_primary", "string")
+    return spark.createDataFrame(rows, schema)
+
+
+def _unit(seed: int, dim: int = 64):
+    v = np.random.default_rng(seed).normal(size=dim)
+    return v / np.linalg.norm(v)
+
+
+def _toward(base, other, cosine: float):
+    """A unit vector at the given cosine from base, in the plane of base and other."""
+    ortho = other - (other @ base) * base
+    ortho /= np.linalg.norm(ortho)
+    return cosine * base + np.sqrt(1 - cosine ** 2) * ortho
+
+
+def _picture(scene_json: str, seed: int, quality: int = 90, side: int = 64) -> bytes:
+    image = render(Scene.from_json(scene_json), 64, np.random.default_rng(seed))
+    if side != 64:
+        image = image.resize((side, side), Image.Resampling.BICUBIC)
+    return encode_jpeg(image, quality)
+
+
+RED_CIRCLE = '{"background":"white","objects":[{"colour":"red","shape":"circle","size":"large"}]}'
+BLUE_SQUARE = '{"background":"black","objects":[{"colour":"blue","shape":"square","size":"large"}]}'
+GREEN_CROSS = '{"background":"gray","objects":[{"colour":"green","shape":"cross","size":"small"}]}'
+
+
+@pytest.fixture(scope="module")
+def planted(spark):
+    """Hand-made groups, one per piece of evidence, with embeddings placed where the policy must decide."""
+    e = {k: _unit(i) for i, k in enumerate("abcdefgh")}
+    red, blue, green = _picture(RED_CIRCLE, 1), _picture(BLUE_SQUARE, 2), _picture(GREEN_CROSS, 3)
+    rows = [
+        # same bytes + same caption (modulo case/space): exact_duplicate; the higher score survives
+        _row("x1", red, "A red circle on white", e["a"], 0.80),
+        _row("x2", red, "a red  circle on WHITE ", e["a"], 0.90, synthetic=("a large red circle",)),
+        # same bytes, another caption: duplicate_image
+        _row("x3", red, "crimson disc, white backdrop", e["a"], 0.70),
+        # re-encoded and resized copy: near_duplicate_image; the tie on score goes to the larger image
+        _row("n1", blue, "a blue square on black", e["b"], 0.85),
+        _row("n2", _picture(BLUE_SQUARE, 2, quality=60, side=80), "blue square photo", _toward(e["b"], e["c"], 0.995),
+             0.85, size=(80, 80)),
+        # one template caption, different pictures: not duplicates
+        _row("t1", green, "wallpaper hd free download shapes art", e["d"], 0.60),
+        _row("t2", _picture(RED_CIRCLE, 9), "wallpaper hd free download shapes art", e["e"], 0.60),
+        # near-duplicate captions and similar (not near-identical) images: near_duplicate_caption
+        _row("c1", _picture(GREEN_CROSS, 4), "small green cross on a grey background, stock photo", e["f"], 0.75),
+        _row("c2", _picture(GREEN_CROSS, 5), "small green cross on a grey background, stock photo hd",
+             _toward(e["f"], e["g"], 0.93), 0.74),
+        # near-duplicate captions, different images: kept
+        _row("d1", _picture(BLUE_SQUARE, 6), "small green cross on a grey background, stock image", e["h"], 0.50),
+    ]
+    df = _scored(spark, rows)
+    curated, rejects = dedup(df, DedupSettings(ngram=2, caption_threshold=0.5), seed=0)
+    CURATED.validate(curated, where="dedup output")
+    REJECTS.validate(rejects, where="dedup rejects")
+    return rows, curated.toPandas().set_index("uid"), rejects.toPandas().set_index("uid")
+
+
+def test_each_piece_of_evidence_drops_with_its_reason_and_names_the_survivor(planted):
+    rows, curated, rejects = planted
+    assert rejects.loc[["x1", "x3", "n1", "c2"], "reason"].tolist() == [
+        "exact_duplicate", "duplicate_image", "near_duplicate_image", "near_duplicate_caption"]
+    assert rejects.loc[["x1", "x3", "n1", "c2"], "duplicate_of"].tolist() == ["x2", "x2", "n2", "c1"]
+    assert set(rejects.stage) == {"dedup"}
+    assert set(curated.index) == {"x2", "n2", "t1", "t2", "c1", "d1"}
+    assert len(curated) + len(rejects) == len(rows)
+
+
+def test_the_survivor_inherits_the_kept_captions_of_the_rows_it_replaces(planted):
+    _, curated, _ = planted
+    candidates = {(c["text"], c["source"]) for c in curated.loc["x2", "candidates"]}
+    assert ("crimson disc, white backdrop", "inherited_web") in candidates
+    assert ("A red circle on white", "inherited_web") not in candidates  # the survivor's own text, in other case
+    assert sum(text == "crimson disc, white backdrop" for text, _ in candidates) == 1
+    assert curated.loc["x2", "caption_primary"] == "a red  circle on WHITE "
+    assert [c["source"] for c in curated.loc["t1", "candidates"]] == ["web"]
+
+
+def test_a_caption_cluster_cap_keeps_the_best_rows_of_a_template(spark):
+    rows = [_row(f"s{i}", _picture(RED_CIRCLE if i % 2 else BLUE_SQUARE, 10 + i), "buy cheap shapes posters online now",
+                 _unit(100 + i), 0.5 + i / 100) for i in range(6)]
+    curated, rejects = dedup(_scored(spark, rows), DedupSettings(max_per_caption_cluster=2), seed=0)
+    assert sorted(r.uid for r in curated.collect()) == ["s4", "s5"]
+    dropped = {r.uid: (r.reason, r.duplicate_of) for r in rejects.collect()}
+    assert dropped == {f"s{i}": ("caption_cluster_cap", "s5") for i in range(4)}
+
+
+def test_every_detector_can_be_switched_off(spark, planted):
+    rows, _, _ = planted
+    off = DedupSettings(exact=False, images=False, captions=False)
+    curated, rejects = dedup(_scored(spark, rows), off, seed=0)
+    assert curated.count() == len(rows) and rejects.count() == 0
+
+
+@pytest.fixture(scope="module")
+def shapes_world(spark, tmp_path_factory):
+    """A shapes-world corpus with many planted duplicates, as the filter hands it to dedup: image
+    bytes from the site, embeddings from the project's CLIP, and only the rows whose web caption
+    passes the model card's threshold (dedup runs after the filter, which drops noisy captions)."""
+    import torch
+
+    from udfs.models import SHAPES_CLIP, load_clip
+    from world.corpus import make_web_corpus
+    root = tmp_path_factory.mktemp("dedup-world")
+    make_web_corpus(root, n=1000, seed=21, duplicates=0.3, faults=(), variants=())
+    truth = pq.read_table(root / "truth.parquet").to_pandas()
+    clip = load_clip(SHAPES_CLIP, "cpu")
+    torch.set_num_threads(1)
+    blobs = [(root / "site" / f).read_bytes() for f in truth.file]
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    embeddings = clip.encode_images(images)
+    captions = [c.decode() for c in truth.caption]
+    scores = (clip.encode_texts(captions) * embeddings).sum(1)
+    from jobs.demo import DEMO_DEDUP, _card_threshold
+    passed = scores >= _card_threshold(SHAPES_CLIP, 0.0)
+    rows = [_row(uid, blob, caption, emb, float(score))
+            for uid, blob, caption, emb, score, ok in zip(truth.id, blobs, captions, embeddings, scores, passed) if ok]
+    config = load_config(None, [f"dedup.{key}={value}" for key, value in DEMO_DEDUP.items()])
+    curated, rejects = dedup(_scored(spark, rows), config.dedup, seed=0)
+    return truth[passed].set_index("id"), curated.select("uid").toPandas(), rejects.toPandas().set_index("uid")
+
+
+def test_shapes_world_planted_duplicates_are_removed(shapes_world):
+    truth, curated, rejects = shapes_world
+    planted = truth[truth.kind.isin(["duplicate_image", "near_duplicate_image"]) & truth.duplicate_of.isin(truth.index)]
+    removed = [uid in rejects.index or truth.duplicate_of[uid] in rejects.index for uid in planted.index]
+    assert len(planted) >= 60
+    assert np.mean(removed) >= 0.95, f"{np.mean(removed):.3f} of {len(planted)} planted duplicates removed"
+
+
+def test_shapes_world_no_row_is_dropped_for_a_survivor_of_another_scene(shapes_world):
+    truth, curated, rejects = shapes_world
+    assert len(curated) + len(rejects) == len(truth)
+    assert set(rejects.duplicate_of) <= set(curated.uid)
+    wrong = [(uid, r.duplicate_of, r.reason) for uid, r in rejects.iterrows()
+             if json.loads(truth.scene[uid]) != json.loads(truth.scene[r.duplicate_of])]
+    assert wrong == []
