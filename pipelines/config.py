@@ -145,7 +145,7 @@ class DedupSettings:
                   "different pictures of one subject duplicates); none: the embedding decides")
     pixel_tolerance: int = _opt(32, "thumbnail cells differing by more than this (0-255, any channel) count "
                                     "as changed", min=0, max=255)
-    pixel_max_changed: float = _opt(0.002, "largest share of changed thumbnail cells for a confirmed duplicate",
+    pixel_max_changed: float = _opt(0.01, "largest share of changed thumbnail cells for a confirmed duplicate",
                                     min=0, max=1)
     exact_search_rows: int = _opt(100_000, "up to this many rows, search all pairs in one faiss index; above, "
                                            "SemDeDup-style k-means partitions", min=1)
