@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "demo": ("jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
+    "curate": ("jobs.curate", "the whole chain: download, caption, filter, dedup, write OUT/curated + rejects"),
     "download": ("jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
     "caption": ("jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
     "filter": ("jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),

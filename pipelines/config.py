@@ -42,6 +42,7 @@ class SparkSettings:
 class OutputSettings:
     overwrite: bool = _opt(False, "recompute a stage whose output is already committed")
     compression: Literal["zstd", "snappy", "gzip", "none"] = _opt("zstd", "Parquet compression codec")
+    target_file_mb: int = _opt(256, "approximate size of one curated Parquet file (capfilt curate)", min=1)
 
 
 @dataclass

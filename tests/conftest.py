@@ -78,3 +78,25 @@ def probe_server():
     server.shutdown()
     server.server_close()
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def curate_args(world_site):
+    """Arguments for `capfilt curate` on the world_site corpus with the demo's settings (the project's
+    shapes-world models), minus --output."""
+    from jobs.demo import _as_overrides, shapes_world_settings
+    from pipelines.config import load_config
+    _, server, metadata = world_site
+    return ["--input", str(metadata), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
+            "--allow-host", "127.0.0.1:1", "--no-progress",
+            *_as_overrides(shapes_world_settings(load_config(None, [])))]
+
+
+@pytest.fixture(scope="session")
+def curated_out(curate_args, tmp_path_factory):
+    """A finished `capfilt curate` output of the world_site corpus (OUT: stages/, curated/, rejects/,
+    manifest.json). Tests must not change it: copy it first."""
+    from jobs.curate import main as curate
+    out = tmp_path_factory.mktemp("curate") / "out"
+    assert curate([*curate_args, "--output", str(out)]) == 0
+    return out
