@@ -68,7 +68,7 @@ def shapes_world_settings(cfg):
 
 
 # Dedup settings for the shapes CLIP, whose cosine scale is its own (docs/dedup.md has the measurements).
-DEMO_DEDUP = {"image_threshold": 0.99}
+DEMO_DEDUP = {"image_threshold": 0.99, "pixel_max_changed": 0.002}
 
 
 def _card_threshold(model_dir: str, default: float) -> float:

@@ -138,17 +138,22 @@ def shapes_world(spark, tmp_path_factory):
     truth = pq.read_table(root / "truth.parquet").to_pandas()
     clip = load_clip(SHAPES_CLIP, "cpu")
     torch.set_num_threads(1)
-    blobs = [(root / "site" / f).read_bytes() for f in truth.file]
+    # As the download stage stores them: img2dataset's resizer at the demo's size and settings.
+    from img2dataset.resizer import Resizer
+    from jobs.demo import shapes_world_settings
+    settings = shapes_world_settings(load_config(None, [])).download
+    resize = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode, resize_only_if_bigger=False,
+                     encode_format=settings.encode_format, encode_quality=settings.encode_quality)
+    blobs = [resize(io.BytesIO((root / "site" / f).read_bytes()))[0] for f in truth.file]
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
     embeddings = clip.encode_images(images)
     captions = [c.decode() for c in truth.caption]
     scores = (clip.encode_texts(captions) * embeddings).sum(1)
-    from jobs.demo import DEMO_DEDUP, _card_threshold
+    from jobs.demo import _card_threshold
     passed = scores >= _card_threshold(SHAPES_CLIP, 0.0)
     rows = [_row(uid, blob, caption, emb, float(score))
             for uid, blob, caption, emb, score, ok in zip(truth.id, blobs, captions, embeddings, scores, passed) if ok]
-    config = load_config(None, [f"dedup.{key}={value}" for key, value in DEMO_DEDUP.items()])
-    curated, rejects = dedup(_scored(spark, rows), config.dedup, seed=0)
+    curated, rejects = dedup(_scored(spark, rows), shapes_world_settings(load_config(None, [])).dedup, seed=0)
     return truth[passed].set_index("id"), curated.select("uid").toPandas(), rejects.toPandas().set_index("uid")
 
 
