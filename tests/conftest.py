@@ -89,7 +89,8 @@ def curate_args(world_site):
     _, server, metadata = world_site
     return ["--input", str(metadata), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
             "--allow-host", "127.0.0.1:1", "--no-progress",
-            *_as_overrides(shapes_world_settings(load_config(None, [])))]
+            # One retry: the corpus's 5xx bursts (first request per path) end the same in every run.
+            *_as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))]
 
 
 @pytest.fixture(scope="session")

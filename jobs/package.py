@@ -1,0 +1,55 @@
+"""`capfilt package`: build what spark-submit ships to executors.
+
+On a cluster, capfilt's code reaches the executors only through `--py-files` (or an installed
+package): without it every task fails with ModuleNotFoundError, while the same command passes in
+local mode. This writes one zip of capfilt's packages (schemas, pipelines, udfs, jobs, world, lab)
+with their data files, and prints the spark-submit line that ships it. The executors still need
+capfilt's dependencies (torch, open_clip, faiss...) in their Python: an image or a packed venv
+(docs/cluster.md... see the README's spark-submit section).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("schemas", "pipelines", "udfs", "jobs", "world", "lab")
+SUFFIXES = (".py", ".yaml", ".json")
+
+
+def build_zip(target: Path) -> list[str]:
+    """Write the zip (deterministic: sorted names, fixed timestamps) and return its member names."""
+    names = []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+        for package in PACKAGES:
+            for path in sorted((ROOT / package).rglob("*")):
+                if path.suffix in SUFFIXES and "__pycache__" not in path.parts:
+                    name = path.relative_to(ROOT).as_posix()
+                    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    zf.writestr(info, path.read_bytes())
+                    names.append(name)
+    partial.replace(target)
+    return names
+
+
+def main(argv=None) -> int:
+    from importlib import metadata
+    p = argparse.ArgumentParser(prog="capfilt package", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="dist", help="folder for the zip (default: dist)")
+    args = p.parse_args(argv)
+    version = metadata.version("capfilt")
+    target = Path(args.out) / f"capfilt-{version}-pyfiles.zip"
+    names = build_zip(target)
+    print(f"{target}: {len(names)} files from {', '.join(PACKAGES)}")
+    print(f"ship it with:  spark-submit --py-files {target} jobs/curate.py --input ... --output ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
