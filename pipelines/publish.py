@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 
 import fsspec
 
@@ -55,7 +54,9 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     if fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")  # from here on, OUT is not finished until the new manifest lands
     codec = "uncompressed" if compression == "none" else compression
-    work = f"{path}/.publish-{uuid.uuid4().hex[:12]}.inprogress"
+    work = f"{path}/.publish.inprogress"
+    if fs.exists(work):
+        fs.rm(work, recursive=True)  # left by a killed run
     try:
         dedup_data = f"{stage_dir(path, 'dedup')}/data"
         files = max(1, math.ceil(_data_bytes(fs, dedup_data) / (target_file_mb * 2**20)))

@@ -1,0 +1,110 @@
+"""Faults, each compared with a clean run of the same input: a Python worker killed mid-stage, and
+the curate job killed during its final write."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _python_workers(root: int) -> list[int]:
+    """Forked Python workers under a pyspark.daemon anywhere below root (not the daemons)."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in _children(pid):
+            if "pyspark.daemon" in _cmdline(child) and "pyspark.daemon" in _cmdline(pid):
+                found.append(child)
+            todo.append(child)
+    return found
+
+
+def _sorted(path: Path, columns: list[str]):
+    return pq.read_table(path, columns=columns).to_pandas().sort_values(columns[0]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_a_python_worker_killed_during_caption_is_retried_and_the_output_is_identical(curated_out, curate_args,
+                                                                                      tmp_path):
+    out = tmp_path / "caption"
+    overrides = [a for i, a in enumerate(curate_args) if a == "--set" or (i and curate_args[i - 1] == "--set")]
+    cmd = [sys.executable, "-m", "jobs.cli", "caption", "--input", str(curated_out / "stages" / "download"),
+           "--output", str(out), *overrides, "--set", "spark.master=local[2,4]",  # 4 attempts per task
+           "--set", "caption.rows_per_part=40"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed, deadline = None, time.time() + 240
+    try:
+        while killed is None and proc.poll() is None and time.time() < deadline:
+            if _python_workers(proc.pid):
+                time.sleep(2)  # let the worker load the model and start on its batch
+                workers = _python_workers(proc.pid)
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = workers[0]
+            time.sleep(0.2)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "no Python worker was seen to kill"
+    assert proc.returncode == 0, log[-3000:]
+    assert "Python worker exited unexpectedly" in log or "Lost task" in log or "failed 1 time" in log, log[-3000:]
+    columns = ["uid", "synthetic_captions"]
+    clean = _sorted(curated_out / "stages" / "caption" / "data", columns)
+    again = _sorted(out / "data", columns)
+    assert len(again) == len(clean) and again.uid.is_unique is clean.uid.is_unique
+    assert again.equals(clean)
+
+
+@pytest.mark.slow
+def test_curate_killed_during_the_final_write_leaves_nothing_finished_and_a_rerun_is_identical(
+        curated_out, curate_args, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    for name in ("curated", "rejects"):
+        shutil.rmtree(out / name)
+    (out / "manifest.json").unlink()
+    cmd = [sys.executable, "-m", "jobs.cli", "curate", *curate_args, "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        if any(p.name.startswith(".publish") for p in out.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.kill()  # the driver dies mid-write
+    proc.wait(timeout=60)
+    assert not (out / "manifest.json").exists()
+    from pipelines.output import NotCommittedError, read_manifest
+    with pytest.raises(NotCommittedError):
+        read_manifest(out)
+    assert not (out / "curated").exists()  # moved into place only after the counts add up
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    for name, columns in (("curated", ["uid", "sha256", "caption_primary"]),
+                          ("rejects", ["uid", "stage", "reason", "duplicate_of"])):
+        again, clean = _sorted(out / name, columns), _sorted(curated_out / name, columns)
+        assert again.equals(clean), name
+    assert pq.read_table(out / "curated", columns=["uid"]).column("uid").to_pandas().is_unique
