@@ -13,6 +13,7 @@ COMMANDS = {
     "filter": ("jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
     "dedup": ("jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
     "package": ("jobs.package", "build the zip that spark-submit --py-files ships to executors"),
+    "export": ("jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
     "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
     "lab": ("lab.cli", "train and measure the small shapes-world models (models/)"),
     "config": ("jobs.config", "print the effective configuration, or every key with its help"),

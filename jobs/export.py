@@ -1,0 +1,43 @@
+"""`capfilt export OUT --format webdataset|csv|json --to DIR`: training manifests from a curated output.
+
+webdataset: tar shards (jpg/png, txt, json) + shards.txt + export.json (the --train-data pattern and
+--train-num-samples for open_clip training); csv: images as files + train.csv (filepath, title,
+tab-separated: open_clip's csv loader); json: images as files + annotations.json in the LAVIS/BLIP
+format. docs/output.md shows the training commands.
+"""
+import argparse
+import sys
+
+from jobs.common import add_config_args, config_from_args, run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="capfilt export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="a finished `capfilt curate` output")
+    p.add_argument("--format", required=True, choices=["webdataset", "csv", "json"])
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist, or be empty)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="webdataset samples per tar (and rows "
+                                                                         "per Spark task for every format)")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    if args.samples_per_shard < 1:
+        raise ValueError("--samples-per-shard must be at least 1")
+    cfg = config_from_args(args)
+
+    from pipelines.export import export
+    from pipelines.session import spark_session
+    spark = spark_session(cfg.spark)
+    summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
+    print(f"{args.to}: {summary['samples']} samples as {args.format}")
+    if args.format == "webdataset":
+        print(f"  open_clip:  --train-data '{summary['train_data']}' --train-num-samples {summary['train_num_samples']} "
+              f"--dataset-type webdataset")
+    elif args.format == "csv":
+        print(f"  open_clip:  --train-data {summary['file']} --dataset-type csv "
+              f"--csv-img-key filepath --csv-caption-key title")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
