@@ -45,12 +45,17 @@ def main(argv=None) -> int:
                      *[a for kv in args.overrides for a in ("--set", kv)], *_as_overrides(cfg)])
     if rc:
         return rc
+    from jobs.inspect import main as inspect
+    report = out / "report.html"
+    print()
+    inspect([str(out), "--html", str(report)])
     print(f"\n[demo] done in {time.time() - started:.0f}s. Where things are:")
     print(f"  corpus + ground truth   {corpus}  (truth.parquet is read by tests/benchmarks only)")
     print(f"  curated (train on it)   {out / 'curated'}")
     print(f"  rejects (with reasons)  {out / 'rejects'}")
     print(f"  run manifest            {out / 'manifest.json'}")
     print(f"  each stage's output     {out / 'stages'}/<stage>/{{data,rejects,manifest.json}}")
+    print(f"  report (open it)        {report}")
     print(f"  export for training     capfilt export {out} --format webdataset --to {out / 'webdataset'}")
     return 0
 

@@ -1,0 +1,59 @@
+"""`capfilt inspect OUT [--html FILE]`: look at a curated output before trusting it.
+
+Prints the funnel (rows after each stage, rejected rows per stage and reason), score quantiles and
+kept fraction of web vs synthetic captions, and the curated files. --html writes one self-contained
+page: funnel chart, score histograms, and a gallery of kept and dropped samples (thumbnails,
+captions, scores, reasons) filterable by reason. Every caption and URL is escaped.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from jobs.common import add_config_args, config_from_args, run
+
+
+def print_report(report: dict) -> None:
+    funnel, scores = report["funnel"], report["scores"]
+    print(f"{report['root']}: {funnel['after'][0][1]} rows in, {funnel['curated']} curated "
+          f"({funnel['kept_fraction']:.1%} kept), finished {report['finished_at']}")
+    print("\nfunnel")
+    for stage, n in funnel["after"]:
+        print(f"  {stage:<10} {n:>10}")
+        for reason, rows in sorted(funnel["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
+            print(f"    - {reason:<26} {rows:>8}")
+    if scores["sources"]:
+        quantiles = next(iter(scores["sources"].values()))["quantiles"]
+        print("\ncaption scores (curated rows)")
+        print(f"  {'source':<20} {'captions':>9} {'kept':>6} " + " ".join(f"{'p%d' % round(q * 100):>7}" for q in quantiles))
+        for name, s in scores["sources"].items():
+            print(f"  {name:<20} {s['n']:>9} {s['kept_fraction']:>6.3f} "
+                  + " ".join(f"{v:>7.4f}" for v in s["quantiles"].values()))
+    print("\ncurated files")
+    for shard in report["shards"]:
+        print(f"  {shard['file']:<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="capfilt inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="a finished `capfilt curate` output")
+    p.add_argument("--html", metavar="FILE", help="also write the report as one self-contained HTML page")
+    p.add_argument("--samples", type=int, default=24, help="kept samples in the gallery")
+    p.add_argument("--per-reason", type=int, default=8, help="dropped samples per reason in the gallery")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+
+    from pipelines.report import build
+    from pipelines.report_html import render
+    from pipelines.session import spark_session
+    report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
+    print_report(report)
+    if args.html:
+        Path(args.html).write_text(render(report), encoding="utf-8")
+        print(f"\nreport: {Path(args.html).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
