@@ -14,7 +14,7 @@ COMMANDS = {
     "dedup": ("jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
     "package": ("jobs.package", "build the zip that spark-submit --py-files ships to executors"),
     "export": ("jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
-    "inspect": ("jobs.inspect", "print the funnel, score quantiles and files of a curated output; --html report"),
+    "inspect": ("jobs.report", "print the funnel, score quantiles and files of a curated output; --html report"),
     "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
     "lab": ("lab.cli", "train and measure the small shapes-world models (models/)"),
     "config": ("jobs.config", "print the effective configuration, or every key with its help"),

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                      *[a for kv in args.overrides for a in ("--set", kv)], *_as_overrides(cfg)])
     if rc:
         return rc
-    from jobs.inspect import main as inspect
+    from jobs.report import main as inspect
     report = out / "report.html"
     print()
     inspect([str(out), "--html", str(report)])

@@ -117,3 +117,10 @@ def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate
     scores = _rows(out, "curated", ["uid", "best_score"]).best_score
     assert (abs(scores - _rows(curated_out, "curated", ["uid", "best_score"]).best_score) < 1e-5).all()
     shutil.rmtree(tmp_path / "bare", ignore_errors=True)
+
+
+def test_no_job_module_shadows_the_standard_library():
+    """spark-submit runs jobs/<job>.py as a script, which puts jobs/ first on sys.path: a job module
+    named like a stdlib module (jobs/inspect.py once) replaces it and breaks the driver at import."""
+    names = {path.stem for path in (ROOT / "jobs").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)

@@ -12,25 +12,31 @@ from pathlib import Path
 from jobs.common import add_config_args, config_from_args, run
 
 
+def plain(value) -> str:
+    """Text from the data, safe for a terminal: control characters (escape sequences) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def print_report(report: dict) -> None:
     funnel, scores = report["funnel"], report["scores"]
+    finished = f", finished {report['finished_at']}" if report.get("finished_at") else ""
     print(f"{report['root']}: {funnel['after'][0][1]} rows in, {funnel['curated']} curated "
-          f"({funnel['kept_fraction']:.1%} kept), finished {report['finished_at']}")
-    print("\nfunnel")
+          f"({funnel['kept_fraction']:.1%} kept){finished}")
+    print("\nfunnel (rows after each stage; rejected rows per reason)")
     for stage, n in funnel["after"]:
         print(f"  {stage:<10} {n:>10}")
         for reason, rows in sorted(funnel["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
-            print(f"    - {reason:<26} {rows:>8}")
+            print(f"    - {plain(reason):<26} {rows:>8}")
     if scores["sources"]:
         quantiles = next(iter(scores["sources"].values()))["quantiles"]
-        print("\ncaption scores (curated rows)")
+        print("\ncaption scores of the curated rows' candidates (kept: fraction of captions kept)")
         print(f"  {'source':<20} {'captions':>9} {'kept':>6} " + " ".join(f"{'p%d' % round(q * 100):>7}" for q in quantiles))
         for name, s in scores["sources"].items():
             print(f"  {name:<20} {s['n']:>9} {s['kept_fraction']:>6.3f} "
                   + " ".join(f"{v:>7.4f}" for v in s["quantiles"].values()))
     print("\ncurated files")
     for shard in report["shards"]:
-        print(f"  {shard['file']:<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
+        print(f"  {plain(shard['file']):<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
 
 
 def main(argv=None) -> int:
@@ -44,9 +50,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
 
+    from pipelines.output import read_manifest
     from pipelines.report import build
     from pipelines.report_html import render
     from pipelines.session import spark_session
+    read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
+    cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
     report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
     print_report(report)
     if args.html:
