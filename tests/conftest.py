@@ -81,12 +81,24 @@ def probe_server():
 
 
 @pytest.fixture(scope="session")
-def curate_args(world_site):
-    """Arguments for `capfilt curate` on the world_site corpus with the demo's settings (the project's
+def curate_site(tmp_path_factory):
+    """Another small corpus and server, for the whole-chain tests: the download tests count the
+    world_site server's 5xx bursts (first request per path), so those must stay theirs."""
+    from world.corpus import make_web_corpus, write_metadata
+    from world.server import serve
+    root = tmp_path_factory.mktemp("curate-world")
+    make_web_corpus(root, n=120, seed=8, slow_ms=1500, burst=1)
+    with serve(root / "site") as server:
+        yield root, server, write_metadata(root, server.base_url)
+
+
+@pytest.fixture(scope="session")
+def curate_args(curate_site):
+    """Arguments for `capfilt curate` on the curate_site corpus with the demo's settings (the project's
     shapes-world models), minus --output."""
     from jobs.demo import _as_overrides, shapes_world_settings
     from pipelines.config import load_config
-    _, server, metadata = world_site
+    _, server, metadata = curate_site
     return ["--input", str(metadata), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
             "--allow-host", "127.0.0.1:1", "--no-progress",
             # One retry: the corpus's 5xx bursts (first request per path) end the same in every run.

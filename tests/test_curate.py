@@ -17,12 +17,12 @@ def _table(path):
     return pq.read_table(path)  # a folder of Parquet files (Spark's _SUCCESS is skipped)
 
 
-def test_every_input_row_is_curated_or_rejected_with_its_stage_and_reason(curated_out, world_site):
+def test_every_input_row_is_curated_or_rejected_with_its_stage_and_reason(curated_out, curate_site):
     manifest = read_manifest(curated_out)
     curated, rejects = _table(curated_out / "curated"), _table(curated_out / "rejects")
     CURATED.validate(curated.schema, where="OUT/curated")
     REJECTS.validate(rejects.schema, where="OUT/rejects")
-    inputs = pq.read_table(world_site[2]).column("id").to_pylist()
+    inputs = pq.read_table(curate_site[2]).column("id").to_pylist()
     ended = curated.column("uid").to_pylist() + rejects.column("uid").to_pylist()
     assert collections.Counter(ended) == collections.Counter(inputs)  # each row exactly once
     counts = manifest["counts"]
