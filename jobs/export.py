@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
+    from pipelines.output import read_manifest
+    read_manifest(args.out)  # refuses an unfinished OUT before starting Spark
     cfg = config_from_args(args)
 
     from pipelines.export import export
@@ -31,11 +33,15 @@ def main(argv=None) -> int:
     summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
     print(f"{args.to}: {summary['samples']} samples as {args.format}")
     if args.format == "webdataset":
-        print(f"  open_clip:  --train-data '{summary['train_data']}' --train-num-samples {summary['train_num_samples']} "
-              f"--dataset-type webdataset")
+        print(f"  open_clip:  --train-data '{summary['train_data']}' "
+              f"--train-num-samples {summary['train_num_samples']} --dataset-type webdataset")
     elif args.format == "csv":
         print(f"  open_clip:  --train-data {summary['file']} --dataset-type csv "
-              f"--csv-img-key filepath --csv-caption-key title")
+              f"--csv-img-key filepath --csv-caption-key title --csv-separator $'\\t'")
+        if summary["captions_pandas_reads_as_missing"]:
+            print(f"  warning: {summary['captions_pandas_reads_as_missing']} captions (e.g. 'NA', 'null', "
+                  f"'None') are read as missing by pandas, so open_clip's csv loader trains on 'nan' for them; "
+                  f"the webdataset export keeps them", file=sys.stderr)
     return 0
 
 

@@ -9,9 +9,12 @@
     json         DIR/images/<key>.<ext> + DIR/annotations.json: [{"image", "caption", "image_id"}], the
                  LAVIS/BLIP caption dataset format (image paths relative to DIR/images)
 
-Executors write the files, one shard or part per Spark partition (rows in uid order); the driver
-only gathers (part, count) rows, renumbers the shards, joins the small text parts by streaming, and
-moves the finished folder into place (a killed export leaves only a hidden `.NAME.inprogress`).
+Every row gets a global index (per-partition counts, gathered as one small row per input partition,
+give each partition its offset); the key is that index, zero-padded: unique, no dots, a safe file
+name. Shard k holds indices [k*n, (k+1)*n), so every shard but the last has exactly n samples.
+Executors write the files (mapInPandas, one Spark partition writes whole shards or one text part);
+the driver only gathers (file, count) rows, joins the small text parts by streaming, and moves the
+finished folder into place: a killed export leaves only a hidden `.NAME.inprogress`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ import pandas as pd  # module level: pandas UDF type hints are resolved in these
 
 FORMATS = ("webdataset", "csv", "json")
 COLUMNS = ["uid", "url", "caption", "image", "width", "height", "sha256", "candidates", "caption_primary"]
+KEY_DIGITS = 9  # zero-padded sample index; wider only past a billion samples, still unique
+# Strings pandas.read_csv turns into NaN even when quoted (its default na_values, pandas 2.x); open_clip's
+# CsvDataset then trains on the text "nan". Counted and reported, since the CSV cannot protect them.
+PANDAS_NA = frozenset(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                       "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"])
 
 
 def image_extension(data: bytes) -> str:
@@ -39,6 +47,10 @@ def image_extension(data: bytes) -> str:
     raise ValueError(f"image bytes of an unknown format (starts {data[:12]!r}): not one the loaders read")
 
 
+def sample_key(index: int) -> str:
+    return f"{index:0{KEY_DIGITS}d}"
+
+
 def _metadata(row) -> dict:
     return {"uid": row.uid, "url": row.url, "caption": row.caption, "width": int(row.width),
             "height": int(row.height), "sha256": row.sha256,
@@ -47,113 +59,190 @@ def _metadata(row) -> dict:
                            for c in row.candidates]}
 
 
-def _writer(fmt: str, folder: str, final: str):
-    """The per-partition function: writes one shard (webdataset) or one text part plus image files
-    (csv, json) into folder, and yields one (part, samples) row. CSV paths name the final folder."""
+def _add(tar: tarfile.TarFile, name: str, body: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(body), 0, 0o644
+    tar.addfile(info, io.BytesIO(body))
+
+
+def _shard_writer(folder: str):
+    """Per partition: rows arrive sorted by index, whole shards only; one tar per shard, one
+    (file, samples, na_like) row per tar."""
+    def write(frames):
+        root, tar, name, samples, shard = Path(folder), None, None, 0, None
+        written = []
+        try:
+            for frame in frames:
+                for row in frame.itertuples(index=False):
+                    if row.shard != shard:
+                        if tar is not None:
+                            tar.close()
+                            written.append((name, samples))
+                        shard, samples = row.shard, 0
+                        name = f"shard-{shard:05d}.tar"
+                        tar = tarfile.open(root / name, "w")
+                    key = sample_key(row.sample_index)
+                    _add(tar, f"{key}.{image_extension(row.image)}", row.image)
+                    _add(tar, f"{key}.txt", row.caption_primary.encode("utf-8"))
+                    _add(tar, f"{key}.json", json.dumps(_metadata(row), ensure_ascii=False).encode("utf-8"))
+                    samples += 1
+            if tar is not None:
+                tar.close()
+                written.append((name, samples))
+        finally:
+            if tar is not None and not tar.closed:
+                tar.close()
+        if written:
+            yield pd.DataFrame({"file": [n for n, _ in written], "samples": [s for _, s in written],
+                                "na_like": [0] * len(written)})
+    return write
+
+
+def _files_writer(fmt: str, folder: str, final: str):
+    """Per partition: image files under images/ and one text part (csv rows or json lines) under
+    parts/; one (file, samples, na_like) row. CSV paths name the final folder, not the work folder."""
     def write(frames):
         from pyspark import TaskContext
-        part = TaskContext.get().partitionId()
         root = Path(folder)
-        samples, position = 0, 0
-        if fmt == "webdataset":
-            name = f"part-{part:05d}.tar"
-            with tarfile.open(root / name, "w") as tar:
-                for frame in frames:
-                    for row in frame.itertuples(index=False):
-                        key = f"{part:05d}{position:07d}"
-                        position += 1
-                        for suffix, body in ((image_extension(row.image), row.image),
-                                             ("txt", row.caption_primary.encode()),
-                                             ("json", json.dumps(_metadata(row), ensure_ascii=False).encode())):
-                            info = tarfile.TarInfo(f"{key}.{suffix}")
-                            info.size, info.mtime, info.mode = len(body), 0, 0o644
-                            tar.addfile(info, io.BytesIO(body))
-                        samples += 1
-        else:
-            name = f"part-{part:05d}.{'tsv' if fmt == 'csv' else 'jsonl'}"
-            images = root / "images"
-            with open(root / "parts" / name, "w", encoding="utf-8", newline="") as out:
-                table = csv.writer(out, delimiter="\t", lineterminator="\n")
-                for frame in frames:
-                    for row in frame.itertuples(index=False):
-                        file = f"{part:05d}{position:07d}.{image_extension(row.image)}"
-                        position += 1
-                        (images / file).write_bytes(row.image)
-                        if fmt == "csv":
-                            table.writerow([f"{final}/images/{file}", row.caption_primary])
-                        else:
-                            out.write(json.dumps({"image": file, "caption": row.caption_primary,
-                                                  "image_id": row.uid}, ensure_ascii=False) + "\n")
-                        samples += 1
+        name = f"part-{TaskContext.get().partitionId():05d}.{'tsv' if fmt == 'csv' else 'jsonl'}"
+        samples = na_like = 0
+        with open(root / "parts" / name, "w", encoding="utf-8", newline="") as out:
+            table = csv.writer(out, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+            for frame in frames:
+                for row in frame.itertuples(index=False):
+                    file = f"{sample_key(row.sample_index)}.{image_extension(row.image)}"
+                    (root / "images" / file).write_bytes(row.image)
+                    if fmt == "csv":
+                        table.writerow([f"{final}/images/{file}", row.caption_primary])
+                        na_like += row.caption_primary in PANDAS_NA
+                    else:
+                        out.write(json.dumps({"image": file, "caption": row.caption_primary,
+                                              "image_id": row.uid}, ensure_ascii=False) + "\n")
+                    samples += 1
         if samples == 0:
-            (root / ("parts" if fmt != "webdataset" else "") / name).unlink()
+            (root / "parts" / name).unlink()
         else:
-            yield pd.DataFrame({"part": [name], "samples": [samples]})
+            yield pd.DataFrame({"file": [name], "samples": [samples], "na_like": [na_like]})
     return write
+
+
+def _indexed(curated, samples_per_shard: int):
+    """(rows with a global `sample_index` and `shard`, total rows). One small job counts the rows of each
+    input partition; the index is the partition's offset plus the row's position in it (the same
+    scan, so the same partitions and order, as zipWithIndex relies on)."""
+    from pyspark.sql import functions as F
+    rows = (curated.select(*COLUMNS).withColumn("_part", F.spark_partition_id())
+            .withColumn("_id", F.monotonically_increasing_id()))
+    sizes = sorted((r["_part"], r["n"]) for r in rows.groupBy("_part").agg(F.count("*").alias("n")).collect())
+    offsets, total = [], 0
+    for part, n in sizes:
+        offsets += [F.lit(part), F.lit(total)]
+        total += n
+    offset = F.element_at(F.create_map(*offsets), F.col("_part")) if offsets else F.lit(0)
+    position = F.col("_id") - F.shiftleft(F.col("_part").cast("long"), 33)  # monotonically_increasing_id's layout
+    index = (offset.cast("long") + position).alias("sample_index")
+    indexed = rows.select(*COLUMNS, index).withColumn("shard", (F.col("sample_index") / samples_per_shard).cast("long"))
+    return indexed, total
+
+
+def _check_target(out_root: str, to: str, overwrite: bool) -> Path:
+    target = Path(to).resolve()
+    source = Path(out_root).resolve() if "://" not in str(out_root) else None
+    if source is not None and (target == source or target in source.parents):
+        raise ValueError(f"{target} holds the curated output {source}: export somewhere else")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} exists and is not empty: choose another folder or pass --overwrite")
+    return target
+
+
+def _join_parts(work: Path, fmt: str, parts: list[str]) -> str:
+    """train.csv or annotations.json from the per-partition parts, streamed line by line."""
+    name = "train.csv" if fmt == "csv" else "annotations.json"
+    with open(work / name, "w", encoding="utf-8", newline="") as out:
+        out.write("filepath\ttitle\n" if fmt == "csv" else "[\n")
+        first = True
+        for part in parts:
+            with open(work / "parts" / part, encoding="utf-8", newline="") as piece:
+                if fmt == "csv":
+                    shutil.copyfileobj(piece, out)  # quoted fields may span lines: copy bytes, not lines
+                else:
+                    for line in piece:  # one JSON object per line (json.dumps escapes newlines)
+                        out.write(("" if first else ",\n") + line.rstrip("\n"))
+                        first = False
+        if fmt == "json":
+            out.write("\n]\n")
+    shutil.rmtree(work / "parts")
+    return name
+
+
+def _move_into_place(work: Path, target: Path) -> None:
+    """Rename the finished work folder onto target; an old target is moved aside first and removed
+    last, so at every moment target is either the old export or the whole new one."""
+    old = target.parent / f".{target.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    work.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_000,
            overwrite: bool = False) -> dict:
-    """Write the export to `to` (a local or shared folder every executor can write); returns its summary."""
+    """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
+    also written as DIR/export.json."""
     from pipelines.output import read_manifest
     from schemas import CURATED
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    if samples_per_shard < 1:
+        raise ValueError("samples per shard must be at least 1")
     source = read_manifest(out_root)  # refuses an unfinished OUT
-    target = Path(to).resolve()
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"{target} exists and is not empty: choose another folder or pass --overwrite")
+    target = _check_target(out_root, to, overwrite)
     work = target.parent / f".{target.name}.inprogress"
     if work.exists():
         shutil.rmtree(work)  # left by a killed export
-    (work / "images").mkdir(parents=True) if fmt != "webdataset" else work.mkdir(parents=True)
+    work.mkdir(parents=True)
     if fmt != "webdataset":
+        (work / "images").mkdir()
         (work / "parts").mkdir()
 
     curated = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{str(out_root).rstrip('/')}/curated")
     CURATED.validate(curated, where=f"{out_root}/curated")
-    n = source["counts"]["output"]
+    rows, n = _indexed(curated, samples_per_shard)
+    expected = source.get("counts", {}).get("output")
+    if expected is not None and n != expected:
+        shutil.rmtree(work)
+        raise ValueError(f"{out_root}/curated has {n} rows but its manifest counts {expected}: not exporting")
     shards = max(1, math.ceil(n / samples_per_shard))
-    rows = curated.select(*COLUMNS).repartitionByRange(shards, "uid").sortWithinPartitions("uid")
-    parts = (rows.mapInPandas(_writer(fmt, str(work), str(target)), "part string, samples long")
-             .toPandas().sort_values("part").reset_index(drop=True))  # one small row per shard
-    total = int(parts.samples.sum())
+    # Whole shards per partition (range partitioning never splits one key), in index order.
+    rows = rows.repartitionByRange(shards, "shard").sortWithinPartitions("sample_index")
+    writer = _shard_writer(str(work)) if fmt == "webdataset" else _files_writer(fmt, str(work), str(target))
+    written = (rows.mapInPandas(writer, "file string, samples long, na_like long")
+               .toPandas().sort_values("file").reset_index(drop=True))  # one small row per file written
+    total = int(written.samples.sum())
     if total != n:
         raise RuntimeError(f"exported {total} samples but {out_root} has {n} curated rows: nothing was committed")
 
     summary = {"format": fmt, "source": str(out_root), "source_finished_at": source.get("finished_at"),
                "samples": total}
     if fmt == "webdataset":
-        names = [f"shard-{i:05d}.tar" for i in range(len(parts))]
-        for part, name in zip(parts.part, names):
-            (work / part).rename(work / name)
+        names = written.file.tolist()
+        if names != [f"shard-{i:05d}.tar" for i in range(shards)]:
+            raise RuntimeError(f"expected shards 0..{shards - 1}, executors wrote {names}: nothing was committed")
         (work / "shards.txt").write_text("".join(f"{target / name}\n" for name in names))
-        pattern = f"shard-{{00000..{len(names) - 1:05d}}}.tar" if len(names) > 1 else names[0]
-        summary.update(shards=len(names), samples_per_shard=parts.samples.tolist(),
+        pattern = f"shard-{{00000..{shards - 1:05d}}}.tar" if shards > 1 else names[0]
+        summary.update(shards=shards, samples_per_shard=samples_per_shard, shard_samples=written.samples.tolist(),
                        train_data=str(target / pattern), train_num_samples=total)
     else:
-        name = "train.csv" if fmt == "csv" else "annotations.json"
-        with open(work / name, "w", encoding="utf-8", newline="") as out:
-            if fmt == "csv":
-                out.write("filepath\ttitle\n")
-            else:
-                out.write("[\n")
-            first = True
-            for part in parts.part:
-                with open(work / "parts" / part, encoding="utf-8", newline="") as piece:
-                    for line in piece if fmt == "json" else [piece.read()]:
-                        if fmt == "csv":
-                            out.write(line)
-                        else:
-                            out.write(("" if first else ",\n") + line.rstrip("\n"))
-                            first = False
-            if fmt == "json":
-                out.write("\n]\n")
-        shutil.rmtree(work / "parts")
-        summary.update({"file": str(target / name), "images": str(target / "images")})
-    (work / "export.json").write_text(json.dumps(summary, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    work.rename(target)
+        name = _join_parts(work, fmt, written.file.tolist())
+        summary.update(file=str(target / name), images=str(target / "images"))
+        if fmt == "csv":
+            summary["captions_pandas_reads_as_missing"] = int(written.na_like.sum())
+    (work / "export.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    _move_into_place(work, target)
     return summary

@@ -1,10 +1,16 @@
-"""`capfilt export`: the exports load in the tools trainers use, with every caption intact."""
+"""`capfilt export`: the exports load in the tools trainers use (webdataset, open_clip_train, pandas,
+DuckDB, pyarrow), every sample once, every caption byte for byte."""
+import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,115 +18,235 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as cli
-from pipelines.export import export
+from pipelines.export import PANDAS_NA, export
+from schemas import CURATED, REJECTS
 from tests.conftest import ROOT
 
 HOSTILE = ["a caption, with commas; \"quotes\" and 'single' ones", "tab\tinside\tit", "two\nlines\r\nand a CR",
-           "<script>alert('x')</script> & ampersands", "unicode: Grüße, 日本語, emoji 🦊, RTL \u202e", "  padded  "]
+           "<script>alert('x')</script> & ampersands", "unicode: Grüße, 日本語, emoji 🦊, RTL \u202e",
+           "  padded  ", "\"starts with a quote", "ends with a backslash \\", "{\"json\": [1, 2]}",
+           "NA"]  # pandas reads this one as missing, quoted or not: counted, see test_csv...
+N_ROWS = 45  # two Parquet files, three shards of 16 (the last one 13)
 
 
-@pytest.fixture(scope="module")
-def out(curated_out, tmp_path_factory):
-    """The curated output of the test corpus, with hostile text as some primary captions."""
+def _curated_rows(n: int, seed: int = 3) -> list[dict]:
+    """Curated records with shapes-world images (JPEG, every fifth PNG) and captions that describe them,
+    the HOSTILE ones spread over both files."""
+    from world.captions import describe
+    from world.scene import encode_jpeg, render, sample_scene
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        scene = sample_scene(rng)
+        picture = render(scene, 64, rng)
+        if i % 5 == 4:
+            buffer = io.BytesIO()
+            picture.save(buffer, "PNG")
+            image = buffer.getvalue()
+        else:
+            image = encode_jpeg(picture)
+        truth = describe(scene, int(rng.integers(4)))
+        primary = HOSTILE[i // 4] if i % 4 == 1 and i // 4 < len(HOSTILE) else truth
+        web = f"stock photo {i}, {truth} | free download"
+        rows.append({
+            "uid": f"u{i:04d}", "url": f"http://127.0.0.1:1/img/{i}.jpg", "caption": web, "image": image,
+            "width": 64, "height": 64, "original_width": 128, "original_height": 128,
+            "sha256": hashlib.sha256(image).hexdigest(),
+            "candidates": [{"text": web, "source": "web", "score": 0.2, "kept": False},
+                           {"text": primary, "source": "synthetic", "score": 0.9, "kept": True}],
+            "best_score": 0.9, "caption_primary": primary,
+            "image_embedding": np.ones(64, np.float16).tobytes(),
+            "source_site": "shapes.example", "license": None if i % 2 else "cc-by"})
+    return rows
+
+
+def _write_out(root, rows: list[dict], rejected: int = 3) -> None:
+    """A committed curate output: curated/ in two Parquet files, rejects/, stages/, manifest.json."""
+    schema = CURATED.arrow_schema().append(pa.field("source_site", pa.string())).append(
+        pa.field("license", pa.string()))
+    (root / "curated").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part, schema), root / "curated" / f"part-{i:05d}.zstd.parquet",
+                       compression="zstd")
+    (root / "rejects").mkdir()
+    rejects = [{"uid": f"r{i}", "url": None, "caption": "x", "stage": "download", "reason": "invalid_url",
+                "detail": None, "duplicate_of": None} for i in range(rejected)]
+    pq.write_table(pa.Table.from_pylist(rejects, REJECTS.arrow_schema()), root / "rejects" / "part-00000.parquet")
+    (root / "stages" / "download").mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "stage": "curate", "counts": {"input": len(rows) + rejected, "output": len(rows),
+                                      "rejected_total": rejected,
+                                      "rejected": {"download": {"invalid_url": rejected}}}}))
+
+
+@pytest.fixture(scope="session")
+def out(tmp_path_factory):
+    """A small committed curated output (N_ROWS rows). Tests must not change it: copy it first."""
     root = tmp_path_factory.mktemp("export") / "out"
-    shutil.copytree(curated_out, root)
-    for i, path in enumerate(sorted((root / "curated").glob("*.parquet"))):
-        table = pq.read_table(path)
-        captions = table.column("caption_primary").to_pylist()
-        for j in range(min(len(HOSTILE), len(captions))):
-            captions[(j * 7) % len(captions)] = HOSTILE[(i + j) % len(HOSTILE)]
-        table = table.set_column(table.schema.get_field_index("caption_primary"), "caption_primary",
-                                 pa.array(captions, pa.string()))
-        pq.write_table(table, path, compression="zstd")
-        path.with_name(f".{path.name}.crc").unlink(missing_ok=True)
+    _write_out(root, _curated_rows(N_ROWS))
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def expected(out):
     table = pq.read_table(out / "curated", columns=["uid", "caption_primary", "sha256"]).to_pandas()
     return table.set_index("uid")
 
 
-def test_webdataset_shards_hold_every_sample_and_the_webdataset_library_reads_them(spark, out, expected, tmp_path):
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A copy of the shapes-world CLIP (open_clip_config.json names an HF tokenizer, so open_clip's
+    get_tokenizer('local-dir:...') loads tokenizer.json from this folder: the model's own 35 words)."""
+    folder = tmp_path_factory.mktemp("models") / "shapes-clip"
+    shutil.copytree(ROOT / "models" / "shapes-clip", folder)
+    return folder
+
+
+def test_webdataset_library_reads_every_sample_with_its_caption(spark, out, expected, tmp_path):
     import webdataset as wds
-    summary = export(spark, str(out), "webdataset", str(tmp_path / "wds"), samples_per_shard=40)
-    assert summary["samples"] == len(expected) and summary["shards"] == -(-len(expected) // 40)
-    shards = (tmp_path / "wds" / "shards.txt").read_text().split()
-    assert len(shards) == summary["shards"] and "{00000.." in summary["train_data"]
-    seen = {}
+    summary = export(spark, str(out), "webdataset", str(tmp_path / "wds"), samples_per_shard=16)
+    assert summary["samples"] == summary["train_num_samples"] == N_ROWS
+    assert summary["shards"] == 3 and summary["shard_samples"] == [16, 16, 13]
+    assert summary["train_data"] == str(tmp_path / "wds" / "shard-{00000..00002}.tar")
+    assert (tmp_path / "wds" / "shards.txt").read_text().split() == [
+        str(tmp_path / "wds" / f"shard-{i:05d}.tar") for i in range(3)]
+    assert json.loads((tmp_path / "wds" / "export.json").read_text()) == summary
+    seen, keys = {}, []
     for sample in wds.WebDataset(summary["train_data"], shardshuffle=False).decode("pil"):
-        meta = sample["json"]
-        image = sample.get("jpg") or sample.get("png")
+        meta, image = sample["json"], sample.get("jpg") or sample.get("png")
         assert isinstance(image, Image.Image) and image.size == (meta["width"], meta["height"])
+        assert meta["sha256"] == expected.sha256[meta["uid"]]
+        assert [c["source"] for c in meta["candidates"]] == ["web", "synthetic"]
+        assert ("png" in sample) == (meta["uid"] in {f"u{i:04d}" for i in range(4, N_ROWS, 5)})
         seen[meta["uid"]] = sample["txt"]
-        assert [c["source"] for c in meta["candidates"]][0] in ("web", "synthetic", "inherited_web")
+        keys.append(sample["__key__"])
     assert seen == expected.caption_primary.to_dict()  # every sample once, captions byte for byte
     assert set(HOSTILE) <= set(seen.values())
-    assert json.loads((tmp_path / "wds" / "export.json").read_text())["train_num_samples"] == len(expected)
+    assert len(set(keys)) == N_ROWS and all(k.isdigit() and "." not in k for k in keys)
+    with tarfile.open(tmp_path / "wds" / "shard-00000.tar") as tar:
+        names = tar.getnames()
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]  # a sample's files together
 
 
-def test_csv_export_round_trips_hostile_captions_through_pandas(spark, out, expected, tmp_path):
-    summary = export(spark, str(out), "csv", str(tmp_path / "csv"), samples_per_shard=50)
-    table = pd.read_csv(summary["file"], sep="\t")  # what open_clip's CsvDataset does
-    assert list(table.columns) == ["filepath", "title"] and len(table) == len(expected)
-    assert sorted(table.title) == sorted(expected.caption_primary)
-    assert all(os.path.isabs(p) and os.path.exists(p) for p in table.filepath)
+def test_csv_export_loads_in_open_clip_csv_dataset_with_captions_intact(spark, out, expected, clip_dir, tmp_path):
+    import open_clip
+    from open_clip_train.data import CsvDataset
+    summary = export(spark, str(out), "csv", str(tmp_path / "csv"), samples_per_shard=10)
+    assert summary["file"] == str(tmp_path / "csv" / "train.csv") and summary["samples"] == N_ROWS
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    data = CsvDataset(summary["file"], preprocess, "filepath", "title", sep="\t", tokenizer=tokenizer)
+    assert len(data) == N_ROWS
+    missing = [t for t in expected.caption_primary if t in PANDAS_NA]
+    assert summary["captions_pandas_reads_as_missing"] == len(missing) == 1
+    read = ["NA" if isinstance(t, float) and np.isnan(t) else t for t in data.captions]
+    assert sorted(read) == sorted(expected.caption_primary)  # commas, quotes, tabs, newlines survive
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in data.images)
+    image, tokens = data[0]
+    assert tuple(image.shape) == (3, 64, 64) and tuple(tokens.shape) == (32,)
 
 
 def test_json_export_is_the_lavis_caption_format(spark, out, expected, tmp_path):
-    summary = export(spark, str(out), "json", str(tmp_path / "json"))
-    items = json.loads((tmp_path / "json" / "annotations.json").read_text())
+    summary = export(spark, str(out), "json", str(tmp_path / "json"), samples_per_shard=20)
+    items = json.loads((tmp_path / "json" / "annotations.json").read_text(encoding="utf-8"))
+    assert len(items) == summary["samples"] == len(expected)
     assert {item["image_id"]: item["caption"] for item in items} == expected.caption_primary.to_dict()
-    assert all((tmp_path / "json" / "images" / item["image"]).is_file() for item in items)
-    assert summary["samples"] == len(items)
+    for item in items:
+        assert set(item) == {"image", "caption", "image_id"} and "/" not in item["image"]
+        with Image.open(tmp_path / "json" / "images" / item["image"]) as image:
+            assert image.size == (64, 64)
+    assert sorted(os.listdir(tmp_path / "json")) == ["annotations.json", "export.json", "images"]
 
 
-def test_export_refuses_an_unfinished_output_and_a_non_empty_target(out, tmp_path, capsys):
+def test_export_refuses_an_unfinished_output_a_non_empty_target_and_its_own_source(out, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(out, unfinished)
     (unfinished / "manifest.json").unlink()
     assert cli(["export", str(unfinished), "--format", "json", "--to", str(tmp_path / "a")]) == 2
     assert "not a committed stage output" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("mine")
     assert cli(["export", str(out), "--format", "json", "--to", str(tmp_path / "b")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "b" / "keep.txt").read_text() == "mine"
+    assert cli(["export", str(unfinished.parent), "--format", "csv", "--to", str(unfinished.parent),
+                "--overwrite"]) == 2  # not committed either; and never its own source:
+    shutil.copy(out / "manifest.json", unfinished / "manifest.json")
+    assert cli(["export", str(unfinished), "--format", "csv", "--to", str(unfinished), "--overwrite"]) == 2
+    assert "holds the curated output" in capsys.readouterr().err
+    assert (unfinished / "curated").is_dir()
+
+
+def test_cli_overwrite_replaces_an_export_whole(out, tmp_path, capsys):
+    target = tmp_path / "wds"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    assert cli(["export", str(out), "--format", "webdataset", "--to", str(target), "--samples-per-shard", "100",
+                "--overwrite"]) == 0
+    assert f"--train-data '{target}/shard-00000.tar' --train-num-samples {N_ROWS}" in capsys.readouterr().out
+    assert sorted(os.listdir(target)) == ["export.json", "shard-00000.tar", "shards.txt"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_failed_export_leaves_no_target(spark, tmp_path):
+    rows = _curated_rows(6)
+    rows[4]["image"] = b"GIF89a not a format the loaders read"
+    _write_out(tmp_path / "bad", rows)
+    with pytest.raises(Exception, match="unknown format"):
+        export(spark, str(tmp_path / "bad"), "webdataset", str(tmp_path / "wds"), samples_per_shard=2)
+    assert not (tmp_path / "wds").exists()  # only the hidden .wds.inprogress, which the next run clears
+    broken = tmp_path / "broken"
+    _write_out(broken, _curated_rows(6))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["counts"]["output"] = 7
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="has 6 rows but its manifest counts 7"):
+        export(spark, str(broken), "json", str(tmp_path / "json"))
+    assert not (tmp_path / "json").exists()
 
 
 def test_duckdb_and_pyarrow_read_the_curated_output_in_place(out, expected):
     import duckdb
     glob = str(out / "curated" / "*.parquet")
-    rows = duckdb.sql(f"select uid, caption_primary, len(candidates) as n from read_parquet('{glob}')").df()
+    rows = duckdb.sql(f"select uid, caption_primary, len(candidates) as n, source_site "
+                      f"from read_parquet('{glob}')").df()
     assert dict(zip(rows.uid, rows.caption_primary)) == expected.caption_primary.to_dict()
-    assert (rows.n >= 1).all()
-    assert pq.ParquetDataset(out / "curated").read(columns=["sha256"]).num_rows == len(expected)
+    assert (rows.n == 2).all() and (rows.source_site == "shapes.example").all()
+    table = pq.ParquetDataset(out / "curated").read()
+    assert table.num_rows == N_ROWS and table.column("image").type == pa.binary()
 
 
-def _train(data: str, kind: str, logs, extra=()):
-    """A few steps of open_clip's own trainer, offline on CPU, from the shapes-world CLIP's config."""
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{ROOT / 'models' / 'shapes-clip'}",
+def _train(clip_dir, data: str, kind: str, logs, extra=()) -> tuple[subprocess.CompletedProcess, float]:
+    """A few steps of open_clip's own trainer, offline on CPU, from the shapes-world CLIP (its weights
+    and its tokenizer, both read from the local-dir copy)."""
+    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{clip_dir}",
            "--train-data", data, "--dataset-type", kind, "--batch-size", "16", "--epochs", "1", "--workers", "0",
            "--device", "cpu", "--lr", "1e-4", "--warmup", "1", "--logs", str(logs), "--name", kind,
-           "--save-frequency", "1", "--log-every-n-steps", "1", "--seed", "0", *extra]
+           "--save-frequency", "1", "--log-every-n-steps", "1", "--seed", "0", "--report-to", "", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=logs, env=env, capture_output=True, text=True, timeout=300)
+    started = time.monotonic()
+    run = subprocess.run(cmd, cwd=logs, env=env, capture_output=True, text=True, timeout=300)
+    return run, time.monotonic() - started
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["webdataset", "csv"])
-def test_open_clip_training_runs_on_the_export(spark, out, expected, tmp_path, fmt):
-    summary = export(spark, str(out), fmt, str(tmp_path / fmt), samples_per_shard=40)
+def test_open_clip_training_runs_on_the_export(spark, out, clip_dir, tmp_path, fmt):
+    summary = export(spark, str(out), fmt, str(tmp_path / fmt), samples_per_shard=16)
     logs = tmp_path / "logs"
     logs.mkdir()
     if fmt == "webdataset":
-        run = _train(summary["train_data"], "webdataset", logs,
-                     ["--train-num-samples", str(summary["train_num_samples"])])
+        run, seconds = _train(clip_dir, summary["train_data"], "webdataset", logs,
+                              ["--train-num-samples", str(summary["train_num_samples"])])
     else:
-        run = _train(summary["file"], "csv", logs,
-                     ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", "\t"])
+        run, seconds = _train(clip_dir, summary["file"], "csv", logs,
+                              ["--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", "\t"])
     log = run.stdout + run.stderr
+    steps = [line for line in log.splitlines() if "Train Epoch: 0 [" in line and "Loss:" in line]
+    print(f"open_clip_train on {fmt}: {seconds:.1f}s", *steps, sep="\n")
     assert run.returncode == 0, log[-4000:]
-    assert "Train Epoch: 0 [" in log and "Loss:" in log, log[-4000:]
+    # 45 samples, batches of 16: the webdataset loader rounds up to 3 batches, the csv loader drops the last
+    assert len(steps) == (3 if fmt == "webdataset" else 2), log[-4000:]
     assert (logs / fmt / "checkpoints" / "epoch_1.pt").exists(), log[-2000:]
