@@ -1,13 +1,14 @@
 """What `capfilt inspect` shows of a curated output: computed with Spark aggregations, plus a bounded,
 deterministic sample for the gallery (the only rows that reach the driver).
 
-    funnel      rows after each stage, and rejected rows per stage and reason (from the manifest,
-                cross-checked against OUT/rejects)
+    funnel      rows after each stage, and rejected rows per stage and reason (from the manifests,
+                cross-checked against OUT/rejects and the curated files' footers)
     scores      quantiles and kept fraction of candidate caption scores, per source (web, synthetic,
                 inherited_*), and a histogram of each
     shards      each OUT/curated file: rows (from the Parquet footer) and bytes
     gallery     up to `kept` curated rows and up to `per_reason` rejected rows of each reason, picked by
-                a hash of the uid, with thumbnails (from OUT/stages/download for dropped rows)
+                a hash of the uid, with thumbnails (from OUT/stages/download for dropped rows) and
+                candidates (OUT/stages/filter; unscored from OUT/stages/caption for filter rejects)
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import fsspec
 from pipelines.output import read_manifest
 from pipelines.publish import STAGES, stage_dir
 
+SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the order reports list them in
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 THUMBNAIL = 96
 BINS = 40
 
 
-class ReportMismatch(RuntimeError):
+class ReportMismatch(ValueError):
     """OUT/rejects does not hold what the manifest says: the output was changed after the run."""
 
 
@@ -32,16 +34,78 @@ def _parquet(spark, path: str):
     return spark.read.option("pathGlobFilter", "*.parquet").parquet(path)
 
 
+def _stage_data(spark, root: str, stage: str, columns: tuple[str, ...]):
+    """uid + columns of a stage's data, one row per uid; None when the stage output is not there."""
+    path = f"{stage_dir(root, stage)}/data"
+    fs, local = fsspec.core.url_to_fs(path)
+    if not fs.exists(local) or not any(f.endswith(".parquet") for f in fs.ls(local, detail=False)):
+        return None
+    return _parquet(spark, path).select("uid", *columns).dropDuplicates(["uid"])
+
+
+def stage_manifests(root: str, manifest: dict) -> dict[str, dict]:
+    """Each stage's started/finished/seconds/counts: from OUT/manifest.json's `stages` when it has
+    them, else from OUT/stages/<stage>/manifest.json (an older or trimmed top-level manifest)."""
+    from pipelines.output import NotCommittedError
+    listed = manifest.get("stages") or {}
+    found = {}
+    for stage in STAGES:
+        if (listed.get(stage) or {}).get("counts"):
+            found[stage] = listed[stage]
+        else:
+            try:
+                found[stage] = read_manifest(stage_dir(root, stage))
+            except NotCommittedError:
+                pass
+    return found
+
+
+def reason_meanings(manifest: dict) -> dict[str, dict[str, str]]:
+    """What each reject reason means: the stages' REASONS, overridden by what the run recorded."""
+    from pipelines import dedup, download, filter as filter_stage
+    meanings = {"download": dict(download.REASONS), "filter": dict(filter_stage.REASONS), "dedup": dict(dedup.REASONS)}
+    for stage, reasons in (manifest.get("reasons") or {}).items():
+        meanings.setdefault(stage, {}).update(reasons or {})
+    return meanings
+
+
+def _rejected_by_stage(counts: dict) -> dict[str, int]:
+    return {stage: sum(reasons.values()) for stage, reasons in counts.get("rejected", {}).items()}
+
+
 def funnel(spark, root: str, manifest: dict) -> dict:
+    """Rows after each stage and rejected rows per stage and reason, from the manifest; every number
+    is checked against OUT/rejects and the stage manifests, and a disagreement raises ReportMismatch."""
     counts = manifest["counts"]
-    stages = manifest.get("stages", {})
-    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in STAGES if s in stages]
+    rejected_total = sum(sum(r.values()) for r in counts["rejected"].values())
+    problems = []
+    if counts["input"] != counts["output"] + rejected_total:
+        problems.append(f"input {counts['input']} != curated {counts['output']} + rejected {rejected_total}")
+    if counts.get("rejected_total", rejected_total) != rejected_total:
+        problems.append(f"rejected_total {counts['rejected_total']} != the sum per reason {rejected_total}")
     found: dict[str, dict[str, int]] = {}
     for row in _parquet(spark, f"{root}/rejects").groupBy("stage", "reason").count().collect():
         found.setdefault(row["stage"], {})[row["reason"]] = row["count"]
     if found != counts["rejected"]:
-        raise ReportMismatch(f"{root}/rejects holds {found}, the manifest says {counts['rejected']}: "
-                             f"the output was changed after the run")
+        problems.append(f"{root}/rejects holds {found}, the manifest says {counts['rejected']}")
+    stages = stage_manifests(root, manifest)
+    previous = ("input", counts["input"])
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        sc = stages[stage]["counts"]
+        dropped = sum(_rejected_by_stage(sc).values())
+        if sc["input"] != previous[1]:
+            problems.append(f"stage {stage} read {sc['input']} rows, {previous[0]} has {previous[1]}")
+        if sc["input"] != sc["output"] + dropped or dropped != sum(counts["rejected"].get(stage, {}).values()):
+            problems.append(f"stage {stage}: {sc['input']} in, {sc['output']} out, {dropped} rejected, "
+                            f"the curated manifest says {sum(counts['rejected'].get(stage, {}).values())} rejected")
+        previous = (stage, sc["output"])
+    if stages and previous[1] != counts["output"]:
+        problems.append(f"the last stage ({previous[0]}) wrote {previous[1]} rows, the manifest says {counts['output']} curated")
+    if problems:
+        raise ReportMismatch(f"{root} does not add up (changed after the run?): " + "; ".join(problems))
+    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in STAGES if s in stages]
     return {"after": after, "curated": counts["output"], "rejected": counts["rejected"],
             "kept_fraction": counts["output"] / counts["input"] if counts["input"] else 0.0}
 
@@ -69,7 +133,8 @@ def scores(spark, root: str) -> dict:
     for r in cands.groupBy("source", bucket.alias("b")).count().collect():
         stats[r["source"]]["histogram"][r["b"]] = r["count"]
     cands.unpersist()
-    return {"sources": dict(sorted(stats.items())), "bins": bins}
+    order = {source: i for i, source in enumerate(SOURCES)}
+    return {"sources": dict(sorted(stats.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))), "bins": bins}
 
 
 def shards(root: str) -> list[dict]:
@@ -96,7 +161,19 @@ def thumbnail(data: bytes | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _candidates(row) -> list[dict]:
+    """The scored candidates; for a row dropped before scoring finished (no_aligned_caption has no
+    scored record), its web caption and synthetic captions, unscored."""
+    row = row.asDict()
+    if row.get("candidates"):
+        return [c.asDict() for c in row["candidates"]]
+    texts = [("web", row["caption"])] * bool(row["caption"]) + [("synthetic", t) for t in row.get("synthetic_captions") or []]
+    return [{"text": t, "source": source, "score": None, "kept": False} for source, t in texts]
+
+
 def gallery(spark, root: str, kept: int = 24, per_reason: int = 8) -> list[dict]:
+    """At most `kept` curated rows and `per_reason` rejected rows per reason, picked by a hash of the
+    uid (the same OUT gives the same sample); only these rows reach the driver."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     pick = F.xxhash64("uid")
@@ -110,20 +187,19 @@ def gallery(spark, root: str, kept: int = 24, per_reason: int = 8) -> list[dict]
                       "candidates": [c.asDict() for c in r["candidates"]], "thumbnail": thumbnail(r["image"])})
     rank = F.row_number().over(Window.partitionBy("stage", "reason").orderBy(pick, "uid"))
     dropped = _parquet(spark, f"{root}/rejects").withColumn("rank", rank).filter(F.col("rank") <= per_reason).drop("rank")
-    images = _parquet(spark, f"{stage_dir(root, 'download')}/data").select("uid", "image").dropDuplicates(["uid"])
-    scored = _parquet(spark, f"{stage_dir(root, 'filter')}/data").select("uid", "candidates", "best_score") \
-        .dropDuplicates(["uid"])
     # Rows dropped at download have no image of their own (a duplicate_uid row shares its uid with a kept one).
     later = dropped.filter(F.col("stage") != "download")
-    rows = (later.join(images, "uid", "left").join(scored, "uid", "left")
-            .unionByName(dropped.filter(F.col("stage") == "download"), allowMissingColumns=True)
+    for stage, columns in (("download", ("image",)), ("caption", ("synthetic_captions",)),
+                           ("filter", ("candidates", "best_score"))):
+        data = _stage_data(spark, root, stage, columns)
+        later = later.join(data, "uid", "left") if data is not None else later
+    rows = (later.unionByName(dropped.filter(F.col("stage") == "download"), allowMissingColumns=True)
             .orderBy("stage", "reason", pick, "uid"))
     for r in rows.collect():  # at most per_reason rows per reason
         items.append({"kept": False, "uid": r["uid"], "url": r["url"], "caption": r["caption"],
                       "stage": r["stage"], "reason": r["reason"], "detail": r["detail"],
-                      "duplicate_of": r["duplicate_of"], "primary": None, "best_score": r["best_score"],
-                      "candidates": [c.asDict() for c in (r["candidates"] or [])],
-                      "thumbnail": thumbnail(r["image"])})
+                      "duplicate_of": r["duplicate_of"], "primary": None, "best_score": r.asDict().get("best_score"),
+                      "candidates": _candidates(r), "thumbnail": thumbnail(r.asDict().get("image"))})
     return items
 
 
@@ -132,7 +208,12 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8) -> dict:
     manifest = read_manifest(root)
     if manifest.get("stage") != "curate":
         raise ValueError(f"{root} is a {manifest.get('stage')!r} stage output, not a `capfilt curate` output")
-    return {"root": root, "finished_at": manifest.get("finished_at"), "seconds": manifest.get("seconds"),
-            "models": manifest.get("models", {}), "reasons": manifest.get("reasons", {}),
-            "funnel": funnel(spark, root, manifest), "scores": scores(spark, root), "shards": shards(root),
-            "gallery": gallery(spark, root, kept, per_reason)}
+    files = shards(root)
+    if sum(f["rows"] for f in files) != manifest["counts"]["output"]:
+        raise ReportMismatch(f"{root}/curated holds {sum(f['rows'] for f in files)} rows (Parquet footers), "
+                             f"the manifest says {manifest['counts']['output']}: the output was changed after the run")
+    last = stage_manifests(root, manifest).get(STAGES[-1], {})
+    return {"root": root, "finished_at": manifest.get("finished_at") or last.get("finished_at"),
+            "seconds": manifest.get("seconds"), "models": manifest.get("models", {}),
+            "reasons": reason_meanings(manifest), "funnel": funnel(spark, root, manifest),
+            "scores": scores(spark, root), "shards": files, "gallery": gallery(spark, root, kept, per_reason)}
