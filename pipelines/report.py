@@ -43,32 +43,6 @@ def _stage_data(spark, root: str, stage: str, columns: tuple[str, ...]):
     return _parquet(spark, path).select("uid", *columns).dropDuplicates(["uid"])
 
 
-def stage_manifests(root: str, manifest: dict) -> dict[str, dict]:
-    """Each stage's started/finished/seconds/counts: from OUT/manifest.json's `stages` when it has
-    them, else from OUT/stages/<stage>/manifest.json (an older or trimmed top-level manifest)."""
-    from pipelines.output import NotCommittedError
-    listed = manifest.get("stages") or {}
-    found = {}
-    for stage in STAGES:
-        if (listed.get(stage) or {}).get("counts"):
-            found[stage] = listed[stage]
-        else:
-            try:
-                found[stage] = read_manifest(stage_dir(root, stage))
-            except NotCommittedError:
-                pass
-    return found
-
-
-def reason_meanings(manifest: dict) -> dict[str, dict[str, str]]:
-    """What each reject reason means: the stages' REASONS, overridden by what the run recorded."""
-    from pipelines import dedup, download, filter as filter_stage
-    meanings = {"download": dict(download.REASONS), "filter": dict(filter_stage.REASONS), "dedup": dict(dedup.REASONS)}
-    for stage, reasons in (manifest.get("reasons") or {}).items():
-        meanings.setdefault(stage, {}).update(reasons or {})
-    return meanings
-
-
 def _rejected_by_stage(counts: dict) -> dict[str, int]:
     return {stage: sum(reasons.values()) for stage, reasons in counts.get("rejected", {}).items()}
 
@@ -88,7 +62,7 @@ def funnel(spark, root: str, manifest: dict) -> dict:
         found.setdefault(row["stage"], {})[row["reason"]] = row["count"]
     if found != counts["rejected"]:
         problems.append(f"{root}/rejects holds {found}, the manifest says {counts['rejected']}")
-    stages = stage_manifests(root, manifest)
+    stages = manifest["stages"]
     previous = ("input", counts["input"])
     for stage in STAGES:
         if stage not in stages:
@@ -212,8 +186,7 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8) -> dict:
     if sum(f["rows"] for f in files) != manifest["counts"]["output"]:
         raise ReportMismatch(f"{root}/curated holds {sum(f['rows'] for f in files)} rows (Parquet footers), "
                              f"the manifest says {manifest['counts']['output']}: the output was changed after the run")
-    last = stage_manifests(root, manifest).get(STAGES[-1], {})
-    return {"root": root, "finished_at": manifest.get("finished_at") or last.get("finished_at"),
+    return {"root": root, "finished_at": manifest.get("finished_at"),
             "seconds": manifest.get("seconds"), "models": manifest.get("models", {}),
-            "reasons": reason_meanings(manifest), "funnel": funnel(spark, root, manifest),
+            "reasons": manifest.get("reasons") or {}, "funnel": funnel(spark, root, manifest),
             "scores": scores(spark, root), "shards": files, "gallery": gallery(spark, root, kept, per_reason)}

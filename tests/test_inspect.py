@@ -161,12 +161,6 @@ def test_the_funnel_counts_the_rows_of_every_stage(report):
                                                                   ("part-00001.zstd.parquet", 13)]
 
 
-def test_a_manifest_without_stages_takes_them_from_the_stage_manifests(spark, out, report):
-    manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["stages"]  # as in older or trimmed outputs: the funnel must not shrink to `input`
-    assert funnel(spark, str(out), manifest)["after"] == report["funnel"]["after"]
-
-
 def test_the_score_quantiles_and_kept_fractions_equal_numpys(report, fixture_rows):
     curated = [r for r in fixture_rows if r["key"] not in FATES]
     for source in ("web", "synthetic", "inherited_synthetic"):
