@@ -7,7 +7,7 @@ caches and shuffle buffers) and the wall time, plus the conservation check from 
 themselves (every input id in curated or rejects exactly once). Goal: driver Python peak at the
 largest size <= 1.2x the smallest.
 
-    .venv/bin/python bench/scale.py [--sizes 10000 100000] [--work /tmp/capfilt-bench-scale]
+    .venv/bin/python bench/scale.py [--sizes 10000 100000] [--fault-rate 0.04] [--work /tmp/capfilt-bench-scale]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ _spec.loader.exec_module(_dedup)
 vm_hwm_mb, descendants = _dedup.vm_hwm_mb, _dedup.descendants
 
 
-def run_size(n: int, work: Path) -> dict:
+def run_size(n: int, work: Path, fault_rate: float) -> dict:
     import pyarrow.parquet as pq
 
     from jobs.demo import _as_overrides, shapes_world_settings
@@ -41,9 +41,9 @@ def run_size(n: int, work: Path) -> dict:
     from world.corpus import make_web_corpus, write_metadata
     from world.server import serve
 
-    corpus, out = work / f"world-{n}", work / f"out-{n}"
+    corpus, out = work / f"world-{n}-{fault_rate}", work / f"out-{n}-{fault_rate}"
     if not (corpus / "truth.parquet").exists():
-        make_web_corpus(corpus, n=n, seed=n, slow_ms=200, overwrite=True)
+        make_web_corpus(corpus, n=n, seed=n, slow_ms=200, fault_rate=fault_rate, overwrite=True)
     with serve(corpus / "site") as server:
         metadata = write_metadata(corpus, server.base_url)
         settings = _as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))
@@ -58,7 +58,11 @@ def run_size(n: int, work: Path) -> dict:
             while proc.poll() is None:
                 peaks["python"] = max(peaks["python"], vm_hwm_mb(proc.pid))
                 for pid in descendants(proc.pid):
-                    if "java" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")[:200]:
+                    try:
+                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")[:200]
+                    except OSError:
+                        continue  # exited since it was listed
+                    if "java" in cmdline:
                         peaks["jvm"] = max(peaks["jvm"], vm_hwm_mb(pid))
                 time.sleep(0.5)
 
@@ -73,7 +77,8 @@ def run_size(n: int, work: Path) -> dict:
     ended = collections.Counter(pq.read_table(out / "curated", columns=["uid"]).column("uid").to_pylist()
                                 + pq.read_table(out / "rejects", columns=["uid"]).column("uid").to_pylist())
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"rows": n, "seconds": round(seconds, 1), "driver_python_peak_mb": round(peaks["python"]),
+    faults = pq.read_table(corpus / "truth.parquet", columns=["fault"]).column("fault").drop_null()
+    return {"rows": n, "fault_rows": len(faults), "fault_kinds": len(set(faults.to_pylist())), "seconds": round(seconds, 1), "driver_python_peak_mb": round(peaks["python"]),
             "jvm_peak_mb": round(peaks["jvm"]), "curated": manifest["counts"]["output"],
             "rejected": manifest["counts"]["rejected_total"],
             "lost": sum((inputs - ended).values()), "duplicated": sum((ended - inputs).values())}
@@ -82,13 +87,14 @@ def run_size(n: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--fault-rate", type=float, default=0.04, help="share of rows with a planted fault")
     ap.add_argument("--work", default="/tmp/capfilt-bench-scale")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.sizes:
-        result = run_size(n, work)
+        result = run_size(n, work, args.fault_rate)
         results.append(result)
         print(json.dumps(result), flush=True)
     first, last = results[0], results[-1]
