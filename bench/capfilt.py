@@ -5,7 +5,7 @@ T torch threads per worker; the raw loop is one process with W*T threads doing d
 model calls in batches, nothing else. Prints rows/s of each and the ratio stage / raw (goal >= 0.90).
 
     .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,caption]
-                                      [--clip vit-b-32]
+                                      [--clip vit-b-32] [--captioner blip-base]
 """
 from __future__ import annotations
 
@@ -34,6 +34,34 @@ def random_vit_b_32(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("ViT-B-32")}))
     save_file(open_clip.create_model("ViT-B-32").state_dict(), str(folder / "open_clip_model.safetensors"))
+    return str(folder)
+
+
+def random_blip_base(folder: Path) -> str:
+    """A captioner of BLIP-base's size (ViT-B/16 at 224 px, a 12-layer 768-wide text decoder) with random
+    weights and the shapes-world tokenizer, saved as a local checkpoint: BLIP-base's speed but for the
+    small vocabulary (no hub is reachable here). The same checkpoint feeds both sides."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    from udfs.models import SHAPES_CAPTIONER
+    torch.manual_seed(0)
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(SHAPES_CAPTIONER, folder)
+    small = json.loads((folder / "config.json").read_text())
+    text = {**small["text_config"], "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "intermediate_size": 3072, "encoder_hidden_size": 768}
+    vision = {**small["vision_config"], "image_size": 224, "patch_size": 16, "hidden_size": 768,
+              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=512)) \
+        .save_pretrained(folder)
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["size"] = {"height": 224, "width": 224}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     return str(folder)
 
 
@@ -71,7 +99,8 @@ def main() -> None:
     ap.add_argument("--which", default="filter,caption")
     ap.add_argument("--clip", default=None, help="default: the shapes-world CLIP in models/; 'vit-b-32': the "
                                                  "default architecture, random weights")
-    ap.add_argument("--captioner", default=None, help="default: the shapes-world captioner in models/")
+    ap.add_argument("--captioner", default=None, help="default: the shapes-world captioner in models/; 'blip-base': "
+                                                      "BLIP-base's size with random weights")
     ap.add_argument("--captions", type=int, default=5, help="synthetic captions per image")
     args = ap.parse_args()
 
@@ -92,6 +121,8 @@ def main() -> None:
     clip_ref, cap_ref = args.clip or SHAPES_CLIP, args.captioner or SHAPES_CAPTIONER
     if clip_ref == "vit-b-32":
         clip_ref = random_vit_b_32(work / "vit-b-32")
+    if cap_ref == "blip-base":
+        cap_ref = random_blip_base(work / "blip-base")
     table = pq.read_table(make_annotated(work, n=args.rows, seed=4242))
     images = table.column("image").to_pylist()
     scenes = [Scene.from_json(s) for s in table.column("scene").to_pylist()]
