@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     args = stage_parser("capfilt caption", __doc__).parse_args(argv)
     return run_model_stage(args, STAGE, DOWNLOADED, lambda df, cfg: caption(df, cfg.caption, cfg.seed),
                            lambda marked, cfg: split_captioned(marked), REASONS,
-                           lambda cfg: {"captioner": cfg.caption.model})
+                           lambda cfg: {"captioner": cfg.caption.model if cfg.caption.num_captions else None})
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ class CaptionBatch:
         from udfs.models import cached_captioner
 
         s = self.settings
-        captioner = worker_model(s, cached_captioner)
         images, errors = decode_images(frame["image"].tolist())
+        if s.num_captions == 0:  # filter only: no captioner is loaded, images are still checked
+            return pd.DataFrame({"captions": [[] if e is None else None for e in errors], "error": errors})
+        captioner = worker_model(s, cached_captioner)
         params = CaptionParams(num_captions=s.num_captions, top_p=s.top_p, temperature=s.temperature,
                                max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=self.seed)

@@ -96,7 +96,8 @@ class ModelRuntime:
 class CaptionSettings(ModelRuntime):
     model: str = _opt("coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k",
                       "captioner: open_clip name:tag, hf-hub: id, BLIP hub id, or a local checkpoint path")
-    num_captions: int = _opt(5, "synthetic captions per image (BLIP-2 sampled 10)", min=1)
+    num_captions: int = _opt(5, "synthetic captions per image (BLIP-2 sampled 10); 0 = no captioner: the "
+                                  "filter scores web captions only (LAION/DataComp-style filtering)", min=0)
     top_p: float = _opt(0.9, "nucleus sampling mass (BLIP's CapFilt used 0.9)", min=0.01, max=1)
     temperature: float = _opt(1.0, "sampling temperature", min=0.01)
     max_new_tokens: int = _opt(30, "longest synthetic caption in tokens", min=1)

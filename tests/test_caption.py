@@ -71,6 +71,16 @@ def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
                                                            "cut": "undecodable_image"}
 
 
+def test_zero_captions_is_filter_only_no_captioner_loaded_images_still_checked(spark, tmp_path):
+    # The model reference names nothing: loading it would fail, so the stage must not load it.
+    settings = CaptionSettings(model=str(tmp_path / "no-such-model"), num_captions=0, device="cpu")
+    rows = [("ok", _png((1, 2, 3))), ("cut", _png((9, 9, 9))[:60])]
+    captioned, rejects = split_captioned(caption(_downloaded(spark, rows), settings))
+    CAPTIONED.validate(captioned)
+    assert [(r.uid, r.synthetic_captions) for r in captioned.collect()] == [("ok", [])]
+    assert {r.uid: r.reason for r in rejects.collect()} == {"cut": "undecodable_image"}
+
+
 def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, tmp_path):
     import os
     import signal
