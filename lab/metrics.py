@@ -21,3 +21,22 @@ def roc_auc(positive_scores, negative_scores) -> float:
     average = first + (counts - 1) / 2.0 + 1
     ranks[order] = np.repeat(average, counts)
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def recall_at_1(image_features, text_features, keys, pool: int) -> dict:
+    """Retrieval R@1 of n (image, text) pairs split into n // pool disjoint pools of `pool` pairs,
+    in both directions. A hit when the top-ranked item has the query's key: two pairs with the same
+    key (the same scene) are indistinguishable, so retrieving either counts."""
+    images = np.asarray(image_features, dtype=np.float32)
+    texts = np.asarray(text_features, dtype=np.float32)
+    keys = np.asarray(keys)
+    if len(keys) < pool:
+        raise ValueError(f"{len(keys)} pairs are fewer than one pool of {pool}")
+    hits = {"image_to_text": [], "text_to_image": []}
+    for start in range(0, len(keys) - pool + 1, pool):
+        sl = slice(start, start + pool)
+        sims = images[sl] @ texts[sl].T
+        k = keys[sl]
+        hits["image_to_text"].append(k[sims.argmax(axis=1)] == k)
+        hits["text_to_image"].append(k[sims.argmax(axis=0)] == k)
+    return {direction: float(np.concatenate(h).mean()) for direction, h in hits.items()}

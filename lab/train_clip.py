@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from lab.common import Budget, command_line, environment, fp16_state_dict, lr_at, seed_everything, set_threads, write_card
 from lab.data import annotated, wrong_attribute_captions
 from lab.tokens import save_clip_tokenizer
-from world.captions import N_PHRASINGS
 
 IMAGE_SIZE = 64
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults (OpenAI's), kept for familiarity
@@ -78,9 +77,6 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
 
     data = annotated(n_train, seed)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8, N x 3 x H x W
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    captions = tokenize([c for caps in data.captions for c in caps]).view(len(data), N_PHRASINGS, -1)
     scene_index: dict[str, int] = {}
     scene_ids = torch.tensor([scene_index.setdefault(s.to_json(), len(scene_index)) for s in data.scenes])
     data_seconds = time.perf_counter() - t0
@@ -88,51 +84,12 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
 
     model = open_clip.model.CLIP(**cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    rng = np.random.default_rng([seed, 7])
-    budget = Budget(steps, minutes)
-    warmup = max(1, steps // 20)
-    model.train()
-    history = []
-    step = 0
-    for step in range(steps):
-        if budget.over(step):
-            log(f"wall-clock cap of {minutes} min reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        idx = torch.from_numpy(rng.choice(len(data), batch, replace=False))
-        phrasing = torch.from_numpy(rng.integers(N_PHRASINGS, size=batch))
-        x = (images[idx].float() / 255 - mean) / std
-        texts = captions[idx, phrasing]
-        ids = scene_ids[idx]
-        same = ids[:, None] == ids[None, :]
-        mask = same & ~torch.eye(batch, dtype=torch.bool)  # another copy of my scene: not a negative
-        if hard_negatives:
-            negatives = wrong_attribute_captions([data.scenes[i] for i in idx.tolist()], rng)
-            texts = torch.cat([texts, tokenize(negatives)])
-            mask = torch.cat([mask, torch.zeros(batch, batch, dtype=torch.bool)], dim=1)
-        # Trailing padding changes nothing (causal mask, pooling at [EOT]); cutting it saves ~30%.
-        texts = texts[:, :int((texts != 0).sum(dim=1).max())]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            image_features = model.encode_image(x, normalize=True)
-            text_features = _encode_text_trimmed(model, texts)
-        logits = model.logit_scale.exp() * image_features.float() @ text_features.float().T
-        logits = logits.masked_fill(mask, float("-inf"))
-        target = torch.arange(batch)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, target)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        if step % log_every == 0 or step == steps - 1:
-            history.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(budget.elapsed(), 1)})
-            log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                f"scale {model.logit_scale.exp().item():.1f} {budget.elapsed():.0f}s")
+    history, budget = fit(
+        model, images, [list(caps) for caps in data.captions], tokenize, steps=steps, batch=batch, lr=lr,
+        seed=seed, minutes=minutes, bf16=bf16, groups=scene_ids, log_every=log_every, log=log,
+        negatives=(lambda idx, rng: wrong_attribute_captions([data.scenes[i] for i in idx], rng))
+        if hard_negatives else None)
+    warmup = max(1, steps // 20)  # as fit's schedule
     trained_steps = budget.stopped_early_at if budget.stopped_early_at is not None else steps
     train_seconds = budget.elapsed()
 
@@ -163,3 +120,68 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
     }
     write_card(out, card)
     return card
+
+
+def fit(model, images: torch.Tensor, captions: list[list[str]], tokenize, steps: int, batch: int, lr: float,
+        seed: int, minutes: float | None = None, bf16: bool = False, groups: torch.Tensor | None = None,
+        negatives=None, log_every: int = 100, log=print) -> tuple[list[dict], Budget]:
+    """Train an open_clip CLIP in place with the symmetric InfoNCE loss. Each step draws `batch`
+    distinct images and one of each image's captions at random.
+
+    images: uint8, N x 3 x H x W; captions: per image a non-empty list of captions.
+    groups: an id per image; images of one group are not each other's negatives (repeats of a scene).
+    negatives: fn(image indices, rng) -> one extra caption per image, a hard negative for the image."""
+    counts = torch.tensor([len(c) for c in captions])
+    if len(captions) != len(images) or int(counts.min()) < 1:
+        raise ValueError("every image needs at least one caption")
+    if len(images) < batch:
+        raise ValueError(f"{len(images)} images is fewer than one batch of {batch}")
+    tokens = tokenize([c for caps in captions for c in caps])
+    first = torch.cumsum(counts, 0) - counts  # row of each image's first caption in tokens
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    rng = np.random.default_rng([seed, 7])
+    budget = Budget(steps, minutes)
+    warmup = max(1, steps // 20)
+    model.train()
+    history = []
+    for step in range(steps):
+        if budget.over(step):
+            log(f"wall-clock cap of {minutes} min reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        idx = torch.from_numpy(rng.choice(len(images), batch, replace=False))
+        pick = torch.from_numpy(rng.integers(counts[idx].numpy()))
+        x = (images[idx].float() / 255 - mean) / std
+        texts = tokens[first[idx] + pick]
+        mask = torch.zeros(batch, batch, dtype=torch.bool)
+        if groups is not None:
+            ids = groups[idx]
+            mask = (ids[:, None] == ids[None, :]) & ~torch.eye(batch, dtype=torch.bool)
+        if negatives is not None:
+            texts = torch.cat([texts, tokenize(negatives(idx.tolist(), rng))])
+            mask = torch.cat([mask, torch.zeros(batch, batch, dtype=torch.bool)], dim=1)
+        # Trailing padding changes nothing (causal mask, pooling at [EOT]); cutting it saves ~30%.
+        texts = texts[:, :int((texts != 0).sum(dim=1).max())]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            image_features = model.encode_image(x, normalize=True)
+            text_features = _encode_text_trimmed(model, texts)
+        logits = model.logit_scale.exp() * image_features.float() @ text_features.float().T
+        logits = logits.masked_fill(mask, float("-inf"))
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(budget.elapsed(), 1)})
+            log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"scale {model.logit_scale.exp().item():.1f} {budget.elapsed():.0f}s")
+    return history, budget

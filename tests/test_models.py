@@ -338,3 +338,51 @@ def test_training_writes_checkpoints_the_loader_reads(tmp_path):
     train_captioner(tmp_path / "cap", seed=1, steps=2, minutes=None, n_train=64, batch=16, width=32,
                     vision_layers=1, text_layers=1, threads=1, log=lambda m: None)
     assert len(load_captioner(str(tmp_path / "cap")).generate([annotated(1, 1).pil(0)], max_new_tokens=4)[0]) == 1
+
+
+def test_fit_learns_the_pairs_it_is_given_and_refuses_images_without_captions(tmp_path):
+    import open_clip
+    from transformers import PreTrainedTokenizerFast
+
+    from lab.metrics import recall_at_1
+    from lab.tokens import save_clip_tokenizer
+    from lab.train_clip import MEAN, STD, fit, model_config
+    vocab = save_clip_tokenizer(tmp_path, context_length=32)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+
+    def tokenize(texts):
+        return tokenizer(list(texts), padding="max_length", max_length=32, return_tensors="pt").input_ids
+
+    data = annotated(64, 3)
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
+    captions = [caps[:1 + i % 3] for i, caps in enumerate(data.captions)]  # 1 to 3 captions per image
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**model_config(vocab))
+    with pytest.raises(ValueError, match="at least one caption"):
+        fit(model, images, captions[:-1] + [[]], tokenize, steps=1, batch=16, lr=1e-3, seed=0)
+    history, _ = fit(model, images, captions, tokenize, steps=120, batch=32, lr=2e-3, seed=0, log_every=10,
+                     log=lambda m: None)
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    model.eval()
+    with torch.no_grad():
+        x = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        recall = recall_at_1(model.encode_image(x, normalize=True).numpy(),
+                             model.encode_text(tokenize([c[0] for c in captions]), normalize=True).numpy(),
+                             [s.to_json() for s in data.scenes], pool=64)
+    assert recall["image_to_text"] > 0.3 and recall["text_to_image"] > 0.3  # chance is about 1/64
+
+
+def test_recall_at_1_counts_hits_per_pool_and_items_of_the_same_key_as_hits():
+    from lab.metrics import recall_at_1
+    eye = np.eye(4, dtype=np.float32)
+    assert recall_at_1(eye, eye, ["a", "b", "c", "d"], pool=2) == {"image_to_text": 1.0, "text_to_image": 1.0}
+    swapped = eye[[1, 0, 2, 3]]  # pairs 0 and 1 retrieve each other's text
+    assert recall_at_1(eye, swapped, ["a", "b", "c", "d"], pool=4) == {"image_to_text": 0.5, "text_to_image": 0.5}
+    assert recall_at_1(eye, swapped, ["a", "a", "c", "d"], pool=4) == {"image_to_text": 1.0, "text_to_image": 1.0}
+    # text 1 sits nearer image 2 than image 1: a miss among all 4, a hit in the pool of pairs 0 and 1
+    near = eye.copy()
+    near[1] = 0.9 * eye[2] + 0.1 * eye[1]
+    assert recall_at_1(eye, near, list("abcd"), pool=4) == {"image_to_text": 1.0, "text_to_image": 0.75}
+    assert recall_at_1(eye, near, list("abcd"), pool=2) == {"image_to_text": 1.0, "text_to_image": 1.0}
+    with pytest.raises(ValueError):
+        recall_at_1(eye, eye, list("abcd"), pool=5)
