@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -108,3 +109,61 @@ def test_curate_killed_during_the_final_write_leaves_nothing_finished_and_a_reru
         again, clean = _sorted(out / name, columns), _sorted(curated_out / name, columns)
         assert again.equals(clean), name
     assert pq.read_table(out / "curated", columns=["uid"]).column("uid").to_pandas().is_unique
+
+
+@pytest.mark.slow
+def test_a_slow_resetting_5xx_server_loses_no_row_and_retryable_rows_come_back_identical(tmp_path):
+    """The same 40 images fetched from plain URLs (the clean run) and from URLs where the loopback
+    server answers slowly (within and beyond the timeout), with bursts of 500s, or with a reset."""
+    import pandas as pd
+
+    from jobs.download import main as download_main
+    from world.corpus import make_web_corpus
+    from world.server import serve
+    root = tmp_path / "world"
+    make_web_corpus(root, n=40, seed=31, noise=0.0, duplicates=0.0, fault_rate=0.0, faults=(), variants=())
+    truth = pq.read_table(root / "truth.parquet", columns=["id", "file", "caption"]).to_pandas()
+    names = truth.file.str.removeprefix("img/")
+    kinds = ["plain", "slow_within", "burst", "reset", "slow_beyond"]
+    truth["kind"] = [kinds[i % len(kinds)] for i in range(len(truth))]
+    faulty_path = {"plain": "/img/{}", "slow_within": "/f/slow/300/{}", "burst": "/f/burst/2/{}",
+                   "reset": "/f/reset/{}", "slow_beyond": "/f/slow/4000/{}"}
+    settings = ["--id-col", "id", "--no-progress", "--set", "download.image_size=64", "--set", "download.threads=4",
+                "--set", "download.loopback_only=true", "--set", "download.retries=2", "--set", "download.timeout=1.5"]
+
+    def run(server, paths, out, *extra):
+        metadata = tmp_path / f"{out}.parquet"
+        pd.DataFrame({"id": truth.id, "url": [server.base_url + p for p in paths],
+                      "caption": truth.caption.map(bytes.decode)}).to_parquet(metadata)
+        code = download_main(["--input", str(metadata), "--output", str(tmp_path / out), *settings,
+                              "--allow-host", f"127.0.0.1:{server.port}", *extra])
+        assert code in (0, None)
+        data = _sorted(tmp_path / out / "data", ["uid", "sha256", "image"])
+        rejects = _sorted(tmp_path / out / "rejects", ["uid", "reason", "detail"])
+        return data, rejects
+
+    with serve(root / "site") as server:
+        clean, clean_rejects = run(server, "/img/" + names, "clean")
+        assert len(clean) == len(truth) and clean_rejects.empty
+        paths = [faulty_path[k].format(n) for k, n in zip(truth.kind, names)]
+        data, rejects = run(server, paths, "faulty")
+        requests = Counter(p for p, _ in server.requests)
+        # every row exactly once, in data or rejects
+        assert sorted([*data.uid, *rejects.uid]) == sorted(truth.id)
+        by_kind = truth.set_index("id").kind
+        recovered = data.uid.map(by_kind)
+        assert set(recovered) == {"plain", "slow_within", "burst"}
+        assert set(rejects.uid.map(by_kind)) == {"reset", "slow_beyond"}
+        assert (rejects.reason == "failed_to_download").all()
+        # the burst was retried inside the run (2 x 500, then the file), as was the reset (1 + 2 retries)
+        for kind, attempts in (("burst", 3), ("reset", 3)):
+            assert {requests[p] for p, k in zip(paths, truth.kind) if k == kind} == {attempts}, kind
+        # what came back is byte for byte what the clean run got
+        assert data.equals(clean[clean.uid.isin(data.uid)].reset_index(drop=True))
+
+        # The slow rows failed on a timeout, which is retryable: a retry with a longer timeout
+        # fetches them; the resetting URLs still reset. Still every row exactly once.
+        data, rejects = run(server, paths, "faulty", "--retry-failed", "--set", "download.timeout=6")
+    assert sorted([*data.uid, *rejects.uid]) == sorted(truth.id)
+    assert set(rejects.uid.map(by_kind)) == {"reset"}
+    assert data.equals(clean[clean.uid.isin(data.uid)].reset_index(drop=True))
