@@ -95,10 +95,28 @@ def _right(text, scene) -> bool:
     return scene is not None and parse(text) == scene
 
 
+def _source(row, text) -> str:
+    return next(c["source"] for c in row["candidates"] if c["kept"] and c["text"] == text)
+
+
+def _what_differs(said, scene) -> str:
+    """Which attributes a wrong caption gets wrong: 'shape', 'colour+size', 'object count', 'unparsable'."""
+    if said is None:
+        return "unparsable"
+    if len(said.objects) != len(scene.objects):
+        return "object count"
+    fields = {f for a, b in zip(said.objects, scene.objects) for f in ("colour", "shape", "size")
+              if getattr(a, f) != getattr(b, f)}
+    fields |= {"background"} if said.background != scene.background else set()
+    return "+".join(sorted(fields)) or "order"
+
+
 def curation_metrics(out: Path, truth) -> dict:
     """One curate output joined with the truth."""
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
+
+    from world.captions import parse
 
     def table(path, columns):
         return ds.dataset(path, format="parquet").to_table(columns=columns).to_pylist()
@@ -142,8 +160,10 @@ def curation_metrics(out: Path, truth) -> dict:
     synthetic = table(out / "stages" / "caption" / "data", ["uid", "synthetic_captions"])
     sampled = [_right(t, scene[r["uid"]]) for r in synthetic for t in r["synthetic_captions"]]
     kept_synthetic = [_right(c["text"], scene[uid]) for uid, c in pairs if c["source"] == "synthetic"]
-    primary_synthetic = sum(next(c["source"] for c in r["candidates"] if c["kept"] and c["text"] == r["caption_primary"])
-                            != "web" for r in curated) / max(1, len(curated))
+    wrong_primary = collections.Counter(
+        f"{_source(r, r['caption_primary'])}: {_what_differs(parse(r['caption_primary']), scene[r['uid']])}"
+        for r, wrong in zip(curated, wrong_after) if wrong)
+    primary_synthetic = sum(_source(r, r["caption_primary"]) != "web" for r in curated) / max(1, len(curated))
 
     # Duplicates. Recall: planted copies (same picture re-encoded or resized) whose pair reached dedup and
     # left as one row. Precision: a drop is right when the row shows the same scene as its survivor; two
@@ -168,10 +188,13 @@ def curation_metrics(out: Path, truth) -> dict:
         "synthetic_exact_sampled": round(sum(sampled) / len(sampled), 4) if sampled else None,
         "synthetic_exact_kept": round(sum(kept_synthetic) / len(kept_synthetic), 4) if kept_synthetic else None,
         "primary_is_synthetic": round(primary_synthetic, 4),
+        "wrong_primary": dict(wrong_primary.most_common()),
         "dedup": {"dropped": len(dropped), "precision": round(sum(same_scene) / max(1, len(dropped)), 4),
                   "dropped_for_a_planted_copy": planted_drops,
                   "dropped_for_an_unplanted_row_of_its_scene": sum(same_scene) - planted_drops,
                   "dropped_for_another_scene": len(dropped) - sum(same_scene),
+                  "dropped_for_another_scene_by_reason": dict(collections.Counter(
+                      r["reason"] for r, same in zip(dropped, same_scene) if not same)),
                   "planted_pairs_reaching_dedup": len(planted),
                   "recall": round(collapsed / max(1, len(planted)), 4)},
     }
@@ -314,6 +337,10 @@ def svg(report: dict) -> str:
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000, help="rows in the web corpus")
@@ -359,8 +386,10 @@ def main() -> None:
           f"{'synth. exact':>12} {'dup prec.':>9} {'dup rec.':>8}")
     for rule, m in curation.items():
         print(f"{rule:<12} {m['curated']:>7} {m['noise_before']:>12.3f} {m['noise_after']:>6.3f} "
-              f"{m['pair_noise_after']:>10.3f} {m['clean_kept']:>10.3f} {m['synthetic_exact_kept'] or 0:>12.3f} "
+              f"{m['pair_noise_after']:>10.3f} {m['clean_kept']:>10.3f} {_fmt(m['synthetic_exact_kept']):>12} "
               f"{m['dedup']['precision']:>9.3f} {m['dedup']['recall']:>8.3f}")
+    print("\nwrong primary captions (threshold rule), by source and what is wrong:",
+          ", ".join(f"{k} {v}" for k, v in curation["threshold"]["wrong_primary"].items()))
     print("\nper kind (threshold rule): downloaded, image kept, web caption kept, leaves with a right caption")
     for kind, k in curation["threshold"]["kinds"].items():
         print(f"  {kind:<24} {k['downloaded']:>6}  {k['image_kept']:.3f}  {k['web_caption_kept']:.3f}  "

@@ -28,6 +28,9 @@ def test_curation_metrics_add_up_and_curation_removes_noise(curate_site, curated
     corpus = json.loads((root / "corpus.json").read_text())
     assert abs(m["noise_before"] - corpus["noise_share"]) < 0.05 and m["noise_before"] > 0.35
     assert m["noise_after"] <= 0.1 and m["clean_kept"] >= 0.85
+    # every wrong primary caption is explained once, by its source and what it gets wrong
+    assert abs(sum(m["wrong_primary"].values()) / m["curated"] - m["noise_after"]) < 1e-4
+    assert all(key.split(": ")[0] in ("web", "synthetic") for key in m["wrong_primary"])
     assert m["kinds"]["spam"]["web_caption_kept"] == 0 and m["kinds"]["generic"]["web_caption_kept"] == 0
     assert m["dedup"]["recall"] == 1.0 and m["dedup"]["planted_pairs_reaching_dedup"] > 0
     assert m["synthetic_exact_sampled"] > 0.85
