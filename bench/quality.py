@@ -215,14 +215,17 @@ def arm_data(runs: dict[str, Path], truth, seed: int) -> dict[str, tuple]:
 
     from world.captions import N_PHRASINGS, describe
     rng = np.random.default_rng(seed)
+    # Sorted by uid: the download stage writes rows in the order its threads finish, and the order
+    # sets the batches, so without it a rerun trains on other batches.
     downloaded = ds.dataset(runs["threshold"] / "stages" / "download" / "data").to_table(
-        columns=["uid", "caption", "image"]).to_pylist()
+        columns=["uid", "caption", "image"]).sort_by("uid").to_pylist()
     images = np.stack([_decode(r["image"]) for r in downloaded])
     data = {"raw": (images, [r["caption"] for r in downloaded]),
             "oracle": (images, [describe(truth.scene_obj[r["uid"]], int(rng.integers(N_PHRASINGS)))
                                 for r in downloaded])}
     for arm, run in (("filter_only", runs["filter_only"]), ("capfilt", runs["threshold"])):
-        rows = ds.dataset(run / "curated").to_table(columns=["image", "caption_primary"]).to_pylist()
+        rows = ds.dataset(run / "curated").to_table(columns=["uid", "image", "caption_primary"]).sort_by(
+            "uid").to_pylist()
         data[arm] = (np.stack([_decode(r["image"]) for r in rows]), [r["caption_primary"] for r in rows])
     return data
 
@@ -306,9 +309,9 @@ def svg(report: dict) -> str:
     colours = {"raw": "#b0b0b0", "filter_only": "#7fa7d9", "capfilt": "#2f6fba", "oracle": "#5a9e5a"}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
              'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="20" font-size="14">Held-out retrieval R@1 of small CLIPs trained with the same '
-             f'budget ({report["settings"]["steps"]} steps x {report["settings"]["batch"]}), '
-             f'mean and range over {len(report["settings"]["seeds"])} seeds</text>']
+             f'<text x="{left}" y="20" font-size="14">Held-out R@1, small CLIPs with one budget '
+             f'({report["settings"]["steps"]} steps x {report["settings"]["batch"]}): mean and range of '
+             f'{len(report["settings"]["seeds"])} seeds</text>']
     plot_h = height - top - 60
 
     def y(v):
@@ -328,7 +331,7 @@ def svg(report: dict) -> str:
                          f'<line x1="{x + bar / 2:.1f}" x2="{x + bar / 2:.1f}" y1="{y(stats["min"]):.1f}" '
                          f'y2="{y(stats["max"]):.1f}" stroke="black" stroke-width="1.5"/>'
                          f'<text x="{x + bar / 2:.1f}" y="{y(stats["mean"]) - 6:.1f}" text-anchor="middle">'
-                         f'{stats["mean"]:.2f}</text>')
+                         f'{stats["mean"]:.3f}</text>')
         parts.append(f'<text x="{x0 + 2 * (bar + 16) - 8:.1f}" y="{height - 38}" text-anchor="middle" '
                      f'font-size="13">R@1 among {pool}</text>')
     for i, arm in enumerate(ARMS):
