@@ -5,6 +5,7 @@ import json
 
 import pyarrow.parquet as pq
 
+from pipelines.report import SOURCES
 from tests.conftest import ROOT
 
 
@@ -30,7 +31,7 @@ def test_curation_metrics_add_up_and_curation_removes_noise(curate_site, curated
     assert m["noise_after"] <= 0.1 and m["clean_kept"] >= 0.85
     # every wrong primary caption is explained once, by its source and what it gets wrong
     assert abs(sum(m["wrong_primary"].values()) / m["curated"] - m["noise_after"]) < 1e-4
-    assert all(key.split(": ")[0] in ("web", "synthetic") for key in m["wrong_primary"])
+    assert all(key.split(": ")[0] in SOURCES for key in m["wrong_primary"])
     assert m["kinds"]["spam"]["web_caption_kept"] == 0 and m["kinds"]["generic"]["web_caption_kept"] == 0
     assert m["dedup"]["recall"] == 1.0 and m["dedup"]["planted_pairs_reaching_dedup"] > 0
     assert m["synthetic_exact_sampled"] > 0.85
