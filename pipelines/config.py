@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,9 +178,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data: dict = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
+        except OSError as e:  # permission denied, a name too long, ...
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -191,10 +198,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or left empty in the file (`spark:` alone)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or e
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     config = build(Config, data, "")
     if config.caption.min_new_tokens > config.caption.max_new_tokens:
         raise ConfigError(f"caption.min_new_tokens ({config.caption.min_new_tokens}) is above "
@@ -249,7 +262,12 @@ def _coerce(tp, value, path: str, meta) -> Any:
         ok = isinstance(value, int) if tp is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
             raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
-        value = tp(value)
+        try:
+            value = tp(value)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(f"{path}: the number is too large") from None
+        if not math.isfinite(value):  # YAML reads .nan and .inf; NaN would pass every min/max check
+            raise ConfigError(f"{path}: expected a finite number, got {value}")
         if "min" in meta and value < meta["min"]:
             raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}")
         if "max" in meta and value > meta["max"]:

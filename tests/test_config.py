@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -52,3 +54,49 @@ def test_shipped_default_config_matches_the_code_defaults():
 
 def test_every_key_is_documented():
     assert all(help for _, _, help in describe()), [k for k, _, h in describe() if not h]
+
+
+@pytest.mark.parametrize("override", ["filter.threshold=.nan", "caption.top_p=.NaN", "download.timeout=.inf",
+                                      "download.max_aspect_ratio=.nan", "filter.percentile=-.inf",
+                                      "dedup.caption_threshold=1.0e+400"])
+def test_nan_and_infinity_are_refused_wherever_a_number_is_meant(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a finite number"):
+        load_config(None, [override])
+
+
+def test_an_integer_too_large_for_a_float_is_refused_with_its_path():
+    with pytest.raises(ConfigError, match=r"^download\.timeout: the number is too large"):
+        load_config(None, ["download.timeout=" + "9" * 400])
+
+
+def test_an_override_that_is_not_yaml_is_refused_with_its_key():
+    with pytest.raises(ConfigError, match="override 'seed=\\[1': the value is not valid YAML"):
+        load_config(None, ["seed=[1"])
+
+
+def test_an_override_into_a_section_left_empty_in_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("spark:\n")
+    assert load_config(tmp_path / "c.yaml", ["spark.master=local[1]"]).spark.master == "local[1]"
+
+
+def test_a_folder_an_unreadable_or_a_binary_config_is_one_line(tmp_path, capsys):
+    from jobs.cli import main as cli
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"seed: 1\n\xff\xfe\x00garbage")
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("seed: 1\n")
+    locked.chmod(0)
+    cases = [(tmp_path, "is a folder, not a YAML file"), (binary, "is not UTF-8 text")]
+    if os.geteuid() != 0:  # root reads anything
+        cases.append((locked, "cannot be read: Permission denied"))
+    for path, message in cases:
+        assert cli(["config", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"capfilt: error: config file {path} {message}") and err.count("\n") == 1, err
+
+
+def test_the_cli_refuses_nan_with_one_line(capsys):
+    from jobs.cli import main as cli
+    assert cli(["config", "--set", "filter.threshold=.nan"]) == 2
+    assert capsys.readouterr().err == "capfilt: error: filter.threshold: expected a finite number, got nan\n"
