@@ -274,3 +274,35 @@ def test_cli_generate_writes_corpus_and_reports_the_mix(tmp_path, capsys):
     assert json.loads((tmp_path / "corpus.json").read_text())["n"] == 60
     with pytest.raises(SystemExit):
         cli.main(["generate", "--n", "60"])  # --out is required
+
+
+def test_cli_generate_into_an_existing_corpus_names_the_overwrite_flag(tmp_path, capsys):
+    from jobs.cli import main as capfilt
+    args = ["world", "generate", "--out", str(tmp_path), "--n", "40"]
+    assert capfilt(args) == 0
+    before = tree_hashes(tmp_path)
+    capsys.readouterr()
+    assert capfilt(args + ["--seed", "3"]) == 2
+    assert capsys.readouterr().err == (f"capfilt world: error: {tmp_path} already holds a corpus: "
+                                       f"pass --overwrite to replace it\n")
+    assert tree_hashes(tmp_path) == before
+    assert capfilt(args + ["--seed", "3", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--noise", "nan"], "--noise must be a share between 0 and 1, not nan"),
+    (["--fault-rate", "inf"], "--fault-rate must be a share between 0 and 1, not inf"),
+    (["--duplicates", "-0.1"], "--duplicates must be a share between 0 and 1, not -0.1"),
+    (["--annotated", "-3"], "--annotated must be 0 or more, not -3"),
+    (["--slow-ms", "-1"], "--slow-ms must be 0 or more, not -1"),
+])
+def test_cli_generate_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
+    assert cli.main(["generate", "--out", str(tmp_path / "c"), "--n", "40", *args]) == 2
+    assert capsys.readouterr().err == f"capfilt world: error: {message}\n"
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_generate_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["generate", "--out", str(tmp_path / "f"), "--n", "40"]) == 2
+    assert capsys.readouterr().err == f"capfilt world: error: --out {tmp_path / 'f'} exists and is not a folder\n"

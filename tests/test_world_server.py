@@ -210,3 +210,39 @@ def test_cli_serve_writes_metadata_for_its_port_and_stops_on_ctrl_c(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
+
+
+def _world_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "world-server"]
+
+
+def test_cli_serve_on_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_path, capsys):
+    from jobs.cli import main as capfilt
+    make_web_corpus(tmp_path, 40, seed=5)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert capfilt(["world", "serve", str(tmp_path), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (f"capfilt world: error: port {port} is in use on 127.0.0.1: choose another "
+                                       f"with --port, or --port 0 for any free one\n")
+    assert _world_threads() == []
+    assert not (tmp_path / "metadata.parquet").exists()
+
+
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_cli_serve_refuses_a_port_out_of_range(tmp_path, capsys, port):
+    make_web_corpus(tmp_path, 40, seed=5)
+    from world import cli
+    assert cli.main(["serve", str(tmp_path), "--port", port]) == 2
+    assert capsys.readouterr().err == f"capfilt world: error: --port must be between 0 and 65535, not {port}\n"
+
+
+def test_cli_serve_refuses_a_folder_that_is_not_a_corpus(tmp_path, capsys):
+    from world import cli
+    (tmp_path / "site").mkdir()
+    for folder in (tmp_path, tmp_path / "missing"):
+        assert cli.main(["serve", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"capfilt world: error: {folder} is not a corpus") and err.count("\n") == 1, err
+    assert _world_threads() == []

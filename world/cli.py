@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from world.corpus import METADATA_FORMATS, make_annotated, make_web_corpus, write_metadata
-from world.server import WorldServer, serve_until_interrupted
+from world.server import PortUnavailable, WorldServer, serve_until_interrupted
 
 
 def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    summary = make_web_corpus(out, args.n, args.seed, noise=args.noise, duplicates=args.duplicates,
-                              fault_rate=args.fault_rate, slow_ms=args.slow_ms, overwrite=args.overwrite)
+    for option, value in (("--noise", args.noise), ("--duplicates", args.duplicates),
+                          ("--fault-rate", args.fault_rate)):
+        if not 0 <= value <= 1:  # also refuses nan
+            raise ValueError(f"{option} must be a share between 0 and 1, not {value}")
+    for option, value in (("--n", args.n), ("--slow-ms", args.slow_ms), ("--annotated", args.annotated)):
+        if value < 0:
+            raise ValueError(f"{option} must be 0 or more, not {value}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        summary = make_web_corpus(out, args.n, args.seed, noise=args.noise, duplicates=args.duplicates,
+                                  fault_rate=args.fault_rate, slow_ms=args.slow_ms, overwrite=args.overwrite)
+    except FileExistsError:
+        raise ValueError(f"{out} already holds a corpus: pass --overwrite to replace it") from None
     print(f"web corpus: {out / 'site'} (files), {out / 'truth.parquet'} (ground truth), {out / 'corpus.json'}")
     if args.annotated:
         print(f"annotated split: {make_annotated(out, args.annotated, args.seed)} ({args.annotated} images)")
@@ -25,6 +39,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     out = Path(args.dir)
+    if not ((out / "site" / "img").is_dir() and (out / "truth.parquet").is_file()):
+        raise ValueError(f"{out} is not a corpus (no site/img and truth.parquet): write one with "
+                         f"`capfilt world generate --out {out} --n N`")
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"{out} is not writable: serve writes the metadata for its port there")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
 
     def announce(server: WorldServer) -> None:
         paths = [write_metadata(out, server.base_url, fmt=fmt) for fmt in args.format or ["parquet"]]
@@ -33,7 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"metadata: {path}", flush=True)
         print("Ctrl-C to stop", flush=True)
 
-    serve_until_interrupted(out / "site", args.port, on_start=announce)
+    try:
+        serve_until_interrupted(out / "site", args.port, on_start=announce)
+    except PortUnavailable as e:
+        raise ValueError(f"{e}: choose another with --port, or --port 0 for any free one") from None
     print("stopped")
     return 0
 
@@ -79,8 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors are one line and exit 2, whether run as `capfilt world` or `python -m world.cli`."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        print(f"capfilt world: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ to bad files, which are just files) are asked for by path; <name> is always a fi
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import socket
@@ -141,6 +142,13 @@ class _FaultyServer(ThreadingHTTPServer):
         pass  # clients hanging up mid-response (the reset fault, timeouts) are normal here
 
 
+class PortUnavailable(OSError):
+    """The port is taken, or not ours to bind; str() is the message alone."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class WorldServer:
     """A running server: base_url, port, requests (a snapshot of (path, status)), stop()."""
 
@@ -152,7 +160,12 @@ class WorldServer:
         site_dir = Path(site_dir)
         if not (site_dir / "img").is_dir():
             raise FileNotFoundError(f"{site_dir}/img does not exist: generate a corpus first")
-        self._server = _FaultyServer(site_dir, (host, port))
+        try:
+            self._server = _FaultyServer(site_dir, (host, port))  # closes its socket if bind fails
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortUnavailable(e.errno, f"port {port} is in use on {host}") from None
+            raise PortUnavailable(e.errno, f"port {port} cannot be bound on {host} ({e.strerror})") from None
         self.base_url = self._server.base_url
         self.port = self._server.server_address[1]
         # A short poll interval makes stop() quick: shutdown() waits for the loop's next poll.
