@@ -6,6 +6,7 @@ tab-separated: open_clip's csv loader); json: images as files + annotations.json
 format. docs/output.md shows the training commands.
 """
 import argparse
+import shlex
 import sys
 
 from jobs.common import add_config_args, config_from_args, run
@@ -23,20 +24,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
-    from pipelines.output import read_manifest
-    read_manifest(args.out)  # refuses an unfinished OUT before starting Spark
     cfg = config_from_args(args)
+    from pipelines.export import check_target, export
+    from pipelines.output import read_manifest
+    read_manifest(args.out)  # refuses an unfinished OUT before starting Spark,
+    check_target(args.out, args.to, cfg.output.overwrite)  # and a target that is not safe to write
 
-    from pipelines.export import export
     from pipelines.session import spark_session
     spark = spark_session(cfg.spark)
     summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
     print(f"{args.to}: {summary['samples']} samples as {args.format}")
+    # Arguments to paste into a shell: every path quoted (spaces, quotes; the brace pattern is open_clip's).
     if args.format == "webdataset":
-        print(f"  open_clip:  --train-data '{summary['train_data']}' "
+        print(f"  open_clip:  --train-data {shlex.quote(summary['train_data'])} "
               f"--train-num-samples {summary['train_num_samples']} --dataset-type webdataset")
     elif args.format == "csv":
-        print(f"  open_clip:  --train-data {summary['file']} --dataset-type csv "
+        print(f"  open_clip:  --train-data {shlex.quote(summary['file'])} --dataset-type csv "
               f"--csv-img-key filepath --csv-caption-key title --csv-separator $'\\t'")
         if summary["captions_pandas_reads_as_missing"]:
             print(f"  warning: {summary['captions_pandas_reads_as_missing']} captions (e.g. 'NA', 'null', "

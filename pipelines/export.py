@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -145,15 +146,25 @@ def _indexed(curated, samples_per_shard: int):
     return indexed, total
 
 
-def _check_target(out_root: str, to: str, overwrite: bool) -> Path:
-    target = Path(to).resolve()
+def check_target(out_root: str, to: str, overwrite: bool) -> Path:
+    """The resolved export folder, or ValueError: checked before any work (jobs/export.py calls it
+    before Spark starts). Never inside OUT, OUT itself or a folder holding OUT: --overwrite replaces
+    the target whole, and with it the curated data."""
+    target = Path(to).resolve()  # symlinks too: a link into OUT is inside OUT
     source = Path(out_root).resolve() if "://" not in str(out_root) else None
     if source is not None and (target == source or target in source.parents):
         raise ValueError(f"{target} holds the curated output {source}: export somewhere else")
+    if source is not None and source in target.parents:
+        raise ValueError(f"{target} is inside the curated output {source}: export somewhere else")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"{target} exists and is not empty: choose another folder or pass --overwrite")
+    parent = next(p for p in target.parents if p.exists())  # the work folder is made beside the target
+    if not parent.is_dir():
+        raise ValueError(f"cannot export to {target}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot export to {target}: {parent} is not writable")
     return target
 
 
@@ -202,7 +213,7 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
     if samples_per_shard < 1:
         raise ValueError("samples per shard must be at least 1")
     source = read_manifest(out_root)  # refuses an unfinished OUT
-    target = _check_target(out_root, to, overwrite)
+    target = check_target(out_root, to, overwrite)
     work = target.parent / f".{target.name}.inprogress"
     if work.exists():
         shutil.rmtree(work)  # left by a killed export

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -185,9 +186,50 @@ def test_cli_overwrite_replaces_an_export_whole(out, tmp_path, capsys):
     (target / "stale.txt").write_text("old")
     assert cli(["export", str(out), "--format", "webdataset", "--to", str(target), "--samples-per-shard", "100",
                 "--overwrite"]) == 0
-    assert f"--train-data '{target}/shard-00000.tar' --train-num-samples {N_ROWS}" in capsys.readouterr().out
+    assert f"--train-data {shlex.quote(f'{target}/shard-00000.tar')} --train-num-samples {N_ROWS}" in \
+        capsys.readouterr().out
     assert sorted(os.listdir(target)) == ["export.json", "shard-00000.tar", "shards.txt"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_spark(monkeypatch):
+    """Fails the test if a job starts Spark: what a job refuses, it refuses before any work."""
+    def started(*args, **kwargs):
+        pytest.fail("Spark was started before the arguments were refused")
+    monkeypatch.setattr("pipelines.session.spark_session", started)
+
+
+def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out, tmp_path, capsys, no_spark):
+    source = tmp_path / "out"
+    shutil.copytree(out, source)
+    (tmp_path / "link").symlink_to(source / "curated")  # a link into OUT is inside OUT
+    (tmp_path / "a file").write_text("x")
+    refused = [(source / "curated", "is inside the curated output"),
+               (source / "stages" / "new", "is inside the curated output"),
+               (tmp_path / "link", "is inside the curated output"),
+               (tmp_path / "link" / "sub", "is inside the curated output"),
+               (source, "holds the curated output"), (tmp_path, "holds the curated output"),
+               (tmp_path / "a file", "exists and is not a folder"),
+               (tmp_path / "a file" / "x", "is not a folder")]
+    for target, message in refused:
+        for fmt in ("json", "webdataset"):
+            assert cli(["export", str(source), "--format", fmt, "--to", str(target), "--overwrite"]) == 2, target
+            err = capsys.readouterr().err
+            assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
+    assert pq.read_table(source / "curated").num_rows == N_ROWS  # nothing touched
+    assert sorted(os.listdir(source)) == sorted(os.listdir(out))
+
+
+def test_printed_training_commands_quote_every_path(out, tmp_path, capsys):
+    folder = tmp_path / "my exports" / "it's $HOME"
+    for fmt, key in (("webdataset", "train_data"), ("csv", "file")):
+        assert cli(["export", str(out), "--format", fmt, "--to", str(folder / fmt)]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if "open_clip:" in line)
+        words = shlex.split(line.split("open_clip:", 1)[1])
+        summary = json.loads((folder / fmt / "export.json").read_text())
+        assert words[words.index("--train-data") + 1] == summary[key], line
+        assert summary[key].startswith(str(folder / fmt))
 
 
 def test_a_failed_export_leaves_no_target(spark, tmp_path):
