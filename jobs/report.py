@@ -6,6 +6,7 @@ page: funnel chart, score histograms, and a gallery of kept and dropped samples 
 captions, scores, reasons) filterable by reason. Every caption and URL is escaped.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def print_report(report: dict) -> None:
         print(f"  {plain(shard['file']):<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
 
 
+def check_writable(file: Path, option: str) -> None:
+    """Refuse, before any work, a file that could not be written at the end."""
+    folder = file.parent
+    if file.is_dir():
+        raise ValueError(f"{option} {file} is a folder: name a file")
+    if not folder.exists():
+        raise ValueError(f"{option} {file}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{option} {file}: {folder} is not a folder")
+    if not os.access(file if file.exists() else folder, os.W_OK):
+        raise ValueError(f"{option} {file}: {file if file.exists() else folder} is not writable")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="capfilt inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--per-reason", type=int, default=8, help="dropped samples per reason in the gallery")
     add_config_args(p)
     args = p.parse_args(argv)
+    for option, value in (("--samples", args.samples), ("--per-reason", args.per_reason)):
+        if value < 0:
+            raise ValueError(f"{option} must be 0 or more, not {value}")
+    if args.html is not None:
+        check_writable(Path(args.html), "--html")
     cfg = config_from_args(args)
 
     from pipelines.output import read_manifest
@@ -58,7 +77,7 @@ def main(argv=None) -> int:
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
     report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
     print_report(report)
-    if args.html:
+    if args.html is not None:
         Path(args.html).write_text(render(report), encoding="utf-8")
         print(f"\nreport: {Path(args.html).resolve()}")
     return 0

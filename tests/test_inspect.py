@@ -197,6 +197,30 @@ def test_an_output_without_a_manifest_is_refused(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "-5"], "--samples must be 0 or more, not -5"),
+    (["--per-reason", "-1"], "--per-reason must be 0 or more, not -1"),
+    (["--html", "{tmp}/nodir/x.html"], "--html {tmp}/nodir/x.html: the folder {tmp}/nodir does not exist"),
+    (["--html", "{tmp}"], "--html {tmp} is a folder: name a file"),
+    (["--html", "{tmp}/a file/x.html"], "--html {tmp}/a file/x.html: {tmp}/a file is not a folder"),
+])
+def test_bad_counts_and_html_paths_are_refused_in_one_line_before_spark(out, tmp_path, capsys, monkeypatch,
+                                                                         args, message):
+    (tmp_path / "a file").write_text("x")
+    monkeypatch.setattr("pipelines.session.spark_session",
+                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert cli(["inspect", str(out), *args]) == 2
+    assert capsys.readouterr().err == f"capfilt: error: {message.replace('{tmp}', str(tmp_path))}\n"
+
+
+def test_zero_gallery_samples_and_an_html_page_in_an_existing_folder(out, tmp_path, capsys):
+    page = tmp_path / "report.html"
+    assert cli(["inspect", str(out), "--samples", "0", "--per-reason", "0", "--html", str(page)]) == 0
+    assert "class=\"card" not in page.read_text(encoding="utf-8")
+    assert f"report: {page}" in capsys.readouterr().out
+
+
 def test_rejects_that_disagree_with_the_manifest_are_refused(spark, out, tmp_path):
     changed = tmp_path / "out"
     shutil.copytree(out, changed)
