@@ -295,6 +295,7 @@ def test_cli_generate_into_an_existing_corpus_names_the_overwrite_flag(tmp_path,
     (["--duplicates", "-0.1"], "--duplicates must be a share between 0 and 1, not -0.1"),
     (["--annotated", "-3"], "--annotated must be 0 or more, not -3"),
     (["--slow-ms", "-1"], "--slow-ms must be 0 or more, not -1"),
+    (["--seed", "-2"], "--seed must be 0 or more, not -2"),
 ])
 def test_cli_generate_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     assert cli.main(["generate", "--out", str(tmp_path / "c"), "--n", "40", *args]) == 2

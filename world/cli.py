@@ -18,7 +18,8 @@ def _generate(args: argparse.Namespace) -> int:
                           ("--fault-rate", args.fault_rate)):
         if not 0 <= value <= 1:  # also refuses nan
             raise ValueError(f"{option} must be a share between 0 and 1, not {value}")
-    for option, value in (("--n", args.n), ("--slow-ms", args.slow_ms), ("--annotated", args.annotated)):
+    for option, value in (("--n", args.n), ("--seed", args.seed), ("--slow-ms", args.slow_ms),
+                          ("--annotated", args.annotated)):
         if value < 0:
             raise ValueError(f"{option} must be 0 or more, not {value}")
     if out.exists() and not out.is_dir():
