@@ -1,14 +1,22 @@
 """The worker-side pieces of the download stage, without Spark: address policy, loopback-only mode,
-and the header check + normalisation in front of img2dataset's resizer."""
+the guarded opener (schemes, short bodies, the request deadline) and the header check + normalisation
+in front of img2dataset's resizer."""
+import contextlib
 import io
+import re
 import socket
+import threading
+import time
+import urllib.request
 
 import numpy as np
 import pytest
+from img2dataset.downloader import download_image
 from PIL import Image
 
-from udfs import netguard
-from udfs.fetch import SafeResizer, normalise
+from pipelines.download import RETRYABLE_DETAIL
+from udfs import fetch, netguard
+from udfs.fetch import FetchPolicy, SafeResizer, normalise
 from world.corpus import bomb_png
 
 
@@ -122,3 +130,185 @@ def test_undecodable_bodies_get_a_stable_reason():
         *_, err = resizer(io.BytesIO(body))
         assert err.startswith("Image decoding error"), err
         assert "0x" not in err, "no memory addresses: details must be deterministic"
+
+
+# --- the guarded opener, driven the way img2dataset's workers drive it ------------------------------
+
+@contextlib.contextmanager
+def _server(respond):
+    """A loopback HTTP server: `respond(path, conn, stop)` writes the raw answer to each request.
+    Stopped (and its connection threads joined) on exit."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    workers = []
+
+    def serve(conn):
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                respond(request.split(b" ", 2)[1].decode(), conn, stop)
+            except OSError:
+                pass  # the client went away
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            worker = threading.Thread(target=serve, args=(conn,), daemon=True)
+            worker.start()
+            workers.append(worker)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join(5)
+        listener.close()
+        for worker in workers:
+            worker.join(5)
+
+
+@contextlib.contextmanager
+def _canary():
+    """A listener nobody should reach: yields its port and a function counting connections made to it
+    (the kernel queues them without accept)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    def connections():
+        count = 0
+        while True:
+            try:
+                listener.accept()[0].close()
+                count += 1
+            except BlockingIOError:
+                return count
+
+    try:
+        yield listener.getsockname()[1], connections
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def guarded_worker(loopback_only):
+    """prepare_worker(policy) as a download worker does; the process-wide opener is restored after."""
+    def install(**kwargs):
+        fetch.prepare_worker(FetchPolicy(loopback_only=True, **kwargs))
+    try:
+        yield install
+    finally:
+        fetch._installed = None
+        urllib.request.install_opener(None)
+
+
+def _fetch(url, timeout=2):
+    """img2dataset's own download_image (urlopen through the installed opener, then r.read())."""
+    _, stream, err = download_image((0, url), timeout, "capfilt", None)
+    return stream.getvalue() if stream else None, err
+
+
+def _answer(status, headers=(), body=b""):
+    def respond(path, conn, stop):
+        head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        conn.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+    return respond
+
+
+@pytest.mark.parametrize("target", [
+    "ftp://127.0.0.1:{canary}/x.png", "FTP://127.0.0.1:{canary}/x.png", "fTp://127.0.0.1:{canary}/x.png",
+    "file://127.0.0.1:{canary}/etc/hostname", "file:///etc/hostname", "data:image/png;base64,iVBORw0KGgo=",
+    "gopher://127.0.0.1:{canary}/x", "unknown-scheme://127.0.0.1:{canary}/x",
+])
+@pytest.mark.parametrize("how", ["redirect", "direct"])
+def test_only_http_and_https_are_fetched_on_any_hop(guarded_worker, target, how):
+    with _canary() as (canary, connections):
+        target = target.format(canary=canary)
+        with _server(_answer("302 Found", [("Location", target), ("Content-Length", 0)])) as port:
+            # The canary is allow-listed too: what is refused is the scheme, not the address.
+            guarded_worker(allow_hosts=(f"127.0.0.1:{port}", f"127.0.0.1:{canary}"))
+            body, err = _fetch(f"http://127.0.0.1:{port}/a.png" if how == "redirect" else target)
+        assert body is None and netguard.BLOCKED_MARK in err, err
+        assert connections() == 0, "no connection to the canary"
+
+
+def test_http_redirects_are_still_followed(guarded_worker):
+    with _server(_answer("200 OK", [("Content-Length", 5)], b"image")) as end:
+        hop = _answer("301 Moved", [("Location", f"http://127.0.0.1:{end}/end.png"), ("Content-Length", 0)])
+        with _server(hop) as start:
+            guarded_worker(allow_hosts=(f"127.0.0.1:{start}", f"127.0.0.1:{end}"))
+            assert _fetch(f"http://127.0.0.1:{start}/a.png") == (b"image", None)
+
+
+def test_redirect_to_a_port_not_allowed_is_still_blocked(guarded_worker):
+    with _canary() as (canary, connections):
+        hop = _answer("302 Found", [("Location", f"http://127.0.0.1:{canary}/x.png"), ("Content-Length", 0)])
+        with _server(hop) as port:
+            guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))
+            body, err = _fetch(f"http://127.0.0.1:{port}/a.png")
+        assert body is None and netguard.BLOCKED_MARK in err, err
+        assert connections() == 0
+
+
+def test_body_shorter_than_content_length_is_a_retryable_download_failure(guarded_worker):
+    with _server(_answer("200 OK", [("Content-Length", 100_000)], b"\x89PNG" + b"x" * 46)) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))
+        body, err = _fetch(f"http://127.0.0.1:{port}/short.png")
+        assert body is None and "IncompleteRead(50 bytes read, 99950 more expected)" in err, err
+        assert re.search(RETRYABLE_DETAIL, err), "retried by --retry-failed"
+        ok = _answer("200 OK", [("Content-Length", 50)], b"x" * 50)
+    with _server(ok) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))
+        assert _fetch(f"http://127.0.0.1:{port}/exact.png") == (b"x" * 50, None)
+
+
+def _trickle(head: bytes):
+    """Sends `head`, then one byte every 0.2 s until the client leaves (or 20 s: the test's bound)."""
+    def respond(path, conn, stop):
+        conn.sendall(head)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not stop.wait(0.2):
+            conn.sendall(b"x")
+    return respond
+
+
+@pytest.mark.parametrize("phase, head", [
+    ("body", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"),
+    ("headers", b"HTTP/1.1 200 OK\r\nX-Slow: "),
+])
+def test_timeout_bounds_the_whole_request_not_each_read(guarded_worker, phase, head):
+    with _server(_trickle(head)) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))
+        started = time.monotonic()
+        body, err = _fetch(f"http://127.0.0.1:{port}/slow.png", timeout=1)
+        took = time.monotonic() - started
+    assert body is None and "timed out" in err, err
+    assert took < 3, f"took {took:.1f} s with timeout 1 s"
+    assert re.search(RETRYABLE_DETAIL, err)
+
+
+def test_deadline_spans_redirect_hops(guarded_worker):
+    """Each hop may be quick; together they still get one deadline."""
+    def slow_hop(path, conn, stop):
+        n = int(path.strip("/") or 0)
+        stop.wait(0.3)
+        conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: /{n + 1}\r\nContent-Length: 0\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+    with _server(slow_hop) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",), deadline_s=1)
+        started = time.monotonic()
+        body, err = _fetch(f"http://127.0.0.1:{port}/0", timeout=5)
+        took = time.monotonic() - started
+    assert body is None and "timed out" in err, err
+    assert took < 2.5, f"took {took:.1f} s with a 1 s deadline"

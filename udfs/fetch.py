@@ -3,17 +3,23 @@
 img2dataset fetches with `urllib.request.urlopen`, i.e. through the process-wide opener. Each worker
 installs ours before a shard starts: every connection (redirect hops included) goes through the
 address policy of udfs.netguard, proxies from the environment are ignored, opt-out headers are
-honoured for capfilt's token and img2dataset's, and bodies are capped in size. SafeResizer reads the
+honoured for capfilt's token and img2dataset's, bodies are capped in size and must be as long as
+declared, only http(s) is ever fetched (redirects included), and one deadline bounds the whole request
+(redirect hops and body reads included). SafeResizer reads the
 image header before img2dataset decodes anything, so a decompression bomb never reaches memory, and
 normalises what OpenCV mishandles (EXIF rotation, 16-bit, CMYK, palette/alpha, animation) with PIL.
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import io
+import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,6 +37,9 @@ class FetchPolicy:
     max_bytes: int = 32 * 1024 * 1024
     user_agent_tokens: tuple[str, ...] = ("capfilt", "img2dataset")
     opt_out_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    # Seconds for a whole urlopen + read (connect, TLS, headers, body, every redirect hop).
+    # None: the timeout the caller passes to urlopen (img2dataset passes download.timeout).
+    deadline_s: float | None = None
 
 
 class _Limits(urllib.request.BaseHandler):
@@ -59,9 +68,14 @@ class _Limits(urllib.request.BaseHandler):
         read = response.read
 
         def capped_read(amt=None):
-            data = read(limit + 1 if amt is None or amt < 0 else amt)
+            want = limit + 1 if amt is None or amt < 0 else amt
+            data = read(want)
             if amt is None and len(data) > limit:
                 raise urllib.error.URLError(f"{TOO_LARGE_MARK}: body over {limit} bytes")
+            # http.client returns a short body silently when the peer closes before Content-Length
+            # bytes: it would end as a truncated image (not retried) instead of a retryable download.
+            if len(data) < want and response.length:
+                raise http.client.IncompleteRead(data, response.length)
             return data
 
         response.read = capped_read
@@ -70,30 +84,143 @@ class _Limits(urllib.request.BaseHandler):
     https_response = http_response
 
 
+_FETCHED_SCHEMES = ("http", "https")
+
+
+def _refuse_scheme(url: str, fp=None) -> None:
+    scheme = urlparse(url).scheme  # lower-cased by urlparse: FTP:// is ftp
+    if scheme not in _FETCHED_SCHEMES:
+        if fp is not None:
+            fp.close()
+        raise urllib.error.URLError(f"{netguard.BLOCKED_MARK}: scheme {scheme or '(none)'!r} in {url[:200]!r} "
+                                    f"is not fetched (only http and https)")
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp too (a plain socket outside the address policy) and refuses other
+    schemes with an HTTPError that does not say why: refuse every non-http(s) hop as blocked, before
+    any connection, and carry the request's deadline to the next hop."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers["location"] if "location" in headers else headers["uri"] if "uri" in headers else None
+        if location is not None and urlparse(location).scheme not in _FETCHED_SCHEMES + ("",):
+            _refuse_scheme(location, fp)  # else urllib raises an HTTPError that does not say blocked
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _refuse_scheme(newurl, fp)  # the absolute URL urllib would open next: the check that matters
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.capfilt_deadline = getattr(req, "capfilt_deadline", None)
+        return new
+
+
+class _OnlyHttp(urllib.request.BaseHandler):
+    """Whatever scheme no handler opens (ftp, file, data, gopher...) ends as blocked, not as urlopen
+    returning None (what an OpenerDirector does without urllib's UnknownHandler)."""
+
+    def unknown_open(self, req):
+        _refuse_scheme(req.full_url)
+
+
+def _deadline_passed() -> TimeoutError:
+    return TimeoutError("timed out: the request's total deadline has passed")
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket reads, each allowed only what is left of the request's deadline: a socket
+    timeout applies per recv, so a server trickling a byte at a time could hold a worker forever."""
+
+    def __init__(self, sock, deadline: float):
+        self.raw = sock.makefile("rb", buffering=0)  # keeps the fd open after urllib closes `sock`
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _deadline_passed()
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(left if timeout is None else min(timeout, left))
+        return self.raw.readinto(b)
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTPResponse whose status line, headers and body all come through a _DeadlineReader."""
+
+    def __init__(self, sock, *args, deadline: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain file made by HTTPResponse; headers are read from ours
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+def _guarded(connection_class, addresses: netguard.AddressPolicy):
+    """`connection_class` connecting through the address policy and, given a deadline, within it."""
+
+    class Guarded(connection_class):
+        def __init__(self, *args, deadline: float | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._create_connection = self._connect
+            self._deadline = deadline
+            if deadline is not None:
+                self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+        def _connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+            if self._deadline is None:
+                return addresses.create_connection(address, timeout, source_address)
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise _deadline_passed()
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT and timeout is not None:
+                left = min(left, timeout)
+            sock = addresses.create_connection(address, left, source_address)
+            # What is left bounds the TLS handshake and sending the request too.
+            sock.settimeout(max(self._deadline - time.monotonic(), 0.001))
+            return sock
+
+    return Guarded
+
+
 def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
+    """Only the handlers a download needs. urllib.request.build_opener would add FTPHandler (a plain
+    socket, outside the address policy), FileHandler, DataHandler, UnknownHandler and a ProxyHandler
+    reading the environment (the proxy would become the peer we check)."""
     addresses = netguard.AddressPolicy(list(policy.allow_hosts))
+    http_connection = _guarded(http.client.HTTPConnection, addresses)
+    https_connection = _guarded(http.client.HTTPSConnection, addresses)
 
-    class GuardedHTTPConnection(http.client.HTTPConnection):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._create_connection = addresses.create_connection
-
-    class GuardedHTTPSConnection(http.client.HTTPSConnection):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._create_connection = addresses.create_connection
+    def deadline(req) -> float | None:
+        # Set on the first hop; _HttpOnlyRedirects copies it to the next ones.
+        if not hasattr(req, "capfilt_deadline"):
+            budget = policy.deadline_s
+            if budget is None and isinstance(req.timeout, (int, float)):
+                budget = req.timeout
+            req.capfilt_deadline = None if budget is None else time.monotonic() + budget
+        return req.capfilt_deadline
 
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
-            return self.do_open(GuardedHTTPConnection, req)
+            return self.do_open(http_connection, req, deadline=deadline(req))
 
     class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self.do_open(GuardedHTTPSConnection, req, context=self._context)
+            return self.do_open(https_connection, req, context=self._context, deadline=deadline(req))
 
-    # ProxyHandler({}): a proxy from the environment would make the proxy the peer we check.
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), GuardedHTTPHandler,
-                                       GuardedHTTPSHandler, _Limits(policy))
+    opener = urllib.request.OpenerDirector()
+    for handler in (GuardedHTTPHandler(), GuardedHTTPSHandler(), _OnlyHttp(), _HttpOnlyRedirects(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
+                    _Limits(policy)):
+        opener.add_handler(handler)
+    return opener
 
 
 _installed: FetchPolicy | None = None
