@@ -15,7 +15,7 @@ import math
 import sys
 import time
 
-from jobs.common import add_config_args, config_from_args, run
+from jobs.common import add_config_args, check_output_path, config_from_args, reuse_committed, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,33 +44,64 @@ def main(argv=None) -> int:
     cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
 
     from pipelines.download import STAGE
-    from pipelines.inputs import InputSpec
-    from pipelines.output import StageOutput
+    from pipelines.provenance import input_source
+    from pipelines.output import OutputLock, StageOutput
     from pipelines.session import spark_session
 
-    spec = InputSpec.from_preset(args.input, args.preset, url_col=args.url_col, caption_col=args.caption_col,
-                                 id_col=args.id_col)
-    spec = InputSpec(**{**spec.__dict__, "format": args.input_format})
+    spec = input_spec(args)
+    if not args.retry_failed:
+        from pipelines.inputs import check_input
+        check_input(spec)  # an unreadable input is one line, before any Spark work
+    check(spec, args.output, cfg)
     out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
     if args.retry_failed:
         if not out.complete:
             raise ValueError(f"--retry-failed needs a committed download at {args.output}; run without it first")
-    elif out.complete and not cfg.output.overwrite:
-        print(f"{args.output} is already committed: nothing to do (--overwrite to redo, "
-              f"--retry-failed to retry failures)")
+        refuse_stale_retry(out, cfg)
+    elif reuse_committed(out, cfg, STAGE, input_source(spec)):
         return 0
-    spark = spark_session(cfg.spark)
-    print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
-    if args.retry_failed:
-        counts = retry_failed(spark, out, cfg, progress=not args.no_progress)
-    else:
-        counts = download(spark, spec, out, cfg, progress=not args.no_progress)
+    with OutputLock(args.output):
+        spark = spark_session(cfg.spark)
+        print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
+        if args.retry_failed:
+            counts = retry_failed(spark, out, cfg, progress=not args.no_progress)
+        else:
+            counts = download(spark, spec, out, cfg, progress=not args.no_progress)
     print_funnel(counts, args.output)
     return 0
 
 
+def input_spec(args):
+    from pipelines.inputs import InputSpec
+    spec = InputSpec.from_preset(args.input, args.preset, url_col=args.url_col, caption_col=args.caption_col,
+                                 id_col=args.id_col)
+    return InputSpec(**{**spec.__dict__, "format": args.input_format})
+
+
+def check(spec, output: str, cfg) -> None:
+    """Everything about the arguments that can be wrong, checked before Spark starts: one line each."""
+    from udfs.netguard import check_allow_list
+    check_output_path(output)
+    check_allow_list(cfg.download.allow_hosts)
+
+
+def refuse_stale_retry(out, cfg) -> None:
+    """--retry-failed merges new rows into a committed download (from the input it kept): only fetch
+    settings may differ."""
+    from pipelines.download import STAGE
+    from pipelines.output import read_manifest
+    from pipelines.provenance import FETCH_ONLY, stale_reason
+    why = stale_reason(read_manifest(out.root), cfg.to_dict(), STAGE)
+    if why:
+        raise ValueError(f"--retry-failed on {out.root}: it was downloaded with {why}; a retry may change only "
+                         f"how rows are fetched ({', '.join(sorted(FETCH_ONLY))}). Rerun with --overwrite to "
+                         f"download everything again")
+
+
 def _fingerprint(spec, cfg) -> str:
-    return hashlib.sha256(json.dumps([spec.__dict__, cfg.download.__dict__], sort_keys=True,
+    """What a killed run's work depends on: the input (files included) and the download settings."""
+    from pipelines.provenance import input_source
+    return hashlib.sha256(json.dumps([input_source(spec), cfg.download.__dict__], sort_keys=True,
                                      default=str).encode()).hexdigest()
 
 
@@ -81,6 +112,7 @@ def download(spark, spec, out, cfg, progress=True):
     from pipelines.inputs import read_pairs
     from pipelines.io import write_stage
     from pipelines.output import build_manifest
+    from pipelines.provenance import input_source
 
     timer = Timer()
     out.begin(resume=True, force=True)
@@ -95,8 +127,13 @@ def download(spark, spec, out, cfg, progress=True):
     if prepared:
         print(f"Resuming: {prepared['todo']} rows to fetch, finished shards are skipped.")
     else:
+        try:
+            pairs = read_pairs(spark, spec)
+        except Exception:
+            out.abort()  # nothing was done yet: leave no hidden folder behind
+            raise
         # One pass with the uid shuffle; everything after reads this small metadata-only file.
-        precheck(read_pairs(spark, spec), cfg.download).write.mode("overwrite").parquet(out.path("prechecked"))
+        precheck(pairs, cfg.download).write.mode("overwrite").parquet(out.path("prechecked"))
         marked = spark.read.parquet(out.path("prechecked"))
         n_input = marked.count()  # Parquet counts come from file footers
         # img2dataset shards each input file on its own: few large files, not one per Spark partition.
@@ -122,8 +159,8 @@ def download(spark, spec, out, cfg, progress=True):
     counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
     timer.lap("write")
     shards = shard_stats(spark, out.path("shards")) if prepared["todo"] else {}
-    manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, shards=shards,
-                              reasons=_reasons(), timings=timer.laps)
+    manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, source=input_source(spec),
+                              shards=shards, reasons=_reasons(), timings=timer.laps)
     for work in ("shards", "prechecked", "prepared.json"):
         out.remove(work)
     out.commit(manifest)
@@ -159,6 +196,7 @@ def retry_failed(spark, out, cfg, progress=True):
     rejects = old_rejects.join(retry, "uid", "left_anti").unionByName(new_failed)
     counts = write_stage(out, data, rejects, committed["counts"]["input"], cfg.output.compression)
     manifest = build_manifest(out, cfg.to_dict(), counts, input=committed.get("input"),
+                              source=committed.get("source"),
                               shards=committed.get("shards", {}), reasons=_reasons(),
                               retries=[*committed.get("retries", []),
                                        {"retried": n_retry, "recovered": counts.output - committed["counts"]["output"]}])

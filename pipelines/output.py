@@ -32,6 +32,66 @@ class NotCommittedError(FileNotFoundError):
     pass
 
 
+class OutputInUse(RuntimeError):
+    """Another capfilt process is writing the same output."""
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for one process: `<parent>/.<name>.lock`, held with
+    flock, so the kernel releases it when the process dies (a crashed run never leaves it stuck).
+    The file names the holder's pid for the message. Local and mounted file systems only: on an
+    object store (s3://...) there is nothing to lock and the lock is a no-op."""
+
+    def __init__(self, root: str):
+        root = str(root).rstrip("/")
+        self.local = "://" not in root or root.startswith("file://")
+        path = PurePosixPath(root.split("://")[-1])
+        self.root = str(path)
+        self.path = str(path.parent / f".{path.name}.lock")
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        if not self.local:
+            return self
+        import fcntl
+        import os
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise OutputInUse(f"{self.root} is in use by pid {holder} (lock {self.path}); wait for that run "
+                                  f"to finish or stop it") from None
+            # The holder before us may have removed the file after we opened it: lock the file that is there.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} on {platform.node()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            import os
+            try:
+                os.unlink(self.path)  # while still held: a waiter re-checks the inode (above)
+            except FileNotFoundError:
+                pass
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class Counts:
     input: int

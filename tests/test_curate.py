@@ -2,6 +2,7 @@
 import collections
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,8 @@ from jobs.curate import main as curate
 from pipelines.output import ConservationError, read_manifest
 from pipelines.publish import STAGES, publish
 from schemas import CURATED, REJECTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _table(path):
@@ -91,3 +94,135 @@ def test_stage_outputs_from_different_runs_are_refused(curated_out, tmp_path, sp
     path.write_text(json.dumps(manifest))
     with pytest.raises(ConservationError, match="filter read"):
         publish(spark, str(out), {})
+
+
+def _hidden(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.is_dir())
+
+
+def test_a_rerun_with_another_input_is_refused_not_passed_off_as_its_output(curated_out, curate_args, curate_site,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    three = tmp_path / "three.parquet"
+    pq.write_table(pq.read_table(curate_site[2]).slice(0, 3), three)
+    args = [*curate_args, "--output", str(out)]
+    args[args.index("--input") + 1] = str(three)
+    assert cli(["curate", *args]) == 2
+    err = capsys.readouterr().err
+    assert "download under" in err and "another input" in err and err.count("\n") == 1
+    assert read_manifest(out)["counts"] == read_manifest(curated_out)["counts"]  # nothing was touched
+
+
+def test_a_stage_job_refuses_a_committed_output_made_with_other_settings(curated_out, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    stages = out / "stages"
+    rc = cli(["filter", "--input", str(stages / "caption"), "--output", str(stages / "filter"),
+              "--set", "filter.rule=topk"])
+    assert rc == 2
+    assert "filter.rule" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this runs open(marker, 'w'): the marker file proves code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_clip(tmp_path):
+    """A copy of the shapes CLIP whose weights are a pickle that would create `marker` when loaded."""
+    import torch
+    from udfs.models import SHAPES_CLIP
+    folder, marker = tmp_path / "evil-clip", tmp_path / "payload-ran"
+    shutil.copytree(SHAPES_CLIP, folder)
+    (folder / "open_clip_model.safetensors").unlink()
+    torch.save({"state_dict": _Payload(marker)}, folder / "open_clip_pytorch_model.bin")
+    return folder, marker
+
+
+@pytest.mark.parametrize("model", ["missing", "pickle", "clip_as_captioner"])
+def test_a_bad_model_reference_is_one_line_before_any_work(curate_args, tmp_path, capsys, model):
+    from udfs.models import SHAPES_CLIP
+    out, marker = tmp_path / "out", None
+    if model == "missing":
+        override = f"filter.model={tmp_path / 'no-such-model'}"
+    elif model == "pickle":
+        folder, marker = _evil_clip(tmp_path)
+        override = f"filter.model={folder}"
+    else:
+        override = f"caption.model={SHAPES_CLIP}"
+    assert cli(["curate", *curate_args, "--output", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt: error: model ") and err.count("\n") == 1, err
+    assert not (out / "stages").exists()  # nothing was downloaded
+    assert marker is None or not marker.exists()
+
+
+@pytest.mark.parametrize("problem", ["output_is_a_file", "output_under_a_file", "allow_host_port",
+                                     "allow_host_empty", "missing_column"])
+def test_argument_errors_are_one_line_and_leave_nothing_behind(curate_args, tmp_path, capsys, problem):
+    out = tmp_path / "out"
+    args = [*curate_args, "--output", str(out)]
+    if problem == "output_is_a_file":
+        out.write_text("not a folder")
+    elif problem == "output_under_a_file":
+        (tmp_path / "file").write_text("x")
+        args[-1] = str(tmp_path / "file" / "out")
+    elif problem == "allow_host_port":
+        args += ["--allow-host", "127.0.0.1:abc"]
+    elif problem == "allow_host_empty":
+        args += ["--allow-host", ":80"]
+    else:
+        args += ["--url-col", "no_such_column"]
+    assert cli(["curate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt: error: ") and "Traceback" not in err, err
+    assert err.count("\n") == 1 or problem == "missing_column"  # that one lists the input's columns too
+    assert _hidden(tmp_path) == []  # no .NAME.inprogress and no lock left behind
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_pid_and_a_crashed_holder_frees_it(
+        curate_args, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipelines.output import OutputLock\n"
+                               f"with OutputLock({str(out)!r}):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli(["curate", *curate_args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by pid {holder.pid}" in err and err.count("\n") == 1, err
+        assert not (out / "stages").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a crash: no cleanup runs
+        holder.wait(timeout=30)
+    from pipelines.output import OutputLock
+    with OutputLock(str(out)):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_retry_failed_through_curate_may_change_fetch_settings_only(curated_out, curate_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    rc = cli(["curate", *curate_args, "--output", str(out), "--retry-failed", "--set", "download.image_size=32"])
+    assert rc == 2
+    assert "download.image_size" in capsys.readouterr().err
+    rc = cli(["curate", *curate_args, "--output", str(out), "--retry-failed", "--set", "download.timeout=5"])
+    assert rc == 0, capsys.readouterr().err
+    manifest = read_manifest(out)
+    assert manifest["counts"]["input"] == read_manifest(curated_out)["counts"]["input"]
+    assert read_manifest(out / "stages" / "download")["config"]["download"]["timeout"] == 5
+    assert len(read_manifest(out / "stages" / "download")["retries"]) == 1
+    # A later plain rerun reuses everything: a fetch setting does not make the download stale.
+    assert cli(["curate", *curate_args, "--output", str(out)]) == 0
+    assert capsys.readouterr().out.count("committed by an earlier run, reused") == 4

@@ -94,21 +94,35 @@ class AddressPolicy:
 
 
 def _split_host_port(entry: str) -> tuple[str, int | None]:
-    entry = entry.strip()
-    if entry.startswith("["):  # [::1]:8080
-        host, _, rest = entry[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, port = entry.split(":")
-        return host, int(port)
-    return entry, None
+    """HOST, HOST:PORT, [IPv6] or [IPv6]:PORT; ValueError naming the entry otherwise."""
+    text = str(entry).strip()
+    port = None
+    if text.startswith("["):  # [::1]:8080
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            host = ""
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    if not host or any(c.isspace() or c in "/@?#" for c in host) or (
+            port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"allow-host {entry!r} is not HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535")
+    return host, None if port is None else int(port)
+
+
+def check_allow_list(entries) -> None:
+    """Parse and resolve every allow-list entry now (on the driver), so a typo is one line before any
+    work rather than an error inside every download task."""
+    AddressPolicy(list(entries))
 
 
 def _resolve_all(host: str) -> set[str]:
     try:
         return {_normal_ip(info[4][0]) for info in socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)}
     except socket.gaierror as e:
-        raise ValueError(f"--allow-host {host}: cannot resolve: {e}") from None
+        raise ValueError(f"allow-host {host}: cannot resolve: {e}") from None
 
 
 def _normal_ip(ip: str) -> str:

@@ -1,0 +1,62 @@
+"""What an output was made from, so that a rerun never passes off one run's output as another's.
+
+A committed stage records the settings it was computed with (manifest `config`) and its source:
+for download, the input spec and each input file's name, size and modification time; for the later
+stages, the committed stage they read (its finish time and row count). A rerun whose settings or
+source differ is told what differs instead of getting the old output back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+# Config sections a committed stage was computed with (seed seeds caption sampling and dedup's choices).
+SETTINGS = {"download": ("download",), "caption": ("caption", "seed"), "filter": ("filter",),
+            "dedup": ("dedup", "seed")}
+# Download settings that change how rows are fetched, not what a good row is: a committed download
+# stays valid under other values, and --retry-failed may change them (e.g. a longer timeout).
+FETCH_ONLY = frozenset({"timeout", "retries", "threads", "processes", "max_shard_retry", "subjob_size",
+                        "rows_per_shard", "allow_hosts", "loopback_only"})
+
+
+def input_source(spec) -> dict:
+    """The input of a download, identified without reading it: the spec (path, format, columns) and a
+    digest of each input file's name, size and modification time."""
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(spec.path)
+    if any(c in root for c in "*?["):
+        names = fs.glob(root)
+    else:
+        names = fs.find(root) if fs.isdir(root) else [root]
+    files = []
+    for name in sorted(names):
+        info = fs.info(name)
+        if info.get("type") == "file":
+            files.append([name, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+    return {"spec": dict(spec.__dict__), "files": len(files), "bytes": sum(f[1] or 0 for f in files),
+            "digest": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
+def source_of(manifest: dict) -> dict:
+    """The committed stage output a later stage read: any rerun of that stage makes a new one."""
+    return {"finished_at": manifest.get("finished_at"), "rows": manifest.get("counts", {}).get("output")}
+
+
+def stale_reason(manifest: dict, config: dict, stage: str, source: dict | None = None) -> str | None:
+    """Why a committed stage (its manifest) does not belong to a run with `config` and `source`:
+    'other settings (key, ...)' or 'another input'; None when it does."""
+    used, changed = manifest.get("config", {}), []
+    for key in SETTINGS[stage]:
+        before, now = used.get(key), config.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            skip = FETCH_ONLY if stage == "download" else ()
+            changed += [f"{key}.{k}" for k in sorted(set(before) | set(now))
+                        if k not in skip and before.get(k) != now.get(k)]
+        elif before != now:
+            changed.append(key)
+    if changed:
+        return f"other settings ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
+    recorded = manifest.get("source")
+    if source is not None and recorded is not None and recorded != source:
+        return "another input"
+    return None
