@@ -197,6 +197,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r} must look like key.path=value")
         node = data
         parts = key.strip().split(".")
+        if parts[:2] == ["spark", "conf"] and len(parts) > 3:  # Spark's own keys have dots
+            parts = [*parts[:2], ".".join(parts[2:])]
         for part in parts[:-1]:
             if node.get(part) is None:  # absent, or left empty in the file (`spark:` alone)
                 node[part] = {}
@@ -274,7 +276,9 @@ def _coerce(tp, value, path: str, meta) -> Any:
             raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}")
         return value
     if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            return str(value).lower()  # e.g. spark conf values written as true/false: Spark's spelling
+        if isinstance(value, (int, float)):
             return str(value)  # e.g. spark conf values written as numbers
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")

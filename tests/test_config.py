@@ -100,3 +100,8 @@ def test_the_cli_refuses_nan_with_one_line(capsys):
     from jobs.cli import main as cli
     assert cli(["config", "--set", "filter.threshold=.nan"]) == 2
     assert capsys.readouterr().err == "capfilt: error: filter.threshold: expected a finite number, got nan\n"
+
+
+def test_a_spark_conf_key_with_dots_can_be_set_on_the_command_line():
+    cfg = load_config(None, ["spark.conf.spark.sql.shuffle.partitions=7", "spark.conf.spark.ui.enabled=false"])
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": "7", "spark.ui.enabled": "false"}
