@@ -30,9 +30,11 @@ def main(argv=None) -> int:
     read_manifest(args.out)  # refuses an unfinished OUT before starting Spark,
     check_target(args.out, args.to, cfg.output.overwrite)  # and a target that is not safe to write
 
+    from pipelines.output import OutputLock
     from pipelines.session import spark_session
-    spark = spark_session(cfg.spark)
-    summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
+    with OutputLock(args.to):  # two exports into one folder would share its work folder
+        spark = spark_session(cfg.spark)
+        summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
     print(f"{args.to}: {summary['samples']} samples as {args.format}")
     # Arguments to paste into a shell: every path quoted (spaces, quotes; the brace pattern is open_clip's).
     if args.format == "webdataset":
