@@ -60,8 +60,11 @@ def check_models(cfg: Config, stages) -> None:
         check_reference(cfg.filter.model, "clip")
 
 
-def check_output_path(root: str) -> None:
-    """The output folder, or the nearest of its parents that exists, must be a folder."""
+def check_output_path(root: str, input: str | None = None, replaced: tuple[str, ...] = ("",)) -> None:
+    """The output folder, or the nearest of its parents that exists, must be a folder, and the output
+    must stay apart from the input: a commit replaces the `replaced` parts of the output whole (a stage
+    its whole folder; curate OUT's stages/, curated/ and rejects/), and an input folder holding the
+    output would read the output back as input on the next run."""
     import fsspec
     fs, path = fsspec.core.url_to_fs(str(root))
     path = path.rstrip("/") or "/"
@@ -69,6 +72,32 @@ def check_output_path(root: str) -> None:
         path = path.rsplit("/", 1)[0] or "/"
     if fs.exists(path) and not fs.isdir(path):
         raise ValueError(f"output {root}: {path} is a file, not a folder; choose another output")
+    if input is None:
+        return
+    out, source = _location(root), _location(input)
+    for part in replaced:
+        target = out / part if part else out
+        if source == target or target in source.parents:
+            raise ValueError(f"the input {input} lies inside {target}, which this run replaces: choose another output")
+    if source == out or source in out.parents:
+        raise ValueError(f"the output {root} lies inside the input {input}: a rerun would read it back as input; "
+                         f"choose another output")
+
+
+def _location(path: str):
+    """An absolute, comparable form of a local path or URL; a glob stands for the folder it searches."""
+    import os
+    from pathlib import PurePosixPath
+    text = str(path)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "file", text
+    parts = PurePosixPath(rest).parts
+    cut = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    rest = str(PurePosixPath(*parts[:cut])) if cut else "."
+    if scheme == "file":
+        rest = os.path.realpath(os.path.expanduser(rest))
+    return PurePosixPath(f"/{scheme}") / rest.lstrip("/")
 
 
 def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -100,7 +129,7 @@ def run_model_stage(args, stage: str, contract, transform, split, reasons: dict,
 
     cfg = config_from_args(args)
     settings = getattr(cfg, stage)
-    check_output_path(args.output)
+    check_output_path(args.output, args.input)
     source_manifest = read_manifest(args.input)  # refuses an uncommitted input
     out = StageOutput(args.output, stage, overwrite=cfg.output.overwrite)
     if reuse_committed(out, cfg, stage, source_of(source_manifest)):

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     started = time.time()
     out = str(args.output).rstrip("/")
     spec = input_spec(args)
-    check(spec, out, cfg)
+    check(spec, out, cfg, retry=args.retry_failed, replaced=("stages", "curated", "rejects"))
     with OutputLock(out):
         runs = plan(out, cfg, input_source(spec), args.retry_failed)
         check_models(cfg, [stage for stage, run_it in runs.items() if run_it])

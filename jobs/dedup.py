@@ -21,7 +21,7 @@ def main(argv=None) -> int:
 
     args = stage_parser("capfilt dedup", __doc__).parse_args(argv)
     cfg = config_from_args(args)
-    check_output_path(args.output)
+    check_output_path(args.output, args.input)
     source = source_of(read_manifest(args.input))  # refuses an uncommitted input
     out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
     if reuse_committed(out, cfg, STAGE, source):

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if not args.retry_failed:
         from pipelines.inputs import check_input
         check_input(spec)  # an unreadable input is one line, before any Spark work
-    check(spec, args.output, cfg)
+    check(spec, args.output, cfg, retry=args.retry_failed)
     out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
     if args.retry_failed:
         if not out.complete:
@@ -78,10 +78,11 @@ def input_spec(args):
     return InputSpec(**{**spec.__dict__, "format": args.input_format})
 
 
-def check(spec, output: str, cfg) -> None:
-    """Everything about the arguments that can be wrong, checked before Spark starts: one line each."""
+def check(spec, output: str, cfg, retry: bool = False, replaced: tuple[str, ...] = ("",)) -> None:
+    """Everything about the arguments that can be wrong, checked before Spark starts: one line each.
+    A retry reads the input the committed output kept, not --input."""
     from udfs.netguard import check_allow_list
-    check_output_path(output)
+    check_output_path(output, None if retry else spec.path, replaced)
     check_allow_list(cfg.download.allow_hosts)
 
 

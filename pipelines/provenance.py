@@ -30,7 +30,10 @@ def input_source(spec) -> dict:
         names = fs.find(root) if fs.isdir(root) else [root]
     files = []
     for name in sorted(names):
-        info = fs.info(name)
+        try:
+            info = fs.info(name)
+        except FileNotFoundError:  # a missing input has no files (the reader refuses it, with one line)
+            continue
         if info.get("type") == "file":
             files.append([name, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
     return {"spec": dict(spec.__dict__), "files": len(files), "bytes": sum(f[1] or 0 for f in files),

@@ -226,3 +226,34 @@ def test_retry_failed_through_curate_may_change_fetch_settings_only(curated_out,
     # A later plain rerun reuses everything: a fetch setting does not make the download stale.
     assert cli(["curate", *curate_args, "--output", str(out)]) == 0
     assert capsys.readouterr().out.count("committed by an earlier run, reused") == 4
+
+
+@pytest.mark.parametrize("layout", ["stage_output_is_its_input", "stage_output_inside_its_input",
+                                    "stage_input_inside_its_output", "curate_out_inside_the_input_folder",
+                                    "curate_input_inside_out_stages"])
+def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_out, curate_args, curate_site,
+                                                                        tmp_path, capsys, layout):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    download = out / "stages" / "download"
+    before = sorted(p.name for p in download.rglob("*"))
+    if layout.startswith("stage"):
+        target = {"stage_output_is_its_input": download, "stage_output_inside_its_input": download / "caption",
+                  "stage_input_inside_its_output": out / "stages"}[layout]
+        argv = ["caption", "--input", str(download), "--output", str(target), "--overwrite"]
+    else:
+        folder = tmp_path / "dump"
+        folder.mkdir()
+        shutil.copy(curate_site[2], folder / "metadata.parquet")
+        if layout == "curate_out_inside_the_input_folder":
+            argv = ["curate", *curate_args, "--output", str(folder / "out")]
+            argv[argv.index("--input") + 1] = str(folder)
+        else:
+            shutil.copy(curate_site[2], download / "metadata.parquet")
+            argv = ["curate", *curate_args, "--output", str(out), "--overwrite"]
+            argv[argv.index("--input") + 1] = str(download / "metadata.parquet")
+            before = sorted(p.name for p in download.rglob("*"))
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt: error: the ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in download.rglob("*")) == before  # the input is untouched
