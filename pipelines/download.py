@@ -1,6 +1,7 @@
 """The download stage: pairs -> downloaded records + rejects, with img2dataset on Spark.
 
-    precheck   (DataFrame -> DataFrame) rows that must not be fetched: duplicate_uid, invalid_url, empty_caption
+    precheck   (DataFrame -> DataFrame) rows that must not be fetched: malformed_row, duplicate_uid, invalid_url,
+               empty_caption
     fetch      img2dataset's Reader, Resizer and Downloader, run by its pyspark distributor inside our
                SparkSession; our wrappers (udfs.fetch) add the address policy, opt-out and bomb checks
     classify   (DataFrame -> DataFrame) img2dataset's status row per input row -> a record or a named reject
@@ -12,9 +13,12 @@ from __future__ import annotations
 import math
 
 from pipelines.config import DownloadSettings
+from pipelines.inputs import MALFORMED
 
 STAGE = "download"
 REASONS = {
+    "malformed_row": "the reader could not parse the row: a broken JSON line, a CSV row with more or fewer "
+                     "fields than the header, or CSV lines folded by an unterminated quote (detail shows the text)",
     "duplicate_uid": "another row has the same uid (the first by url, caption is kept)",
     "invalid_url": "not an http(s) URL with a host",
     "empty_caption": "caption is null or blank (download.drop_empty_captions)",
@@ -29,7 +33,12 @@ REASONS = {
 # Failures worth trying again later: --retry-failed re-downloads exactly these.
 RETRYABLE_DETAIL = (r"HTTP Error (5\d\d|429|408)|timed out|[Rr]eset|[Rr]efused|Remote end closed|"
                     r"shard failed|Temporary failure|IncompleteRead|EOF occurred")
-_URL_OK = r"^https?://[^\s/?#@]*[A-Za-z0-9\]][^\s/?#]*([/?#]\S*)?$"
+# Scheme in any case; no whitespace, Unicode space or control character (NUL...) anywhere; \z, not $,
+# which would let a trailing newline through.
+_URL_OK = r"^(?i:https?)://[^\p{Z}\p{Cc}/?#@]*[A-Za-z0-9\]][^\p{Z}\p{Cc}/?#]*([/?#][^\p{Z}\p{Cc}]*)?\z"
+# A caption is blank unless it has a character that is not a space, separator, control or format
+# character (Spark's trim strips only spaces: tab, newline, NBSP and zero-width space are blank too).
+_VISIBLE = r"[^\p{Z}\p{Cc}\p{Cf}]"
 
 
 def precheck(pairs, settings: DownloadSettings):
@@ -38,9 +47,13 @@ def precheck(pairs, settings: DownloadSettings):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    first = Window.partitionBy("uid").orderBy(F.col("url").asc_nulls_last(), F.col("caption").asc_nulls_last())
-    blank_caption = F.col("caption").isNull() | (F.trim(F.col("caption")) == "")
-    reason = (F.when(F.row_number().over(first) > 1, F.lit("duplicate_uid"))
+    malformed = F.col(MALFORMED).isNotNull() if MALFORMED in pairs.columns else F.lit(False)
+    # Unparseable rows rank last, so they never make a parsed row a duplicate.
+    first = Window.partitionBy("uid").orderBy(malformed.asc(), F.col("url").asc_nulls_last(),
+                                              F.col("caption").asc_nulls_last())
+    blank_caption = F.col("caption").isNull() | ~F.col("caption").rlike(_VISIBLE)
+    reason = (F.when(malformed, F.lit("malformed_row"))
+              .when(F.row_number().over(first) > 1, F.lit("duplicate_uid"))
               .when(F.col("url").isNull() | ~F.col("url").rlike(_URL_OK), F.lit("invalid_url")))
     if settings.drop_empty_captions:
         reason = reason.when(blank_caption, F.lit("empty_caption"))
@@ -48,13 +61,15 @@ def precheck(pairs, settings: DownloadSettings):
 
 
 def to_fetch(marked):
-    return marked.filter(marked["_reason"].isNull()).drop("_reason")
+    return marked.filter(marked["_reason"].isNull()).drop("_reason", MALFORMED)
 
 
 def prechecked_rejects(marked):
     from pyspark.sql import functions as F
     r = F.col("_reason")
-    detail = (F.when(r == "duplicate_uid", F.concat(F.lit("uid "), F.col("uid"), F.lit(" seen before")))
+    raw = F.col(MALFORMED) if MALFORMED in marked.columns else F.lit(None).cast("string")
+    detail = (F.when(r == "malformed_row", raw)
+              .when(r == "duplicate_uid", F.concat(F.lit("uid "), F.col("uid"), F.lit(" seen before")))
               .when(r == "invalid_url", F.concat(F.lit("url: "), F.substring(F.coalesce("url", F.lit("<null>")), 1, 200)))
               .otherwise(F.lit("caption is empty")))
     return marked.filter(r.isNotNull()).select(
@@ -137,7 +152,8 @@ def classify(results, todo, settings: DownloadSettings, complete: bool = False):
               .when(F.col("status") == "failed_to_resize", F.lit("failed_to_decode"))
               .otherwise(F.lit("failed_to_download")))
     marked = results.withColumn("_reason", reason)
-    extras = [c for c in todo.columns if c not in ("uid", "url", "caption")]
+    # Extras by quoted name: an input name may hold dots, backticks, spaces.
+    extras = [F.col("`" + c.replace("`", "``") + "`") for c in todo.columns if c not in ("uid", "url", "caption")]
     downloaded = marked.filter(F.col("_reason").isNull()).select(
         "uid", "url", "caption", F.col(fmt).alias("image"), "width", "height", "original_width",
         "original_height", "sha256", *extras, *([F.col("exif")] if settings.extract_exif and "exif" in results.columns else []))
