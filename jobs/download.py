@@ -44,14 +44,11 @@ def main(argv=None) -> int:
     cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
 
     from pipelines.download import STAGE
-    from pipelines.provenance import input_source
     from pipelines.output import OutputLock, StageOutput
+    from pipelines.provenance import input_source
     from pipelines.session import spark_session
 
     spec = input_spec(args)
-    if not args.retry_failed:
-        from pipelines.inputs import check_input
-        check_input(spec)  # an unreadable input is one line, before any Spark work
     check(spec, args.output, cfg, retry=args.retry_failed)
     out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
     if args.retry_failed:
@@ -81,7 +78,10 @@ def input_spec(args):
 def check(spec, output: str, cfg, retry: bool = False, replaced: tuple[str, ...] = ("",)) -> None:
     """Everything about the arguments that can be wrong, checked before Spark starts: one line each.
     A retry reads the input the committed output kept, not --input."""
+    from pipelines.inputs import check_input
     from udfs.netguard import check_allow_list
+    if not retry:
+        check_input(spec)
     check_output_path(output, None if retry else spec.path, replaced)
     check_allow_list(cfg.download.allow_hosts)
 
