@@ -218,6 +218,7 @@ def _world_threads() -> list[threading.Thread]:
 
 def test_cli_serve_on_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_path, capsys):
     from jobs.cli import main as capfilt
+    before = _world_threads()  # the session's own servers (other tests' fixtures) may be running
     make_web_corpus(tmp_path, 40, seed=5)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -226,7 +227,7 @@ def test_cli_serve_on_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_pat
         assert capfilt(["world", "serve", str(tmp_path), "--port", str(port)]) == 2
     assert capsys.readouterr().err == (f"capfilt world: error: port {port} is in use on 127.0.0.1: choose another "
                                        f"with --port, or --port 0 for any free one\n")
-    assert _world_threads() == []
+    assert _world_threads() == before
     assert not (tmp_path / "metadata.parquet").exists()
 
 
@@ -240,9 +241,10 @@ def test_cli_serve_refuses_a_port_out_of_range(tmp_path, capsys, port):
 
 def test_cli_serve_refuses_a_folder_that_is_not_a_corpus(tmp_path, capsys):
     from world import cli
+    before = _world_threads()
     (tmp_path / "site").mkdir()
     for folder in (tmp_path, tmp_path / "missing"):
         assert cli.main(["serve", str(folder)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"capfilt world: error: {folder} is not a corpus") and err.count("\n") == 1, err
-    assert _world_threads() == []
+    assert _world_threads() == before
