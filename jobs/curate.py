@@ -58,8 +58,8 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
 
 def main(argv=None) -> int:
     from jobs.download import check, input_spec
-    from pipelines.provenance import input_source
     from pipelines.output import OutputLock
+    from pipelines.provenance import input_source
     from pipelines.publish import STAGES, publish, stage_dir
     from pipelines.session import spark_session
 

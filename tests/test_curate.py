@@ -233,6 +233,7 @@ def test_retry_failed_through_curate_may_change_fetch_settings_only(curated_out,
                                     "curate_input_inside_out_stages"])
 def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_out, curate_args, curate_site,
                                                                         tmp_path, capsys, layout):
+    from udfs.models import SHAPES_CAPTIONER
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
     download = out / "stages" / "download"
@@ -240,7 +241,9 @@ def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_ou
     if layout.startswith("stage"):
         target = {"stage_output_is_its_input": download, "stage_output_inside_its_input": download / "caption",
                   "stage_input_inside_its_output": out / "stages"}[layout]
-        argv = ["caption", "--input", str(download), "--output", str(target), "--overwrite"]
+        # The shapes captioner: without the overlap check the stage would run, and replace its input.
+        argv = ["caption", "--input", str(download), "--output", str(target), "--overwrite",
+                "--set", f"caption.model={SHAPES_CAPTIONER}"]
     else:
         folder = tmp_path / "dump"
         folder.mkdir()
