@@ -36,7 +36,7 @@ nested = st.lists(st.integers(-5, 5), max_size=3) | st.fixed_dictionaries({"a": 
 url = st.sampled_from(URLS) | text | st.none()
 caption = text | st.none() | st.sampled_from([" \t\n", "\u3000", "a red circle"])
 extra_names = st.lists(st.sampled_from(NAMES) | st.text(max_size=6), max_size=5, unique=True)
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, print_blob=True,
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
