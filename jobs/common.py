@@ -33,6 +33,9 @@ def run(main, argv=None) -> int:
             ModelNotAvailable, UnsafeCheckpoint) as e:
         print(f"capfilt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ncapfilt: interrupted: committed work is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 def reuse_committed(out, cfg: Config, stage: str, source: dict | None = None) -> bool:

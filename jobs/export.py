@@ -32,7 +32,9 @@ def main(argv=None) -> int:
 
     from pipelines.output import OutputLock
     from pipelines.session import spark_session
-    with OutputLock(args.to):  # two exports into one folder would share its work folder
+    # Two exports into one folder would share its work folder; a curate rewriting OUT meanwhile would
+    # pull the files from under the export.
+    with OutputLock(args.to), OutputLock(args.out, shared=True):
         spark = spark_session(cfg.spark)
         summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)
     print(f"{args.to}: {summary['samples']} samples as {args.format}")

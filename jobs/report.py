@@ -69,13 +69,14 @@ def main(argv=None) -> int:
         check_writable(Path(args.html), "--html")
     cfg = config_from_args(args)
 
-    from pipelines.output import read_manifest
+    from pipelines.output import OutputLock, read_manifest
     from pipelines.report import build
     from pipelines.report_html import render
     from pipelines.session import spark_session
     read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
-    report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
+    with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read
+        report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
     print_report(report)
     if args.html is not None:
         Path(args.html).write_text(render(report), encoding="utf-8")

@@ -37,17 +37,19 @@ class OutputInUse(RuntimeError):
 
 
 class OutputLock:
-    """An exclusive lock on an output folder for one process: `<parent>/.<name>.lock`, held with
-    flock, so the kernel releases it when the process dies (a crashed run never leaves it stuck).
-    The file names the holder's pid for the message. Local and mounted file systems only: on an
-    object store (s3://...) there is nothing to lock and the lock is a no-op."""
+    """A lock on an output folder, `<parent>/.<name>.lock`, held with flock so that the kernel releases
+    it when the process dies (a crashed or killed run never leaves it stuck). A writer (curate, a
+    stage, export's target) holds it alone and names its pid in the file; readers (export, inspect)
+    share it, so nothing rewrites an output while it is read. Local and mounted file systems only: on
+    an object store (s3://...) there is nothing to lock and the lock is a no-op."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, shared: bool = False):
         root = str(root).rstrip("/")
         self.local = "://" not in root or root.startswith("file://")
         path = PurePosixPath(root.split("://")[-1])
         self.root = str(path)
         self.path = str(path.parent / f".{path.name}.lock")
+        self.shared = shared
         self._file = None
 
     def __enter__(self) -> "OutputLock":
@@ -59,14 +61,14 @@ class OutputLock:
         while True:
             f = open(self.path, "a+")
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = f.read().strip() or "unknown"
+                holder = f.read().strip()
                 f.close()
-                raise OutputInUse(f"{self.root} is in use by pid {holder} (lock {self.path}); wait for that run "
-                                  f"to finish or stop it") from None
-            # The holder before us may have removed the file after we opened it: lock the file that is there.
+                who = f"in use by pid {holder}" if holder else "being read by another capfilt process (export, inspect)"
+                raise OutputInUse(f"{self.root} is {who} (lock {self.path}); wait for it to finish or stop it") from None
+            # A writer before us may have removed the file after we opened it: lock the file that is there.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
             except FileNotFoundError:
@@ -74,20 +76,22 @@ class OutputLock:
             if same:
                 break
             f.close()
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} on {platform.node()}\n")
-        f.flush()
+        if not self.shared:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} on {platform.node()}\n")
+            f.flush()
         self._file = f
         return self
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
             import os
-            try:
-                os.unlink(self.path)  # while still held: a waiter re-checks the inode (above)
-            except FileNotFoundError:
-                pass
+            if not self.shared:
+                try:
+                    os.unlink(self.path)  # while still held alone: others re-check the inode (above)
+                except FileNotFoundError:
+                    pass
             self._file.close()
             self._file = None
 

@@ -96,3 +96,28 @@ def test_empty_rejects_still_make_a_readable_table(spark, tmp_path):
     counts = write_stage(out, data, empty_rejects(spark), input_count=1)
     out.commit(build_manifest(out, {}, counts))
     assert read_rejects(spark, str(tmp_path / "s")).count() == 0
+
+
+def test_readers_share_an_output_and_a_writer_is_refused_while_it_is_read_and_vice_versa(tmp_path):
+    from pipelines.output import OutputInUse, OutputLock
+    out = str(tmp_path / "out")
+    with OutputLock(out, shared=True), OutputLock(out, shared=True):  # an export and an inspect at once
+        with pytest.raises(OutputInUse, match="being read by another capfilt process"):
+            with OutputLock(out):
+                pass
+    with OutputLock(out):
+        with pytest.raises(OutputInUse, match=f"in use by pid {os.getpid()} "):
+            with OutputLock(out, shared=True):
+                pass
+    with OutputLock(out):  # every holder above has let go
+        pass
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys):
+    from jobs.common import run
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run(interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == "capfilt: interrupted: committed work is kept; rerun the same command to resume"
