@@ -86,12 +86,13 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
+            import fcntl
             import os
-            if not self.shared:
-                try:
-                    os.unlink(self.path)  # while still held alone: others re-check the inode (above)
-                except FileNotFoundError:
-                    pass
+            try:  # the last holder removes the file, while it holds it alone: others re-check the inode (above)
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(self.path)
+            except (BlockingIOError, FileNotFoundError):
+                pass  # other readers still hold it
             self._file.close()
             self._file = None
 

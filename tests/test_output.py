@@ -111,6 +111,7 @@ def test_readers_share_an_output_and_a_writer_is_refused_while_it_is_read_and_vi
                 pass
     with OutputLock(out):  # every holder above has let go
         pass
+    assert not any(tmp_path.iterdir())  # the last holder removed the lock file
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys):
