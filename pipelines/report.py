@@ -5,6 +5,8 @@ deterministic sample for the gallery (the only rows that reach the driver).
                 cross-checked against OUT/rejects and the curated files' footers)
     scores      quantiles and kept fraction of candidate caption scores, per source (web, synthetic,
                 inherited_*), and a histogram of each
+    stages      each stage of the run, in the manifest's order: seconds, rows in and out, rows/s, MB of
+                Parquet written, rows run through each model, and whether it was reused from an earlier run
     shards      each OUT/curated file: rows (from the Parquet footer) and bytes
     gallery     up to `kept` curated rows and up to `per_reason` rejected rows of each reason, picked by
                 a hash of the uid, with thumbnails (from OUT/stages/download for dropped rows) and
@@ -24,6 +26,8 @@ SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the or
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 THUMBNAIL = 96
 BINS = 40
+MISSING = "\u2013"  # a figure the manifest does not hold (one written before it was recorded)
+STAGE_COLUMNS = ("stage", "seconds", "rows in", "rows out", "rows/s", "MB written", "model passes")
 
 
 class ReportMismatch(ValueError):
@@ -82,6 +86,63 @@ def funnel(spark, root: str, manifest: dict) -> dict:
     after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in STAGES if s in stages]
     return {"after": after, "curated": counts["output"], "rejected": counts["rejected"],
             "kept_fraction": counts["output"] / counts["input"] if counts["input"] else 0.0}
+
+
+def _number(value):
+    """A figure of the manifest, or None for a missing or non-numeric one (a hand-edited manifest)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def stage_figures(manifest: dict) -> list[dict]:
+    """What each stage of the run took and made, in the manifest's order (new stages included); None
+    where the manifest lacks a figure. Rows in and out fall back to the stage's counts, and rows/s to
+    rows in / seconds: the same figures, as manifests written before these keys recorded them. The
+    write step is last, also where the manifest keeps it beside `stages` (a top-level `write`)."""
+    stages = dict(manifest.get("stages") or {})
+    if "write" not in stages and isinstance(manifest.get("write"), dict):
+        stages["write"] = manifest["write"]
+    figures = []
+    for name, stage in stages.items():
+        stage = stage if isinstance(stage, dict) else {}
+        counts = stage.get("counts") if isinstance(stage.get("counts"), dict) else {}
+        seconds = _number(stage.get("seconds"))
+        rows_in = _number(stage.get("rows_in", counts.get("input")))
+        rate = _number(stage.get("rows_per_s"))
+        if rate is None and "rows_per_s" not in stage and rows_in is not None and seconds:
+            rate = rows_in / seconds
+        passes = stage.get("model_passes")
+        figures.append({
+            "stage": str(name), "reused": stage.get("reused") is True, "seconds": seconds, "rows_in": rows_in,
+            "rows_out": _number(stage.get("rows_out", counts.get("output"))), "rows_per_s": rate,
+            "bytes_written": _number(stage.get("bytes_written")),
+            "model_passes": {str(k): _number(v) for k, v in passes.items()} if isinstance(passes, dict) else None})
+    return figures
+
+
+def stage_cells(figure: dict) -> tuple[str, ...]:
+    """One stage's figures as the text and HTML reports show them, in STAGE_COLUMNS order (MB: 2**20 bytes,
+    as output.target_file_mb counts them)."""
+    def number(value, spec):
+        return MISSING if value is None else format(value, spec)
+    passes = figure["model_passes"]
+    if passes is None:
+        shown = MISSING
+    else:
+        shown = " \u00b7 ".join(f"{role} {number(n, ',')}" for role, n in passes.items()) or "none"
+    bytes_written = figure["bytes_written"]
+    return (figure["stage"] + (" (reused)" if figure["reused"] else ""), number(figure["seconds"], ",.1f"),
+            number(figure["rows_in"], ","), number(figure["rows_out"], ","), number(figure["rows_per_s"], ",.1f"),
+            MISSING if bytes_written is None else f"{bytes_written / 2**20:,.2f}", shown)
+
+
+def stage_table(figures: list[dict]) -> list[str]:
+    """The stage table as lines for a terminal: aligned columns, control characters in names escaped."""
+    def plain(text):
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    rows = [STAGE_COLUMNS] + [tuple(plain(c) for c in stage_cells(f)) for f in figures]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(STAGE_COLUMNS) - 1)]
+    return ["  " + "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:])] + [r[-1]])
+            for r in rows]
 
 
 def scores(spark, root: str) -> dict:
@@ -189,4 +250,5 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8) -> dict:
     return {"root": root, "finished_at": manifest.get("finished_at"),
             "seconds": manifest.get("seconds"), "models": manifest.get("models", {}),
             "reasons": manifest.get("reasons") or {}, "funnel": funnel(spark, root, manifest),
+            "stages": stage_figures(manifest),
             "scores": scores(spark, root), "shards": files, "gallery": gallery(spark, root, kept, per_reason)}

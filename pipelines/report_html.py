@@ -12,6 +12,7 @@ import secrets
 from urllib.parse import urlsplit
 
 from pipelines.publish import STAGES
+from pipelines.report import STAGE_COLUMNS, stage_cells
 
 COLOURS = {"web": "#2b6cb0", "synthetic": "#d69e2e", "inherited_web": "#68a0d8", "inherited_synthetic": "#e8c170"}
 
@@ -130,6 +131,9 @@ def render(report: dict) -> str:
         for name, s in scores["sources"].items())
     q_head = "".join(f"<th>p{round(q * 100)}</th>" for q in next(iter(scores["sources"].values()))["quantiles"]) \
         if scores["sources"] else ""
+    stage_rows = "".join("<tr><td>" + e(cells[0]) + "</td>" + "".join(f"<td class=n>{e(c)}</td>" for c in cells[1:-1])
+                         + f"<td>{e(cells[-1])}</td></tr>" for cells in map(stage_cells, report.get("stages") or []))
+    stage_head = "".join(f"<th>{e(c)}</th>" for c in STAGE_COLUMNS)
     shard_rows = "".join(f"<tr><td>{e(s['file'])}</td><td class=n>{s['rows']:,}</td><td class=n>{s['bytes']:,}</td></tr>"
                          for s in report["shards"])
     shown = {}
@@ -173,6 +177,9 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f6f6f
 {sum(n for _, _, n in reasons):,} rejected.</p>
 <h2>Funnel</h2>{_funnel_svg(funnel)}
 <table><tr><th>stage</th><th>reason</th><th>rows</th><th>meaning</th></tr>{reason_rows}</table>
+<h2>Stages</h2><table><tr>{stage_head}</tr>{stage_rows}</table>
+<p class="legend">rows/s: rows in per second; MB: 2<sup>20</sup> bytes of Parquet the stage wrote; model passes: rows
+run through each model in this run (a reused stage, or one re-selecting from stored scores, runs none)</p>
 <h2>Caption scores (candidates of the curated rows)</h2>{_histograms(scores)}
 <table><tr><th>source</th><th>captions</th><th>kept</th>{q_head}</tr>{q_rows}</table>
 <h2>Curated files</h2><table><tr><th>file</th><th>rows</th><th>bytes</th></tr>{shard_rows}</table>

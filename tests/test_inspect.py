@@ -1,4 +1,5 @@
-"""`capfilt inspect`: the funnel and the score quantiles equal what the output holds, the gallery is a
+"""`capfilt inspect`: the funnel and the score quantiles equal what the output holds, each stage's
+figures (seconds, rows, rows/s, MB written, model passes) are the manifest's, the gallery is a
 bounded deterministic sample, and the HTML report shows hostile captions, URLs, uids, details and
 reasons as text in headless Chromium (whose run of the page's own script proves scripts were on).
 
@@ -6,6 +7,7 @@ The curated output is built here with pyarrow (images drawn by world.scene), so 
 neither the models nor the pipeline."""
 import base64
 import hashlib
+import html
 import io
 import json
 import re
@@ -21,7 +23,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main as cli
-from pipelines.report import QUANTILES, ReportMismatch, build, funnel, gallery
+from pipelines.report import QUANTILES, ReportMismatch, build, funnel, gallery, stage_figures, stage_table
 from pipelines.report_html import render, script_json
 from schemas import CAPTIONED, CURATED, DOWNLOADED, REJECTS, SCORED
 from world.scene import encode_jpeg, render as render_scene, sample_scene
@@ -49,6 +51,26 @@ FATES = {
 }
 N = 42
 STAGE_ORDER = ("download", "caption", "filter", "dedup")
+MB = 2**20
+# The run's figures per stage beyond counts (rows in/out are the counts), as the manifest records them:
+# seconds, bytes of Parquet written, rows per model, reused. caption was taken from an earlier run.
+FIGURES = {
+    "download": {"seconds": 12.5, "bytes_written": 3 * MB // 2, "model_passes": {}, "reused": False},
+    "caption": {"seconds": 90.0, "bytes_written": 5_452_595, "model_passes": {"captioner": 0}, "reused": True},
+    "filter": {"seconds": 4.0, "bytes_written": 3 * MB, "model_passes": {"clip": 36}, "reused": False},
+    "dedup": {"seconds": 2.5, "bytes_written": 2 * MB, "model_passes": {}, "reused": False},
+}
+WRITE = {"seconds": 0.8, "counts": {"input": 26, "output": 26, "rejected_total": 0, "rejected": {}},
+         "bytes_written": MB, "model_passes": {}, "reused": False}
+# What the report shows for them, worked out by hand: rows/s = rows in / seconds (42 / 12.5 = 3.36),
+# MB = bytes / 2**20 (5,452,595 bytes = 5.1999998 MB); write ran 0.8 s: 26 / 0.8 = 32.5 rows/s.
+STAGE_ROWS = [
+    ["download", "12.5", "42", "36", "3.4", "1.50", "none"],
+    ["caption (reused)", "90.0", "36", "36", "0.4", "5.20", "captioner 0"],
+    ["filter", "4.0", "36", "33", "9.0", "3.00", "clip 36"],
+    ["dedup", "2.5", "33", "26", "13.2", "2.00", "none"],
+    ["write", "0.8", "26", "26", "32.5", "1.00", "none"],
+]
 
 
 def _rows():
@@ -97,6 +119,14 @@ def _reject(row, stage, reason):
             "detail": detail, "duplicate_of": "u020" if stage == "dedup" else None}
 
 
+def _figures(counts, figures):
+    """A stage's entry of the curate manifest: times, counts and the figures derived from them."""
+    seconds = figures["seconds"]
+    return {"started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "counts": counts,
+            "rows_in": counts["input"], "rows_out": counts["output"], "rows_per_s": counts["input"] / seconds,
+            **figures}
+
+
 def _counts(n_in, rejects):
     by = {}
     for r in rejects:
@@ -135,7 +165,8 @@ def out(tmp_path_factory, fixture_rows):
     counts = _counts(N, all_rejects)
     (root / "manifest.json").write_text(json.dumps({
         "stage": "curate", "finished_at": "2026-01-01T00:00:01Z", "seconds": 1.0, "counts": counts,
-        "stages": {s: {"counts": c} for s, c in stage_counts.items()}}))
+        "stages": {**{s: _figures(c, FIGURES[s]) for s, c in stage_counts.items()},
+                   "write": _figures(WRITE["counts"], WRITE)}}))
     return root
 
 
@@ -189,6 +220,94 @@ def test_the_text_report_prints_the_funnel_quantiles_and_files(out, fixture_rows
     assert web_line[1] == str(len(web))
     assert web_line[3:] == [f"{v:.4f}" for v in np.quantile(web, QUANTILES)]
     assert any(line.split()[:3] == ["part-00001.zstd.parquet", "13", "rows"] for line in lines)
+
+
+def _cells(line):
+    """The cells of a line of the text stage table: columns are two or more spaces apart."""
+    return re.split(r" {2,}", line.strip())
+
+
+def _stage_rows(page):
+    """The cells of the page's stage table as text, header first."""
+    table = page.split("<h2>Stages</h2>", 1)[1].split("</table>", 1)[0]
+    return [[html.unescape(re.sub(r"<[^>]*>", "", cell)) for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+HEADER = ["stage", "seconds", "rows in", "rows out", "rows/s", "MB written", "model passes"]
+
+
+def test_the_text_stage_table_shows_each_stages_seconds_rate_mb_and_model_passes(report):
+    assert [_cells(line) for line in stage_table(report["stages"])] == [HEADER, *STAGE_ROWS]
+
+
+def test_the_page_shows_the_same_stage_table(report):
+    assert _stage_rows(render(report)) == [HEADER, *STAGE_ROWS]
+
+
+def test_thousands_and_several_models_read_like_the_rest_of_the_report():
+    figures = stage_figures({"stages": {"caption": {
+        "seconds": 1234.5, "rows_in": 1000, "rows_out": 1000, "rows_per_s": 1000 / 1234.5, "bytes_written": 1536 * MB,
+        "model_passes": {"captioner": 1000, "clip": 1000}, "reused": False}}})
+    assert _cells(stage_table(figures)[1]) == ["caption", "1,234.5", "1,000", "1,000", "0.8", "1,536.00",
+                                               "captioner 1,000 \u00b7 clip 1,000"]
+
+
+def test_a_manifest_from_before_the_stage_figures_still_renders(out, tmp_path, capsys):
+    """Stages as publish.py wrote them before: times and counts only (seconds may be null), and a stage
+    entry with neither counts nor figures. What is there is shown, the rest is a dash."""
+    old = tmp_path / "out"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    stages = {name: {k: stage[k] for k in ("started_at", "finished_at", "seconds", "counts")}
+              for name, stage in manifest["stages"].items() if name != "write"}
+    stages["dedup"]["seconds"] = None
+    stages["write"] = {"seconds": 0.8}
+    (old / "manifest.json").write_text(json.dumps({**manifest, "stages": stages}))
+    expected = [HEADER,
+                ["download", "12.5", "42", "36", "3.4", "\u2013", "\u2013"],
+                ["caption", "90.0", "36", "36", "0.4", "\u2013", "\u2013"],
+                ["filter", "4.0", "36", "33", "9.0", "\u2013", "\u2013"],
+                ["dedup", "\u2013", "33", "26", "\u2013", "\u2013", "\u2013"],
+                ["write", "0.8", "\u2013", "\u2013", "\u2013", "\u2013", "\u2013"]]
+    page = tmp_path / "report.html"
+    assert cli(["inspect", str(old), "--samples", "0", "--per-reason", "0", "--html", str(page)]) == 0
+    assert _stage_rows(page.read_text(encoding="utf-8")) == expected
+    assert [_cells(line) for line in stage_table(stage_figures({**manifest, "stages": stages}))] == expected
+    assert stage_figures({}) == [] and stage_table([]) == ["  " + "  ".join(HEADER)]
+
+
+def test_the_write_step_kept_beside_stages_is_the_last_row():
+    figures = stage_figures({"stages": {"dedup": {"seconds": 2.5, "counts": {"input": 33, "output": 26}}},
+                             "write": {"seconds": 0.8, "rows_in": 26, "rows_out": 26, "rows_per_s": 32.5,
+                                       "bytes_written": MB, "model_passes": {}}})
+    assert [_cells(line) for line in stage_table(figures)][1:] == [
+        ["dedup", "2.5", "33", "26", "13.2", "\u2013", "\u2013"], STAGE_ROWS[-1]]
+
+
+def test_odd_figures_in_a_hand_edited_manifest_show_as_dashes():
+    figures = stage_figures({"stages": {"filter": {"seconds": "fast", "rows_in": True, "counts": "?",
+                                                   "bytes_written": None, "model_passes": {"clip": "many"}},
+                                        "dedup": "not a dict"}})
+    assert [_cells(line) for line in stage_table(figures)][1:] == [
+        ["filter", "\u2013", "\u2013", "\u2013", "\u2013", "\u2013", "clip \u2013"],
+        ["dedup", "\u2013", "\u2013", "\u2013", "\u2013", "\u2013", "\u2013"]]
+
+
+HOSTILE_STAGE = f"<script>{TITLE}</script>\x1b[2J"
+
+
+def test_hostile_stage_and_model_names_are_text_on_the_page_and_in_the_terminal(report):
+    figures = stage_figures({"stages": {HOSTILE_STAGE: {
+        "seconds": 2.0, "rows_in": 10, "rows_out": 9, "rows_per_s": 5.0, "bytes_written": MB,
+        "model_passes": {PAYLOADS[1]: 10}, "reused": True}}})
+    page = render({**report, "stages": figures})
+    assert f"<script>{TITLE}" not in page and PAYLOADS[1] not in page
+    assert _stage_rows(page)[1] == [f"{HOSTILE_STAGE} (reused)", "2.0", "10", "9", "5.0", "1.00", f"{PAYLOADS[1]} 10"]
+    tags = _tags(page).tags
+    assert not [(t, a) for t, a in tags if any(k.startswith("on") for k in a)] and len([t for t, _ in tags if t == "script"]) == 2
+    line = stage_table(figures)[1]
+    assert "\x1b" not in line and line.startswith(f"  <script>{TITLE}</script>\\x1b[2J (reused)")
 
 
 def test_an_output_without_a_manifest_is_refused(tmp_path, capsys):
