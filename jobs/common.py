@@ -111,91 +111,11 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_model_stage(args, stage: str, contract, transform, split, reasons: dict, models) -> int:
-    """Read a committed stage, run a model transform over it part by part, split into records and
-    rejects, commit. Shared by caption and filter.
-
-    Phase 1 writes each part's model output (input files grouped to about `rows_per_part` rows)
-    with a done-marker: a killed run, rerun with the same input and settings, skips finished parts.
-    Phase 2 reads every part back and splits them together (the percentile cutoff stays global),
-    so inference runs once per row without holding the output in memory."""
-    import hashlib
-    import json
-    import time
-
-    import fsspec
-
-    from pipelines.io import write_stage
-    from pipelines.output import OutputLock, StageOutput, build_manifest, read_manifest
-    from pipelines.provenance import source_of
-    from pipelines.session import spark_session
-
+def run_stage_job(name: str, doc: str, argv=None) -> int:
+    """A stage command: --input (a committed stage output) -> --output, by the stage runner."""
+    from pipelines.stage import definition, run_stage
+    args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
     cfg = config_from_args(args)
-    settings = getattr(cfg, stage)
     check_output_path(args.output, args.input)
-    source_manifest = read_manifest(args.input)  # refuses an uncommitted input
-    out = StageOutput(args.output, stage, overwrite=cfg.output.overwrite)
-    if reuse_committed(out, cfg, stage, source_of(source_manifest)):
-        return 0
-    check_models(cfg, [stage])
-    with OutputLock(args.output):
-        parts = input_parts(f"{str(args.input).rstrip('/')}/data", settings.rows_per_part)
-        fingerprint = hashlib.sha256(json.dumps([source_manifest.get("finished_at"), parts, settings.__dict__,
-                                                 cfg.seed], sort_keys=True, default=str).encode()).hexdigest()
-        out.begin(resume=True, force=True)
-        fs = fsspec.core.url_to_fs(out.path(""))[0]
-        marker = out.path("work/fingerprint").split("://")[-1]
-        if fs.exists(marker) and fs.cat(marker).decode() != fingerprint:
-            print("The unfinished run at this output used other input or settings: starting over.")
-            out.begin(resume=False, force=True)
-        fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe(marker, fingerprint.encode())
-        spark = spark_session(cfg.spark)
-        print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
-        n_input, reused, started = sum(rows for _, rows in parts), 0, time.time()
-        done_rows = 0
-        for i, (files, rows) in enumerate(parts):
-            part_dir = out.path(f"work/part-{i:05d}")
-            if fs.exists(part_dir.split("://")[-1] + "/_SUCCESS"):  # Spark writes it last
-                reused += 1
-            else:
-                source = spark.read.parquet(*files)
-                contract.validate(source, where=args.input)
-                transform(source, cfg).write.mode("overwrite").parquet(part_dir)
-                done_rows += rows
-                rate = done_rows / max(time.time() - started, 1e-9)
-                left = sum(r for _, r in parts[i + 1:])
-                print(f"[{stage}] part {i + 1}/{len(parts)}: {rows} rows, {rate:.1f} rows/s, "
-                      f"about {left / rate:.0f}s left", flush=True)
-        marked = spark.read.parquet(*[out.path(f"work/part-{i:05d}") for i in range(len(parts))])
-        data, rejects = split(marked, cfg)
-        counts = write_stage(out, data, rejects, n_input, cfg.output.compression)
-        out.remove("work")
-        out.commit(build_manifest(out, cfg.to_dict(), counts, models=models(cfg), reasons=reasons,
-                                  source=source_of(source_manifest),
-                                  parts={"total": len(parts), "reused_from_a_killed_run": reused}))
-        print(f"{args.output}: {counts.input} rows in, {counts.output} out, {counts.rejected_total} rejected "
-              f"{counts.rejected.get(stage, {})}")
-        return 0
-
-
-def input_parts(data_dir: str, rows_per_part: int) -> list[tuple[list[str], int]]:
-    """The input's Parquet files in a fixed order, grouped to about rows_per_part rows each, with
-    row counts from the file footers (no pass over the data)."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(data_dir)
-    proto = data_dir.split("://")[0] + "://" if "://" in data_dir else ""
-    parts, files, rows = [], [], 0
-    for name in sorted(fs.glob(f"{path}/*.parquet")):
-        with fs.open(name, "rb") as f:
-            n = pq.ParquetFile(f).metadata.num_rows
-        files.append(proto + name)
-        rows += n
-        if rows >= rows_per_part:
-            parts.append((files, rows))
-            files, rows = [], 0
-    if files:
-        parts.append((files, rows))
-    return parts
+    run_stage(definition(name), cfg, args.input, args.output)
+    return 0

@@ -2,105 +2,115 @@
 
 download -> caption -> filter -> dedup -> write. Each stage commits its output under
 OUTPUT/stages/<stage>/ as the stage jobs do; a rerun skips committed stages, so a failed or killed run
-resumes where it stopped (download also resumes inside the stage). The write step publishes
-OUTPUT/curated (Parquet for pretraining), OUTPUT/rejects (every dropped row with stage and reason)
-and OUTPUT/manifest.json, and fails loudly when input != curated + rejected. docs/output.md has the
-layout; `capfilt inspect OUTPUT` shows it, `capfilt export OUTPUT` writes training manifests.
+resumes where it stopped (download and the model passes also resume inside the stage). Caption and
+filter run in one pass over each image (decoded once, both models in the same task) unless
+caption.fuse_filter is false. A rerun that changes only selection or dedup settings recomputes those
+from the stored scores, loading no model. The write step publishes OUTPUT/curated (Parquet for
+pretraining), OUTPUT/rejects (every dropped row with stage and reason) and OUTPUT/manifest.json, and
+fails loudly when input != curated + rejected. docs/output.md has the layout; `capfilt inspect
+OUTPUT` shows it, `capfilt export OUTPUT` writes training manifests.
 """
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
 import time
 
-from jobs.common import check_models, config_from_args, run
+from jobs.common import config_from_args, run
+
+RUN, REUSE, RESELECT = "run", "reuse", "recompute without a model"
 
 
-def parser():
-    from jobs.download import parser as download_parser
-    p = download_parser()
-    p.prog = "capfilt curate"
-    p.description = __doc__
-    for action in p._actions:
-        if action.dest == "input":
-            action.help = "metadata of the dump: a parquet/csv/jsonl file, a folder or a glob"
-        elif action.dest == "output":
-            action.help = "output folder: stages/, curated/, rejects/, manifest.json"
-        elif action.dest == "retry_failed":
-            action.help = "first re-download the retryable failures of a committed download stage"
+def parser() -> argparse.ArgumentParser:
+    from jobs.download import add_input_args
+    p = argparse.ArgumentParser(prog="capfilt curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p, output="output folder: stages/, curated/, rejects/, manifest.json",
+                   retry="first re-download the retryable failures of a committed download stage")
     return p
 
 
-def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[str, bool]:
-    """Which stages this run computes: every stage not committed yet, every stage after one that runs
-    (its committed output was made from the old data), all with --overwrite, and download with
-    --retry-failed. A committed stage that would be reused but was computed with other settings or
-    from another input is refused, naming what differs."""
+def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[str, str]:
+    """What this run does with each stage: run it (not committed yet, --overwrite, download with
+    --retry-failed, or after a stage that runs: its committed output was made from the old data),
+    reuse it, or recompute it without a model (only settings that need no model pass changed:
+    selection, dedup). A committed stage made with other model settings or from another input is
+    refused, naming what differs."""
     from pipelines.output import StageOutput, read_manifest
-    from pipelines.provenance import stale_reason
+    from pipelines.provenance import changed_keys, stale_reason
     from pipelines.publish import STAGES, stage_dir
-    runs, redo, stale = {}, cfg.output.overwrite, []
+    from pipelines.stage import definition
+    actions, redo, stale = {}, cfg.output.overwrite, []
     for stage in STAGES:
         root = stage_dir(out_root, stage)
         committed = StageOutput(root, stage).complete
-        runs[stage] = redo or not committed or (stage == "download" and retry_failed)
-        if committed and not cfg.output.overwrite:
-            why = stale_reason(read_manifest(root), cfg.to_dict(), stage,
-                               source if stage == "download" else None)
-            if why and not runs[stage]:
+        if redo or not committed or (stage == "download" and retry_failed):
+            actions[stage] = RUN
+        else:
+            manifest = read_manifest(root)
+            why = stale_reason(manifest, cfg.to_dict(), stage, source if stage == "download" else None)
+            model = None if stage == "download" else definition(stage).model
+            if why is None:
+                actions[stage] = REUSE
+            elif stage != "download" and (model is None or (
+                    definition(stage).keeps_scores and not changed_keys(manifest["config"], cfg.to_dict(), model.keys))):
+                actions[stage] = RESELECT
+            else:
                 stale.append(f"{stage} under {out_root}/stages was made with {why} than this run's")
-        redo = redo or runs[stage]
+        redo = redo or actions.get(stage) in (RUN, RESELECT)
     if stale:
         raise ValueError("; ".join(stale) + ": rerun with --overwrite to recompute, or use the input and "
                          "settings of that run")
-    return runs
+    return actions
 
 
 def main(argv=None) -> int:
-    from jobs.download import check, input_spec
+    from jobs.download import input_spec
+    args = parser().parse_args(argv)
+    cfg = config_from_args(args)
+    cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
+    return curate(cfg, input_spec(args), args.output, args.retry_failed, progress=not args.no_progress)
+
+
+def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = True) -> int:
+    """The chain over the stage objects with one Config: download, then each stage by the runner,
+    then the write step."""
+    from jobs.common import check_models
+    from jobs.download import check, run_download
     from pipelines.output import OutputLock
     from pipelines.provenance import input_source
     from pipelines.publish import STAGES, publish, stage_dir
     from pipelines.session import spark_session
+    from pipelines.stage import definition, run_stage
 
-    args = parser().parse_args(argv)
-    cfg = config_from_args(args)
-    cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
     started = time.time()
-    out = str(args.output).rstrip("/")
-    spec = input_spec(args)
-    check(spec, out, cfg, retry=args.retry_failed, replaced=("stages", "curated", "rejects"))
+    out = str(output).rstrip("/")
+    check(spec, out, cfg, retry=retry_failed, replaced=("stages", "curated", "rejects"))
     with OutputLock(out):
-        runs = plan(out, cfg, input_source(spec), args.retry_failed)
-        check_models(cfg, [stage for stage, run_it in runs.items() if run_it])
+        actions = plan(out, cfg, input_source(spec), retry_failed)
+        fuse = cfg.caption.fuse_filter and actions["caption"] == RUN and actions["filter"] == RUN
+        check_models(cfg, [stage for stage, action in actions.items() if action == RUN])
         spark = spark_session(cfg.spark)
         print(f"[curate] Spark {spark.version}, master {spark.sparkContext.master}, UI {spark.sparkContext.uiWebUrl}",
               flush=True)
-        passthrough = [*(["--config", args.config] if args.config else []),
-                       *[arg for kv in args.overrides for arg in ("--set", kv)]]
-        download_args = ["--input-format", args.input_format, "--preset", args.preset,
-                         *[a for flag, v in (("--url-col", args.url_col), ("--caption-col", args.caption_col),
-                                             ("--id-col", args.id_col)) if v for a in (flag, v)],
-                         *[a for host in args.allow_host for a in ("--allow-host", host)],
-                         *(["--retry-failed"] if args.retry_failed else []),
-                         *(["--no-progress"] if args.no_progress else [])]
-        previous = args.input
+        previous = None
         for i, stage in enumerate(STAGES, 1):
-            print(f"\n[curate] stage {i}/{len(STAGES)}: {stage}  ({time.time() - started:.0f}s)"
-                  + ("" if runs[stage] else ": committed by an earlier run, reused"), flush=True)
-            if runs[stage]:
-                retry = stage == "download" and args.retry_failed
-                stage_args = ["--input", previous, "--output", stage_dir(out, stage), *passthrough,
-                              *([] if retry else ["--overwrite"])]
-                rc = importlib.import_module(f"jobs.{stage}").main(
-                    stage_args + (download_args if stage == "download" else []))
-                if rc:
-                    print(f"[curate] stage {stage} failed (exit {rc}): rerun the same command to resume",
-                          file=sys.stderr)
-                    return rc
-            previous = stage_dir(out, stage)
+            action = actions[stage]
+            note = {REUSE: ": committed by an earlier run, reused",
+                    RESELECT: ": recomputed from the stored scores, no model loaded",
+                    RUN: " (caption and filter in one pass over each image)" if fuse and stage == "caption" else ""}
+            print(f"\n[curate] stage {i}/{len(STAGES)}: {stage}  ({time.time() - started:.0f}s){note[action]}",
+                  flush=True)
+            root = stage_dir(out, stage)
+            if stage == "download" and action == RUN:
+                run_download(cfg, spec, root, retry_failed, progress=progress)
+            elif stage != "download" and action != REUSE:
+                run_stage(definition(stage), cfg, previous, root, recompute=True,
+                          fuse=[definition("filter").model] if fuse and stage == "caption" else [])
+            previous = root
         print(f"\n[curate] write: {out}/curated, {out}/rejects, {out}/manifest.json", flush=True)
-        manifest = publish(spark, out, cfg.to_dict(), cfg.output.compression, cfg.output.target_file_mb, started)
+        manifest = publish(spark, out, cfg.to_dict(), cfg.output.compression, cfg.output.target_file_mb, started,
+                           reused=tuple(stage for stage, action in actions.items() if action == REUSE))
     counts = manifest["counts"]
     print(f"[curate] done in {manifest['seconds']:.0f}s: {counts['input']} rows in, {counts['output']} curated, "
           f"{counts['rejected_total']} rejected")

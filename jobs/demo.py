@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = shapes_world_settings(config_from_args(args))
 
-    from jobs.curate import main as curate
+    from jobs.curate import curate
+    from pipelines.inputs import InputSpec
     from world.corpus import make_web_corpus, write_metadata
     from world.server import serve
 
@@ -38,11 +39,10 @@ def main(argv=None) -> int:
         print(f"[demo] serving on {server.base_url} (loopback only); metadata: {metadata}")
         # 127.0.0.1:1 is where the corpus's 'refused' rows point: allowed, so they show as refused.
         hosts = [f"127.0.0.1:{server.port}", "127.0.0.1:1"]
-        # The demo reruns from scratch (--overwrite): the server's port, hence every URL, is new each time.
-        rc = curate(["--input", str(metadata), "--output", str(out), "--id-col", "id", "--overwrite",
-                     *[a for host in hosts for a in ("--allow-host", host)],
-                     *(["--config", args.config] if args.config else []),
-                     *[a for kv in args.overrides for a in ("--set", kv)], *_as_overrides(cfg)])
+        cfg.download.allow_hosts = [*cfg.download.allow_hosts, *hosts]
+        # The demo reruns from scratch (overwrite): the server's port, hence every URL, is new each time.
+        cfg.output.overwrite = True
+        rc = curate(cfg, InputSpec.from_preset(str(metadata), "default", id_col="id"), str(out))
     if rc:
         return rc
     from jobs.report import main as inspect
@@ -86,7 +86,7 @@ def _card_threshold(model_dir: str, default: float) -> float:
 
 
 def _as_overrides(cfg) -> list[str]:
-    """The demo's settings, as --set arguments (the jobs read config like users do)."""
+    """The demo's settings as --set arguments, for tests and benchmarks that run the commands as users do."""
     import json
     args = ["--set", f"seed={cfg.seed}"]
     for section in ("download", "caption", "filter", "dedup"):

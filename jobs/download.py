@@ -21,8 +21,15 @@ from jobs.common import add_config_args, check_output_path, config_from_args, re
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="capfilt download", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p, output="stage output directory",
+                   retry="re-download the retryable failures of a committed output and merge them")
+    return p
+
+
+def add_input_args(p: argparse.ArgumentParser, output: str, retry: str) -> None:
+    """The arguments of a run that starts from a metadata dump (download and curate)."""
     p.add_argument("--input", required=True, help="metadata: a parquet/csv/jsonl file, a folder or a glob")
-    p.add_argument("--output", required=True, help="stage output directory")
+    p.add_argument("--output", required=True, help=output)
     p.add_argument("--input-format", default="auto", choices=["auto", "parquet", "csv", "jsonl"])
     p.add_argument("--preset", default="default", choices=["default", "laion"],
                    help="column names: default (url, caption) or laion (URL, TEXT, SAMPLE_ID)")
@@ -31,41 +38,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--id-col", help="column holding a unique row id (else uid = hash of url+caption)")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="let this private/loopback endpoint through the address policy (repeatable)")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="re-download the retryable failures of a committed output and merge them")
+    p.add_argument("--retry-failed", action="store_true", help=retry)
     p.add_argument("--no-progress", action="store_true", help="no periodic progress lines")
     add_config_args(p)
-    return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
     cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
+    spec = input_spec(args)
+    check(spec, args.output, cfg, retry=args.retry_failed)
+    run_download(cfg, spec, args.output, args.retry_failed, progress=not args.no_progress)
+    return 0
 
+
+def run_download(cfg, spec, output: str, retry: bool = False, progress: bool = True) -> None:
+    """The download stage's lifecycle (checked arguments): reuse, retry or fetch, then commit."""
     from pipelines.download import STAGE
     from pipelines.output import OutputLock, StageOutput
     from pipelines.provenance import input_source
     from pipelines.session import spark_session
 
-    spec = input_spec(args)
-    check(spec, args.output, cfg, retry=args.retry_failed)
-    out = StageOutput(args.output, STAGE, overwrite=cfg.output.overwrite)
-    if args.retry_failed:
+    out = StageOutput(output, STAGE, overwrite=cfg.output.overwrite)
+    if retry:
         if not out.complete:
-            raise ValueError(f"--retry-failed needs a committed download at {args.output}; run without it first")
+            raise ValueError(f"--retry-failed needs a committed download at {output}; run without it first")
         refuse_stale_retry(out, cfg)
     elif reuse_committed(out, cfg, STAGE, input_source(spec)):
-        return 0
-    with OutputLock(args.output):
+        return
+    with OutputLock(output):
         spark = spark_session(cfg.spark)
         print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
-        if args.retry_failed:
-            counts = retry_failed(spark, out, cfg, progress=not args.no_progress)
+        if retry:
+            counts = retry_failed(spark, out, cfg, progress=progress)
         else:
-            counts = download(spark, spec, out, cfg, progress=not args.no_progress)
-    print_funnel(counts, args.output)
-    return 0
+            counts = download(spark, spec, out, cfg, progress=progress)
+    print_funnel(counts, output)
 
 
 def input_spec(args):

@@ -35,6 +35,9 @@ def print_report(report: dict) -> None:
         for name, s in scores["sources"].items():
             print(f"  {name:<20} {s['n']:>9} {s['kept_fraction']:>6.3f} "
                   + " ".join(f"{v:>7.4f}" for v in s["quantiles"].values()))
+    from pipelines.report import stage_table
+    print("\nstages (rows/s: rows in per second; MB: 2**20 bytes of Parquet written; model passes: rows per model)")
+    print("\n".join(stage_table(report["stages"])))
     print("\ncurated files")
     for shard in report["shards"]:
         print(f"  {plain(shard['file']):<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")

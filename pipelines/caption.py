@@ -1,67 +1,80 @@
-"""The caption stage: downloaded -> captioned (+ rejects), K synthetic captions per image.
+"""The caption stage: downloaded -> + synthetic_captions (+ rejects), K synthetic captions per image.
 
 `caption(df, settings, seed)` is a DataFrame -> DataFrame transform that adds the captioner's output
-in a struct column; `split_captioned` turns it into (captioned, rejects). Persist the first before
-splitting, or the captioner runs twice.
+in a struct column; `split_captioned` turns it into (captioned, rejects). `DEFINITION` is the stage
+for the runner (pipelines.stage); `CAPTIONER` its model pass, which curate fuses with the filter's.
 """
 from __future__ import annotations
 
 from pipelines.config import CaptionSettings
-from pipelines.inference import OUT, apply_batches
+from pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from schemas import CAPTIONED, DOWNLOADED
+from udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
 STAGE = "caption"
 REASONS = {
-    "undecodable_image": "the stored image bytes do not decode (empty, truncated, not an image)",
-    "image_too_large": "the image is over the pixel limit",
+    UNDECODABLE_IMAGE: "the stored image bytes do not decode (empty, truncated, not an image)",
+    IMAGE_TOO_LARGE: "the image is over the pixel limit",
 }
+# What the captions depend on: a change needs a new captioner pass.
+KEYS = ("caption.model", "caption.device", "caption.num_captions", "caption.top_p", "caption.temperature",
+        "caption.max_new_tokens", "caption.min_new_tokens", "caption.repetition_penalty", "seed")
 
 
-def _out_type():
+def _fields():
     from pyspark.sql import types as T
-    return T.StructType([T.StructField("captions", T.ArrayType(T.StringType()), True),
-                         T.StructField("error", T.StringType(), True)])
+    return [T.StructField("captions", T.ArrayType(T.StringType()), True)]
 
 
 class CaptionBatch:
-    """The batch function shipped to workers: picklable settings only; the model comes from the
+    """The captioner's part of a model pass: picklable settings only; the model comes from the
     worker's cache (udfs.models), loaded on first use."""
 
     def __init__(self, settings: CaptionSettings, seed: int):
         self.settings = settings
         self.seed = seed
 
-    def __call__(self, frame):
-        import pandas as pd
-
+    def __call__(self, frame, images) -> dict:
         from pipelines.inference import worker_model
         from udfs.caption import CaptionParams, caption_batch
-        from udfs.images import decode_images
         from udfs.models import cached_captioner
 
         s = self.settings
-        images, errors = decode_images(frame["image"].tolist())
         if s.num_captions == 0:  # filter only: no captioner is loaded, images are still checked
-            return pd.DataFrame({"captions": [[] if e is None else None for e in errors], "error": errors})
+            return {"captions": [None if image is None else [] for image in images]}
         captioner = worker_model(s, cached_captioner)
         params = CaptionParams(num_captions=s.num_captions, top_p=s.top_p, temperature=s.temperature,
                                max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=self.seed)
-        captions = caption_batch(captioner, images, frame["uid"].tolist(), params)
-        return pd.DataFrame({"captions": captions, "error": errors})
+        return {"captions": caption_batch(captioner, images, frame["uid"].tolist(), params)}
+
+
+CAPTIONER = ModelPass(
+    role="captioner", reads=("uid",), fields=_fields, batch=lambda cfg: CaptionBatch(cfg.caption, cfg.seed),
+    settings=lambda cfg: cfg.caption, keys=KEYS,
+    reference=lambda cfg: cfg.caption.model if cfg.caption.num_captions else None,
+    feeds={"captions": "synthetic_captions"})
 
 
 def caption(df, settings: CaptionSettings, seed: int = 0):
-    return apply_batches(df, CaptionBatch(settings, seed), ["image", "uid"], _out_type(),
-                         settings.gpus_per_task)
+    """df + the pass struct (error, captions)."""
+    from types import SimpleNamespace
+
+    from pipelines.stage import infer
+    cfg = SimpleNamespace(caption=settings, seed=seed)
+    return infer(df, cfg, [CAPTIONER], df.sparkSession.sparkContext.accumulator(0))
 
 
-def split_captioned(marked):
+def split_captioned(marked, cfg=None, facts=None):
     """(captioned records, rejects) from the output of `caption`."""
     from pyspark.sql import functions as F
     error = F.col(f"{OUT}.error")
     captioned = marked.filter(error.isNull()).withColumn("synthetic_captions", F.col(f"{OUT}.captions")).drop(OUT)
-    rejects = marked.filter(error.isNotNull()).select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"),
-        F.substring_index(error, ":", 1).alias("reason"), error.alias("detail"),
-        F.lit(None).cast("string").alias("duplicate_of"))
+    rejects = reject_rows(marked.filter(error.isNotNull()), STAGE, F.substring_index(error, ":", 1), error)
     return captioned, rejects
+
+
+DEFINITION = Stage(
+    name=STAGE, reads=DOWNLOADED, adds=(CAPTIONED.field("synthetic_captions"),), reasons=REASONS,
+    split=split_captioned, model=CAPTIONER,
+    models=lambda cfg: {"captioner": cfg.caption.model if cfg.caption.num_captions else None})

@@ -106,6 +106,8 @@ class CaptionSettings(ModelRuntime):
     repetition_penalty: float = _opt(1.0, "> 1 makes words already in a caption less likely (CTRL's "
                                           "rule; 1 = off)", min=0.01)
     batch_size: int = _opt(32, "images per model call", min=1)
+    fuse_filter: bool = _opt(True, "curate: run the filter's CLIP in the captioner's pass, on the same decoded "
+                                   "image in the same task; false: two passes (each decodes every image)")
 
 
 @dataclass

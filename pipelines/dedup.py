@@ -17,16 +17,21 @@ from __future__ import annotations
 import pandas as pd
 
 from pipelines.config import DedupSettings
+from pipelines.stage import Stage, reject_rows
+from schemas import SCORED
 
 STAGE = "dedup"
+EXACT_DUPLICATE, DUPLICATE_IMAGE = "exact_duplicate", "duplicate_image"
+NEAR_DUPLICATE_IMAGE, NEAR_DUPLICATE_CAPTION = "near_duplicate_image", "near_duplicate_caption"
+CAPTION_CLUSTER_CAP = "caption_cluster_cap"
 REASONS = {
-    "exact_duplicate": "the same image bytes (sha256) and the same normalised web caption as the survivor",
-    "duplicate_image": "the same image bytes (sha256) as the survivor, under another caption",
-    "near_duplicate_image": "a near-duplicate image of a row in its group (embedding cosine >= "
+    EXACT_DUPLICATE: "the same image bytes (sha256) and the same normalised web caption as the survivor",
+    DUPLICATE_IMAGE: "the same image bytes (sha256) as the survivor, under another caption",
+    NEAR_DUPLICATE_IMAGE: "a near-duplicate image of a row in its group (embedding cosine >= "
                             "image_threshold, confirmed on thumbnails)",
-    "near_duplicate_caption": "a near-duplicate web caption (MinHash-LSH) of a row in its group, whose image "
+    NEAR_DUPLICATE_CAPTION: "a near-duplicate web caption (MinHash-LSH) of a row in its group, whose image "
                               "is similar too (cosine >= caption_image_threshold)",
-    "caption_cluster_cap": "its caption cluster already has max_per_caption_cluster rows",
+    CAPTION_CLUSTER_CAP: "its caption cluster already has max_per_caption_cluster rows",
 }
 EDGE_KINDS = ("exact", "image", "caption")
 
@@ -76,7 +81,7 @@ def caption_image_pairs(df, clusters, settings: DedupSettings):
     return rows.groupBy("cluster").applyInPandas(search, "uid_a string, uid_b string, cosine float")
 
 
-def duplicate_groups(df, settings: DedupSettings, seed: int = 0):
+def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
     """(uid, group, kinds) for every row with at least one duplicate edge, and the caption clusters
     (uid, cluster) for the per-cluster cap. `kinds` lists the edge kinds that touch the row."""
     from pyspark.sql import functions as F
@@ -89,7 +94,7 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0):
         edges.append(exact_edges(df).withColumn("kind", F.lit("exact")))
     if settings.images:
         from pipelines.image_dedup import image_pairs
-        pairs = image_pairs(df, settings, seed)
+        pairs = image_pairs(df, settings, seed, images)
         edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("image").alias("kind")))
     clusters = None
     if settings.captions:
@@ -121,12 +126,12 @@ def _survivor_order():
             F.col("uid").asc()]
 
 
-def dedup(df, settings: DedupSettings, seed: int = 0):
-    """(curated records, rejects) from scored records."""
+def dedup(df, settings: DedupSettings, seed: int = 0, images=None):
+    """(curated records, rejects) from scored records; `images` (uid, image) when df has no image bytes."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    groups, clusters = duplicate_groups(df, settings, seed)
+    groups, clusters = duplicate_groups(df, settings, seed, images)
     normalise = _normalised_caption()
     ranked = (df.join(groups, "uid", "left")
               .withColumn("rank", F.when(F.col("group").isNull(), F.lit(1))
@@ -142,16 +147,15 @@ def dedup(df, settings: DedupSettings, seed: int = 0):
     dropped = ranked.filter(F.col("rank") > 1)
     same_image = F.col("sha256") == F.col("survivor_sha256")
     reason = (F.when(same_image & (normalise(F.col("caption")).eqNullSafe(F.col("survivor_caption"))),
-                     F.lit("exact_duplicate"))
-              .when(same_image, F.lit("duplicate_image"))
+                     F.lit(EXACT_DUPLICATE))
+              .when(same_image, F.lit(DUPLICATE_IMAGE))
               .when(F.array_contains("kinds", "image") | F.array_contains("kinds", "exact"),
-                    F.lit("near_duplicate_image"))
-              .otherwise(F.lit("near_duplicate_caption")))
-    duplicate_rejects = dropped.select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"), reason.alias("reason"),
-        F.concat(F.lit("group of "), F.col("group_size").cast("string"), F.lit(" rows; evidence: "),
-                 F.array_join("kinds", ", ")).alias("detail"),
-        F.col("survivor").alias("duplicate_of"))
+                    F.lit(NEAR_DUPLICATE_IMAGE))
+              .otherwise(F.lit(NEAR_DUPLICATE_CAPTION)))
+    duplicate_rejects = reject_rows(
+        dropped, STAGE, reason, F.concat(F.lit("group of "), F.col("group_size").cast("string"),
+                                         F.lit(" rows; evidence: "), F.array_join("kinds", ", ")),
+        F.col("survivor"))
 
     kept = ranked.filter(F.col("rank") == 1)
     rejects = duplicate_rejects
@@ -161,11 +165,9 @@ def dedup(df, settings: DedupSettings, seed: int = 0):
         in_cluster = (in_cluster.withColumn("cluster_rank", F.row_number().over(order))
                       .withColumn("cluster_first", F.first("uid").over(order)))
         capped = F.col("cluster").isNotNull() & (F.col("cluster_rank") > settings.max_per_caption_cluster)
-        rejects = rejects.unionByName(in_cluster.filter(capped).select(
-            "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.lit("caption_cluster_cap").alias("reason"),
-            F.concat(F.lit("caption cluster keeps "), F.lit(str(settings.max_per_caption_cluster)),
-                     F.lit(" rows")).alias("detail"),
-            F.col("cluster_first").alias("duplicate_of")))
+        rejects = rejects.unionByName(reject_rows(
+            in_cluster.filter(capped), STAGE, CAPTION_CLUSTER_CAP,
+            f"caption cluster keeps {settings.max_per_caption_cluster} rows", F.col("cluster_first")))
         kept = in_cluster.filter(~capped).drop("cluster", "cluster_rank", "cluster_first")
 
     if settings.inherit_captions:
@@ -193,3 +195,13 @@ def _inherit(kept, dropped):
     # One copy per text among the gifts (two dropped rows may share a caption).
     distinct = F.filter(new, lambda g, i: ~F.exists(F.slice(new, 1, i), lambda h: key(h["text"]) == key(g["text"])))
     return joined.withColumn("candidates", F.concat("candidates", distinct)).drop("gifts")
+
+
+def split(view, cfg, facts: dict):
+    """The stage's split: image bytes for the thumbnail check are read from the download, for the
+    rows in candidate pairs only."""
+    images = view.sparkSession.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
+    return dedup(view, cfg.dedup, cfg.seed, images)
+
+
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(SCORED.field("candidates"),), reasons=REASONS, split=split)

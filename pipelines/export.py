@@ -188,19 +188,6 @@ def _join_parts(work: Path, fmt: str, parts: list[str]) -> str:
     return name
 
 
-def _move_into_place(work: Path, target: Path) -> None:
-    """Rename the finished work folder onto target; an old target is moved aside first and removed
-    last, so at every moment target is either the old export or the whole new one."""
-    old = target.parent / f".{target.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.rename(old)
-    work.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_000,
            overwrite: bool = False) -> dict:
     """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
@@ -255,5 +242,8 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
         if fmt == "csv":
             summary["captions_pandas_reads_as_missing"] = int(written.na_like.sum())
     (work / "export.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    _move_into_place(work, target)
+    import fsspec
+
+    from pipelines.output import move_into_place
+    move_into_place(fsspec.filesystem("file"), str(work), str(target))
     return summary

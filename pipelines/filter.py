@@ -11,51 +11,62 @@ inference must not run twice.
 from __future__ import annotations
 
 from pipelines.config import FilterSettings
-from pipelines.inference import OUT, apply_batches
+from pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from schemas import CAPTIONED, CURATED, SCORED
+from udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
 STAGE = "filter"
+NO_ALIGNED_CAPTION = "no_aligned_caption"
 REASONS = {
-    "no_aligned_caption": "no candidate caption passed the selection rule (detail: the best score)",
-    "undecodable_image": "the stored image bytes do not decode",
-    "image_too_large": "the image is over the pixel limit",
+    NO_ALIGNED_CAPTION: "no candidate caption passed the selection rule (detail: the best score)",
+    UNDECODABLE_IMAGE: "the stored image bytes do not decode",
+    IMAGE_TOO_LARGE: "the image is over the pixel limit",
 }
+# What the scores depend on: a change needs a new CLIP pass. The selection settings (rule, threshold,
+# top_k, percentile) do not: a rerun that changes only them re-selects from the stored scores.
+KEYS = ("filter.model", "filter.device")
 
 
-def _out_type():
+def _fields():
     from pyspark.sql import types as T
-    return T.StructType([T.StructField("embedding", T.BinaryType(), True),
-                         T.StructField("scores", T.ArrayType(T.FloatType()), True),
-                         T.StructField("error", T.StringType(), True)])
+    return [T.StructField("embedding", T.BinaryType(), True),
+            T.StructField("scores", T.ArrayType(T.FloatType()), True)]
 
 
 class ScoreBatch:
+    """The CLIP part of a model pass: an embedding per image, a score per candidate caption."""
+
     def __init__(self, settings: FilterSettings):
         self.settings = settings
 
-    def __call__(self, frame):
+    def __call__(self, frame, images) -> dict:
         import numpy as np
-        import pandas as pd
 
         from pipelines.inference import worker_model
         from udfs.clip_scores import clip_scores, embedding_bytes
-        from udfs.images import decode_images
         from udfs.models import cached_clip
 
         s = self.settings
         clip = worker_model(s, cached_clip)
-        images, errors = decode_images(frame["image"].tolist())
         synthetic = [list(x) if x is not None else [] for x in frame["synthetic_captions"].tolist()]
         embeddings, scores = clip_scores(clip, images, frame["caption"].tolist(), synthetic, s.batch_size)
-        return pd.DataFrame({
-            "embedding": [None if e is not None else embedding_bytes(embeddings[i]) for i, e in enumerate(errors)],
+        return {
+            "embedding": [None if image is None else embedding_bytes(embeddings[i]) for i, image in enumerate(images)],
             # NaN (blank web caption) travels as null
-            "scores": [None if sc is None else [None if np.isnan(v) else float(v) for v in sc] for sc in scores],
-            "error": errors})
+            "scores": [None if sc is None else [None if np.isnan(v) else float(v) for v in sc] for sc in scores]}
+
+
+CLIP = ModelPass(role="clip", reads=("caption", "synthetic_captions"), fields=_fields,
+                 batch=lambda cfg: ScoreBatch(cfg.filter), settings=lambda cfg: cfg.filter, keys=KEYS,
+                 reference=lambda cfg: cfg.filter.model)
 
 
 def score(df, settings: FilterSettings):
-    return apply_batches(df, ScoreBatch(settings), ["image", "caption", "synthetic_captions"], _out_type(),
-                         settings.gpus_per_task)
+    """df + the pass struct (error, embedding, scores)."""
+    from types import SimpleNamespace
+
+    from pipelines.stage import infer
+    return infer(df, SimpleNamespace(filter=settings), [CLIP], df.sparkSession.sparkContext.accumulator(0))
 
 
 def percentile_cutoff(scored, quantile: float) -> float | None:
@@ -109,10 +120,23 @@ def split_scored(selected):
     any_kept = F.exists("candidates", lambda c: c["kept"])
     scored = (selected.filter(error.isNull() & any_kept)
               .withColumn("image_embedding", F.col(f"{OUT}.embedding")).drop(OUT))
-    reason = F.when(error.isNotNull(), F.substring_index(error, ":", 1)).otherwise(F.lit("no_aligned_caption"))
+    reason = F.when(error.isNotNull(), F.substring_index(error, ":", 1)).otherwise(F.lit(NO_ALIGNED_CAPTION))
     detail = F.when(error.isNotNull(), error).otherwise(
         F.concat(F.lit("best score "), F.format_number(F.coalesce("best_score", F.lit(float("nan"))), 4)))
-    rejects = selected.filter(error.isNotNull() | ~any_kept).select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"), reason.alias("reason"), detail.alias("detail"),
-        F.lit(None).cast("string").alias("duplicate_of"))
+    rejects = reject_rows(selected.filter(error.isNotNull() | ~any_kept), STAGE, reason, detail)
     return scored, rejects
+
+
+def split(marked, cfg, facts: dict):
+    """The stage's split: the selection rule over every row's stored scores (the percentile cutoff is
+    global), then records and rejects."""
+    settings = cfg.filter
+    cutoff = percentile_cutoff(marked, settings.percentile) if settings.rule == "percentile" else None
+    facts["models"]["percentile_cutoff"] = cutoff
+    return split_scored(select(marked, settings, cutoff))
+
+
+DEFINITION = Stage(
+    name=STAGE, reads=CAPTIONED, reasons=REASONS, split=split, model=CLIP, keeps_scores=True,
+    adds=(*(SCORED.field(n) for n in ("candidates", "best_score", "image_embedding")), CURATED.field("caption_primary")),
+    models=lambda cfg: {"clip": cfg.filter.model, "rule": cfg.filter.rule})

@@ -68,9 +68,9 @@ def _centroids(rows, n: int, settings: DedupSettings, seed: int):
     return kmeans.centroids
 
 
-def confirm(df, pairs, settings: DedupSettings):
+def confirm(images, pairs, settings: DedupSettings):
     """The candidate pairs whose 32x32 thumbnails agree. Thumbnails are made for the rows that
-    appear in some pair only."""
+    appear in some pair only (`images`: uid and image bytes, read where they lie)."""
     from pyspark.sql import functions as F
 
     members = pairs.select(F.col("uid_a").alias("uid")).union(pairs.select(F.col("uid_b").alias("uid"))).distinct()
@@ -82,7 +82,7 @@ def confirm(df, pairs, settings: DedupSettings):
             out = [thumbnail(b) for b in frame["image"]]
             yield pd.DataFrame({"uid": frame["uid"], "thumb": [None if t is None else t.tobytes() for t in out]})
 
-    small = df.select("uid", "image").join(members, "uid").mapInPandas(thumbs, "uid string, thumb binary")
+    small = images.select("uid", "image").join(F.broadcast(members), "uid").mapInPandas(thumbs, "uid string, thumb binary")
     joined = (pairs.join(small.select(F.col("uid").alias("uid_a"), F.col("thumb").alias("ta")), "uid_a")
               .join(small.select(F.col("uid").alias("uid_b"), F.col("thumb").alias("tb")), "uid_b"))
 
@@ -104,8 +104,8 @@ def confirm(df, pairs, settings: DedupSettings):
     return joined.mapInPandas(check, PAIRS_SCHEMA)
 
 
-def image_pairs(df, settings: DedupSettings, seed: int = 0):
-    """(uid_a, uid_b, cosine): near-duplicate image pairs, confirmed on thumbnails unless
-    image_verify is 'none'."""
+def image_pairs(df, settings: DedupSettings, seed: int = 0, images=None):
+    """(uid_a, uid_b, cosine): near-duplicate image pairs, confirmed on thumbnails (of `images`, by
+    default df) unless image_verify is 'none'."""
     pairs = candidate_pairs(df, settings, seed).localCheckpoint()  # the search runs once
-    return pairs if settings.image_verify == "none" else confirm(df, pairs, settings)
+    return pairs if settings.image_verify == "none" else confirm(df if images is None else images, pairs, settings)

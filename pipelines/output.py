@@ -172,19 +172,27 @@ class StageOutput:
         """Write manifest.json last, then move the whole directory into place."""
         assert self.tmp is not None, "begin() first"
         self.fs.pipe(f"{self.tmp}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
-        old = None
-        if self.fs.exists(self._path):
-            old = f"{self._parent}/.{self._name}.replaced-{uuid.uuid4().hex[:12]}"
-            self.fs.mv(self._path, old, recursive=True)
-        self.fs.mv(self.tmp, self._path, recursive=True)
-        if old:
-            self.fs.rm(old, recursive=True)
+        move_into_place(self.fs, self.tmp, self._path)
         self.tmp = None
 
     def abort(self) -> None:
         if self.tmp and self.fs.exists(self.tmp):
             self.fs.rm(self.tmp, recursive=True)
         self.tmp = None
+
+
+def move_into_place(fs, work: str, target: str) -> None:
+    """The one atomic commit (stages, the write step, export): rename the finished work folder onto
+    target; an old target is moved aside first and removed last, so at every moment target is either
+    the old folder or the whole new one."""
+    path = PurePosixPath(target)
+    old = None
+    if fs.exists(target):
+        old = str(path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:12]}")
+        fs.mv(target, old, recursive=True)
+    fs.mv(work, target, recursive=True)
+    if old:
+        fs.rm(old, recursive=True)
 
 
 def read_manifest(root: str) -> dict:

@@ -15,6 +15,8 @@ SETTINGS = {"download": ("download",), "caption": ("caption", "seed"), "filter":
             "dedup": ("dedup", "seed")}
 # Download settings that change how rows are fetched, not what a good row is: a committed download
 # stays valid under other values, and --retry-failed may change them (e.g. a longer timeout).
+# Model-stage settings that change where and how fast a model runs, not what it computes.
+RUNTIME_ONLY = frozenset({"torch_threads", "gpus_per_task", "batch_size", "fuse_filter"})
 FETCH_ONLY = frozenset({"timeout", "retries", "threads", "processes", "max_shard_retry", "subjob_size",
                         "rows_per_shard", "allow_hosts", "loopback_only"})
 
@@ -45,18 +47,30 @@ def source_of(manifest: dict) -> dict:
     return {"finished_at": manifest.get("finished_at"), "rows": manifest.get("counts", {}).get("output")}
 
 
-def stale_reason(manifest: dict, config: dict, stage: str, source: dict | None = None) -> str | None:
-    """Why a committed stage (its manifest) does not belong to a run with `config` and `source`:
-    'other settings (key, ...)' or 'another input'; None when it does."""
-    used, changed = manifest.get("config", {}), []
-    for key in SETTINGS[stage]:
-        before, now = used.get(key), config.get(key)
+def changed_keys(used: dict, config: dict, keys, skip=()) -> list[str]:
+    """The dotted keys (a section or section.key) whose value differs between two config dicts."""
+    changed = []
+    for key in keys:
+        before, now = _get(used, key), _get(config, key)
         if isinstance(before, dict) and isinstance(now, dict):
-            skip = FETCH_ONLY if stage == "download" else ()
             changed += [f"{key}.{k}" for k in sorted(set(before) | set(now))
                         if k not in skip and before.get(k) != now.get(k)]
         elif before != now:
             changed.append(key)
+    return changed
+
+
+def _get(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def stale_reason(manifest: dict, config: dict, stage: str, source: dict | None = None) -> str | None:
+    """Why a committed stage (its manifest) does not belong to a run with `config` and `source`:
+    'other settings (key, ...)' or 'another input'; None when it does."""
+    changed = changed_keys(manifest.get("config", {}), config, SETTINGS[stage],
+                           FETCH_ONLY if stage == "download" else RUNTIME_ONLY)
     if changed:
         return f"other settings ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
     recorded = manifest.get("source")

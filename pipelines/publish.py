@@ -18,7 +18,7 @@ import time
 
 import fsspec
 
-from pipelines.output import MANIFEST, ConservationError, Counts, read_manifest, versions
+from pipelines.output import MANIFEST, ConservationError, Counts, move_into_place, read_manifest, versions
 from schemas import CURATED, REJECTS
 
 STAGES = ("download", "caption", "filter", "dedup")
@@ -38,13 +38,11 @@ def check_chain(manifests: dict[str, dict]) -> None:
                 f"do not belong to one run. Rerun with --overwrite. Nothing was committed.")
 
 
-def _data_bytes(fs, path: str) -> int:
-    return sum(info["size"] for info in fs.ls(path, detail=True) if info["name"].endswith(".parquet"))
-
-
 def publish(spark, out_root: str, config: dict, compression: str = "zstd", target_file_mb: int = 256,
-            started: float | None = None) -> dict:
-    """Commit OUT from its four committed stage outputs; returns the manifest written."""
+            started: float | None = None, reused: tuple[str, ...] = ()) -> dict:
+    """Commit OUT from its committed stage outputs; returns the manifest written. `reused`: the stages
+    this run took from an earlier one (the manifest says so)."""
+    from pipelines.stage import PART, Chain, folder_bytes, rates, view
     root = str(out_root).rstrip("/")
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)
@@ -57,18 +55,24 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     work = f"{path}/.publish.inprogress"
     if fs.exists(work):
         fs.rm(work, recursive=True)  # left by a killed run
+    write_started = time.time()
     try:
-        dedup_data = f"{stage_dir(path, 'dedup')}/data"
-        files = max(1, math.ceil(_data_bytes(fs, dedup_data) / (target_file_mb * 2**20)))
-        curated = spark.read.option("pathGlobFilter", "*.parquet").parquet(proto + dedup_data)
-        CURATED.validate(curated, where=dedup_data)
-        curated.repartition(files).write.option("compression", codec).parquet(f"{proto}{work}/curated")
+        # One pass over the download data, part by part: each part's images joined with the small
+        # metadata every stage added for it (broadcast), so image bytes are never shuffled.
+        last = STAGES[-1]
+        chain = Chain.of(stage_dir(root, last), manifests[last], 0)
+        for i, part in enumerate(chain.parts):
+            size = sum(fs.size(f.split("://")[-1]) for f in chain.files(i))
+            curated = view(spark, chain, part=i, images=True).drop("synthetic_captions", PART)
+            CURATED.validate(curated, where=f"the curated rows of part {i}")
+            curated.coalesce(max(1, math.ceil(size / (target_file_mb * 2**20)))).write \
+                .option("compression", codec).mode("append").parquet(f"{proto}{work}/curated")
         rejects = None
         for stage in STAGES:
             part = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{proto}{stage_dir(path, stage)}/rejects")
             part = part.select(*REJECTS.names)
             rejects = part if rejects is None else rejects.unionByName(part)
-        rejects.coalesce(max(1, files)).write.option("compression", codec).parquet(f"{proto}{work}/rejects")
+        rejects.coalesce(max(1, len(chain.parts))).write.option("compression", codec).parquet(f"{proto}{work}/rejects")
 
         rejected: dict[str, dict[str, int]] = {}
         for row in spark.read.parquet(f"{proto}{work}/rejects").groupBy("stage", "reason").count().collect():
@@ -79,13 +83,23 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         shards = [{"file": info["name"].rsplit("/", 1)[-1], "bytes": info["size"]}
                   for info in sorted(fs.ls(f"{work}/curated", detail=True), key=lambda i: i["name"])
                   if info["name"].endswith(".parquet")]
+        written = folder_bytes(f"{proto}{work}")
         for name in ("curated", "rejects"):
-            if fs.exists(f"{path}/{name}"):
-                fs.rm(f"{path}/{name}", recursive=True)
-            fs.mv(f"{work}/{name}", f"{path}/{name}", recursive=True)
+            move_into_place(fs, f"{work}/{name}", f"{path}/{name}")
     finally:
         if fs.exists(work):
             fs.rm(work, recursive=True)
+    stages = {}
+    for stage, m in manifests.items():
+        figures = m.get("figures", {}) | rates(m)
+        if stage == "download":
+            figures["bytes_written"] = folder_bytes(stage_dir(root, stage))
+        stages[stage] = {key: m.get(key) for key in ("started_at", "finished_at", "counts")} | figures | \
+            {"reused": stage in reused}
+    write_seconds = round(time.time() - write_started, 3)
+    rows_in = sum(p["rows"] for p in chain.parts)
+    write = {"seconds": write_seconds, "rows_in": rows_in, "rows_out": counts.output, "bytes_written": written,
+             "model_passes": {}, "rows_per_s": round(rows_in / write_seconds, 2) if write_seconds else None}
     finished = time.time()
     manifest = {
         "stage": "curate",
@@ -96,8 +110,8 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         "config": config,
         "models": {stage: manifests[stage]["models"] for stage in STAGES if "models" in manifests[stage]},
         "counts": counts.to_dict(),
-        "stages": {stage: {key: m.get(key) for key in ("started_at", "finished_at", "seconds", "counts")}
-                   for stage, m in manifests.items()},
+        "stages": stages,
+        "write": write,
         "reasons": {stage: manifests[stage].get("reasons", {}) for stage in STAGES},
         "curated_files": shards,
     }

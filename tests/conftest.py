@@ -93,16 +93,26 @@ def curate_site(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def curate_args(curate_site):
+def clip_link(tmp_path_factory):
+    """The shapes CLIP behind a symlink: a test removes the link to make the reference unloadable."""
+    from udfs.models import SHAPES_CLIP
+    link = tmp_path_factory.mktemp("models") / "shapes-clip"
+    link.symlink_to(SHAPES_CLIP, target_is_directory=True)
+    return link
+
+
+@pytest.fixture(scope="session")
+def curate_args(curate_site, clip_link):
     """Arguments for `capfilt curate` on the curate_site corpus with the demo's settings (the project's
-    shapes-world models), minus --output."""
+    shapes-world models; the CLIP through clip_link), minus --output."""
     from jobs.demo import _as_overrides, shapes_world_settings
     from pipelines.config import load_config
     _, server, metadata = curate_site
     return ["--input", str(metadata), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
             "--allow-host", "127.0.0.1:1", "--no-progress",
             # One retry: the corpus's 5xx bursts (first request per path) end the same in every run.
-            *_as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))]
+            *_as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"]))),
+            "--set", f"filter.model={clip_link}"]
 
 
 @pytest.fixture(scope="session")

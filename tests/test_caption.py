@@ -97,8 +97,8 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     source.begin()
     counts = write_stage(source, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))
     source.commit(build_manifest(source, {}, counts))
-    from jobs.common import input_parts
-    total = len(input_parts(str(tmp_path / "download" / "data"), 3))
+    from pipelines.stage import download_parts
+    total = len(download_parts(str(tmp_path / "download" / "data"), 3))
     assert total >= 4
     args = ["--input", str(tmp_path / "download"), "--output", str(tmp_path / "caption"),
             "--set", f"caption.model={tiny_blip}", "--set", "caption.rows_per_part=3", "--set", "caption.num_captions=2",
@@ -107,19 +107,20 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = tmp_path / ".caption.inprogress" / "work"
+    work = tmp_path / ".caption.inprogress" / "model"
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(work.glob("part-*/_SUCCESS"))) < 2:
+    while time.time() < deadline and len(list(work.glob("part=*/_SUCCESS"))) < 2:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(work.glob("part-*/_SUCCESS")))
+    finished = len(list(work.glob("part=*/_SUCCESS")))
     assert 2 <= finished < total and not (tmp_path / "caption").exists()
     subprocess.run([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, check=True, capture_output=True,
                    timeout=300)
     manifest = read_manifest(tmp_path / "caption")
     assert manifest["parts"] == {"total": total, "reused_from_a_killed_run": finished}
     got = {r.uid: r.synthetic_captions for r in spark.read.parquet(str(tmp_path / "caption" / "data")).collect()}
+    assert "image" not in spark.read.parquet(str(tmp_path / "caption" / "data")).columns  # images stay in download
     settings = CaptionSettings(model=tiny_blip, num_captions=2, max_new_tokens=6, device="cpu")
     clean = {r.uid: r.synthetic_captions for r in split_captioned(caption(_downloaded(spark, images), settings))[0].collect()}
     assert got == clean, "resumed output equals a clean run's"

@@ -54,12 +54,67 @@ def test_a_rerun_reuses_committed_stages_and_a_killed_stage_resumes(curated_out,
     assert read_manifest(out)["counts"] == read_manifest(curated_out)["counts"]
 
 
-def test_other_settings_than_the_committed_stages_used_are_refused(curated_out, curate_args, tmp_path, capsys):
+def test_other_model_settings_than_the_committed_stages_used_are_refused(curated_out, curate_args, tmp_path,
+                                                                         capsys):
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
-    rc = cli(["curate", *curate_args, "--output", str(out), "--set", "filter.rule=topk"])
+    rc = cli(["curate", *curate_args, "--output", str(out), "--set", "caption.top_p=0.5"])
     assert rc == 2
-    assert "filter under" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "caption under" in err and "caption.top_p" in err
+
+
+def test_images_are_stored_once_and_decoded_once_per_row(curated_out):
+    import pyarrow.dataset as ds
+    for stage in ("caption", "filter", "dedup"):  # only what each stage adds
+        assert "image" not in ds.dataset(curated_out / "stages" / stage / "data", partitioning="hive").schema.names
+    assert "image" in _table(curated_out / "curated").schema.names
+    manifest = read_manifest(curated_out)
+    rows = manifest["stages"]["caption"]["rows_in"]
+    assert rows == manifest["stages"]["download"]["rows_out"] > 0
+    # Caption and filter ran in one pass: each image decoded once, both models on it.
+    assert manifest["stages"]["caption"]["decoded_images"] == rows
+    assert manifest["stages"]["caption"]["model_passes"] == {"captioner": rows, "clip": rows}
+    assert manifest["stages"]["filter"]["decoded_images"] == 0
+    assert manifest["stages"]["filter"]["model_passes"] == {"clip": 0}
+    for stage in STAGES:
+        assert manifest["stages"][stage]["bytes_written"] > 0 and manifest["stages"][stage]["seconds"] > 0
+    assert manifest["write"]["bytes_written"] > 0
+
+
+def _own_kept(curated):
+    """uid -> [kept] of the row's own candidates (not inherited), and uid -> {text: score}."""
+    kept, scores = {}, {}
+    for uid, candidates in zip(curated.column("uid").to_pylist(), curated.column("candidates").to_pylist()):
+        own = [c for c in candidates if not c["source"].startswith("inherited")]
+        kept[uid] = [c["kept"] for c in own]
+        scores[uid] = {c["text"]: c["score"] for c in own}
+    return kept, scores
+
+
+def test_a_rerun_with_other_selection_settings_reuses_the_scores_and_loads_no_model(
+        curated_out, curate_args, clip_link, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    target = clip_link.readlink()
+    clip_link.unlink()  # the CLIP reference no longer loads: a rerun that needed it would fail
+    try:
+        assert curate([*curate_args, "--output", str(out), "--set", "filter.rule=topk", "--set", "filter.top_k=1"]) == 0
+    finally:
+        clip_link.symlink_to(target, target_is_directory=True)
+    log = capsys.readouterr().out
+    assert log.count("recomputed from the stored scores, no model loaded") == 1  # filter (dedup then runs: no model)
+    manifest = read_manifest(out)
+    stages = manifest["stages"]
+    assert stages["download"]["reused"] and stages["caption"]["reused"] and not stages["filter"]["reused"]
+    assert stages["filter"]["model_passes"] == {"clip": 0} and stages["filter"]["decoded_images"] == 0
+    assert manifest["config"]["filter"]["rule"] == "topk"
+    before_kept, before_scores = _own_kept(_table(curated_out / "curated"))
+    after_kept, after_scores = _own_kept(_table(out / "curated"))
+    assert any(sum(k) > 1 for k in before_kept.values())  # the threshold rule kept several captions of some rows
+    assert all(sum(k) == 1 for k in after_kept.values())   # top 1 keeps exactly one
+    common = set(before_scores) & set(after_scores)
+    assert len(common) > 10 and all(before_scores[u] == after_scores[u] for u in common)  # the stored scores
 
 
 @pytest.mark.parametrize("corruption", ["lost_reject_rows", "manifest_count"])
@@ -118,10 +173,14 @@ def test_a_stage_job_refuses_a_committed_output_made_with_other_settings(curated
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
     stages = out / "stages"
-    rc = cli(["filter", "--input", str(stages / "caption"), "--output", str(stages / "filter"),
-              "--set", "filter.rule=topk"])
+    config = tmp_path / "config.yaml"
+    used = read_manifest(stages / "caption")["config"]
+    config.write_text(json.dumps({**used, "caption": {**used["caption"], "top_p": 0.5}}))  # YAML reads JSON
+    rc = cli(["caption", "--input", str(stages / "download"), "--output", str(stages / "caption"),
+              "--config", str(config)])
     assert rc == 2
-    assert "filter.rule" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "caption.top_p" in err and "caption.model" not in err
 
 
 class _Payload:

@@ -1,0 +1,431 @@
+"""A stage as one object, and the one runner that owns every stage's lifecycle.
+
+A `Stage` declares its name, the contract of the rows it reads, the columns it adds, its reasons, an
+optional model pass and its split (marked rows -> records, rejects). `run_stage` does the rest for
+every stage alike: begin, fingerprint and resume, input validation, the model pass part by part,
+write, counts, manifest, atomic commit.
+
+Images are stored once. The download stage writes the image bytes; every later stage writes only
+`uid`, `part` and the columns it adds (`data/part=<i>/`). A stage reads a *view*: the download rows
+joined on uid with the columns each earlier stage added (inner: a row rejected earlier is gone; a
+later stage's column replaces an earlier one of the same name). Parts are groups of download files
+(about rows_per_part rows), fixed by the first stage after download and kept by every later one, so
+the view of one part joins the download files of that part with small metadata (broadcast): image
+bytes are read where they lie and never shuffled.
+
+A model pass decodes each image once and runs one or more models on it (caption and filter fused
+in `capfilt curate`); its output per part (`model/part=<i>/`) is resumable, and a stage that keeps it
+(filter: every candidate's score) re-selects from it without loading a model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from schemas import REJECTS, Contract, Field
+
+from pipelines.inference import OUT
+
+PART = "part"
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    """One model's work on decoded images inside a Python worker."""
+    role: str                       # manifest key: "captioner", "clip"
+    reads: tuple[str, ...]          # view columns the batch reads besides the image
+    fields: Callable                # () -> [Spark StructField] it outputs into the pass struct
+    batch: Callable                 # cfg -> picklable (frame, images) -> {field: values}
+    settings: Callable              # cfg -> its ModelRuntime settings (device, gpus_per_task, rows_per_part)
+    keys: tuple[str, ...]           # dotted config keys its output depends on: a change needs a new pass
+    reference: Callable = lambda cfg: None   # cfg -> the model reference it loads (None: no model)
+    feeds: dict = field(default_factory=dict)  # {output field: view column} for a pass fused after it
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: Contract                 # the view it reads
+    adds: tuple[Field, ...]         # the columns it writes besides uid and part
+    reasons: dict[str, str]
+    split: Callable                 # (marked view, cfg, facts: dict) -> (records, rejects)
+    model: ModelPass | None = None
+    keeps_scores: bool = False      # its model output stays committed: other selection settings reuse it
+    images: bool = False            # split needs image bytes (the view then reads them)
+    models: Callable = lambda cfg: {}  # cfg -> the manifest's "models" entry
+
+    def schema(self):
+        """Spark schema of what the stage writes."""
+        from pyspark.sql import types as T
+        return T.StructType([T.StructField("uid", T.StringType(), False),
+                             *[T.StructField(f.name, f.type.spark(), f.nullable) for f in self.adds],
+                             T.StructField(PART, T.IntegerType(), False)])
+
+
+def reject_rows(df, stage: str, reason, detail, duplicate_of=None):
+    """The rejects table's rows: uid, url, caption and why (Column or text for reason and detail)."""
+    from pyspark.sql import Column
+    from pyspark.sql import functions as F
+
+    def col(value):
+        return value if isinstance(value, Column) else F.lit(value)
+    return df.select("uid", "url", "caption", F.lit(stage).alias("stage"), col(reason).cast("string").alias("reason"),
+                     col(detail).cast("string").alias("detail"),
+                     (F.lit(None) if duplicate_of is None else col(duplicate_of)).cast("string").alias("duplicate_of"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chain a stage belongs to: where the images and every earlier stage's columns lie.
+
+@dataclass
+class Chain:
+    """`roots`: [(stage, root)] from download on; `parts`: download data files per part and their rows."""
+    roots: list
+    parts: list
+
+    @classmethod
+    def of(cls, input_root: str, manifest: dict, rows_per_part: int) -> "Chain":
+        """The chain read by a stage whose input is `input_root` (committed, with `manifest`)."""
+        root = _absolute(input_root)
+        if manifest.get("stage") == "download":
+            return cls([("download", root)], download_parts(f"{root}/data", rows_per_part))
+        if "chain" not in manifest:
+            raise ValueError(f"{input_root} was written by an older capfilt (no chain in its manifest): rerun its "
+                             f"stages with this version")
+        return cls([(name, resolve(root, where)) for name, where in manifest["chain"]], manifest["download_parts"])
+
+    def to_manifest(self, stage: str, root: str) -> dict:
+        """Each root relative to this stage's: a copied or moved OUT still finds its parts."""
+        root = _absolute(root)
+        return {"chain": [[name, relative(where, root)] for name, where in [*self.roots, (stage, root)]],
+                "download_parts": self.parts}
+
+    @property
+    def images(self) -> str:
+        return self.roots[0][1]
+
+    def files(self, part: int) -> list[str]:
+        return [f"{self.images}/data/{name}" for name in self.parts[part]["files"]]
+
+
+def _absolute(root: str) -> str:
+    import os
+    root = str(root).rstrip("/")
+    return root if "://" in root else os.path.abspath(root)
+
+
+def relative(target: str, start: str) -> str:
+    """target as a path relative to start when both lie on one file system (else target as it is)."""
+    import posixpath
+    (ts, tp), (ss, sp) = (x.split("://", 1) if "://" in x else ("", x) for x in (target, start))
+    if ts != ss or (ts and tp.split("/", 1)[0] != sp.split("/", 1)[0]):
+        return target
+    return posixpath.relpath(tp, sp)
+
+
+def resolve(start: str, where: str) -> str:
+    """A path recorded by relative(), resolved against start."""
+    import posixpath
+    if "://" in where or where.startswith("/"):
+        return where
+    scheme, sep, path = start.partition("://") if "://" in start else ("", "", start)
+    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(path, where))}"
+
+
+def download_parts(data_dir: str, rows_per_part: int) -> list[dict]:
+    """The download's Parquet files in a fixed order, grouped to about rows_per_part rows each, with
+    row counts from the file footers (no pass over the data)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(data_dir)
+    parts, files, rows = [], [], 0
+    for name in sorted(fs.glob(f"{path}/*.parquet")):
+        with fs.open(name, "rb") as f:
+            n = pq.ParquetFile(f).metadata.num_rows
+        files.append(name.rsplit("/", 1)[-1])
+        rows += n
+        if rows >= rows_per_part:
+            parts.append({"files": files, "rows": rows})
+            files, rows = [], 0
+    if files or not parts:
+        parts.append({"files": files, "rows": rows})
+    return parts
+
+
+def stage_data(spark, root: str, stage: Stage, part: int | None = None):
+    """What a stage wrote (uid, its columns, part), optionally one part (read from that folder only)."""
+    from pyspark.sql import functions as F
+    df = spark.read.schema(stage.schema()).option("pathGlobFilter", "*.parquet").parquet(f"{root}/data")
+    return df if part is None else df.filter(F.col(PART) == part)
+
+
+def view(spark, chain: Chain, part: int | None = None, images: bool = False):
+    """The rows a stage reads: download rows joined with every earlier stage's columns. One part
+    (joined against that part's metadata, broadcast) or all; with or without the image bytes."""
+    from pyspark.sql import functions as F
+    if part is None:
+        rows = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{chain.images}/data")
+    elif chain.parts[part]["files"]:
+        rows = spark.read.parquet(*chain.files(part)).withColumn(PART, F.lit(part))
+    else:
+        rows = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{chain.images}/data").limit(0) \
+            .withColumn(PART, F.lit(part))
+    if not images:
+        rows = rows.drop("image")
+    for name, root in chain.roots[1:]:
+        added = stage_data(spark, root, definition(name), part)
+        if part is not None:
+            added = F.broadcast(added.drop(PART))
+        rows = rows.drop(*[c for c in added.columns if c != "uid"]).join(added, "uid")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model pass: decode once, run each model, per part.
+
+class PassBatch:
+    """The batch function shipped to workers: decodes each image once, runs the passes in order (a
+    later pass reads what an earlier one fed it), counts decodes in an accumulator."""
+
+    def __init__(self, cfg, passes: list[ModelPass], decoded):
+        self.runs = [(p.batch(cfg), p.feeds) for p in passes]
+        self.names = ["error", *[f.name for p in passes for f in p.fields()]]
+        self.decoded = decoded
+
+    def __call__(self, frame):
+        import pandas as pd
+
+        from udfs.images import decode_images
+        images, errors = decode_images(frame["image"].tolist())
+        self.decoded.add(len(images))
+        out = {"error": errors}
+        for run, feeds in self.runs:
+            out.update(run(frame, images))
+            for name, column in feeds.items():
+                frame[column] = out[name]
+        return pd.DataFrame({name: out[name] for name in self.names})
+
+
+def pass_type(passes: list[ModelPass]):
+    from pyspark.sql import types as T
+    return T.StructType([T.StructField("error", T.StringType(), True), *[f for p in passes for f in p.fields()]])
+
+
+def pass_columns(passes: list[ModelPass]) -> list[str]:
+    fed = set()
+    columns = ["image"]
+    for p in passes:
+        columns += [c for c in p.reads if c not in fed and c not in columns]
+        fed |= set(p.feeds.values())
+    return columns
+
+
+def infer(df, cfg, passes: list[ModelPass], decoded):
+    """df + the pass struct `_inference` (error and every pass's fields)."""
+    from pipelines.inference import apply_batches
+    settings = passes[0].settings(cfg)
+    return apply_batches(df, PassBatch(cfg, passes, decoded), pass_columns(passes), pass_type(passes),
+                         settings.gpus_per_task)
+
+
+def pass_keys(cfg, passes: list[ModelPass]) -> dict:
+    """The values of the config keys the passes' output depends on."""
+    data = cfg.to_dict()
+    values = {}
+    for p in passes:
+        for key in p.keys:
+            node = data
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[key] = node
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runner.
+
+@dataclass
+class Run:
+    """What run_stage did: the committed manifest, or reused=True when it took a committed output."""
+    manifest: dict
+    reused: bool = False
+
+
+def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[ModelPass] = (),
+              recompute: bool = False) -> Run:
+    """Run `stage` from the committed output at input_root into output_root; commit atomically.
+
+    A committed output made with this run's settings and input is taken as it is. One made with other
+    settings is refused unless only settings that need no model pass changed (selection, dedup) and
+    the stage kept what its model computed (or has no model): then those parts are recomputed from
+    what is stored. `recompute` (curate, when an earlier stage ran) recomputes as --overwrite does,
+    still reusing a kept model output that matches. `fuse`: more passes to run in this stage's model
+    pass (on the same decoded image); their output is kept for the stage that owns them."""
+    from pipelines.output import OutputLock, StageOutput, read_manifest
+    from pipelines.provenance import changed_keys, source_of, stale_reason
+    from pipelines.session import spark_session
+
+    source_manifest = read_manifest(input_root)  # refuses an uncommitted input
+    source = source_of(source_manifest)
+    out = StageOutput(output_root, stage.name, overwrite=cfg.output.overwrite or recompute)
+    passes = ([stage.model] if stage.model else []) + list(fuse)
+    fused_scores = _fused_scores(stage, cfg, input_root, source_manifest)
+    model_needed = bool(stage.model) and fused_scores is None
+    if out.complete and not out.overwrite:
+        committed = read_manifest(out.root)
+        why = stale_reason(committed, cfg.to_dict(), stage.name, source)
+        if why is None:
+            print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
+            return Run(committed, reused=True)
+        model_changed = model_needed and (changed_keys(committed.get("config", {}), cfg.to_dict(), stage.model.keys)
+                                          or committed.get("source", source) != source)
+        if model_needed and (model_changed or not stage.keeps_scores):
+            raise ValueError(f"{out.root} is committed, but was made with {why} than this run's: pass --overwrite "
+                             f"to recompute it, or choose another output")
+        print(f"{out.root} was made with {why}: recomputing what needs no model", flush=True)
+    spark = spark_session(cfg.spark)
+    with OutputLock(output_root):
+        return _run(spark, stage, cfg, input_root, source_manifest, out, passes if model_needed else [],
+                    fused_scores)
+
+
+def _fused_scores(stage: Stage, cfg, input_root: str, source_manifest: dict) -> str | None:
+    """Where a pass fused upstream keeps this stage's model output, computed with this run's settings."""
+    if not stage.model:
+        return None
+    fused = source_manifest.get("fused", {}).get(stage.name)
+    if fused and fused["keys"] == pass_keys(cfg, [stage.model]):
+        return resolve(_absolute(input_root), fused["dir"])
+    return None
+
+
+def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, passes, fused_scores) -> Run:
+    import fsspec
+
+    from pipelines.output import build_manifest
+    from pipelines.provenance import source_of
+
+    runtime = (passes[0] if passes else stage.model).settings(cfg) if (passes or stage.model) else None
+    chain = Chain.of(input_root, source_manifest, runtime.rows_per_part if runtime else 50_000)
+    source = source_of(source_manifest)
+    out.begin(resume=True, force=True)
+    fs = fsspec.core.url_to_fs(out.root)[0]
+    decoded = spark.sparkContext.accumulator(0)
+    passed, reused = 0, 0
+    stage.reads.validate(view(spark, chain, part=0, images=True), where=f"the rows read from {input_root}")
+    if passes:
+        fingerprint = hashlib.sha256(json.dumps([source, chain.parts, pass_keys(cfg, passes)],
+                                                sort_keys=True, default=str).encode()).hexdigest()
+        passed, reused = _model_pass(spark, stage, cfg, chain, out, fs, passes, fingerprint, decoded)
+    rows = view(spark, chain, images=stage.images)
+    if stage.model:
+        scores = fused_scores or out.path("model")
+        model = spark.read.option("pathGlobFilter", "*.parquet").parquet(scores)
+        rows = rows.drop(PART).join(model.select("uid", PART, OUT), "uid")
+    facts: dict = {"chain": chain, "models": {}}
+    data, rejects = stage.split(rows, cfg, facts)
+    counts, written = _write(out, stage, data, rejects, source_manifest["counts"]["output"], cfg.output.compression)
+    if passes and not (stage.keeps_scores or len(passes) > 1):
+        out.remove("model")  # nothing reads it again
+    loaded = [p for p in passes if p.reference(cfg)]
+    figures = {"model_passes": {p.role: passed for p in loaded} or
+               ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
+               "decoded_images": decoded.value, "bytes_written": written}
+    manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | facts["models"],
+                              reasons=stage.reasons, source=source, **chain.to_manifest(stage.name, out.root),
+                              fused={_owner(p): {"keys": pass_keys(cfg, [p]), "dir": "model"} for p in passes[1:]},
+                              figures=figures,
+                              **({"parts": {"total": len(chain.parts), "reused_from_a_killed_run": reused}}
+                                 if passes else {}))
+    figures.update(rates(manifest))
+    out.commit(manifest)
+    print(f"{out.root}: {counts.input} rows in, {counts.output} out, {counts.rejected_total} rejected "
+          f"{counts.rejected.get(stage.name, {})}", flush=True)
+    return Run(manifest)
+
+
+def _owner(p: ModelPass) -> str:
+    """The stage a fused pass belongs to."""
+    return {"clip": "filter", "captioner": "caption"}[p.role]
+
+
+def rates(manifest: dict) -> dict:
+    seconds, counts = manifest["seconds"], manifest["counts"]
+    return {"seconds": seconds, "rows_in": counts["input"], "rows_out": counts["output"],
+            "rows_per_s": round(counts["input"] / seconds, 2) if seconds > 0 else None}
+
+
+def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerprint: str, decoded):
+    """Run the passes part by part into model/part=<i>; a part finished by a killed run, or kept by
+    the committed output with the same fingerprint, is not run again. Returns (rows run, parts
+    finished by a killed run)."""
+    from udfs.models import check_reference
+    model = out.path("model").split("://")[-1]
+    marker = f"{model}/fingerprint"
+    committed = f"{out.root.split('://')[-1]}/model"
+    kept = not cfg.output.overwrite and not fs.exists(marker) and fs.exists(f"{committed}/fingerprint") and \
+        fs.cat(f"{committed}/fingerprint").decode() == fingerprint
+    if kept:
+        # The committed output kept this model output: it stops being committed, and its model output
+        # moves into this run (a kill from here on resumes from it).
+        fs.rm(f"{out.root.split('://')[-1]}/manifest.json")
+        fs.mv(committed, model, recursive=True)
+    if fs.exists(marker) and fs.cat(marker).decode() != fingerprint:
+        print("The unfinished run at this output used other input or settings: starting over.")
+        out.begin(resume=False, force=True)
+    fs.makedirs(model, exist_ok=True)
+    fs.pipe(marker, fingerprint.encode())
+    todo = [i for i in range(len(chain.parts)) if not fs.exists(f"{model}/{PART}={i}/_SUCCESS")]
+    resumed = 0 if kept else len(chain.parts) - len(todo)
+    if todo:
+        for p in passes:
+            ref = p.reference(cfg)
+            if ref:
+                check_reference(ref, p.role)
+    started, done = time.time(), 0
+    for n, i in enumerate(todo):
+        rows = chain.parts[i]["rows"]
+        part_view = view(spark, chain, part=i, images=True)
+        stage.reads.validate(part_view, where=f"part {i} of {chain.images}")
+        marked = infer(part_view, cfg, passes, decoded).select("uid", OUT)
+        marked.write.mode("overwrite").parquet(out.path(f"model/{PART}={i}"))
+        done += rows
+        rate = done / max(time.time() - started, 1e-9)
+        left = sum(chain.parts[j]["rows"] for j in todo[n + 1:])
+        print(f"[{stage.name}] part {n + 1}/{len(todo)}: {rows} rows, {rate:.1f} rows/s, about {left / rate:.0f}s left"
+              + (f" ({len(chain.parts) - len(todo)} parts kept from before)" if n == 0 and len(todo) < len(chain.parts)
+                 else ""), flush=True)
+    return done, resumed
+
+
+def _write(out, stage: Stage, data, rejects, n_input: int, compression: str):
+    """Write the stage's columns (partitioned by part) and its rejects; count from the files written."""
+    from pipelines.output import Counts
+    spark = data.sparkSession
+    codec = "uncompressed" if compression == "none" else compression
+    REJECTS.validate(rejects, where=f"{stage.name} rejects")
+    columns = ["uid", *[f.name for f in stage.adds], PART]
+    data.select(*columns).write.option("compression", codec).partitionBy(PART).mode("overwrite").parquet(out.data_dir)
+    rejects.select(*REJECTS.names).write.option("compression", codec).mode("overwrite").parquet(out.rejects_dir)
+    output = spark.read.schema(stage.schema()).parquet(out.data_dir).count()
+    rejected: dict[str, dict[str, int]] = {}
+    for row in spark.read.parquet(out.rejects_dir).groupBy("stage", "reason").count().collect():
+        rejected.setdefault(row["stage"], {})[row["reason"]] = row["count"]
+    return Counts(input=n_input, output=output, rejected=rejected), folder_bytes(out.path(""))
+
+
+def folder_bytes(root: str) -> int:
+    """Bytes of the Parquet files under root."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(root)
+    return sum(info["size"] for info in fs.find(path, detail=True).values() if info["name"].endswith(".parquet"))
+
+
+def definition(name: str) -> Stage:
+    """The Stage object of a stage: `DEFINITION` in pipelines/<name>.py."""
+    import importlib
+    return importlib.import_module(f"pipelines.{name}").DEFINITION
