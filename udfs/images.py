@@ -13,24 +13,27 @@ from PIL import Image
 from udfs.fetch import normalise
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# The reasons a stage rejects an image it cannot use (the text before ':' in an error).
+UNDECODABLE_IMAGE = "undecodable_image"
+IMAGE_TOO_LARGE = "image_too_large"
 
 
 def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None) or (None, reason) with reason 'undecodable_image' or 'image_too_large'
     followed by ': detail'."""
     if not data:
-        return None, "undecodable_image: empty"
+        return None, f"{UNDECODABLE_IMAGE}: empty"
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
-            return None, f"image_too_large: {image.width}x{image.height}"
+            return None, f"{IMAGE_TOO_LARGE}: {image.width}x{image.height}"
         fixed = normalise(image)
         image = Image.open(io.BytesIO(fixed)) if fixed else image
         return image.convert("RGB"), None
     except Image.DecompressionBombError as e:
-        return None, f"image_too_large: {e}"
+        return None, f"{IMAGE_TOO_LARGE}: {e}"
     except Exception as e:  # truncated, not an image, ...
-        return None, f"undecodable_image: {type(e).__name__}"
+        return None, f"{UNDECODABLE_IMAGE}: {type(e).__name__}"
 
 
 def decode_images(blobs, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list, list]:
