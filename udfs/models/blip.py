@@ -1,0 +1,75 @@
+"""The BLIP captioner family (transformers BlipForConditionalGeneration): loading and decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .captioner import Captioner, _NucleusSampler
+from .constants import HF_CONFIG, HF_WEIGHTS
+from .device import _torch_dtype
+from .errors import ModelNotAvailable
+from .refs import Reference
+from .safety import _has_weights, _refuse_pickles
+
+
+class _ChosenTokenProcessor:
+    """A transformers logits processor that samples with _NucleusSampler and leaves only the
+    chosen token: greedy decoding then emits exactly the sampled sequence."""
+
+    def __init__(self, sampler: _NucleusSampler):
+        self.sampler = sampler
+
+    def __call__(self, input_ids, scores):
+        import torch
+        chosen = self.sampler(scores, generated=input_ids)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+
+def _blip_decode(captioner: Captioner, pixels, k: int, sampler: _NucleusSampler, max_new_tokens: int) -> list[str]:
+    import torch
+    from transformers import LogitsProcessorList
+    model = captioner.model
+    with torch.inference_mode():
+        image_embeds = model.vision_model(pixel_values=pixels)[0]
+        image_embeds = image_embeds.repeat_interleave(k, dim=0)
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        start = torch.full((image_embeds.shape[0], 1), captioner.special["start"], dtype=torch.long,
+                           device=image_embeds.device)
+        # What BlipForConditionalGeneration.generate does, with the image encoded once for k captions.
+        max_new_tokens = min(max_new_tokens, model.config.text_config.max_position_embeddings - 1)
+        ids = model.text_decoder.generate(
+            input_ids=start, eos_token_id=captioner.special["end"], pad_token_id=captioner.special["pad"],
+            encoder_hidden_states=image_embeds, encoder_attention_mask=mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([_ChosenTokenProcessor(sampler)]))
+    return [t.strip() for t in captioner.processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _blip_model(ref: Reference, folder: Path, device: str, precision: str):
+    from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    if config.model_type != "blip":
+        raise ValueError(f"model {ref.text!r}: a transformers {config.model_type!r} model; the captioner "
+                         f"families are BLIP (transformers) and CoCa (open_clip)")
+    if not _has_weights(folder, HF_WEIGHTS):
+        raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {HF_CONFIG} but no weights")
+
+    def load():
+        return BlipForConditionalGeneration.from_pretrained(
+            str(folder), torch_dtype=_torch_dtype(precision), trust_remote_code=False)
+
+    model = _refuse_pickles(ref, load).to(device)
+    # The slow (PIL) image processor, as saved with the Salesforce BLIP checkpoints.
+    processor = BlipProcessor.from_pretrained(str(folder), use_fast=False, trust_remote_code=False)
+    text = model.config.text_config
+    special = {"start": text.bos_token_id, "end": text.sep_token_id, "pad": text.pad_token_id}
+
+    def preprocess(images):
+        return processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+
+    def decode(ids):
+        return processor.decode(ids, skip_special_tokens=True)
+
+    return Captioner(ref.text, "blip", model.eval(), preprocess, processor.tokenizer, device, precision,
+                     decode, special, processor=processor)

@@ -1,0 +1,49 @@
+"""The per-worker model cache: one model per (reference, device, precision) per process.
+
+Spark reuses Python workers across tasks, so a model loads once per worker. The cache lives in this
+importable module on purpose (a cache in a driver script's globals is pickled with the UDF and
+reloaded on every task)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from .captioner import Captioner, load_captioner
+from .clip import ClipModel, load_clip
+from .constants import DEFAULT_CAPTIONER, DEFAULT_CLIP
+from .device import pick_device
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_key(kind: str, ref: str, device: str | None, precision: str | None) -> tuple:
+    device, precision = pick_device(device, precision)
+    path = Path(ref).expanduser()
+    return kind, str(path.resolve()) if path.exists() else ref, device, precision
+
+
+def cached_clip(ref: str = DEFAULT_CLIP, device: str | None = None, precision: str | None = None) -> ClipModel:
+    """load_clip, once per process for each (reference, device, precision)."""
+    key = _cache_key("clip", ref, device, precision)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_clip(ref, key[2], key[3])
+        return _CACHE[key]
+
+
+def cached_captioner(ref: str = DEFAULT_CAPTIONER, device: str | None = None,
+                     precision: str | None = None) -> Captioner:
+    """load_captioner, once per process for each (reference, device, precision)."""
+    key = _cache_key("captioner", ref, device, precision)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_captioner(ref, key[2], key[3])
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
