@@ -98,7 +98,7 @@ def _rows(out: Path, name: str, columns: list[str]):
 def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate_args, curated_out, tmp_path):
     from jobs.package import build_zip
     zipped = tmp_path / "capfilt-pyfiles.zip"
-    assert "udfs/models.py" in build_zip(zipped)
+    assert "udfs/models/__init__.py" in build_zip(zipped)
 
     # Without the zip, executors cannot import capfilt: the classic shipping bug, made visible.
     bare = _submit(cluster, [*curate_args, "--output", str(tmp_path / "bare")], timeout=300)

@@ -1,4 +1,4 @@
-"""The model loader (udfs/models.py) and the committed shapes-world checkpoints (models/).
+"""The model loader (udfs/models/) and the committed shapes-world checkpoints (models/).
 
 Quality tests load the committed checkpoints through the loader and measure them on held-out
 images, so they fail when a model, its preprocessing or its tokenizer breaks."""
