@@ -14,21 +14,27 @@ import math
 
 from pipelines.config import DownloadSettings
 from pipelines.inputs import MALFORMED
+from pipelines.stage import reject_rows
+from udfs.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
+from udfs.netguard import BLOCKED_MARK
 
 STAGE = "download"
+MALFORMED_ROW, DUPLICATE_UID, INVALID_URL, EMPTY_CAPTION = "malformed_row", "duplicate_uid", "invalid_url", "empty_caption"
+BLOCKED_ADDRESS, OPTED_OUT = BLOCKED_MARK, OPTED_OUT_MARK  # raised with these words by udfs.netguard / udfs.fetch
+FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, TOO_SMALL, TOO_LARGE = "failed_to_download", "failed_to_decode", "too_small", "too_large"
 REASONS = {
-    "malformed_row": "the reader could not parse the row: a broken JSON line, a CSV row with more or fewer "
+    MALFORMED_ROW: "the reader could not parse the row: a broken JSON line, a CSV row with more or fewer "
                      "fields than the header, or CSV lines folded by an unterminated quote (detail shows the text)",
-    "duplicate_uid": "another row has the same uid (the first by url, caption is kept)",
-    "invalid_url": "not an http(s) URL with a host",
-    "empty_caption": "caption is null or blank (download.drop_empty_captions)",
-    "blocked_address": "the URL, a redirect or its DNS name leads to a private, loopback, link-local, "
+    DUPLICATE_UID: "another row has the same uid (the first by url, caption is kept)",
+    INVALID_URL: "not an http(s) URL with a host",
+    EMPTY_CAPTION: "caption is null or blank (download.drop_empty_captions)",
+    BLOCKED_ADDRESS: "the URL, a redirect or its DNS name leads to a private, loopback, link-local, "
                        "multicast or metadata address that is not allow-listed",
-    "opted_out": "the publisher opted out with X-Robots-Tag (noai, noimageai, noindex, noimageindex)",
-    "failed_to_download": "HTTP error, timeout, reset, refused, redirect loop... (detail says which)",
-    "failed_to_decode": "the body is not a decodable image (truncated, not an image, empty)",
-    "too_small": "shorter side below download.min_image_size",
-    "too_large": "over download.max_image_pixels, max_aspect_ratio or max_bytes",
+    OPTED_OUT: "the publisher opted out with X-Robots-Tag (noai, noimageai, noindex, noimageindex)",
+    FAILED_TO_DOWNLOAD: "HTTP error, timeout, reset, refused, redirect loop... (detail says which)",
+    FAILED_TO_DECODE: "the body is not a decodable image (truncated, not an image, empty)",
+    TOO_SMALL: "shorter side below download.min_image_size",
+    TOO_LARGE: "over download.max_image_pixels, max_aspect_ratio or max_bytes",
 }
 # Failures worth trying again later: --retry-failed re-downloads exactly these.
 RETRYABLE_DETAIL = (r"HTTP Error (5\d\d|429|408)|timed out|[Rr]eset|[Rr]efused|Remote end closed|"
@@ -52,11 +58,11 @@ def precheck(pairs, settings: DownloadSettings):
     first = Window.partitionBy("uid").orderBy(malformed.asc(), F.col("url").asc_nulls_last(),
                                               F.col("caption").asc_nulls_last())
     blank_caption = F.col("caption").isNull() | ~F.col("caption").rlike(_VISIBLE)
-    reason = (F.when(malformed, F.lit("malformed_row"))
-              .when(F.row_number().over(first) > 1, F.lit("duplicate_uid"))
-              .when(F.col("url").isNull() | ~F.col("url").rlike(_URL_OK), F.lit("invalid_url")))
+    reason = (F.when(malformed, F.lit(MALFORMED_ROW))
+              .when(F.row_number().over(first) > 1, F.lit(DUPLICATE_UID))
+              .when(F.col("url").isNull() | ~F.col("url").rlike(_URL_OK), F.lit(INVALID_URL)))
     if settings.drop_empty_captions:
-        reason = reason.when(blank_caption, F.lit("empty_caption"))
+        reason = reason.when(blank_caption, F.lit(EMPTY_CAPTION))
     return pairs.withColumn("_reason", reason)
 
 
@@ -68,13 +74,11 @@ def prechecked_rejects(marked):
     from pyspark.sql import functions as F
     r = F.col("_reason")
     raw = F.col(MALFORMED) if MALFORMED in marked.columns else F.lit(None).cast("string")
-    detail = (F.when(r == "malformed_row", raw)
-              .when(r == "duplicate_uid", F.concat(F.lit("uid "), F.col("uid"), F.lit(" seen before")))
-              .when(r == "invalid_url", F.concat(F.lit("url: "), F.substring(F.coalesce("url", F.lit("<null>")), 1, 200)))
+    detail = (F.when(r == MALFORMED_ROW, raw)
+              .when(r == DUPLICATE_UID, F.concat(F.lit("uid "), F.col("uid"), F.lit(" seen before")))
+              .when(r == INVALID_URL, F.concat(F.lit("url: "), F.substring(F.coalesce("url", F.lit("<null>")), 1, 200)))
               .otherwise(F.lit("caption is empty")))
-    return marked.filter(r.isNotNull()).select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"), r.alias("reason"), detail.alias("detail"),
-        F.when(r == "duplicate_uid", F.col("uid")).cast("string").alias("duplicate_of"))
+    return reject_rows(marked.filter(r.isNotNull()), STAGE, r, detail, F.when(r == DUPLICATE_UID, F.col("uid")))
 
 
 def shard_size(rows: int, parallelism: int, settings: DownloadSettings) -> int:
@@ -144,32 +148,29 @@ def classify(results, todo, settings: DownloadSettings, complete: bool = False):
     # "<urlopen error X>" -> "X", one line: details are read by people.
     detail = F.regexp_replace(F.regexp_replace(err, r"(?s)^<urlopen error (.*)>$", "$1"), r"\s*\n\s*", " ")
     reason = (F.when(F.col("status") == "success", F.lit(None))
-              .when(err.contains("blocked_address"), F.lit("blocked_address"))
-              .when(err.contains("opted_out") | err.contains("X-Robots-Tag"), F.lit("opted_out"))
-              .when(err.contains("response_too_large") | err.contains("image area too large")
-                    | err.contains("aspect ratio too large"), F.lit("too_large"))
-              .when(err.contains("image too small"), F.lit("too_small"))
-              .when(F.col("status") == "failed_to_resize", F.lit("failed_to_decode"))
-              .otherwise(F.lit("failed_to_download")))
+              .when(err.contains(BLOCKED_MARK), F.lit(BLOCKED_ADDRESS))
+              .when(err.contains(OPTED_OUT_MARK) | err.contains("X-Robots-Tag"), F.lit(OPTED_OUT))
+              .when(err.contains(TOO_LARGE_MARK) | err.contains("image area too large")
+                    | err.contains("aspect ratio too large"), F.lit(TOO_LARGE))
+              .when(err.contains("image too small"), F.lit(TOO_SMALL))
+              .when(F.col("status") == "failed_to_resize", F.lit(FAILED_TO_DECODE))
+              .otherwise(F.lit(FAILED_TO_DOWNLOAD)))
     marked = results.withColumn("_reason", reason)
     # Extras by quoted name: an input name may hold dots, backticks, spaces.
     extras = [F.col("`" + c.replace("`", "``") + "`") for c in todo.columns if c not in ("uid", "url", "caption")]
     downloaded = marked.filter(F.col("_reason").isNull()).select(
         "uid", "url", "caption", F.col(fmt).alias("image"), "width", "height", "original_width",
         "original_height", "sha256", *extras, *([F.col("exif")] if settings.extract_exif and "exif" in results.columns else []))
-    failed = marked.filter(F.col("_reason").isNotNull()).select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.col("_reason").alias("reason"),
-        F.substring(detail, 1, 500).alias("detail"), F.lit(None).cast("string").alias("duplicate_of"))
+    failed = reject_rows(marked.filter(F.col("_reason").isNotNull()), STAGE, F.col("_reason"),
+                         F.substring(detail, 1, 500))
     if complete:
         return downloaded, failed
     # A shard that failed as a whole (after max_shard_retry) wrote no status rows: its rows are not lost.
-    missing = todo.join(results.select("uid"), "uid", "left_anti").select(
-        "uid", "url", "caption", F.lit(STAGE).alias("stage"), F.lit("failed_to_download").alias("reason"),
-        F.lit("shard failed: no status row (retryable)").alias("detail"),
-        F.lit(None).cast("string").alias("duplicate_of"))
+    missing = reject_rows(todo.join(results.select("uid"), "uid", "left_anti"), STAGE, FAILED_TO_DOWNLOAD,
+                          "shard failed: no status row (retryable)")
     return downloaded, failed.unionByName(missing)
 
 
 def retryable(rejects):
     from pyspark.sql import functions as F
-    return rejects.filter((F.col("reason") == "failed_to_download") & F.col("detail").rlike(RETRYABLE_DETAIL))
+    return rejects.filter((F.col("reason") == FAILED_TO_DOWNLOAD) & F.col("detail").rlike(RETRYABLE_DETAIL))
