@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipelines.config import DedupSettings
 from pipelines.stage import Stage, reject_rows
-from schemas import SCORED
+from schemas import SCORED, Field
 
 STAGE = "dedup"
 EXACT_DUPLICATE, DUPLICATE_IMAGE = "exact_duplicate", "duplicate_image"
@@ -199,9 +199,14 @@ def _inherit(kept, dropped):
 
 def split(view, cfg, facts: dict):
     """The stage's split: image bytes for the thumbnail check are read from the download, for the
-    rows in candidate pairs only."""
+    rows in candidate pairs only. A survivor's candidates are written only when it inherited some
+    (null: the filter's stand)."""
+    from pyspark.sql import functions as F
     images = view.sparkSession.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
-    return dedup(view, cfg.dedup, cfg.seed, images)
+    curated, rejects = dedup(view.withColumn("_own", F.size("candidates")), cfg.dedup, cfg.seed, images)
+    changed = F.when(F.size("candidates") > F.col("_own"), F.col("candidates"))
+    return curated.withColumn("candidates", changed).drop("_own"), rejects
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(SCORED.field("candidates"),), reasons=REASONS, split=split)
+DEFINITION = Stage(name=STAGE, reads=SCORED, reasons=REASONS, split=split, adds=(
+    Field("candidates", SCORED.field("candidates").type, True, "with inherited captions; null: as the filter left them"),))

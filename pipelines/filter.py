@@ -138,5 +138,6 @@ def split(marked, cfg, facts: dict):
 
 DEFINITION = Stage(
     name=STAGE, reads=CAPTIONED, reasons=REASONS, split=split, model=CLIP, keeps_scores=True,
-    adds=(*(SCORED.field(n) for n in ("candidates", "best_score", "image_embedding")), CURATED.field("caption_primary")),
+    adds=(*(SCORED.field(n) for n in ("candidates", "best_score")), CURATED.field("caption_primary")),
+    from_model={"image_embedding": "embedding"},  # stored once, with every row's scores
     models=lambda cfg: {"clip": cfg.filter.model, "rule": cfg.filter.rule})

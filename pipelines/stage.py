@@ -54,6 +54,7 @@ class Stage:
     split: Callable                 # (marked view, cfg, facts: dict) -> (records, rejects)
     model: ModelPass | None = None
     keeps_scores: bool = False      # its model output stays committed: other selection settings reuse it
+    from_model: dict = field(default_factory=dict)  # {view column: pass field} read from that kept output
     images: bool = False            # split needs image bytes (the view then reads them)
     models: Callable = lambda cfg: {}  # cfg -> the manifest's "models" entry
 
@@ -82,9 +83,11 @@ def reject_rows(df, stage: str, reason, detail, duplicate_of=None):
 
 @dataclass
 class Chain:
-    """`roots`: [(stage, root)] from download on; `parts`: download data files per part and their rows."""
+    """`roots`: [(stage, root)] from download on; `parts`: download data files per part and their
+    rows; `scores`: {stage: folder of the model output it keeps} (columns a stage takes from there)."""
     roots: list
     parts: list
+    scores: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, input_root: str, manifest: dict, rows_per_part: int) -> "Chain":
@@ -95,13 +98,15 @@ class Chain:
         if "chain" not in manifest:
             raise ValueError(f"{input_root} was written by an older capfilt (no chain in its manifest): rerun its "
                              f"stages with this version")
-        return cls([(name, resolve(root, where)) for name, where in manifest["chain"]], manifest["download_parts"])
+        return cls([(name, resolve(root, where)) for name, where in manifest["chain"]], manifest["download_parts"],
+                   {name: resolve(root, where) for name, where in manifest.get("scores", {}).items()})
 
-    def to_manifest(self, stage: str, root: str) -> dict:
-        """Each root relative to this stage's: a copied or moved OUT still finds its parts."""
+    def to_manifest(self, stage: str, root: str, scores: str | None = None) -> dict:
+        """Each folder relative to this stage's root: a copied or moved OUT still finds its parts."""
         root = _absolute(root)
+        kept = {**self.scores, **({stage: _absolute(scores)} if scores else {})}
         return {"chain": [[name, relative(where, root)] for name, where in [*self.roots, (stage, root)]],
-                "download_parts": self.parts}
+                "download_parts": self.parts, "scores": {name: relative(where, root) for name, where in kept.items()}}
 
     @property
     def images(self) -> str:
@@ -164,8 +169,9 @@ def stage_data(spark, root: str, stage: Stage, part: int | None = None):
 
 
 def view(spark, chain: Chain, part: int | None = None, images: bool = False):
-    """The rows a stage reads: download rows joined with every earlier stage's columns. One part
-    (joined against that part's metadata, broadcast) or all; with or without the image bytes."""
+    """The rows a stage reads: download rows joined with every earlier stage's columns (a later
+    stage's non-null value replaces an earlier one). One part (joined against that part's metadata,
+    broadcast) or all; with or without the image bytes."""
     from pyspark.sql import functions as F
     if part is None:
         rows = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{chain.images}/data")
@@ -177,10 +183,21 @@ def view(spark, chain: Chain, part: int | None = None, images: bool = False):
     if not images:
         rows = rows.drop("image")
     for name, root in chain.roots[1:]:
-        added = stage_data(spark, root, definition(name), part)
+        stage = definition(name)
+        added = stage_data(spark, root, stage, part)
+        if stage.from_model and name in chain.scores:
+            kept = spark.read.option("pathGlobFilter", "*.parquet").parquet(chain.scores[name])
+            if part is not None:
+                kept = kept.filter(F.col(PART) == part)
+            added = added.join(kept.select("uid", *[F.col(f"{OUT}.{field}").alias(column)
+                                                    for column, field in stage.from_model.items()]), "uid")
         if part is not None:
             added = F.broadcast(added.drop(PART))
-        rows = rows.drop(*[c for c in added.columns if c != "uid"]).join(added, "uid")
+        both = [c for c in added.columns if c != "uid" and c in rows.columns]
+        added = added.select(*[F.col(c).alias(f"_new_{c}") if c in both else F.col(c) for c in added.columns])
+        rows = rows.join(added, "uid")
+        for c in both:
+            rows = rows.withColumn(c, F.coalesce(F.col(f"_new_{c}"), F.col(c))).drop(f"_new_{c}")
     return rows
 
 
@@ -336,7 +353,9 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
                ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
                "decoded_images": decoded.value, "bytes_written": written}
     manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | facts["models"],
-                              reasons=stage.reasons, source=source, **chain.to_manifest(stage.name, out.root),
+                              reasons=stage.reasons, source=source,
+                              **chain.to_manifest(stage.name, out.root, fused_scores or (
+                                  f"{out.root}/model" if stage.keeps_scores and stage.model else None)),
                               fused={_owner(p): {"keys": pass_keys(cfg, [p]), "dir": "model"} for p in passes[1:]},
                               figures=figures,
                               **({"parts": {"total": len(chain.parts), "reused_from_a_killed_run": reused}}

@@ -319,3 +319,37 @@ def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_ou
     err = capsys.readouterr().err
     assert err.startswith("capfilt: error: the ") and err.count("\n") == 1, err
     assert sorted(p.name for p in download.rglob("*")) == before  # the input is untouched
+
+
+def test_stage_commands_run_apart_score_as_the_fused_pass_and_reselect_from_their_own_scores(curated_out, tmp_path):
+    """caption and filter as separate commands (split across pools): the filter decodes every image
+    again, its scores equal the fused pass's, and a rerun with another rule loads no model."""
+    fused = curated_out / "stages"
+    stages, config = tmp_path / "stages", tmp_path / "config.yaml"
+    used = read_manifest(fused / "filter")["config"]
+    config.write_text(json.dumps(used))  # YAML reads JSON: the settings of the curate run
+    assert cli(["caption", "--input", str(fused / "download"), "--output", str(stages / "caption"),
+                "--config", str(config)]) == 0
+    assert cli(["filter", "--input", str(stages / "caption"), "--output", str(stages / "filter"),
+                "--config", str(config)]) == 0
+    figures = read_manifest(stages / "filter")["figures"]
+    rows = read_manifest(stages / "filter")["counts"]["input"]
+    assert figures["decoded_images"] == rows and figures["model_passes"] == {"clip": rows}
+    apart, together = (_scores(d / "filter" / "data") for d in (stages, fused))
+    assert apart.keys() == together.keys()
+    assert all(abs(apart[k] - together[k]) <= 1e-5 for k in apart)
+
+    config.write_text(json.dumps({**used, "filter": {**used["filter"], "rule": "topk", "top_k": 1}}))
+    assert cli(["filter", "--input", str(stages / "caption"), "--output", str(stages / "filter"),
+                "--config", str(config)]) == 0
+    manifest = read_manifest(stages / "filter")
+    assert manifest["figures"]["model_passes"] == {"clip": 0} and manifest["figures"]["decoded_images"] == 0
+    assert manifest["config"]["filter"]["rule"] == "topk"
+    assert _scores(stages / "filter" / "data").items() <= apart.items()  # the same stored scores
+
+
+def _scores(data) -> dict:
+    """(uid, candidate text) -> score from a filter stage's data."""
+    import pyarrow.dataset as ds
+    table = ds.dataset(data, partitioning="hive").to_table(columns=["uid", "candidates"]).to_pylist()
+    return {(r["uid"], c["text"]): c["score"] for r in table for c in r["candidates"]}
