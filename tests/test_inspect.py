@@ -220,6 +220,8 @@ def test_the_text_report_prints_the_funnel_quantiles_and_files(out, fixture_rows
     assert web_line[1] == str(len(web))
     assert web_line[3:] == [f"{v:.4f}" for v in np.quantile(web, QUANTILES)]
     assert any(line.split()[:3] == ["part-00001.zstd.parquet", "13", "rows"] for line in lines)
+    for row in STAGE_ROWS:  # the per-stage figures
+        assert row in [_cells(line) for line in lines], row
 
 
 def _cells(line):
