@@ -47,7 +47,7 @@ def random_blip_base(folder: Path) -> str:
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration
 
-    from udfs.models import SHAPES_CAPTIONER
+    from capfilt.udfs.models import SHAPES_CAPTIONER
     torch.manual_seed(0)
     if folder.exists():
         shutil.rmtree(folder)
@@ -69,7 +69,7 @@ def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[st
     import torch
     from PIL import Image
 
-    from udfs.models import load_clip
+    from capfilt.udfs.models import load_clip
     clip = load_clip(ref, "cpu")
     with torch.inference_mode():
         for start in range(0, len(images), batch):
@@ -83,7 +83,7 @@ def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[st
 def raw_caption(images: list[bytes], ref: str, k: int, batch: int, max_new_tokens: int) -> None:
     from PIL import Image
 
-    from udfs.models import load_captioner
+    from capfilt.udfs.models import load_captioner
     captioner = load_captioner(ref, "cpu")
     for start in range(0, len(images), batch):
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
@@ -107,15 +107,15 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from jobs.caption import main as caption_main
-    from jobs.filter import main as filter_main
-    from pipelines.config import SparkSettings
-    from pipelines.output import Counts, StageOutput, build_manifest
-    from pipelines.session import spark_session
-    from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
-    from world.captions import describe
-    from world.corpus import make_annotated
-    from world.scene import Scene
+    from capfilt.jobs.caption import main as caption_main
+    from capfilt.jobs.filter import main as filter_main
+    from capfilt.pipelines.config import SparkSettings
+    from capfilt.pipelines.output import Counts, StageOutput, build_manifest
+    from capfilt.pipelines.session import spark_session
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    from capfilt.world.captions import describe
+    from capfilt.world.corpus import make_annotated
+    from capfilt.world.scene import Scene
 
     work = Path(tempfile.mkdtemp(prefix="bench-capfilt-"))
     clip_ref, cap_ref = args.clip or SHAPES_CLIP, args.captioner or SHAPES_CAPTIONER
@@ -133,7 +133,7 @@ def main() -> None:
                                         conf={"spark.ui.showConsoleProgress": "false"}))
     rows = [(f"r{i}", f"http://h/{i}", captions[i], images[i], 64, 64, 64, 64, "0" * 64, synthetic[i])
             for i in range(args.rows)]
-    from schemas import CAPTIONED
+    from capfilt.schemas import CAPTIONED
     df = spark.createDataFrame(rows, CAPTIONED.spark_schema()).repartition(args.workers)
     stage_in = StageOutput(str(work / "captioned"), "caption")
     stage_in.begin()

@@ -4,7 +4,7 @@ MinHashLSH, on the same generated captions with the same parameters (not a timed
 Per size, each side runs once in its own subprocess (so peak memory figures do not mix), from the
 captions' parquet on disk to the clusters (uid, cluster) written as parquet:
 
-    spark       pipelines.caption_dedup.caption_clusters in Spark local[2]
+    spark       capfilt.pipelines.caption_dedup.caption_clusters in Spark local[2]
     datasketch  MinHash + MinHashLSH (same shingles, num_perm, seed, threshold) + a union-find over
                 the buckets, one Python process
     mllib       pyspark.ml.feature.MinHashLSH (HashingTF of the same shingles, approxSimilarityJoin at
@@ -140,14 +140,14 @@ def descendants(pid: int) -> list[int]:
 
 
 def settings_from(args):
-    from pipelines.config import DedupSettings
+    from capfilt.pipelines.config import DedupSettings
     return DedupSettings(shingle=args.shingle, ngram=args.ngram, num_perm=args.num_perm,
                          caption_threshold=args.threshold)
 
 
 def session(args):
-    from pipelines.config import SparkSettings
-    from pipelines.session import spark_session
+    from capfilt.pipelines.config import SparkSettings
+    from capfilt.pipelines.session import spark_session
     return spark_session(SparkSettings(master="local[2]", app_name="bench-dedup", driver_memory=args.driver_memory,
                                        shuffle_partitions=args.shuffle_partitions, log_level="ERROR",
                                        arrow_batch_size=args.arrow_batch_size,
@@ -162,7 +162,7 @@ def spark_memory(spark) -> dict:
 
 
 def side_spark(args) -> dict:
-    from pipelines.caption_dedup import caption_clusters
+    from capfilt.pipelines.caption_dedup import caption_clusters
     start = time.perf_counter()
     spark = session(args)
     ready = time.perf_counter()
@@ -180,7 +180,7 @@ def side_datasketch(args) -> dict:
     import pyarrow.parquet as pq
     from datasketch import MinHash, MinHashLSH
 
-    from udfs.minhash import DEFAULT_SEED, shingles
+    from capfilt.udfs.minhash import DEFAULT_SEED, shingles
     start = time.perf_counter()
     table = ds.dataset(args.data, format="parquet").to_table(columns=["uid", "caption"])
     uids, captions = table.column("uid").to_pylist(), table.column("caption").to_pylist()
@@ -226,7 +226,7 @@ def side_mllib(args) -> dict:
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    from pipelines.components import connected_components
+    from capfilt.pipelines.components import connected_components
 
     kind, n = args.shingle, args.ngram
     start = time.perf_counter()
@@ -235,7 +235,7 @@ def side_mllib(args) -> dict:
 
     @pandas_udf("array<string>")  # the same shingles as the other two sides
     def shingle_udf(captions: pd.Series) -> pd.Series:
-        from udfs.minhash import shingles
+        from capfilt.udfs.minhash import shingles
         return pd.Series([shingles(c, kind, n) for c in captions])
 
     df = spark.read.parquet(args.data).select("uid", shingle_udf("caption").alias("grams"))
@@ -351,7 +351,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from udfs.minhash import lsh_params
+    from capfilt.udfs.minhash import lsh_params
     bands, rows = lsh_params(args.threshold, args.num_perm)
     args.mllib_tables = args.mllib_tables or bands
     work = Path(args.work)

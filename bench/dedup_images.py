@@ -1,13 +1,13 @@
 """Image near-duplicate search at scale: the Spark stage's SemDeDup-style partitioned search against
 brute force on the same embeddings (not a timed test).
 
-    brute force   udfs.image_dedup.near_pairs over all rows: one exact faiss range search, one process
+    brute force   capfilt.udfs.image_dedup.near_pairs over all rows: one exact faiss range search, one process
                   (tests/test_image_dedup.py checks it against numpy's full similarity matrix)
-    partitioned   pipelines.image_dedup.candidate_pairs above exact_search_rows: k-means centroids on a
+    partitioned   capfilt.pipelines.image_dedup.candidate_pairs above exact_search_rows: k-means centroids on a
                   sample, rows assigned on executors (boundary rows to two partitions), exact search
                   within each partition; Spark local[2]
 
-Embeddings: world.embeddings.planted_embeddings (topic clusters, near-duplicates planted at cosines
+Embeddings: capfilt.world.embeddings.planted_embeddings (topic clusters, near-duplicates planted at cosines
 0.93-0.999 around the threshold), stored as float16 like the filter's. Prints recall and precision
 of the partitioned pairs against brute force, and both wall times. Goal: recall >= 0.98 at 50k.
 
@@ -37,11 +37,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from pipelines.config import DedupSettings, SparkSettings
-    from pipelines.image_dedup import candidate_pairs
-    from pipelines.session import spark_session
-    from udfs.image_dedup import embedding_matrix, near_pairs
-    from world.embeddings import planted_embeddings
+    from capfilt.pipelines.config import DedupSettings, SparkSettings
+    from capfilt.pipelines.image_dedup import candidate_pairs
+    from capfilt.pipelines.session import spark_session
+    from capfilt.udfs.image_dedup import embedding_matrix, near_pairs
+    from capfilt.world.embeddings import planted_embeddings
 
     spark = spark_session(SparkSettings(master="local[2]", shuffle_partitions=8, log_level="ERROR",
                                         conf={"spark.ui.enabled": "false"}))

@@ -32,13 +32,13 @@ def main() -> None:
 
     import img2dataset
 
-    from jobs.download import download
-    from pipelines.config import load_config
-    from pipelines.inputs import InputSpec
-    from pipelines.output import StageOutput
-    from pipelines.session import spark_session
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.jobs.download import download
+    from capfilt.pipelines.config import load_config
+    from capfilt.pipelines.inputs import InputSpec
+    from capfilt.pipelines.output import StageOutput
+    from capfilt.pipelines.session import spark_session
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
 
     work = Path(tempfile.mkdtemp(prefix="bench-download-"))
     make_web_corpus(work / "corpus", n=args.rows, seed=11, slow_ms=100)

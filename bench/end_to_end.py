@@ -1,6 +1,6 @@
 """`capfilt curate` end to end vs the raw tools run back to back, side by side in one run (not a timed test).
 
-One shapes-world web corpus (world.corpus.make_web_corpus, every fault kind) served on 127.0.0.1; per
+One shapes-world web corpus (capfilt.world.corpus.make_web_corpus, every fault kind) served on 127.0.0.1; per
 repeat, in alternating order (A, B / B, A / ...), each side in a fresh child process:
 
   A  `capfilt curate` as a user runs it (the shapes-world settings bench/quality.py gives it: 64-px
@@ -17,14 +17,21 @@ repeat, in alternating order (A, B / B, A / ...), each side in a fresh child pro
         raw_filter, the shapes CLIP, curate's filter batch size);
      4. dedup: exact sha256 in pandas, then datasketch MinHash + MinHashLSH over the web captions with
         the config's shingles, num_perm and threshold (bench/dedup.py's side_datasketch).
-     Torch threads: Spark local[*]'s parallelism (what curate's Spark gets); each step timed.
+     Threads: Spark local[*]'s parallelism W (what curate's Spark gets), laid out as Spark lays out
+     curate's model passes: W worker processes (spawned once, in step 2's time) with 1 torch thread
+     each (Spark gives its Python workers OMP_NUM_THREADS=1); each takes a contiguous 1/W of the
+     images. --raw-layout threads runs steps 2-3 in one process with W torch threads instead
+     (bench/capfilt.py's layout); on this shared 2-core machine that layout ran the captioner several times
+     slower than 1 thread (192 images, 1 vs 2 threads alternated), so it is no floor here.
+     Each step timed.
 
 Prints each timing, sum(B), the ratio A / sum(B) (goal <= 1.0), and A / (B's process wall clock).
 Nothing leaves 127.0.0.0/8: every URL of the corpus is on the loopback server or malformed, curate
-gets --allow-host for the server only, and B's driver refuses non-loopback connects (udfs.netguard).
+gets --allow-host for the server only, and B's driver refuses non-loopback connects (capfilt.udfs.netguard).
 
     SPARK_LOCAL_IP=127.0.0.1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 \\
-        .venv/bin/python bench/end_to_end.py [--n 10000] [--repeats 1] [--work DIR] [--keep]
+        .venv/bin/python bench/end_to_end.py [--n 10000] [--repeats 1] [--raw-layout processes|threads]
+                                             [--work DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -61,8 +70,8 @@ def bench_module(name: str):
 
 def shapes_config():
     """The Config curate gets: bench/quality.py's settings, parsed by the same code."""
-    from jobs.demo import shapes_world_settings
-    from pipelines.config import load_config
+    from capfilt.jobs.demo import shapes_world_settings
+    from capfilt.pipelines.config import load_config
     return shapes_world_settings(load_config(None, ["download.retries=1"]))
 
 
@@ -70,8 +79,8 @@ def shapes_config():
 
 def run_curate(metadata: Path, out: Path, port: int, log: Path) -> dict:
     """The command bench/quality.py's curate() runs, output to a log kept for the failure report."""
-    from jobs.demo import _as_overrides
-    cmd = [sys.executable, "-m", "jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
+    from capfilt.jobs.demo import _as_overrides
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
            "--id-col", "id", "--no-progress", "--allow-host", f"127.0.0.1:{port}", "--allow-host", "127.0.0.1:1",
            *_as_overrides(shapes_config())]
     with open(log, "w") as sink:
@@ -95,22 +104,49 @@ def run_curate(metadata: Path, out: Path, port: int, log: Path) -> dict:
 
 # ---------------------------------------------------------------- B: the raw tools (child process)
 
-def raw_caption_keep(images: list[bytes], ref: str, c) -> list[list[str]]:
+def raw_caption_keep(images: list[bytes], ref: str, c, offset: int = 0) -> list[list[str]]:
     """bench/capfilt.py's raw_caption with every caption setting of the config, returning what it generates."""
     import io
 
     from PIL import Image
 
-    from udfs.models import load_captioner
+    from capfilt.udfs.models import load_captioner
     captioner = load_captioner(ref, "cpu")
     out: list[list[str]] = []
     for start in range(0, len(images), c.batch_size):
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + c.batch_size]]
         out += captioner.generate(pil, num_captions=c.num_captions, top_p=c.top_p,
-                                  seeds=list(range(start, start + len(pil))), max_new_tokens=c.max_new_tokens,
+                                  seeds=list(range(offset + start, offset + start + len(pil))),
+                                  max_new_tokens=c.max_new_tokens,
                                   temperature=c.temperature, batch_size=c.batch_size,
                                   min_new_tokens=c.min_new_tokens, repetition_penalty=c.repetition_penalty)
     return out
+
+
+def _one_thread() -> None:
+    """A raw worker process: one torch thread, as Spark's Python workers run (OMP_NUM_THREADS=1)."""
+    import torch
+
+    from udfs.netguard import refuse_non_loopback
+    torch.set_num_threads(1)
+    refuse_non_loopback()
+
+
+def _caption_chunk(task) -> list[list[str]]:
+    from udfs.models import SHAPES_CAPTIONER
+    images, offset, c = task
+    return raw_caption_keep(images, SHAPES_CAPTIONER, c, offset)
+
+
+def _clip_chunk(task) -> None:
+    from udfs.models import SHAPES_CLIP
+    images, web, synthetic, batch = task
+    bench_module("capfilt").raw_filter(images, web, synthetic, SHAPES_CLIP, batch)
+
+
+def chunks(n: int, parts: int) -> list[slice]:
+    size = math.ceil(n / parts)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def raw_side(args) -> dict:
@@ -124,9 +160,9 @@ def raw_side(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.session import spark_session
-    from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
-    from udfs.netguard import refuse_non_loopback
+    from capfilt.pipelines.session import spark_session
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    from capfilt.udfs.netguard import refuse_non_loopback
     refuse_non_loopback()  # this process: the model loads, the Spark driver (the fetches run in Spark's workers)
     raw_filter = bench_module("capfilt").raw_filter
     side_datasketch = bench_module("dedup").side_datasketch
@@ -154,21 +190,34 @@ def raw_side(args) -> dict:
     spark.stop()
     seconds["img2dataset"] = time.perf_counter() - start
 
-    torch.set_num_threads(parallelism)  # the total threads Spark local mode runs curate's tasks on
-
     # 2. caption loop over the downloaded images (read from img2dataset's parquet shards).
     start = time.perf_counter()
+    pool = None
+    if args.raw_layout == "processes":  # W processes x 1 thread: Spark's layout for curate's model passes
+        pool = ProcessPoolExecutor(parallelism, mp_context=get_context("spawn"), initializer=_one_thread)
+        list(pool.map(time.sleep, [0] * parallelism))  # started here, as Spark starts its workers in the stage
+    else:  # one process x W threads
+        torch.set_num_threads(parallelism)
     table = pa.concat_tables(pq.read_table(p, columns=["id", "caption", "sha256", d.encode_format])
                              for p in sorted((out / "img2dataset").glob("*.parquet")))
     table = table.filter(table.column(d.encode_format).is_valid())
     images = table.column(d.encode_format).to_pylist()
-    synthetic = raw_caption_keep(images, SHAPES_CAPTIONER, c)
+    parts = chunks(len(images), parallelism)
+    if pool is not None:
+        synthetic = [caps for part in pool.map(_caption_chunk, [(images[p], p.start, c) for p in parts])
+                     for caps in part]
+    else:
+        synthetic = raw_caption_keep(images, SHAPES_CAPTIONER, c)
     seconds["caption"] = time.perf_counter() - start
 
     # 3. CLIP loop: web + synthetic captions against their image.
     start = time.perf_counter()
     web = [t or "" for t in table.column("caption").to_pylist()]
-    raw_filter(images, web, synthetic, SHAPES_CLIP, f.batch_size)
+    if pool is not None:
+        list(pool.map(_clip_chunk, [(images[p], web[p], synthetic[p], f.batch_size) for p in parts]))
+        pool.shutdown()
+    else:
+        raw_filter(images, web, synthetic, SHAPES_CLIP, f.batch_size)
     seconds["clip"] = time.perf_counter() - start
 
     # 4. exact sha256 in pandas, then datasketch MinHashLSH over the survivors' web captions.
@@ -184,13 +233,15 @@ def raw_side(args) -> dict:
     near = sum(u != k for u, k in zip(clusters["uid"], clusters["cluster"]))
     seconds["dedup"] = time.perf_counter() - start
 
-    return {"seconds": seconds, "parallelism": parallelism, "torch_threads": torch.get_num_threads(),
+    threads = f"{parallelism} processes x 1 torch thread" if pool is not None else \
+        f"1 process x {torch.get_num_threads()} torch threads"
+    return {"seconds": seconds, "parallelism": parallelism, "layout": threads,
             "downloaded": len(images), "exact_dropped": len(frame) - len(unique), "near_dropped": near}
 
 
-def run_raw(metadata: Path, out: Path, n: int, log: Path) -> dict:
+def run_raw(metadata: Path, out: Path, n: int, layout: str, log: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--metadata", str(metadata),
-           "--out", str(out), "--n", str(n)]
+           "--out", str(out), "--n", str(n), "--raw-layout", layout]
     with open(log, "w") as sink:
         start = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT).returncode
@@ -208,6 +259,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000, help="rows in the web corpus")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each side, order alternating")
+    ap.add_argument("--raw-layout", choices=["processes", "threads"], default="processes",
+                    help="raw steps 2-3: W processes x 1 torch thread (Spark's layout), or 1 process x W threads")
     ap.add_argument("--work", default=None, help="folder for the corpus and outputs (default: a new temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -218,8 +271,8 @@ def main() -> None:
         print("RESULT " + json.dumps(raw_side(args)), flush=True)
         return
 
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
     valid_utf8_copy = bench_module("download").valid_utf8_copy
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -247,7 +300,7 @@ def main() -> None:
                     if side == "A":
                         result["A"] = run_curate(metadata, out, server.port, work / f"curate{i}.log")
                     else:
-                        result["B"] = run_raw(raw_metadata, out, args.n, work / f"raw{i}.log")
+                        result["B"] = run_raw(raw_metadata, out, args.n, args.raw_layout, work / f"raw{i}.log")
                 a, b = result["A"], result["B"]
                 steps = sum(b["seconds"].values())
                 print(f"repeat {i} ({'curate first' if i % 2 == 0 else 'raw first'}): curate {a['wall_s']:.1f}s; "
@@ -277,7 +330,7 @@ def report(runs: list[tuple[dict, dict]], args) -> None:
     fused = a0["model_passes"].get("caption")
     of = f"median of {len(runs)}" if len(runs) > 1 else "one run"
 
-    print(f"\nrows={args.n}  Spark local[*] parallelism {b0['parallelism']}; raw torch threads {b0['torch_threads']}; "
+    print(f"\nrows={args.n}  Spark local[*] parallelism {b0['parallelism']}; raw steps 2-3: {b0['layout']}; "
           f"seconds, {of}")
     print(f"  downloaded: curate {a0['downloaded']}, img2dataset {b0['downloaded']} (curate also rejects empty "
           f"captions and duplicate ids);  dedup dropped: curate {a0['dedup_dropped']}, raw "

@@ -56,8 +56,8 @@ PLANTED_DUPLICATES = ("duplicate_image", "near_duplicate_image")
 
 def curate(metadata: Path, out: Path, port: int, overrides: list[str], reuse: tuple[Path, list[str]] | None) -> float:
     """`capfilt curate` in a child process; reuse=(run, stages) copies those committed stages first."""
-    from jobs.demo import _as_overrides, shapes_world_settings
-    from pipelines.config import load_config
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
 
     if (out / "manifest.json").exists():
         print(f"[quality] {out} is committed: reused", flush=True)
@@ -67,7 +67,7 @@ def curate(metadata: Path, out: Path, port: int, overrides: list[str], reuse: tu
         for stage in reuse[1]:
             shutil.copytree(reuse[0] / "stages" / stage, out / "stages" / stage)
     settings = _as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))
-    cmd = [sys.executable, "-m", "jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
            "--id-col", "id", "--no-progress", "--allow-host", f"127.0.0.1:{port}", "--allow-host", "127.0.0.1:1",
            *settings, *[a for kv in overrides for a in ("--set", kv)]]
     started = time.time()
@@ -81,7 +81,7 @@ def curate(metadata: Path, out: Path, port: int, overrides: list[str], reuse: tu
 def load_truth(corpus: Path):
     import pyarrow.parquet as pq
 
-    from world.scene import Scene
+    from capfilt.world.scene import Scene
     truth = pq.read_table(corpus / "truth.parquet", columns=["id", "kind", "fault", "scene", "aligned", "duplicate_of"])
     truth = truth.to_pandas().drop_duplicates("id", keep="first").set_index("id")  # duplicate_id faults share ids
     truth["scene_obj"] = [None if s is None else Scene.from_json(s) for s in truth.scene]
@@ -91,7 +91,7 @@ def load_truth(corpus: Path):
 
 
 def _right(text, scene) -> bool:
-    from world.captions import parse
+    from capfilt.world.captions import parse
     return scene is not None and parse(text) == scene
 
 
@@ -116,7 +116,7 @@ def curation_metrics(out: Path, truth) -> dict:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from world.captions import parse
+    from capfilt.world.captions import parse
 
     def table(path, columns):
         return ds.dataset(path, format="parquet").to_table(columns=columns).to_pylist()
@@ -213,7 +213,7 @@ def arm_data(runs: dict[str, Path], truth, seed: int) -> dict[str, tuple]:
     import numpy as np
     import pyarrow.dataset as ds
 
-    from world.captions import N_PHRASINGS, describe
+    from capfilt.world.captions import N_PHRASINGS, describe
     rng = np.random.default_rng(seed)
     # Sorted by uid: the download stage writes rows in the order its threads finish, and the order
     # sets the batches, so without it a rerun trains on other batches.
@@ -231,8 +231,8 @@ def arm_data(runs: dict[str, Path], truth, seed: int) -> dict[str, tuple]:
 
 
 def retrieval_data(n: int):
-    from lab.data import annotated
-    from world.captions import N_PHRASINGS
+    from capfilt.lab.data import annotated
+    from capfilt.world.captions import N_PHRASINGS
     held_out = annotated(n, RETRIEVAL_SEED)
     return held_out.images, [caps[i % N_PHRASINGS] for i, caps in enumerate(held_out.captions)], \
         [s.to_json() for s in held_out.scenes]
@@ -248,10 +248,10 @@ def train_and_measure(task: tuple) -> dict:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from lab.common import seed_everything
-    from lab.metrics import recall_at_1
-    from lab.tokens import save_clip_tokenizer
-    from lab.train_clip import MEAN, STD, fit, model_config
+    from capfilt.lab.common import seed_everything
+    from capfilt.lab.metrics import recall_at_1
+    from capfilt.lab.tokens import save_clip_tokenizer
+    from capfilt.lab.train_clip import MEAN, STD, fit, model_config
 
     torch.set_num_threads(1)
     with np.load(data_file, allow_pickle=False) as f:
@@ -362,8 +362,8 @@ def main() -> None:
 
     import numpy as np
 
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
 
     work = Path(args.work)
     corpus = work / f"world-{args.n}-{args.noise}"

@@ -36,10 +36,10 @@ vm_hwm_mb, descendants = _dedup.vm_hwm_mb, _dedup.descendants
 def run_size(n: int, work: Path, fault_rate: float) -> dict:
     import pyarrow.parquet as pq
 
-    from jobs.demo import _as_overrides, shapes_world_settings
-    from pipelines.config import load_config
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
 
     corpus, out = work / f"world-{n}-{fault_rate}", work / f"out-{n}-{fault_rate}"
     if not (corpus / "truth.parquet").exists():
@@ -47,7 +47,7 @@ def run_size(n: int, work: Path, fault_rate: float) -> dict:
     with serve(corpus / "site") as server:
         metadata = write_metadata(corpus, server.base_url)
         settings = _as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))
-        cmd = [sys.executable, "-m", "jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
+        cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
                "--id-col", "id", "--overwrite", "--no-progress", "--allow-host", f"127.0.0.1:{server.port}",
                "--allow-host", "127.0.0.1:1", *settings]
         started = time.time()

@@ -31,11 +31,11 @@ def main() -> None:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from jobs.filter import main as filter_main
-    from udfs.models import SHAPES_CLIP
-    from world.captions import parse
-    from world.corpus import NOISE_KINDS
-    from world.scene import Scene
+    from capfilt.jobs.filter import main as filter_main
+    from capfilt.udfs.models import SHAPES_CLIP
+    from capfilt.world.captions import parse
+    from capfilt.world.corpus import NOISE_KINDS
+    from capfilt.world.scene import Scene
 
     run = Path(args.run)
     card = json.loads((Path(SHAPES_CLIP) / "model_card.json").read_text())

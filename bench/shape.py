@@ -50,11 +50,11 @@ GOALS = {"storage": 2.2, "rerun": 0.20}
 def curate(metadata: Path, out: Path, port: int, overrides: list[str], log: Path) -> tuple[float, str]:
     """`capfilt curate` in a child process with the shapes-world settings; (wall seconds, output).
     A failure prints the last 60 lines and the stage it was in, and stops the bench."""
-    from jobs.demo import _as_overrides, shapes_world_settings
-    from pipelines.config import load_config
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
 
     settings = _as_overrides(shapes_world_settings(load_config(None, ["download.retries=1"])))
-    cmd = [sys.executable, "-m", "jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
            "--id-col", "id", "--no-progress", "--allow-host", f"127.0.0.1:{port}", "--allow-host", "127.0.0.1:1",
            *settings, *[a for kv in overrides for a in ("--set", kv)]]
     started = time.perf_counter()
@@ -179,7 +179,7 @@ def counts(top: dict) -> str:
 # --- one arm: first run, storage, decodes, rerun without the model ----------------------------------
 
 def arm(name: str, extra: list[str], work: Path, metadata: Path, port: int) -> dict:
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     clip, away = work / "clip", work / "clip.away"
     for path in (clip, away):
         shutil.rmtree(path, ignore_errors=True)
@@ -239,8 +239,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 import numpy as np  # noqa: E402
 
-from world.corpus import make_web_corpus  # noqa: E402
-from world.scene import encode_jpeg, render, sample_scene  # noqa: E402
+from capfilt.world.corpus import make_web_corpus  # noqa: E402
+from capfilt.world.scene import encode_jpeg, render, sample_scene  # noqa: E402
 
 
 def render_encode_rate(n: int, seed: int = 0) -> float:

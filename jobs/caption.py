@@ -6,7 +6,7 @@ Sampling is nucleus sampling, seeded per row from (seed, uid): reruns are identi
 """
 import sys
 
-from jobs.common import run, run_stage_job
+from capfilt.jobs.common import run, run_stage_job
 
 
 def main(argv=None) -> int:

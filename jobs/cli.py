@@ -6,19 +6,19 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
-    "demo": ("jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
-    "curate": ("jobs.curate", "the whole chain: download, caption, filter, dedup, write OUT/curated + rejects"),
-    "download": ("jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
-    "caption": ("jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
-    "filter": ("jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
-    "dedup": ("jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
-    "package": ("jobs.package", "build the zip that spark-submit --py-files ships to executors"),
-    "export": ("jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
-    "inspect": ("jobs.report", "print the funnel, score quantiles and files of a curated output; --html report"),
-    "world": ("world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
-    "lab": ("lab.cli", "train and measure the small shapes-world models (models/)"),
-    "config": ("jobs.config", "print the effective configuration, or every key with its help"),
-    "validate": ("jobs.validate", "check a Parquet dataset or stage output against a data contract"),
+    "demo": ("capfilt.jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
+    "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, dedup, write OUT/curated + rejects"),
+    "download": ("capfilt.jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
+    "caption": ("capfilt.jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
+    "filter": ("capfilt.jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
+    "dedup": ("capfilt.jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
+    "package": ("capfilt.jobs.package", "build the zip that spark-submit --py-files ships to executors"),
+    "export": ("capfilt.jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
+    "inspect": ("capfilt.jobs.report", "print the funnel, score quantiles and files of a curated output; --html report"),
+    "world": ("capfilt.world.cli", "generate or serve the shapes world (the offline stand-in for the web)"),
+    "lab": ("capfilt.lab.cli", "train and measure the small shapes-world models (models/)"),
+    "config": ("capfilt.jobs.config", "print the effective configuration, or every key with its help"),
+    "validate": ("capfilt.jobs.validate", "check a Parquet dataset or stage output against a data contract"),
 }
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv[:1])
     import importlib
     module = importlib.import_module(COMMANDS[ns.command][0])
-    from jobs.common import run
+    from capfilt.jobs.common import run
     return run(module.main, argv[1:])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.config import Config, ConfigError, load_config
+from capfilt.pipelines.config import Config, ConfigError, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run(main, argv=None) -> int:
     """Run a job's main, turning user errors into one clear line and exit code 2."""
-    from schemas import SchemaError
-    from pipelines.output import ConservationError, NotCommittedError, OutputInUse
-    from udfs.models import ModelNotAvailable, UnsafeCheckpoint
+    from capfilt.schemas import SchemaError
+    from capfilt.pipelines.output import ConservationError, NotCommittedError, OutputInUse
+    from capfilt.udfs.models import ModelNotAvailable, UnsafeCheckpoint
     try:
         return main(argv) or 0
     except (ConfigError, SchemaError, NotCommittedError, ConservationError, ValueError, OutputInUse,
@@ -41,8 +41,8 @@ def run(main, argv=None) -> int:
 def reuse_committed(out, cfg: Config, stage: str, source: dict | None = None) -> bool:
     """True when `out` is committed and this run may take it as it is (nothing to do). One computed
     with other settings or from another input is refused rather than passed off as this run's."""
-    from pipelines.output import read_manifest
-    from pipelines.provenance import stale_reason
+    from capfilt.pipelines.output import read_manifest
+    from capfilt.pipelines.provenance import stale_reason
     if not out.complete or cfg.output.overwrite:
         return False
     why = stale_reason(read_manifest(out.root), cfg.to_dict(), stage, source)
@@ -56,7 +56,7 @@ def reuse_committed(out, cfg: Config, stage: str, source: dict | None = None) ->
 def check_models(cfg: Config, stages) -> None:
     """Resolve every model reference the given stages will load, on the driver, before any work: a
     missing path or an unsafe checkpoint is one line now, not executor tracebacks hours later."""
-    from udfs.models import check_reference
+    from capfilt.udfs.models import check_reference
     if "caption" in stages and cfg.caption.num_captions:
         check_reference(cfg.caption.model, "captioner")
     if "filter" in stages:
@@ -113,7 +113,7 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def run_stage_job(name: str, doc: str, argv=None) -> int:
     """A stage command: --input (a committed stage output) -> --output, by the stage runner."""
-    from pipelines.stage import definition, run_stage
+    from capfilt.pipelines.stage import definition, run_stage
     args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
     cfg = config_from_args(args)
     check_output_path(args.output, args.input)

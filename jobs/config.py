@@ -5,8 +5,8 @@ import argparse
 
 import yaml
 
-from jobs.common import add_config_args, config_from_args
-from pipelines.config import describe
+from capfilt.jobs.common import add_config_args, config_from_args
+from capfilt.pipelines.config import describe
 
 
 def main(argv=None) -> int:

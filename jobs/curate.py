@@ -16,13 +16,13 @@ import argparse
 import sys
 import time
 
-from jobs.common import config_from_args, run
+from capfilt.jobs.common import config_from_args, run
 
 RUN, REUSE, RESELECT = "run", "reuse", "recompute without a model"
 
 
 def parser() -> argparse.ArgumentParser:
-    from jobs.download import add_input_args
+    from capfilt.jobs.download import add_input_args
     p = argparse.ArgumentParser(prog="capfilt curate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_args(p, output="output folder: stages/, curated/, rejects/, manifest.json",
@@ -36,10 +36,10 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
     reuse it, or recompute it without a model (only settings that need no model pass changed:
     selection, dedup). A committed stage made with other model settings or from another input is
     refused, naming what differs."""
-    from pipelines.output import StageOutput, read_manifest
-    from pipelines.provenance import changed_keys, stale_reason
-    from pipelines.publish import STAGES, stage_dir
-    from pipelines.stage import definition
+    from capfilt.pipelines.output import StageOutput, read_manifest
+    from capfilt.pipelines.provenance import changed_keys, stale_reason
+    from capfilt.pipelines.publish import STAGES, stage_dir
+    from capfilt.pipelines.stage import definition
     actions, redo, stale = {}, cfg.output.overwrite, []
     for stage in STAGES:
         root = stage_dir(out_root, stage)
@@ -65,7 +65,7 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
 
 
 def main(argv=None) -> int:
-    from jobs.download import input_spec
+    from capfilt.jobs.download import input_spec
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
     cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
@@ -75,13 +75,13 @@ def main(argv=None) -> int:
 def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = True) -> int:
     """The chain over the stage objects with one Config: download, then each stage by the runner,
     then the write step."""
-    from jobs.common import check_models
-    from jobs.download import check, run_download
-    from pipelines.output import OutputLock
-    from pipelines.provenance import input_source
-    from pipelines.publish import STAGES, publish, stage_dir
-    from pipelines.session import spark_session
-    from pipelines.stage import definition, run_stage
+    from capfilt.jobs.common import check_models
+    from capfilt.jobs.download import check, run_download
+    from capfilt.pipelines.output import OutputLock
+    from capfilt.pipelines.provenance import input_source
+    from capfilt.pipelines.publish import STAGES, publish, stage_dir
+    from capfilt.pipelines.session import spark_session
+    from capfilt.pipelines.stage import definition, run_stage
 
     started = time.time()
     out = str(output).rstrip("/")

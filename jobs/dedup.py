@@ -8,7 +8,7 @@ docs/dedup.md has the policy.
 """
 import sys
 
-from jobs.common import run, run_stage_job
+from capfilt.jobs.common import run, run_stage_job
 
 
 def main(argv=None) -> int:

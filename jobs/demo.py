@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from jobs.common import add_config_args, config_from_args
+from capfilt.jobs.common import add_config_args, config_from_args
 
 
 def main(argv=None) -> int:
@@ -23,10 +23,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = shapes_world_settings(config_from_args(args))
 
-    from jobs.curate import curate
-    from pipelines.inputs import InputSpec
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.jobs.curate import curate
+    from capfilt.pipelines.inputs import InputSpec
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
 
     out = Path(args.out).resolve()
     corpus = out / "world"
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         rc = curate(cfg, InputSpec.from_preset(str(metadata), "default", id_col="id"), str(out))
     if rc:
         return rc
-    from jobs.report import main as inspect
+    from capfilt.jobs.report import main as inspect
     report = out / "report.html"
     print()
     inspect([str(out), "--html", str(report)])
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 def shapes_world_settings(cfg):
     """The settings for a shapes-world corpus: 64-px images and the project's own small models
     (models/, trained on the shapes world by lab/): no hub here."""
-    from udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
     cfg.download.image_size = 64
     cfg.caption.model, cfg.filter.model = SHAPES_CAPTIONER, SHAPES_CLIP
     cfg.filter.threshold = _card_threshold(SHAPES_CLIP, cfg.filter.threshold)

@@ -15,7 +15,7 @@ import math
 import sys
 import time
 
-from jobs.common import add_config_args, check_output_path, config_from_args, reuse_committed, run
+from capfilt.jobs.common import add_config_args, check_output_path, config_from_args, reuse_committed, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,10 +55,10 @@ def main(argv=None) -> int:
 
 def run_download(cfg, spec, output: str, retry: bool = False, progress: bool = True) -> None:
     """The download stage's lifecycle (checked arguments): reuse, retry or fetch, then commit."""
-    from pipelines.download import STAGE
-    from pipelines.output import OutputLock, StageOutput
-    from pipelines.provenance import input_source
-    from pipelines.session import spark_session
+    from capfilt.pipelines.download import STAGE
+    from capfilt.pipelines.output import OutputLock, StageOutput
+    from capfilt.pipelines.provenance import input_source
+    from capfilt.pipelines.session import spark_session
 
     out = StageOutput(output, STAGE, overwrite=cfg.output.overwrite)
     if retry:
@@ -78,7 +78,7 @@ def run_download(cfg, spec, output: str, retry: bool = False, progress: bool = T
 
 
 def input_spec(args):
-    from pipelines.inputs import InputSpec
+    from capfilt.pipelines.inputs import InputSpec
     spec = InputSpec.from_preset(args.input, args.preset, url_col=args.url_col, caption_col=args.caption_col,
                                  id_col=args.id_col)
     return InputSpec(**{**spec.__dict__, "format": args.input_format})
@@ -87,8 +87,8 @@ def input_spec(args):
 def check(spec, output: str, cfg, retry: bool = False, replaced: tuple[str, ...] = ("",)) -> None:
     """Everything about the arguments that can be wrong, checked before Spark starts: one line each.
     A retry reads the input the committed output kept, not --input."""
-    from pipelines.inputs import check_input
-    from udfs.netguard import check_allow_list
+    from capfilt.pipelines.inputs import check_input
+    from capfilt.udfs.netguard import check_allow_list
     if not retry:
         check_input(spec)
     check_output_path(output, None if retry else spec.path, replaced)
@@ -98,9 +98,9 @@ def check(spec, output: str, cfg, retry: bool = False, replaced: tuple[str, ...]
 def refuse_stale_retry(out, cfg) -> None:
     """--retry-failed merges new rows into a committed download (from the input it kept): only fetch
     settings may differ."""
-    from pipelines.download import STAGE
-    from pipelines.output import read_manifest
-    from pipelines.provenance import FETCH_ONLY, stale_reason
+    from capfilt.pipelines.download import STAGE
+    from capfilt.pipelines.output import read_manifest
+    from capfilt.pipelines.provenance import FETCH_ONLY, stale_reason
     why = stale_reason(read_manifest(out.root), cfg.to_dict(), STAGE)
     if why:
         raise ValueError(f"--retry-failed on {out.root}: it was downloaded with {why}; a retry may change only "
@@ -110,7 +110,7 @@ def refuse_stale_retry(out, cfg) -> None:
 
 def _fingerprint(spec, cfg) -> str:
     """What a killed run's work depends on: the input (files included) and the download settings."""
-    from pipelines.provenance import input_source
+    from capfilt.pipelines.provenance import input_source
     return hashlib.sha256(json.dumps([input_source(spec), cfg.download.__dict__], sort_keys=True,
                                      default=str).encode()).hexdigest()
 
@@ -118,11 +118,11 @@ def _fingerprint(spec, cfg) -> str:
 def download(spark, spec, out, cfg, progress=True):
     import fsspec
 
-    from pipelines.download import fetch, precheck, prechecked_rejects, shard_size, to_fetch
-    from pipelines.inputs import read_pairs
-    from pipelines.io import write_stage
-    from pipelines.output import build_manifest
-    from pipelines.provenance import input_source
+    from capfilt.pipelines.download import fetch, precheck, prechecked_rejects, shard_size, to_fetch
+    from capfilt.pipelines.inputs import read_pairs
+    from capfilt.pipelines.io import write_stage
+    from capfilt.pipelines.output import build_manifest
+    from capfilt.pipelines.provenance import input_source
 
     timer = Timer()
     out.begin(resume=True, force=True)
@@ -179,9 +179,9 @@ def download(spark, spec, out, cfg, progress=True):
 
 def retry_failed(spark, out, cfg, progress=True):
     """Fetch the retryable rejects again into a new in-progress version and commit the merge."""
-    from pipelines.download import fetch, retryable, shard_size
-    from pipelines.io import read_rejects, write_stage
-    from pipelines.output import build_manifest, read_manifest
+    from capfilt.pipelines.download import fetch, retryable, shard_size
+    from capfilt.pipelines.io import read_rejects, write_stage
+    from capfilt.pipelines.output import build_manifest, read_manifest
 
     committed = read_manifest(out.root)
     old_data = spark.read.parquet(f"{out.root}/data")
@@ -217,10 +217,10 @@ def retry_failed(spark, out, cfg, progress=True):
 
 
 def _classified(spark, results, todo, cfg, n_todo: int):
-    from pipelines.download import classify
-    from pipelines.io import empty_rejects
+    from capfilt.pipelines.download import classify
+    from capfilt.pipelines.io import empty_rejects
     if results is None:  # nothing was fetched
-        from schemas import DOWNLOADED
+        from capfilt.schemas import DOWNLOADED
         return spark.createDataFrame([], DOWNLOADED.spark_schema()), empty_rejects(spark)
     return classify(results, todo, cfg.download, complete=results.count() == n_todo)
 
@@ -256,7 +256,7 @@ class Timer:
 
 
 def _reasons():
-    from pipelines.download import REASONS
+    from capfilt.pipelines.download import REASONS
     return REASONS
 
 

@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from jobs.common import add_config_args, config_from_args, run
+from capfilt.jobs.common import add_config_args, config_from_args, run
 
 
 def main(argv=None) -> int:
@@ -25,13 +25,13 @@ def main(argv=None) -> int:
     if args.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
     cfg = config_from_args(args)
-    from pipelines.export import check_target, export
-    from pipelines.output import read_manifest
+    from capfilt.pipelines.export import check_target, export
+    from capfilt.pipelines.output import read_manifest
     read_manifest(args.out)  # refuses an unfinished OUT before starting Spark,
     check_target(args.out, args.to, cfg.output.overwrite)  # and a target that is not safe to write
 
-    from pipelines.output import OutputLock
-    from pipelines.session import spark_session
+    from capfilt.pipelines.output import OutputLock
+    from capfilt.pipelines.session import spark_session
     # Two exports into one folder would share its work folder; a curate rewriting OUT meanwhile would
     # pull the files from under the export.
     with OutputLock(args.to), OutputLock(args.out, shared=True):

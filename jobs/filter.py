@@ -7,7 +7,7 @@ only filter.rule, threshold, top_k or percentile re-selects from them without lo
 """
 import sys
 
-from jobs.common import run, run_stage_job
+from capfilt.jobs.common import run, run_stage_job
 
 
 def main(argv=None) -> int:

@@ -14,9 +14,21 @@ import sys
 import zipfile
 from pathlib import Path
 
+# The folder holding the subpackages: the checkout (editable install) or site-packages/capfilt (wheel).
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "pipelines", "udfs", "jobs", "world", "lab")
 SUFFIXES = (".py", ".yaml", ".json")
+
+
+def members() -> list[tuple[str, Path]]:
+    """(name in the zip, file): capfilt/__init__.py, then capfilt/<package>/... in sorted order."""
+    init = next(p for p in (ROOT / "capfilt" / "__init__.py", ROOT / "__init__.py") if p.is_file())
+    found = [("capfilt/__init__.py", init)]
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*")):
+            if path.suffix in SUFFIXES and "__pycache__" not in path.parts:
+                found.append((f"capfilt/{path.relative_to(ROOT).as_posix()}", path))
+    return found
 
 
 def build_zip(target: Path) -> list[str]:
@@ -25,14 +37,11 @@ def build_zip(target: Path) -> list[str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
-        for package in PACKAGES:
-            for path in sorted((ROOT / package).rglob("*")):
-                if path.suffix in SUFFIXES and "__pycache__" not in path.parts:
-                    name = path.relative_to(ROOT).as_posix()
-                    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    zf.writestr(info, path.read_bytes())
-                    names.append(name)
+        for name, path in members():
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+            names.append(name)
     partial.replace(target)
     return names
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.common import add_config_args, config_from_args, run
+from capfilt.jobs.common import add_config_args, config_from_args, run
 
 
 def plain(value) -> str:
@@ -35,7 +35,7 @@ def print_report(report: dict) -> None:
         for name, s in scores["sources"].items():
             print(f"  {name:<20} {s['n']:>9} {s['kept_fraction']:>6.3f} "
                   + " ".join(f"{v:>7.4f}" for v in s["quantiles"].values()))
-    from pipelines.report import stage_table
+    from capfilt.pipelines.report import stage_table
     print("\nstages (rows/s: rows in per second; MB: 2**20 bytes of Parquet written; model passes: rows per model)")
     print("\n".join(stage_table(report["stages"])))
     print("\ncurated files")
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         check_writable(Path(args.html), "--html")
     cfg = config_from_args(args)
 
-    from pipelines.output import OutputLock, read_manifest
-    from pipelines.report import build
-    from pipelines.report_html import render
-    from pipelines.session import spark_session
+    from capfilt.pipelines.output import OutputLock, read_manifest
+    from capfilt.pipelines.report import build
+    from capfilt.pipelines.report_html import render
+    from capfilt.pipelines.session import spark_session
     read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
     with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read

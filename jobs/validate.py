@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from schemas import CONTRACTS
+from capfilt.schemas import CONTRACTS
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 import sys
 
-from lab.cli import main
+from capfilt.lab.cli import main
 
 sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m lab`: train the shapes-world models and measure them on held-out seeds.
+"""`python -m capfilt.lab`: train the shapes-world models and measure them on held-out seeds.
 
-    python -m lab train clip --out models/shapes-clip --seed 0
-    python -m lab train captioner --out models/shapes-captioner --seed 0
-    python -m lab eval --clip models/shapes-clip --captioner models/shapes-captioner
+    python -m capfilt.lab train clip --out models/shapes-clip --seed 0
+    python -m capfilt.lab train captioner --out models/shapes-captioner --seed 0
+    python -m capfilt.lab eval --clip models/shapes-clip --captioner models/shapes-captioner
 
 `train` measures the fresh model with `eval` and writes the figures into its model_card.json.
 """
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lab.data import EVAL_SEED_BASE
+from capfilt.lab.data import EVAL_SEED_BASE
 
 DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
     # bf16 autocast: 1.5-1.8x faster for BLIP on this CPU (AMX), slower for open_clip's CLIP (measured)
@@ -26,7 +26,7 @@ DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/mo
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capfilt.lab", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model and write its checkpoint folder")
     train.add_argument("model", choices=sorted(DEFAULTS))
@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000, n_pairs=1000, n_captions=500,
              top_p=0.9) -> dict:
-    from lab.evaluate import captioner_metrics, clip_metrics
-    from udfs.models import load_captioner, load_clip
+    from capfilt.lab.evaluate import captioner_metrics, clip_metrics
+    from capfilt.udfs.models import load_captioner, load_clip
     report = {}
     if clip_ref:
         report["clip"] = {"reference": clip_ref, **clip_metrics(load_clip(clip_ref), n_web, n_pairs, seed)}
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         if args.model == "clip":
-            from lab.train_clip import train
+            from capfilt.lab.train_clip import train
         else:
-            from lab.train_captioner import train
+            from capfilt.lab.train_captioner import train
         # Train and measure in a sibling folder, then swap it in: a committed checkpoint is never
         # half-written while training runs (the folder is in the repository).
         out = Path(args.out)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             refs = {"clip_ref": str(partial)} if args.model == "clip" else {"captioner_ref": str(partial)}
             report = evaluate(**refs)
             metrics = report["clip" if args.model == "clip" else "captioner"]
-            _update_card(partial, metrics, f"python -m lab eval --{args.model} {args.out}")
+            _update_card(partial, metrics, f"python -m capfilt.lab eval --{args.model} {args.out}")
             print(json.dumps(metrics, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     if args.update_card:
-        command = "python -m lab " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m capfilt.lab " + " ".join(argv if argv is not None else sys.argv[1:])
         for key, ref in (("clip", args.clip), ("captioner", args.captioner)):
             if ref and key in report:
                 _update_card(ref, report[key], command)

@@ -67,7 +67,7 @@ def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def command_line() -> str:
     """The command that is running, as one would type it again."""
     argv = sys.argv[1:] if sys.argv[0].endswith(("__main__.py", "lab/cli.py")) else sys.argv
-    prefix = "python -m lab " if argv is sys.argv[1:] or sys.argv[0].endswith("__main__.py") else ""
+    prefix = "python -m capfilt.lab " if argv is sys.argv[1:] or sys.argv[0].endswith("__main__.py") else ""
     return prefix + " ".join(shlex.quote(a) for a in argv)
 
 

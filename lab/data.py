@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from world.captions import N_PHRASINGS, describe
-from world.corpus import make_annotated, make_web_corpus
-from world.scene import Scene, change_one_attribute
+from capfilt.world.captions import N_PHRASINGS, describe
+from capfilt.world.corpus import make_annotated, make_web_corpus
+from capfilt.world.scene import Scene, change_one_attribute
 
 # Held-out seeds: training uses seeds below EVAL_SEED_BASE, evaluation seeds from it up.
 EVAL_SEED_BASE = 10_000

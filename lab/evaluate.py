@@ -5,7 +5,7 @@ plain rows of a noisy web corpus (`make_web_corpus`, held-out seed): overall and
 (wrong_attribute, swapped, generic, spam); plus, on the annotated split, how often the true caption
 outranks a mismatched one (another image's caption) and a one-attribute-wrong one.
 Captioner: share of sampled captions (nucleus sampling, top_p=0.9) that parse to exactly the
-image's scene (`world.captions.parse`).
+image's scene (`capfilt.world.captions.parse`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from lab.data import EVAL_SEED_BASE, annotated, web_corpus, wrong_attribute_captions
-from lab.metrics import roc_auc
-from world.captions import N_PHRASINGS, describe, parse
-from world.corpus import NOISE_KINDS
-from world.scene import SHAPES, Scene, SceneObject, attribute_differences
+from capfilt.lab.data import EVAL_SEED_BASE, annotated, web_corpus, wrong_attribute_captions
+from capfilt.lab.metrics import roc_auc
+from capfilt.world.captions import N_PHRASINGS, describe, parse
+from capfilt.world.corpus import NOISE_KINDS
+from capfilt.world.scene import SHAPES, Scene, SceneObject, attribute_differences
 
 
 def clip_metrics(clip, n_web: int = 2000, n_pairs: int = 1000, seed: int = EVAL_SEED_BASE) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from world.captions import VOCABULARY
+from capfilt.world.captions import VOCABULARY
 
 PUNCTUATION = (",",)
 CLIP_SPECIALS = ("[PAD]", "[UNK]", "[SOT]")

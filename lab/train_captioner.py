@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.common import Budget, command_line, environment, lr_at, seed_everything, set_threads, write_card
-from lab.data import annotated
-from lab.tokens import save_blip_processor
-from world.captions import N_PHRASINGS
+from capfilt.lab.common import Budget, command_line, environment, lr_at, seed_everything, set_threads, write_card
+from capfilt.lab.data import annotated
+from capfilt.lab.tokens import save_blip_processor
+from capfilt.world.captions import N_PHRASINGS
 
 IMAGE_SIZE = 64
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's own image processor defaults (OpenAI CLIP's)
@@ -114,10 +114,10 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
         "weights": "model.safetensors (fp16)",
         "config": {"width": width, "vision_layers": vision_layers, "text_layers": text_layers, "patch_size": 8,
                    "image_size": IMAGE_SIZE, "vocab_size": len(tokenizer), "cross_attention": "all 64 patch tokens + CLS"},
-        "tokenizer": "BERT WordPiece vocab.txt of whole words (world.captions.VOCABULARY and ','), [DEC] start token",
-        "sampling": "nucleus, top_p=0.9 (udfs.models.Captioner.generate)",
+        "tokenizer": "BERT WordPiece vocab.txt of whole words (capfilt.world.captions.VOCABULARY and ','), [DEC] start token",
+        "sampling": "nucleus, top_p=0.9 (capfilt.udfs.models.Captioner.generate)",
         "training": {
-            "data": f"world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, a random phrasing per step",
+            "data": f"capfilt.world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, a random phrasing per step",
             "objective": "captioning language-model loss (BLIP's LM objective)",
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab.common import Budget, command_line, environment, fp16_state_dict, lr_at, seed_everything, set_threads, write_card
-from lab.data import annotated, wrong_attribute_captions
-from lab.tokens import save_clip_tokenizer
+from capfilt.lab.common import Budget, command_line, environment, fp16_state_dict, lr_at, seed_everything, set_threads, write_card
+from capfilt.lab.data import annotated, wrong_attribute_captions
+from capfilt.lab.tokens import save_clip_tokenizer
 
 IMAGE_SIZE = 64
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults (OpenAI's), kept for familiarity
@@ -106,9 +106,9 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
         "weights": "open_clip_model.safetensors (fp16)",
         "config": cfg,
         "preprocess": preprocess_config(),
-        "tokenizer": "word-level over world.captions.VOCABULARY; [EOT] has the largest id (argmax pooling)",
+        "tokenizer": "word-level over capfilt.world.captions.VOCABULARY; [EOT] has the largest id (argmax pooling)",
         "training": {
-            "data": f"world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, all phrasings",
+            "data": f"capfilt.world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, all phrasings",
             "objective": "symmetric InfoNCE" + (" + one wrong-attribute hard negative per image" if hard_negatives else ""),
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,

@@ -2,14 +2,14 @@
 
 `caption(df, settings, seed)` is a DataFrame -> DataFrame transform that adds the captioner's output
 in a struct column; `split_captioned` turns it into (captioned, rejects). `DEFINITION` is the stage
-for the runner (pipelines.stage); `CAPTIONER` its model pass, which curate fuses with the filter's.
+for the runner (capfilt.pipelines.stage); `CAPTIONER` its model pass, which curate fuses with the filter's.
 """
 from __future__ import annotations
 
-from pipelines.config import CaptionSettings
-from pipelines.stage import OUT, ModelPass, Stage, reject_rows
-from schemas import CAPTIONED, DOWNLOADED
-from udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
+from capfilt.pipelines.config import CaptionSettings
+from capfilt.pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from capfilt.schemas import CAPTIONED, DOWNLOADED
+from capfilt.udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
 STAGE = "caption"
 REASONS = {
@@ -28,16 +28,16 @@ def _fields():
 
 class CaptionBatch:
     """The captioner's part of a model pass: picklable settings only; the model comes from the
-    worker's cache (udfs.models), loaded on first use."""
+    worker's cache (capfilt.udfs.models), loaded on first use."""
 
     def __init__(self, settings: CaptionSettings, seed: int):
         self.settings = settings
         self.seed = seed
 
     def __call__(self, frame, images) -> dict:
-        from pipelines.inference import worker_model
-        from udfs.caption import CaptionParams, caption_batch
-        from udfs.models import cached_captioner
+        from capfilt.pipelines.inference import worker_model
+        from capfilt.udfs.caption import CaptionParams, caption_batch
+        from capfilt.udfs.models import cached_captioner
 
         s = self.settings
         if s.num_captions == 0:  # filter only: no captioner is loaded, images are still checked
@@ -60,7 +60,7 @@ def caption(df, settings: CaptionSettings, seed: int = 0):
     """df + the pass struct (error, captions)."""
     from types import SimpleNamespace
 
-    from pipelines.stage import infer
+    from capfilt.pipelines.stage import infer
     cfg = SimpleNamespace(caption=settings, seed=seed)
     return infer(df, cfg, [CAPTIONER], df.sparkSession.sparkContext.accumulator(0))
 

@@ -1,13 +1,13 @@
 """Near-duplicate web captions: MinHash-LSH on Spark, bucket for bucket what datasketch finds.
 
-    shingles      udfs.minhash.shingles on the normalised caption (word or char n-grams)
+    shingles      capfilt.udfs.minhash.shingles on the normalised caption (word or char n-grams)
     signatures    numpy MinHash equal to datasketch.MinHash(num_perm, seed=1), per Arrow batch
     buckets       (uid, bucket) rows, one per band: the bytes MinHashLSH files the band's bucket
                   under, plus the band index; bands and rows = datasketch's optimal parameters
                   for caption_threshold
     edges         each bucket's members linked to the bucket's smallest uid: a star, never all
                   pairs, so a template caption shared by 100k rows gives 100k edges, not 5e9
-    clusters      connected components of the edges (pipelines.components)
+    clusters      connected components of the edges (capfilt.pipelines.components)
 
 A caption with no shingles (empty or all whitespace) gets no signature and no bucket: empty captions
 are not near-duplicates of each other. Nothing is collected to the driver.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pandas as pd  # at module level: the pandas UDF's type hints are resolved in these globals
 
-from pipelines.config import DedupSettings
-from udfs.minhash import DEFAULT_SEED, lsh_params
+from capfilt.pipelines.config import DedupSettings
+from capfilt.udfs.minhash import DEFAULT_SEED, lsh_params
 
 BUCKETS_SCHEMA = "uid string, bucket binary"
 
@@ -37,7 +37,7 @@ def caption_signatures(df, settings: DedupSettings, seed: int = DEFAULT_SEED, co
 
     @pandas_udf("array<long>")
     def signature(captions: pd.Series) -> pd.Series:
-        from udfs.minhash import minhash_signatures, shingles
+        from capfilt.udfs.minhash import minhash_signatures, shingles
         sig, has = minhash_signatures([shingles(c, kind, n) for c in captions], num_perm, seed)
         sig = sig.astype("int64")
         return pd.Series([sig[i] if has[i] else None for i in range(len(sig))], dtype=object)
@@ -55,7 +55,7 @@ def _bucket_rows(kind: str, n: int, num_perm: int, seed: int, bands: int, rows: 
         import numpy as np
         import pyarrow as pa
 
-        from udfs.minhash import band_keys, minhash_signatures, shingles
+        from capfilt.udfs.minhash import band_keys, minhash_signatures, shingles
         band_ids = np.arange(bands, dtype=">u2").view(np.uint8).reshape(bands, 2)
         for batch in batches:
             captions = batch.column("caption").to_pylist()
@@ -117,7 +117,7 @@ def caption_clusters(df, settings: DedupSettings, seed: int = DEFAULT_SEED, chec
     uid of their connected component over caption_edges. Rows without one do not appear."""
     from pyspark.sql import functions as F
 
-    from pipelines.components import connected_components
+    from capfilt.pipelines.components import connected_components
     # Not caption_edges: components drop duplicate edges themselves, one shuffle fewer.
     components = connected_components(_star_edges(df, settings, seed), checkpoint_dir=checkpoint_dir)
     return components.select(F.col("node").alias("uid"), F.col("component").alias("cluster"))

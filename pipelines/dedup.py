@@ -2,9 +2,9 @@
 
     exact      rows whose image bytes are identical (sha256)
     images     near-duplicate images: faiss on the filter's image embeddings, confirmed on
-               thumbnails (pipelines.image_dedup)
+               thumbnails (capfilt.pipelines.image_dedup)
     captions   near-duplicate web captions: MinHash-LSH identical to datasketch
-               (pipelines.caption_dedup) proposes, the exact shingle Jaccard confirms; a caption
+               (capfilt.pipelines.caption_dedup) proposes, the exact shingle Jaccard confirms; a caption
                pair counts only when the two images are also similar (cosine >= caption_image_threshold)
 
 Every piece of evidence is an edge between two rows; the connected components of all edges are
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipelines.config import DedupSettings
-from pipelines.stage import Stage, reject_rows
-from schemas import SCORED, Field
+from capfilt.pipelines.config import DedupSettings
+from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.schemas import SCORED, Field
 
 STAGE = "dedup"
 EXACT_DUPLICATE, DUPLICATE_IMAGE = "exact_duplicate", "duplicate_image"
@@ -37,7 +37,7 @@ EDGE_KINDS = ("exact", "image", "caption")
 
 
 def _normalise(captions: pd.Series) -> pd.Series:
-    from udfs.minhash import normalise_caption
+    from capfilt.udfs.minhash import normalise_caption
     return captions.map(lambda c: None if c is None else normalise_caption(c))
 
 
@@ -66,8 +66,8 @@ def caption_image_pairs(df, clusters, settings: DedupSettings):
     def search(frame: pd.DataFrame) -> pd.DataFrame:
         import numpy as np
 
-        from udfs.image_dedup import embedding_matrix, near_pairs
-        from udfs.minhash import shingles
+        from capfilt.udfs.image_dedup import embedding_matrix, near_pairs
+        from capfilt.udfs.minhash import shingles
         frame = frame.sort_values("uid", kind="stable").reset_index(drop=True)
         i, j, cosine = near_pairs(embedding_matrix(frame["image_embedding"].tolist()), cosine_min)
         sets = [set(shingles(c, kind, n)) for c in frame["caption"]]
@@ -86,14 +86,14 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
     (uid, cluster) for the per-cluster cap. `kinds` lists the edge kinds that touch the row."""
     from pyspark.sql import functions as F
 
-    from pipelines.caption_dedup import caption_clusters
-    from pipelines.components import connected_components
+    from capfilt.pipelines.caption_dedup import caption_clusters
+    from capfilt.pipelines.components import connected_components
 
     edges = []
     if settings.exact:
         edges.append(exact_edges(df).withColumn("kind", F.lit("exact")))
     if settings.images:
-        from pipelines.image_dedup import image_pairs
+        from capfilt.pipelines.image_dedup import image_pairs
         pairs = image_pairs(df, settings, seed, images)
         edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("image").alias("kind")))
     clusters = None

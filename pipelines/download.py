@@ -3,7 +3,7 @@
     precheck   (DataFrame -> DataFrame) rows that must not be fetched: malformed_row, duplicate_uid, invalid_url,
                empty_caption
     fetch      img2dataset's Reader, Resizer and Downloader, run by its pyspark distributor inside our
-               SparkSession; our wrappers (udfs.fetch) add the address policy, opt-out and bomb checks
+               SparkSession; our wrappers (capfilt.udfs.fetch) add the address policy, opt-out and bomb checks
     classify   (DataFrame -> DataFrame) img2dataset's status row per input row -> a record or a named reject
 
 Every input row ends in exactly one of: the downloaded records, or the rejects with one of REASONS.
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 
-from pipelines.config import DownloadSettings
-from pipelines.inputs import MALFORMED
-from pipelines.stage import reject_rows
-from udfs.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
-from udfs.netguard import BLOCKED_MARK
+from capfilt.pipelines.config import DownloadSettings
+from capfilt.pipelines.inputs import MALFORMED
+from capfilt.pipelines.stage import reject_rows
+from capfilt.udfs.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
+from capfilt.udfs.netguard import BLOCKED_MARK
 
 STAGE = "download"
 MALFORMED_ROW, DUPLICATE_UID, INVALID_URL, EMPTY_CAPTION = "malformed_row", "duplicate_uid", "invalid_url", "empty_caption"
-BLOCKED_ADDRESS, OPTED_OUT = BLOCKED_MARK, OPTED_OUT_MARK  # raised with these words by udfs.netguard / udfs.fetch
+BLOCKED_ADDRESS, OPTED_OUT = BLOCKED_MARK, OPTED_OUT_MARK  # raised with these words by capfilt.udfs.netguard / capfilt.udfs.fetch
 FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, TOO_SMALL, TOO_LARGE = "failed_to_download", "failed_to_decode", "too_small", "too_large"
 REASONS = {
     MALFORMED_ROW: "the reader could not parse the row: a broken JSON line, a CSV row with more or fewer "
@@ -98,7 +98,7 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    from udfs.fetch import FetchPolicy, GuardedDownloader, SafeResizer
+    from capfilt.udfs.fetch import FetchPolicy, GuardedDownloader, SafeResizer
 
     fs, shards_path = fsspec.core.url_to_fs(shards_dir)
     fs.makedirs(f"{shards_path}/_tmp", exist_ok=True)  # img2dataset's Reader writes its input shards here

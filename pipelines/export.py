@@ -192,8 +192,8 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
            overwrite: bool = False) -> dict:
     """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
     also written as DIR/export.json."""
-    from pipelines.output import read_manifest
-    from schemas import CURATED
+    from capfilt.pipelines.output import read_manifest
+    from capfilt.schemas import CURATED
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
@@ -244,6 +244,6 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
     (work / "export.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     import fsspec
 
-    from pipelines.output import move_into_place
+    from capfilt.pipelines.output import move_into_place
     move_into_place(fsspec.filesystem("file"), str(work), str(target))
     return summary

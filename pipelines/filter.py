@@ -10,10 +10,10 @@ inference must not run twice.
 """
 from __future__ import annotations
 
-from pipelines.config import FilterSettings
-from pipelines.stage import OUT, ModelPass, Stage, reject_rows
-from schemas import CAPTIONED, CURATED, SCORED
-from udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
+from capfilt.pipelines.config import FilterSettings
+from capfilt.pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from capfilt.schemas import CAPTIONED, CURATED, SCORED
+from capfilt.udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
 STAGE = "filter"
 NO_ALIGNED_CAPTION = "no_aligned_caption"
@@ -42,9 +42,9 @@ class ScoreBatch:
     def __call__(self, frame, images) -> dict:
         import numpy as np
 
-        from pipelines.inference import worker_model
-        from udfs.clip_scores import clip_scores, embedding_bytes
-        from udfs.models import cached_clip
+        from capfilt.pipelines.inference import worker_model
+        from capfilt.udfs.clip_scores import clip_scores, embedding_bytes
+        from capfilt.udfs.models import cached_clip
 
         s = self.settings
         clip = worker_model(s, cached_clip)
@@ -65,7 +65,7 @@ def score(df, settings: FilterSettings):
     """df + the pass struct (error, embedding, scores)."""
     from types import SimpleNamespace
 
-    from pipelines.stage import infer
+    from capfilt.pipelines.stage import infer
     return infer(df, SimpleNamespace(filter=settings), [CLIP], df.sparkSession.sparkContext.accumulator(0))
 
 

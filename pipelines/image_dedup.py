@@ -3,10 +3,10 @@
     search    up to exact_search_rows rows: one exact faiss range search over all embeddings.
               Above: SemDeDup-style partitions: k-means centroids trained on a sample (the only
               data that reaches the driver), rows assigned on executors to their nearest centroid
-              and, near a boundary, to the second (udfs.image_dedup.nearest_centroids), exact search
+              and, near a boundary, to the second (capfilt.udfs.image_dedup.nearest_centroids), exact search
               within each partition.
     confirm   (image_verify: pixels) thumbnails of the rows in candidate pairs only, and pairs
-              kept when the thumbnails agree (udfs.image_dedup.pixels_match).
+              kept when the thumbnails agree (capfilt.udfs.image_dedup.pixels_match).
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import math
 
 import pandas as pd  # at module level: pandas UDF type hints are resolved in these globals
 
-from pipelines.config import DedupSettings
+from capfilt.pipelines.config import DedupSettings
 
 PAIRS_SCHEMA = "uid_a string, uid_b string, cosine float"
 
 
 def _search(threshold: float):
     def search(frame: pd.DataFrame) -> pd.DataFrame:
-        from udfs.image_dedup import embedding_matrix, near_pairs
+        from capfilt.udfs.image_dedup import embedding_matrix, near_pairs
         frame = frame.sort_values("uid", kind="stable").reset_index(drop=True)
         i, j, cosine = near_pairs(embedding_matrix(frame["image_embedding"]), threshold)
         uids = frame["uid"].to_numpy()
@@ -42,7 +42,7 @@ def candidate_pairs(df, settings: DedupSettings, seed: int = 0):
     threshold = settings.image_threshold
 
     def assign(frames):
-        from udfs.image_dedup import embedding_matrix, nearest_centroids
+        from capfilt.udfs.image_dedup import embedding_matrix, nearest_centroids
         for frame in frames:
             first, second = nearest_centroids(embedding_matrix(frame["image_embedding"]), centroids, threshold)
             both = pd.concat([frame.assign(partition=first), frame.assign(partition=second)[second >= 0]])
@@ -57,7 +57,7 @@ def _centroids(rows, n: int, settings: DedupSettings, seed: int):
     """k-means centroids (k = ceil(n / partition_rows)) trained on a sample of at most kmeans_sample rows."""
     import faiss
 
-    from udfs.image_dedup import embedding_matrix
+    from capfilt.udfs.image_dedup import embedding_matrix
     k = math.ceil(n / settings.partition_rows)
     fraction = min(1.0, settings.kmeans_sample / n)
     sample = rows.sample(fraction=fraction, seed=seed).limit(settings.kmeans_sample).select("image_embedding")
@@ -77,7 +77,7 @@ def confirm(images, pairs, settings: DedupSettings):
     tolerance, max_changed = settings.pixel_tolerance, settings.pixel_max_changed
 
     def thumbs(frames):
-        from udfs.image_dedup import thumbnail
+        from capfilt.udfs.image_dedup import thumbnail
         for frame in frames:
             out = [thumbnail(b) for b in frame["image"]]
             yield pd.DataFrame({"uid": frame["uid"], "thumb": [None if t is None else t.tobytes() for t in out]})
@@ -89,7 +89,7 @@ def confirm(images, pairs, settings: DedupSettings):
     def check(frames):
         import numpy as np
 
-        from udfs.image_dedup import THUMBNAIL_SIDE, pixels_match
+        from capfilt.udfs.image_dedup import THUMBNAIL_SIDE, pixels_match
         shape = (THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3)
         for frame in frames:
             ok = frame["ta"].notna() & frame["tb"].notna()

@@ -59,7 +59,7 @@ def _map_in_pandas(df, batch_fn, columns, out_type, gpus_per_task, cpus_per_task
 
 
 def worker_model(settings, cached):
-    """The stage's model in this Python worker: threads set, loaded once (udfs.models cache)."""
+    """The stage's model in this Python worker: threads set, loaded once (capfilt.udfs.models cache)."""
     set_torch_threads(settings.torch_threads)
     return cached(settings.model, None if settings.device == "auto" else settings.device)
 

@@ -20,7 +20,7 @@ import csv
 import io
 from dataclasses import dataclass
 
-from schemas import CONTRACTS, SchemaError
+from capfilt.schemas import CONTRACTS, SchemaError
 
 PRESETS = {
     # LAION-400M/5B parquet: URL, TEXT, SAMPLE_ID, WIDTH, HEIGHT, similarity, punsafe, pwatermark...

@@ -1,8 +1,8 @@
-"""Reading and writing stage outputs with Spark, in the layout of pipelines.output."""
+"""Reading and writing stage outputs with Spark, in the layout of capfilt.pipelines.output."""
 from __future__ import annotations
 
-from pipelines.output import Counts, StageOutput, read_manifest
-from schemas import REJECTS, Contract
+from capfilt.pipelines.output import Counts, StageOutput, read_manifest
+from capfilt.schemas import REJECTS, Contract
 
 
 def read_stage(spark, root: str, contract: Contract):

@@ -2,7 +2,7 @@
 
 Every stage writes one directory:
     <root>/data/          the stage's records (Parquet)
-    <root>/rejects/       rows this stage dropped (Parquet, schemas.REJECTS)
+    <root>/rejects/       rows this stage dropped (Parquet, capfilt.schemas.REJECTS)
     <root>/manifest.json  config, versions, timings and counts; written last
 All of it is first written to a hidden sibling `.<name>.inprogress` (Spark and Hadoop readers skip
 names starting with '.'), then renamed into place. A directory without manifest.json is never a finished

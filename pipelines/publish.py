@@ -18,8 +18,8 @@ import time
 
 import fsspec
 
-from pipelines.output import MANIFEST, ConservationError, Counts, move_into_place, read_manifest, versions
-from schemas import CURATED, REJECTS
+from capfilt.pipelines.output import MANIFEST, ConservationError, Counts, move_into_place, read_manifest, versions
+from capfilt.schemas import CURATED, REJECTS
 
 STAGES = ("download", "caption", "filter", "dedup")
 
@@ -42,7 +42,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
             started: float | None = None, reused: tuple[str, ...] = ()) -> dict:
     """Commit OUT from its committed stage outputs; returns the manifest written. `reused`: the stages
     this run took from an earlier one (the manifest says so)."""
-    from pipelines.stage import PART, Chain, folder_bytes, rates, view
+    from capfilt.pipelines.stage import PART, Chain, folder_bytes, rates, view
     root = str(out_root).rstrip("/")
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)

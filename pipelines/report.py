@@ -19,8 +19,8 @@ import io
 
 import fsspec
 
-from pipelines.output import read_manifest
-from pipelines.publish import STAGES, stage_dir
+from capfilt.pipelines.output import read_manifest
+from capfilt.pipelines.publish import STAGES, stage_dir
 
 SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the order reports list them in
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -186,7 +186,7 @@ def shards(root: str) -> list[dict]:
 
 def thumbnail(data: bytes | None) -> str | None:
     """A data: URI of a small JPEG, or None when the bytes do not decode."""
-    from udfs.images import decode_image
+    from capfilt.udfs.images import decode_image
     image, _ = decode_image(data)
     if image is None:
         return None

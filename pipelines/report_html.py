@@ -1,4 +1,4 @@
-"""The report of pipelines.report as one self-contained HTML page (no external resource of any kind).
+"""The report of capfilt.pipelines.report as one self-contained HTML page (no external resource of any kind).
 
 Captions, URLs, uids and details are untrusted: every one is HTML-escaped (text and attributes),
 links are made only for http(s) URLs, and a Content-Security-Policy lets the page run only its own
@@ -11,8 +11,8 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
-from pipelines.publish import STAGES
-from pipelines.report import STAGE_COLUMNS, stage_cells
+from capfilt.pipelines.publish import STAGES
+from capfilt.pipelines.report import STAGE_COLUMNS, stage_cells
 
 COLOURS = {"web": "#2b6cb0", "synthetic": "#d69e2e", "inherited_web": "#68a0d8", "inherited_synthetic": "#e8c170"}
 

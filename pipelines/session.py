@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipelines.config import SparkSettings
+from capfilt.pipelines.config import SparkSettings
 
 # Spark settings every capfilt session wants; user conf (settings.conf, spark-submit --conf) overrides.
 DEFAULTS = {

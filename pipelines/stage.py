@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from schemas import REJECTS, Contract, Field
+from capfilt.schemas import REJECTS, Contract, Field
 
-from pipelines.inference import OUT
+from capfilt.pipelines.inference import OUT
 
 PART = "part"
 
@@ -216,7 +216,7 @@ class PassBatch:
     def __call__(self, frame):
         import pandas as pd
 
-        from udfs.images import decode_images
+        from capfilt.udfs.images import decode_images
         images, errors = decode_images(frame["image"].tolist())
         self.decoded.add(len(images))
         out = {"error": errors}
@@ -243,7 +243,7 @@ def pass_columns(passes: list[ModelPass]) -> list[str]:
 
 def infer(df, cfg, passes: list[ModelPass], decoded):
     """df + the pass struct `_inference` (error and every pass's fields)."""
-    from pipelines.inference import apply_batches
+    from capfilt.pipelines.inference import apply_batches
     settings = passes[0].settings(cfg)
     return apply_batches(df, PassBatch(cfg, passes, decoded), pass_columns(passes), pass_type(passes),
                          settings.gpus_per_task)
@@ -282,9 +282,9 @@ def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[M
     what is stored. `recompute` (curate, when an earlier stage ran) recomputes as --overwrite does,
     still reusing a kept model output that matches. `fuse`: more passes to run in this stage's model
     pass (on the same decoded image); their output is kept for the stage that owns them."""
-    from pipelines.output import OutputLock, StageOutput, read_manifest
-    from pipelines.provenance import changed_keys, source_of, stale_reason
-    from pipelines.session import spark_session
+    from capfilt.pipelines.output import OutputLock, StageOutput, read_manifest
+    from capfilt.pipelines.provenance import changed_keys, source_of, stale_reason
+    from capfilt.pipelines.session import spark_session
 
     source_manifest = read_manifest(input_root)  # refuses an uncommitted input
     source = source_of(source_manifest)
@@ -323,8 +323,8 @@ def _fused_scores(stage: Stage, cfg, input_root: str, source_manifest: dict) -> 
 def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, passes, fused_scores) -> Run:
     import fsspec
 
-    from pipelines.output import build_manifest
-    from pipelines.provenance import source_of
+    from capfilt.pipelines.output import build_manifest
+    from capfilt.pipelines.provenance import source_of
 
     runtime = (passes[0] if passes else stage.model).settings(cfg) if (passes or stage.model) else None
     chain = Chain.of(input_root, source_manifest, runtime.rows_per_part if runtime else 50_000)
@@ -382,7 +382,7 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
     """Run the passes part by part into model/part=<i>; a part finished by a killed run, or kept by
     the committed output with the same fingerprint, is not run again. Returns (rows run, parts
     finished by a killed run)."""
-    from udfs.models import check_reference
+    from capfilt.udfs.models import check_reference
     model = out.path("model").split("://")[-1]
     marker = f"{model}/fingerprint"
     committed = f"{out.root.split('://')[-1]}/model"
@@ -423,7 +423,7 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
 
 def _write(out, stage: Stage, data, rejects, n_input: int, compression: str):
     """Write the stage's columns (partitioned by part) and its rejects; count from the files written."""
-    from pipelines.output import Counts
+    from capfilt.pipelines.output import Counts
     spark = data.sparkSession
     codec = "uncompressed" if compression == "none" else compression
     REJECTS.validate(rejects, where=f"{stage.name} rejects")
@@ -447,4 +447,4 @@ def folder_bytes(root: str) -> int:
 def definition(name: str) -> Stage:
     """The Stage object of a stage: `DEFINITION` in pipelines/<name>.py."""
     import importlib
-    return importlib.import_module(f"pipelines.{name}").DEFINITION
+    return importlib.import_module(f"capfilt.pipelines.{name}").DEFINITION

@@ -3,7 +3,7 @@
 pairs -> downloaded -> captioned -> scored -> curated, and rejects from every stage.
 Columns beyond a contract (LAION's extra metadata) ride along unless the contract says otherwise.
 """
-from schemas.contract import (BINARY, BOOL, FLOAT32, INT32, STRING, Contract, Field, list_of,
+from capfilt.schemas.contract import (BINARY, BOOL, FLOAT32, INT32, STRING, Contract, Field, list_of,
                               struct_of)
 
 PAIRS = Contract("pairs", (

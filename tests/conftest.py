@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def spark():
     """The one SparkSession of the test run. Autouse: jobs called in-process (download_main...) take
     the active session, so it must exist before any of them, whatever the test order."""
-    from pipelines.config import SparkSettings
-    from pipelines.session import spark_session
+    from capfilt.pipelines.config import SparkSettings
+    from capfilt.pipelines.session import spark_session
     session = spark_session(SparkSettings(master="local[2]", shuffle_partitions=4, log_level="ERROR",
                                           conf={"spark.ui.enabled": "false"}))
     yield session
@@ -29,8 +29,8 @@ def spark():
 def world_site(tmp_path_factory):
     """A small shapes-world web corpus (every fault kind and image variant at least once), served on
     127.0.0.1 for the whole session. Yields (corpus_dir, server, metadata_path)."""
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
     root = tmp_path_factory.mktemp("world")
     make_web_corpus(root, n=120, seed=7, slow_ms=1500, burst=1)
     with serve(root / "site") as server:
@@ -84,8 +84,8 @@ def probe_server():
 def curate_site(tmp_path_factory):
     """Another small corpus and server, for the whole-chain tests: the download tests count the
     world_site server's 5xx bursts (first request per path), so those must stay theirs."""
-    from world.corpus import make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.world.corpus import make_web_corpus, write_metadata
+    from capfilt.world.server import serve
     root = tmp_path_factory.mktemp("curate-world")
     make_web_corpus(root, n=120, seed=8, slow_ms=1500, burst=1)
     with serve(root / "site") as server:
@@ -95,7 +95,7 @@ def curate_site(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_link(tmp_path_factory):
     """The shapes CLIP behind a symlink: a test removes the link to make the reference unloadable."""
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     link = tmp_path_factory.mktemp("models") / "shapes-clip"
     link.symlink_to(SHAPES_CLIP, target_is_directory=True)
     return link
@@ -105,8 +105,8 @@ def clip_link(tmp_path_factory):
 def curate_args(curate_site, clip_link):
     """Arguments for `capfilt curate` on the curate_site corpus with the demo's settings (the project's
     shapes-world models; the CLIP through clip_link), minus --output."""
-    from jobs.demo import _as_overrides, shapes_world_settings
-    from pipelines.config import load_config
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
     _, server, metadata = curate_site
     return ["--input", str(metadata), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
             "--allow-host", "127.0.0.1:1", "--no-progress",
@@ -119,7 +119,7 @@ def curate_args(curate_site, clip_link):
 def curated_out(curate_args, tmp_path_factory):
     """A finished `capfilt curate` output of the world_site corpus (OUT: stages/, curated/, rejects/,
     manifest.json). Tests must not change it: copy it first."""
-    from jobs.curate import main as curate
+    from capfilt.jobs.curate import main as curate
     out = tmp_path_factory.mktemp("curate") / "out"
     assert curate([*curate_args, "--output", str(out)]) == 0
     return out

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.caption import caption, split_captioned
-from pipelines.config import CaptionSettings
-from schemas import CAPTIONED, DOWNLOADED, REJECTS
-from udfs.caption import row_seed
+from capfilt.pipelines.caption import caption, split_captioned
+from capfilt.pipelines.config import CaptionSettings
+from capfilt.schemas import CAPTIONED, DOWNLOADED, REJECTS
+from capfilt.udfs.caption import row_seed
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def tiny_blip(tmp_path_factory):
     """A random-init BLIP captioner saved with save_pretrained (the loader's local-folder path)."""
     from transformers import BlipForConditionalGeneration
 
-    from lab.tokens import save_blip_processor
-    from lab.train_captioner import MEAN, STD, blip_config
+    from capfilt.lab.tokens import save_blip_processor
+    from capfilt.lab.train_captioner import MEAN, STD, blip_config
     folder = tmp_path_factory.mktemp("tiny-blip")
     processor = save_blip_processor(folder, 64, MEAN, STD)
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def _downloaded(spark, images):
 
 
 def test_spark_captions_equal_the_model_called_directly_with_each_rows_seed(spark, tiny_blip):
-    from udfs.models import load_captioner
+    from capfilt.udfs.models import load_captioner
     images = [(f"u{i}", _png(c)) for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)])]
     settings = CaptionSettings(model=tiny_blip, num_captions=3, max_new_tokens=8, batch_size=2, device="cpu")
     marked = caption(_downloaded(spark, images).repartition(2), settings, seed=11)
@@ -88,8 +88,8 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     import sys
     import time
 
-    from pipelines.io import empty_rejects, write_stage
-    from pipelines.output import StageOutput, build_manifest, read_manifest
+    from capfilt.pipelines.io import empty_rejects, write_stage
+    from capfilt.pipelines.output import StageOutput, build_manifest, read_manifest
     from tests.conftest import ROOT
 
     images = [(f"u{i:02d}", _png((i * 9 % 256, 40, 200 - i))) for i in range(24)]
@@ -97,7 +97,7 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     source.begin()
     counts = write_stage(source, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))
     source.commit(build_manifest(source, {}, counts))
-    from pipelines.stage import download_parts
+    from capfilt.pipelines.stage import download_parts
     total = len(download_parts(str(tmp_path / "download" / "data"), 3))
     assert total >= 4
     args = ["--input", str(tmp_path / "download"), "--output", str(tmp_path / "caption"),
@@ -105,7 +105,7 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
             "--set", "caption.max_new_tokens=6", "--set", "caption.device=cpu", "--set", "spark.master=local[1]",
             "--set", "spark.conf={spark.ui.enabled: 'false'}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "capfilt.jobs.cli", "caption", *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = tmp_path / ".caption.inprogress" / "model"
     deadline = time.time() + 180
@@ -115,7 +115,7 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     proc.wait()
     finished = len(list(work.glob("part=*/_SUCCESS")))
     assert 2 <= finished < total and not (tmp_path / "caption").exists()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "caption", *args], env=env, check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "capfilt.jobs.cli", "caption", *args], env=env, check=True, capture_output=True,
                    timeout=300)
     manifest = read_manifest(tmp_path / "caption")
     assert manifest["parts"] == {"total": total, "reused_from_a_killed_run": finished}

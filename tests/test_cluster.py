@@ -96,14 +96,16 @@ def _rows(out: Path, name: str, columns: list[str]):
 
 @pytest.mark.slow
 def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate_args, curated_out, tmp_path):
-    from jobs.package import build_zip
+    from capfilt.jobs.package import build_zip
     zipped = tmp_path / "capfilt-pyfiles.zip"
-    assert "udfs/models/__init__.py" in build_zip(zipped)
+    names = build_zip(zipped)
+    assert "capfilt/__init__.py" in names and "capfilt/udfs/models/__init__.py" in names
+    assert all(name.startswith("capfilt/") for name in names)
 
     # Without the zip, executors cannot import capfilt: the classic shipping bug, made visible.
     bare = _submit(cluster, [*curate_args, "--output", str(tmp_path / "bare")], timeout=300)
     assert bare.returncode != 0
-    assert re.search(r"ModuleNotFoundError: No module named '(schemas|pipelines|udfs|jobs)", bare.stdout + bare.stderr)
+    assert re.search(r"ModuleNotFoundError: No module named 'capfilt'", bare.stdout + bare.stderr)
 
     out = tmp_path / "out"
     run = _submit(cluster, [*curate_args, "--output", str(out)], py_files=str(zipped))
@@ -124,3 +126,17 @@ def test_no_job_module_shadows_the_standard_library():
     named like a stdlib module (jobs/inspect.py once) replaces it and breaks the driver at import."""
     names = {path.stem for path in (ROOT / "jobs").glob("*.py")}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_pyproject_lists_every_package_under_capfilt():
+    """setuptools installs what pyproject.toml lists: a new package folder (one with __init__.py) under
+    schemas/, pipelines/... must be listed there, or a wheel install silently lacks it."""
+    import tomllib
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"capfilt"} | {"capfilt." + ".".join(init.parent.relative_to(ROOT).parts)
+                             for name in setuptools["package-dir"] if name != "capfilt"
+                             for init in (ROOT / name.removeprefix("capfilt.")).rglob("__init__.py")
+                             if "__pycache__" not in init.parts}
+    assert set(setuptools["packages"]) == folders
+    assert all(setuptools["package-dir"][f"capfilt.{name}"] == name for name in ("schemas", "pipelines", "udfs",
+                                                                                  "jobs", "world", "lab"))

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pipelines.components import ComponentsDidNotConverge, connected_components
+from capfilt.pipelines.components import ComponentsDidNotConverge, connected_components
 
 
 def union_find_components(edges) -> dict[str, str]:

@@ -3,7 +3,7 @@ import os
 import pytest
 import yaml
 
-from pipelines.config import Config, ConfigError, describe, load_config
+from capfilt.pipelines.config import Config, ConfigError, describe, load_config
 from tests.conftest import ROOT
 
 
@@ -45,7 +45,7 @@ def test_bad_file_is_refused(tmp_path):
 
 
 def test_shipped_default_config_matches_the_code_defaults():
-    from jobs.config import template
+    from capfilt.jobs.config import template
     shipped = (ROOT / "configs" / "default.yaml").read_text()
     assert load_config(ROOT / "configs" / "default.yaml") == Config()
     assert yaml.safe_load(shipped) == Config().to_dict(), "configs/default.yaml must list every key"
@@ -81,7 +81,7 @@ def test_an_override_into_a_section_left_empty_in_the_file(tmp_path):
 
 
 def test_a_folder_an_unreadable_or_a_binary_config_is_one_line(tmp_path, capsys):
-    from jobs.cli import main as cli
+    from capfilt.jobs.cli import main as cli
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"seed: 1\n\xff\xfe\x00garbage")
     locked = tmp_path / "locked.yaml"
@@ -97,7 +97,7 @@ def test_a_folder_an_unreadable_or_a_binary_config_is_one_line(tmp_path, capsys)
 
 
 def test_the_cli_refuses_nan_with_one_line(capsys):
-    from jobs.cli import main as cli
+    from capfilt.jobs.cli import main as cli
     assert cli(["config", "--set", "filter.threshold=.nan"]) == 2
     assert capsys.readouterr().err == "capfilt: error: filter.threshold: expected a finite number, got nan\n"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main as cli
-from jobs.curate import main as curate
-from pipelines.output import ConservationError, read_manifest
-from pipelines.publish import STAGES, publish
-from schemas import CURATED, REJECTS
+from capfilt.jobs.cli import main as cli
+from capfilt.jobs.curate import main as curate
+from capfilt.pipelines.output import ConservationError, read_manifest
+from capfilt.pipelines.publish import STAGES, publish
+from capfilt.schemas import CURATED, REJECTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ class _Payload:
 def _evil_clip(tmp_path):
     """A copy of the shapes CLIP whose weights are a pickle that would create `marker` when loaded."""
     import torch
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     folder, marker = tmp_path / "evil-clip", tmp_path / "payload-ran"
     shutil.copytree(SHAPES_CLIP, folder)
     (folder / "open_clip_model.safetensors").unlink()
@@ -206,7 +206,7 @@ def _evil_clip(tmp_path):
 
 @pytest.mark.parametrize("model", ["missing", "pickle", "clip_as_captioner"])
 def test_a_bad_model_reference_is_one_line_before_any_work(curate_args, tmp_path, capsys, model):
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     out, marker = tmp_path / "out", None
     if model == "missing":
         override = f"filter.model={tmp_path / 'no-such-model'}"
@@ -253,7 +253,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_pid_and_a_crashed
     import sys
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipelines.output import OutputLock\n"
+        [sys.executable, "-c", "import sys, time; from capfilt.pipelines.output import OutputLock\n"
                                f"with OutputLock({str(out)!r}):\n    print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     try:
@@ -265,7 +265,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_pid_and_a_crashed
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # a crash: no cleanup runs
         holder.wait(timeout=30)
-    from pipelines.output import OutputLock
+    from capfilt.pipelines.output import OutputLock
     with OutputLock(str(out)):  # the kernel released the dead holder's lock
         pass
 
@@ -292,7 +292,7 @@ def test_retry_failed_through_curate_may_change_fetch_settings_only(curated_out,
                                     "curate_input_inside_out_stages"])
 def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_out, curate_args, curate_site,
                                                                         tmp_path, capsys, layout):
-    from udfs.models import SHAPES_CAPTIONER
+    from capfilt.udfs.models import SHAPES_CAPTIONER
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
     download = out / "stages" / "download"

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.config import DedupSettings, load_config
-from pipelines.dedup import dedup
-from schemas import CURATED, REJECTS, SCORED
-from udfs.clip_scores import embedding_bytes
-from world.scene import Scene, encode_jpeg, render
+from capfilt.pipelines.config import DedupSettings, load_config
+from capfilt.pipelines.dedup import dedup
+from capfilt.schemas import CURATED, REJECTS, SCORED
+from capfilt.udfs.clip_scores import embedding_bytes
+from capfilt.world.scene import Scene, encode_jpeg, render
 
 
 def _row(uid, image: bytes, caption: str, embedding, score: float, size=(64, 64), synthetic=()):
@@ -131,8 +131,8 @@ def shapes_world(spark, tmp_path_factory):
     passes the model card's threshold (dedup runs after the filter, which drops noisy captions)."""
     import torch
 
-    from udfs.models import SHAPES_CLIP, load_clip
-    from world.corpus import make_web_corpus
+    from capfilt.udfs.models import SHAPES_CLIP, load_clip
+    from capfilt.world.corpus import make_web_corpus
     root = tmp_path_factory.mktemp("dedup-world")
     make_web_corpus(root, n=1000, seed=21, duplicates=0.3, faults=(), variants=())
     truth = pq.read_table(root / "truth.parquet").to_pandas()
@@ -140,7 +140,7 @@ def shapes_world(spark, tmp_path_factory):
     torch.set_num_threads(1)
     # As the download stage stores them: img2dataset's resizer at the demo's size and settings.
     from img2dataset.resizer import Resizer
-    from jobs.demo import shapes_world_settings
+    from capfilt.jobs.demo import shapes_world_settings
     settings = shapes_world_settings(load_config(None, [])).download
     resize = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode, resize_only_if_bigger=False,
                      encode_format=settings.encode_format, encode_quality=settings.encode_quality)
@@ -149,7 +149,7 @@ def shapes_world(spark, tmp_path_factory):
     embeddings = clip.encode_images(images)
     captions = [c.decode() for c in truth.caption]
     scores = (clip.encode_texts(captions) * embeddings).sum(1)
-    from jobs.demo import _card_threshold
+    from capfilt.jobs.demo import _card_threshold
     passed = scores >= _card_threshold(SHAPES_CLIP, 0.0)
     rows = [_row(uid, blob, caption, emb, float(score))
             for uid, blob, caption, emb, score, ok in zip(truth.id, blobs, captions, embeddings, scores, passed) if ok]

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.download import main as download_main
-from pipelines.output import read_manifest
-from schemas import DOWNLOADED, REJECTS
+from capfilt.jobs.download import main as download_main
+from capfilt.pipelines.output import read_manifest
+from capfilt.schemas import DOWNLOADED, REJECTS
 from tests.conftest import ROOT
 
 SETTINGS = ["--set", "download.image_size=64", "--set", "download.timeout=4", "--set", "download.threads=8",
@@ -178,7 +178,7 @@ def test_a_killed_download_resumes_and_skips_finished_shards(world_site, tmp_pat
             f"127.0.0.1:{server.port}", "--set", "spark.master=local[1]", "--set", "download.threads=1",
             "--set", "download.rows_per_shard=4", "--set", "spark.conf={spark.ui.enabled: 'false'}", *SETTINGS]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "download", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "capfilt.jobs.cli", "download", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shards = tmp_path / ".o.inprogress" / "shards"
     deadline = time.time() + 120
@@ -193,7 +193,7 @@ def test_a_killed_download_resumes_and_skips_finished_shards(world_site, tmp_pat
     for f in finished:
         done_urls |= set(pq.read_table(str(f).replace("_stats.json", ".parquet"), columns=["url"]).column("url").to_pylist())
     seen_before = Counter(p for p, _ in server.requests)
-    subprocess.run([sys.executable, "-m", "jobs.cli", "download", *args], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "capfilt.jobs.cli", "download", *args], env=env, check=True,
                    capture_output=True, timeout=300)
     fetched_again = {f"{server.base_url}{p}" for p in Counter(p for p, _ in server.requests) - seen_before}
     assert fetched_again and fetched_again <= set(urls)

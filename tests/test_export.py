@@ -12,15 +12,14 @@ import tarfile
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import main as cli
-from pipelines.export import PANDAS_NA, export
-from schemas import CURATED, REJECTS
+from capfilt.jobs.cli import main as cli
+from capfilt.pipelines.export import PANDAS_NA, export
+from capfilt.schemas import CURATED, REJECTS
 from tests.conftest import ROOT
 
 HOSTILE = ["a caption, with commas; \"quotes\" and 'single' ones", "tab\tinside\tit", "two\nlines\r\nand a CR",
@@ -33,8 +32,8 @@ N_ROWS = 45  # two Parquet files, three shards of 16 (the last one 13)
 def _curated_rows(n: int, seed: int = 3) -> list[dict]:
     """Curated records with shapes-world images (JPEG, every fifth PNG) and captions that describe them,
     the HOSTILE ones spread over both files."""
-    from world.captions import describe
-    from world.scene import encode_jpeg, render, sample_scene
+    from capfilt.world.captions import describe
+    from capfilt.world.scene import encode_jpeg, render, sample_scene
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -197,7 +196,7 @@ def no_spark(monkeypatch):
     """Fails the test if a job starts Spark: what a job refuses, it refuses before any work."""
     def started(*args, **kwargs):
         pytest.fail("Spark was started before the arguments were refused")
-    monkeypatch.setattr("pipelines.session.spark_session", started)
+    monkeypatch.setattr("capfilt.pipelines.session.spark_session", started)
 
 
 def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out, tmp_path, capsys, no_spark):

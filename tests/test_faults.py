@@ -50,7 +50,7 @@ def test_a_python_worker_killed_during_caption_is_retried_and_the_output_is_iden
                                                                                       tmp_path):
     out = tmp_path / "caption"
     overrides = [a for i, a in enumerate(curate_args) if a == "--set" or (i and curate_args[i - 1] == "--set")]
-    cmd = [sys.executable, "-m", "jobs.cli", "caption", "--input", str(curated_out / "stages" / "download"),
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "caption", "--input", str(curated_out / "stages" / "download"),
            "--output", str(out), *overrides, "--set", "spark.master=local[2,4]",  # 4 attempts per task
            "--set", "caption.rows_per_part=40"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -86,7 +86,7 @@ def test_curate_killed_during_the_final_write_leaves_nothing_finished_and_a_reru
     for name in ("curated", "rejects"):
         shutil.rmtree(out / name)
     (out / "manifest.json").unlink()
-    cmd = [sys.executable, "-m", "jobs.cli", "curate", *curate_args, "--output", str(out)]
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", *curate_args, "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline:
@@ -96,7 +96,7 @@ def test_curate_killed_during_the_final_write_leaves_nothing_finished_and_a_reru
     proc.kill()  # the driver dies mid-write
     proc.wait(timeout=60)
     assert not (out / "manifest.json").exists()
-    from pipelines.output import NotCommittedError, read_manifest
+    from capfilt.pipelines.output import NotCommittedError, read_manifest
     with pytest.raises(NotCommittedError):
         read_manifest(out)
     assert not (out / "curated").exists()  # moved into place only after the counts add up
@@ -117,9 +117,9 @@ def test_a_slow_resetting_5xx_server_loses_no_row_and_retryable_rows_come_back_i
     server answers slowly (within and beyond the timeout), with bursts of 500s, or with a reset."""
     import pandas as pd
 
-    from jobs.download import main as download_main
-    from world.corpus import make_web_corpus
-    from world.server import serve
+    from capfilt.jobs.download import main as download_main
+    from capfilt.world.corpus import make_web_corpus
+    from capfilt.world.server import serve
     root = tmp_path / "world"
     make_web_corpus(root, n=40, seed=31, noise=0.0, duplicates=0.0, fault_rate=0.0, faults=(), variants=())
     truth = pq.read_table(root / "truth.parquet", columns=["id", "file", "caption"]).to_pandas()
@@ -174,10 +174,10 @@ def test_20000_rows_with_a_quarter_faults_of_every_kind_lose_and_duplicate_nothi
     """Conservation at size, counted from the Parquet files themselves (not from the manifest):
     every input id is in curated or rejects exactly once. One synthetic caption per image keeps
     the run to a few minutes; the bookkeeping is the same as with five."""
-    from jobs.demo import _as_overrides, shapes_world_settings
-    from pipelines.config import load_config
-    from world.corpus import FAULTS, make_web_corpus, write_metadata
-    from world.server import serve
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
+    from capfilt.world.corpus import FAULTS, make_web_corpus, write_metadata
+    from capfilt.world.server import serve
     n = 20_000
     summary = make_web_corpus(tmp_path / "world", n=n, seed=20_000, fault_rate=0.25, slow_ms=200)
     assert sum(summary["faults"].values()) >= 0.2 * n and all(summary["faults"][f] > 0 for f in FAULTS)
@@ -185,7 +185,7 @@ def test_20000_rows_with_a_quarter_faults_of_every_kind_lose_and_duplicate_nothi
     settings = load_config(None, ["download.retries=1", "caption.num_captions=1"])
     with serve(tmp_path / "world" / "site") as server:
         metadata = write_metadata(tmp_path / "world", server.base_url)
-        cmd = [sys.executable, "-m", "jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
+        cmd = [sys.executable, "-m", "capfilt.jobs.cli", "curate", "--input", str(metadata), "--output", str(out),
                "--id-col", "id", "--no-progress", "--allow-host", f"127.0.0.1:{server.port}",
                "--allow-host", "127.0.0.1:1", *_as_overrides(shapes_world_settings(settings))]
         done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)

@@ -14,10 +14,10 @@ import pytest
 from img2dataset.downloader import download_image
 from PIL import Image
 
-from pipelines.download import RETRYABLE_DETAIL
-from udfs import fetch, netguard
-from udfs.fetch import FetchPolicy, SafeResizer, normalise
-from world.corpus import bomb_png
+from capfilt.pipelines.download import RETRYABLE_DETAIL
+from capfilt.udfs import fetch, netguard
+from capfilt.udfs.fetch import FetchPolicy, SafeResizer, normalise
+from capfilt.world.corpus import bomb_png
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.config import FilterSettings
-from pipelines.filter import score, select, split_scored
-from pipelines.inference import OUT
-from schemas import CAPTIONED, REJECTS, SCORED
+from capfilt.pipelines.config import FilterSettings
+from capfilt.pipelines.filter import score, select, split_scored
+from capfilt.pipelines.inference import OUT
+from capfilt.schemas import CAPTIONED, REJECTS, SCORED
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _direct(which: str, ref: str):
     belongs to the model, so its tokenizer is the loader's."""
     import open_clip
     if which == "shapes":
-        from udfs.models import load_clip
+        from capfilt.udfs.models import load_clip
         loaded = load_clip(ref, "cpu")
         return loaded.model, loaded.preprocess, loaded.tokenizer
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + ref)
@@ -67,7 +67,7 @@ def _direct(which: str, ref: str):
 
 @pytest.mark.parametrize("which", ["tiny", "shapes", "vit-b-32"])
 def test_spark_scores_equal_a_direct_open_clip_computation(spark, which, request):
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     ref = {"tiny": lambda: request.getfixturevalue("tiny_clip"), "shapes": lambda: SHAPES_CLIP,
            "vit-b-32": lambda: request.getfixturevalue("vit_b_32")}[which]()
     rows = [(f"u{i}", cap, _jpeg(col), syn) for i, (cap, col, syn) in enumerate([
@@ -133,7 +133,7 @@ def test_topk_rule_ranks_web_and_synthetic_together(spark):
 
 
 def test_percentile_rule_uses_the_cutoff_computed_on_the_cluster(spark):
-    from pipelines.filter import percentile_cutoff
+    from capfilt.pipelines.filter import percentile_cutoff
     cutoff = percentile_cutoff(_scored(spark, ROWS), 0.5)
     assert cutoff == pytest.approx(0.10, abs=1e-6)  # web scores 0.30, 0.10: the median is the lower one
     kept, _, _ = _kept(spark, FilterSettings(rule="percentile"), cutoff)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import DedupSettings
-from pipelines.image_dedup import candidate_pairs
-from udfs.image_dedup import (boundary_margin, embedding_matrix, nearest_centroids, near_pairs,
+from capfilt.pipelines.config import DedupSettings
+from capfilt.pipelines.image_dedup import candidate_pairs
+from capfilt.udfs.image_dedup import (boundary_margin, embedding_matrix, nearest_centroids, near_pairs,
                               pixels_match, thumbnails)
-from world.embeddings import planted_embeddings
+from capfilt.world.embeddings import planted_embeddings
 
 
 def brute_force(x: np.ndarray, threshold: float) -> set[tuple[int, int]]:

@@ -1,11 +1,11 @@
-"""Decoding for the models (udfs.images): every odd mode the web serves becomes upright 8-bit RGB;
+"""Decoding for the models (capfilt.udfs.images): every odd mode the web serves becomes upright 8-bit RGB;
 what cannot be decoded gets a named reason, never an exception."""
 import numpy as np
 import pytest
 
-from udfs.images import decode_image, decode_images
-from world.corpus import VARIANTS, _variant_file, bomb_png
-from world.scene import render, sample_scene
+from capfilt.udfs.images import decode_image, decode_images
+from capfilt.world.corpus import VARIANTS, _variant_file, bomb_png
+from capfilt.world.scene import render, sample_scene
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.config import DownloadSettings
-from pipelines.download import precheck, prechecked_rejects, to_fetch
-from pipelines.inputs import MALFORMED, InputSpec, check_input, read_pairs
-from schemas import REJECTS, SchemaError
+from capfilt.pipelines.config import DownloadSettings
+from capfilt.pipelines.download import precheck, prechecked_rejects, to_fetch
+from capfilt.pipelines.inputs import MALFORMED, InputSpec, check_input, read_pairs
+from capfilt.schemas import REJECTS, SchemaError
 
 NAMES = ["uid", "status", "key", "Key", "url_2", "Caption", "URL", "a.b", "a`b", "`", "with space", "input_uid",
          "width", "WIDTH", "_malformed", "_reason", "_corrupt_record", "İd", "id", "ß", "SS", "é", "e\u0301",

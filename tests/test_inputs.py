@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.inputs import InputSpec, detect_format, read_pairs
-from schemas import PAIRS, SchemaError
+from capfilt.pipelines.inputs import InputSpec, detect_format, read_pairs
+from capfilt.schemas import PAIRS, SchemaError
 
 
 def _rows():
@@ -78,8 +78,8 @@ def test_invalid_utf8_caption_is_repaired_not_fatal(spark, tmp_path):
 
 def _outcome(spark, spec):
     """read_pairs + precheck, as the download job runs them: (rows to fetch, {uid: reason} of rejects)."""
-    from pipelines.config import DownloadSettings
-    from pipelines.download import precheck, prechecked_rejects, to_fetch
+    from capfilt.pipelines.config import DownloadSettings
+    from capfilt.pipelines.download import precheck, prechecked_rejects, to_fetch
     marked = precheck(read_pairs(spark, spec), DownloadSettings()).cache()
     try:
         return to_fetch(marked), prechecked_rejects(marked).collect()
@@ -101,8 +101,8 @@ def test_a_folder_of_mixed_formats_is_read_whole(spark, tmp_path):
 
 
 def test_hostile_column_names_are_carried_through_precheck_and_classify(spark, tmp_path):
-    from pipelines.config import DownloadSettings
-    from pipelines.download import classify
+    from capfilt.pipelines.config import DownloadSettings
+    from capfilt.pipelines.download import classify
     from pyspark.sql import functions as F
     df = pd.DataFrame({"url": ["http://h/1", "http://h/2"], "caption": ["a", "b"], "dotted.name": [1, 2],
                        "back`tick": ["x", "y"], "with space": [0.5, None], "uid": ["u1", "u2"],
@@ -124,7 +124,7 @@ def test_hostile_column_names_are_carried_through_precheck_and_classify(spark, t
 
 
 def test_case_colliding_names_are_renamed_or_refused_in_one_line(spark, tmp_path):
-    from pipelines.inputs import check_input
+    from capfilt.pipelines.inputs import check_input
     (tmp_path / "m.csv").write_text("url,caption,Caption,Note,note\nhttp://h/1,a,A,n,N\n")
     pairs = read_pairs(spark, InputSpec(str(tmp_path / "m.csv")))
     assert pairs.drop("_malformed").collect()[0].asDict() == {
@@ -197,15 +197,15 @@ def _file(path, text):
     (lambda p: _file(p / "d" / "_SUCCESS", "").rsplit("/", 1)[0], "no .parquet, .csv or .jsonl files in"),
 ])
 def test_unreadable_inputs_are_refused_in_one_line_without_spark(tmp_path, make, message):
-    from pipelines.inputs import check_input
+    from capfilt.pipelines.inputs import check_input
     with pytest.raises(ValueError, match=message) as e:
         check_input(InputSpec(make(tmp_path)))
     assert "\n" not in str(e.value)
 
 
 def test_the_download_job_refuses_a_missing_input_in_one_line(tmp_path, capsys):
-    from jobs.common import run
-    from jobs.download import main
+    from capfilt.jobs.common import run
+    from capfilt.jobs.download import main
     assert run(main, ["--input", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("capfilt: error: input") and "does not exist" in err and "\n" not in err

@@ -3,7 +3,7 @@ figures (seconds, rows, rows/s, MB written, model passes) are the manifest's, th
 bounded deterministic sample, and the HTML report shows hostile captions, URLs, uids, details and
 reasons as text in headless Chromium (whose run of the page's own script proves scripts were on).
 
-The curated output is built here with pyarrow (images drawn by world.scene), so these tests need
+The curated output is built here with pyarrow (images drawn by capfilt.world.scene), so these tests need
 neither the models nor the pipeline."""
 import base64
 import hashlib
@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import main as cli
-from pipelines.report import QUANTILES, ReportMismatch, build, funnel, gallery, stage_figures, stage_table
-from pipelines.report_html import render, script_json
-from schemas import CAPTIONED, CURATED, DOWNLOADED, REJECTS, SCORED
-from world.scene import encode_jpeg, render as render_scene, sample_scene
+from capfilt.jobs.cli import main as cli
+from capfilt.pipelines.report import QUANTILES, ReportMismatch, build, gallery, stage_figures, stage_table
+from capfilt.pipelines.report_html import render, script_json
+from capfilt.schemas import CAPTIONED, CURATED, DOWNLOADED, REJECTS, SCORED
+from capfilt.world.scene import encode_jpeg, render as render_scene, sample_scene
 
 # Each payload, if it ever ran, marks the page: the title becomes PWNED, or an element gets id=pwned.
 TITLE = "document.title='PWNED'"
@@ -328,7 +328,7 @@ def test_an_output_without_a_manifest_is_refused(tmp_path, capsys):
 def test_bad_counts_and_html_paths_are_refused_in_one_line_before_spark(out, tmp_path, capsys, monkeypatch,
                                                                          args, message):
     (tmp_path / "a file").write_text("x")
-    monkeypatch.setattr("pipelines.session.spark_session",
+    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
                         lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert cli(["inspect", str(out), *args]) == 2

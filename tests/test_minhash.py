@@ -6,11 +6,11 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 from datasketch.lsh import _optimal_param
 
-from pipelines.caption_dedup import (caption_buckets, caption_clusters, caption_signatures, candidate_pairs,
+from capfilt.pipelines.caption_dedup import (caption_buckets, caption_clusters, caption_signatures, candidate_pairs,
                                      lsh_bands)
-from pipelines.config import DedupSettings
-from udfs import minhash
-from udfs.minhash import band_keys, lsh_params, minhash_signatures, normalise_caption, shingles
+from capfilt.pipelines.config import DedupSettings
+from capfilt.udfs import minhash
+from capfilt.udfs.minhash import band_keys, lsh_params, minhash_signatures, normalise_caption, shingles
 
 TEXTS = [
     "A photo of a red circle on a blue background",
@@ -197,7 +197,7 @@ def test_spark_signatures_and_buckets_equal_datasketch_and_captions_without_shin
 
 
 def test_a_template_caption_shared_by_many_rows_is_one_cluster_of_star_edges(spark):
-    from pipelines.caption_dedup import caption_edges
+    from capfilt.pipelines.caption_dedup import caption_edges
     settings = DedupSettings()
     rows = [(f"r{i:05d}", "Click here to enlarge the image") for i in range(3_000)] + [("z", "something else entirely")]
     df = spark.createDataFrame(rows, "uid string, caption string")

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from lab.data import EVAL_SEED_BASE, annotated, wrong_attribute_captions
-from udfs import models
-from udfs.models import (
+from capfilt.lab.data import EVAL_SEED_BASE, annotated, wrong_attribute_captions
+from capfilt.udfs import models
+from capfilt.udfs.models import (
     BLIP_CAPTIONER, DEFAULT_CAPTIONER, DEFAULT_CLIP, SHAPES_CAPTIONER, SHAPES_CLIP, ModelNotAvailable,
     UnsafeCheckpoint, cached_captioner, cached_clip, load_captioner, load_clip, parse_reference,
 )
-from world.captions import parse
+from capfilt.world.captions import parse
 
 TEST_SEED = EVAL_SEED_BASE + 1  # held out from training (seeds < EVAL_SEED_BASE) and from the benchmark seed
 
@@ -90,7 +90,7 @@ def test_sampling_is_seeded_per_image_not_per_batch(captioner, held_out):
 
 
 def test_min_length_holds_back_the_end_token_and_repetition_penalty_demotes_seen_tokens():
-    from udfs.models import _NucleusSampler
+    from capfilt.udfs.models import _NucleusSampler
     end = 0
     logits = torch.tensor([[9.0, 5.0, 4.9, -1.0]] * 2)
     start = torch.tensor([[3], [3]])
@@ -156,8 +156,8 @@ def test_loader_round_trips_a_random_vit_b_32_folder_and_file(tmp_path, held_out
 
 def test_loader_round_trips_a_blip_config_saved_with_save_pretrained(tmp_path, held_out):
     from transformers import BlipForConditionalGeneration
-    from lab.tokens import save_blip_processor
-    from lab.train_captioner import MEAN, STD, blip_config
+    from capfilt.lab.tokens import save_blip_processor
+    from capfilt.lab.train_captioner import MEAN, STD, blip_config
     folder = tmp_path / "blip"
     processor = save_blip_processor(folder, 64, MEAN, STD)
     torch.manual_seed(0)
@@ -330,8 +330,8 @@ def test_models_load_once_per_process():
 # --- training code: a smoke run whose output loads through the loader -------------------------------
 
 def test_training_writes_checkpoints_the_loader_reads(tmp_path):
-    from lab.train_captioner import train as train_captioner
-    from lab.train_clip import train as train_clip
+    from capfilt.lab.train_captioner import train as train_captioner
+    from capfilt.lab.train_clip import train as train_clip
     card = train_clip(tmp_path / "clip", seed=1, steps=2, minutes=None, n_train=64, batch=16, threads=1, log=lambda m: None)
     assert card["training"]["trained_steps"] == 2
     assert load_clip(str(tmp_path / "clip")).encode_texts(["a red circle"]).shape == (1, 64)
@@ -344,9 +344,9 @@ def test_fit_learns_the_pairs_it_is_given_and_refuses_images_without_captions(tm
     import open_clip
     from transformers import PreTrainedTokenizerFast
 
-    from lab.metrics import recall_at_1
-    from lab.tokens import save_clip_tokenizer
-    from lab.train_clip import MEAN, STD, fit, model_config
+    from capfilt.lab.metrics import recall_at_1
+    from capfilt.lab.tokens import save_clip_tokenizer
+    from capfilt.lab.train_clip import MEAN, STD, fit, model_config
     vocab = save_clip_tokenizer(tmp_path, context_length=32)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
 
@@ -373,7 +373,7 @@ def test_fit_learns_the_pairs_it_is_given_and_refuses_images_without_captions(tm
 
 
 def test_recall_at_1_counts_hits_per_pool_and_items_of_the_same_key_as_hits():
-    from lab.metrics import recall_at_1
+    from capfilt.lab.metrics import recall_at_1
     eye = np.eye(4, dtype=np.float32)
     assert recall_at_1(eye, eye, ["a", "b", "c", "d"], pool=2) == {"image_to_text": 1.0, "text_to_image": 1.0}
     swapped = eye[[1, 0, 2, 3]]  # pairs 0 and 1 retrieve each other's text

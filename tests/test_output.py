@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 
-from pipelines.io import empty_rejects, read_rejects, read_stage, write_stage
-from pipelines.output import (ConservationError, Counts, NotCommittedError, StageOutput, build_manifest,
+from capfilt.pipelines.io import empty_rejects, read_rejects, read_stage, write_stage
+from capfilt.pipelines.output import (ConservationError, Counts, NotCommittedError, StageOutput, build_manifest,
                               read_manifest)
-from schemas import PAIRS
+from capfilt.schemas import PAIRS
 from tests.conftest import ROOT
 
 
@@ -45,7 +45,7 @@ def test_a_killed_write_leaves_nothing_a_reader_takes_for_finished(tmp_path, spa
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from pipelines.output import StageOutput
+        from capfilt.pipelines.output import StageOutput
         out = StageOutput({str(target)!r}, "demo")
         out.begin()
         os.makedirs(out.data_dir)
@@ -99,7 +99,7 @@ def test_empty_rejects_still_make_a_readable_table(spark, tmp_path):
 
 
 def test_readers_share_an_output_and_a_writer_is_refused_while_it_is_read_and_vice_versa(tmp_path):
-    from pipelines.output import OutputInUse, OutputLock
+    from capfilt.pipelines.output import OutputInUse, OutputLock
     out = str(tmp_path / "out")
     with OutputLock(out, shared=True), OutputLock(out, shared=True):  # an export and an inspect at once
         with pytest.raises(OutputInUse, match="being read by another capfilt process"):
@@ -115,7 +115,7 @@ def test_readers_share_an_output_and_a_writer_is_refused_while_it_is_read_and_vi
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys):
-    from jobs.common import run
+    from capfilt.jobs.common import run
 
     def interrupted(argv):
         raise KeyboardInterrupt

@@ -5,7 +5,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from pipelines.report import SOURCES
+from capfilt.pipelines.report import SOURCES
 from tests.conftest import ROOT
 
 

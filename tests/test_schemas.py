@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from schemas import CONTRACTS, PAIRS, REJECTS, SCORED, SchemaError, column_types
+from capfilt.schemas import CONTRACTS, PAIRS, REJECTS, SCORED, SchemaError, column_types
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACTS))

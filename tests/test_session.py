@@ -4,8 +4,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipelines.config import SparkSettings
-from pipelines.session import spark_conf
+from capfilt.pipelines.config import SparkSettings
+from capfilt.pipelines.session import spark_conf
 from tests.conftest import ROOT
 
 
@@ -29,8 +29,8 @@ def test_user_conf_overrides_capfilt_defaults():
 def test_under_spark_submit_the_given_master_and_conf_win(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent("""
-        from pipelines.config import SparkSettings
-        from pipelines.session import spark_session
+        from capfilt.pipelines.config import SparkSettings
+        from capfilt.pipelines.session import spark_session
         s = spark_session(SparkSettings(master="local[2]", arrow_batch_size=512))
         c = s.sparkContext.getConf()
         print("RESULT", s.sparkContext.master, c.get("spark.sql.execution.arrow.maxRecordsPerBatch"),

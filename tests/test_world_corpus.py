@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from world import cli
-from world.captions import N_PHRASINGS, describe, parse
-from world.corpus import (
+from capfilt.world import cli
+from capfilt.world.captions import N_PHRASINGS, describe, parse
+from capfilt.world.corpus import (
     FAULTS, KINDS, LONG_CAPTION_CHARS, VARIANTS, make_annotated, make_web_corpus, write_metadata,
 )
-from world.scene import COLOUR_RGB, Scene, attribute_differences
+from capfilt.world.scene import COLOUR_RGB, Scene, attribute_differences
 
 BASE_URL = "http://127.0.0.1:8123"
 
@@ -277,7 +277,7 @@ def test_cli_generate_writes_corpus_and_reports_the_mix(tmp_path, capsys):
 
 
 def test_cli_generate_into_an_existing_corpus_names_the_overwrite_flag(tmp_path, capsys):
-    from jobs.cli import main as capfilt
+    from capfilt.jobs.cli import main as capfilt
     args = ["world", "generate", "--out", str(tmp_path), "--n", "40"]
     assert capfilt(args) == 0
     before = tree_hashes(tmp_path)

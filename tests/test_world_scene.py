@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from world.captions import N_PHRASINGS, SYNONYMS, VOCABULARY, describe, parse, web_phrasing
-from world.scene import (
+from capfilt.world.captions import N_PHRASINGS, SYNONYMS, VOCABULARY, describe, parse, web_phrasing
+from capfilt.world.scene import (
     COLOUR_RGB, SHAPES, Scene, SceneObject, attribute_differences, change_one_attribute, encode_jpeg, render,
     sample_scene,
 )

@@ -18,9 +18,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from world.corpus import bomb_png, make_web_corpus
-from world.scene import Scene, SceneObject, encode_jpeg, render
-from world.server import WorldServer, serve
+from capfilt.world.corpus import bomb_png, make_web_corpus
+from capfilt.world.scene import Scene, SceneObject, encode_jpeg, render
+from capfilt.world.server import WorldServer, serve
 
 REPO = Path(__file__).resolve().parents[1]
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any *_proxy variables
@@ -197,7 +197,7 @@ def test_every_corpus_row_fetches_as_its_sidecar_says(tmp_path):
 
 def test_cli_serve_writes_metadata_for_its_port_and_stops_on_ctrl_c(tmp_path):
     make_web_corpus(tmp_path, 40, seed=5)
-    process = subprocess.Popen([sys.executable, "-m", "world.cli", "serve", str(tmp_path), "--format", "parquet",
+    process = subprocess.Popen([sys.executable, "-m", "capfilt.world.cli", "serve", str(tmp_path), "--format", "parquet",
                                 "--format", "jsonl"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         lines = [process.stdout.readline() for _ in range(4)]
@@ -217,7 +217,7 @@ def _world_threads() -> list[threading.Thread]:
 
 
 def test_cli_serve_on_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_path, capsys):
-    from jobs.cli import main as capfilt
+    from capfilt.jobs.cli import main as capfilt
     before = _world_threads()  # the session's own servers (other tests' fixtures) may be running
     make_web_corpus(tmp_path, 40, seed=5)
     with socket.socket() as busy:
@@ -234,13 +234,13 @@ def test_cli_serve_on_a_busy_port_is_one_line_and_leaves_nothing_running(tmp_pat
 @pytest.mark.parametrize("port", ["-1", "65536"])
 def test_cli_serve_refuses_a_port_out_of_range(tmp_path, capsys, port):
     make_web_corpus(tmp_path, 40, seed=5)
-    from world import cli
+    from capfilt.world import cli
     assert cli.main(["serve", str(tmp_path), "--port", port]) == 2
     assert capsys.readouterr().err == f"capfilt world: error: --port must be between 0 and 65535, not {port}\n"
 
 
 def test_cli_serve_refuses_a_folder_that_is_not_a_corpus(tmp_path, capsys):
-    from world import cli
+    from capfilt.world import cli
     before = _world_threads()
     (tmp_path / "site").mkdir()
     for folder in (tmp_path, tmp_path / "missing"):

@@ -2,7 +2,7 @@
 
 img2dataset fetches with `urllib.request.urlopen`, i.e. through the process-wide opener. Each worker
 installs ours before a shard starts: every connection (redirect hops included) goes through the
-address policy of udfs.netguard, proxies from the environment are ignored, opt-out headers are
+address policy of capfilt.udfs.netguard, proxies from the environment are ignored, opt-out headers are
 honoured for capfilt's token and img2dataset's, bodies are capped in size and must be as long as
 declared, only http(s) is ever fetched (redirects included), and one deadline bounds the whole request
 (redirect hops and body reads included). SafeResizer reads the
@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image, ImageOps
 
-from udfs import netguard
+from capfilt.udfs import netguard
 
 OPTED_OUT_MARK = "opted_out"
 TOO_LARGE_MARK = "response_too_large"

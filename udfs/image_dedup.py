@@ -14,7 +14,6 @@ box filter averages away re-encoding noise.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -116,7 +115,7 @@ def thumbnail(data: bytes | None, side: int = THUMBNAIL_SIDE) -> np.ndarray | No
     models: RGB, upright, first frame; box filter), or None when the bytes do not decode."""
     from PIL import Image
 
-    from udfs.images import decode_image
+    from capfilt.udfs.images import decode_image
     image, _error = decode_image(data)
     if image is None:
         return None

@@ -2,7 +2,7 @@
 
 The download stage already stores 8-bit images, but a stage must not trust its input: images may
 come from elsewhere, or be corrupted. Odd modes (16-bit, CMYK, palette/alpha, animated, EXIF-rotated)
-are normalised exactly as at download (udfs.fetch.normalise).
+are normalised exactly as at download (capfilt.udfs.fetch.normalise).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from udfs.fetch import normalise
+from capfilt.udfs.fetch import normalise
 
 DEFAULT_MAX_PIXELS = 50_000_000
 # The reasons a stage rejects an image it cannot use (the text before ':' in an error).

@@ -4,12 +4,12 @@ It stands in for the web (a noisy LAION-style corpus served over loopback HTTP, 
 for COCO (a clean annotated split), so the pipeline can be built and measured offline.
 """
 
-from world.captions import N_PHRASINGS, VOCABULARY, describe, parse, web_phrasing
-from world.corpus import FAULTS, KINDS, VARIANTS, make_annotated, make_web_corpus, write_metadata
-from world.scene import (
+from capfilt.world.captions import N_PHRASINGS, VOCABULARY, describe, parse, web_phrasing
+from capfilt.world.corpus import FAULTS, KINDS, VARIANTS, make_annotated, make_web_corpus, write_metadata
+from capfilt.world.scene import (
     Scene, SceneObject, attribute_differences, change_one_attribute, encode_jpeg, render, sample_scene,
 )
-from world.server import WorldServer, serve
+from capfilt.world.server import WorldServer, serve
 
 __all__ = [
     "FAULTS", "KINDS", "N_PHRASINGS", "VARIANTS", "VOCABULARY", "Scene", "SceneObject", "WorldServer",

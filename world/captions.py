@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, SceneObject
+from capfilt.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, SceneObject
 
 # One template list per object count; {L}/{R} are the left/right objects, {A} the only one.
 _TEMPLATES = {

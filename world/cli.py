@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from world.corpus import METADATA_FORMATS, make_annotated, make_web_corpus, write_metadata
-from world.server import PortUnavailable, WorldServer, serve_until_interrupted
+from capfilt.world.corpus import METADATA_FORMATS, make_annotated, make_web_corpus, write_metadata
+from capfilt.world.server import PortUnavailable, WorldServer, serve_until_interrupted
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """User errors are one line and exit 2, whether run as `capfilt world` or `python -m world.cli`."""
+    """User errors are one line and exit 2, whether run as `capfilt world` or `python -m capfilt.world.cli`."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

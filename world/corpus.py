@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from world.captions import N_PHRASINGS, describe, parse, web_phrasing
-from world.scene import Scene, change_one_attribute, encode_jpeg, render, sample_scene
+from capfilt.world.captions import N_PHRASINGS, describe, parse, web_phrasing
+from capfilt.world.scene import Scene, change_one_attribute, encode_jpeg, render, sample_scene
 
 ALIGNED_KINDS = ("clean", "web_phrasing")
 NOISE_KINDS = ("wrong_attribute", "generic", "spam", "swapped")

@@ -22,7 +22,7 @@ how to pass a local path (instead of the hub client's retries).
 
 `cached_clip` / `cached_captioner` keep one model per (reference, device, precision) per process:
 Spark reuses Python workers across tasks, so a model loads once per worker. The cache lives in
-an importable module (udfs.models.cache) on purpose (a cache in a driver script's globals is
+an importable module (capfilt.udfs.models.cache) on purpose (a cache in a driver script's globals is
 pickled with the UDF and reloaded on every task).
 
 One concern per module; this package re-exports the names callers use:
@@ -41,7 +41,7 @@ One concern per module; this package re-exports the names callers use:
     cache.py       the per-worker cache: cached_clip, cached_captioner, clear_cache
 
 A name is looked up in the module that defines it: to monkeypatch a loader's helper, patch it
-there (e.g. udfs.models.hub._hub_reachable), not on this package.
+there (e.g. capfilt.udfs.models.hub._hub_reachable), not on this package.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def parse_reference(ref: str) -> Reference:
-    """Parse a reference (see the udfs.models docstring). A path that exists wins over every other
+    """Parse a reference (see the capfilt.udfs.models docstring). A path that exists wins over every other
     reading, as in transformers' from_pretrained."""
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"a model reference must be a non-empty string, got {ref!r}")
