@@ -127,19 +127,19 @@ def _one_thread() -> None:
     """A raw worker process: one torch thread, as Spark's Python workers run (OMP_NUM_THREADS=1)."""
     import torch
 
-    from udfs.netguard import refuse_non_loopback
+    from capfilt.udfs.netguard import refuse_non_loopback
     torch.set_num_threads(1)
     refuse_non_loopback()
 
 
 def _caption_chunk(task) -> list[list[str]]:
-    from udfs.models import SHAPES_CAPTIONER
+    from capfilt.udfs.models import SHAPES_CAPTIONER
     images, offset, c = task
     return raw_caption_keep(images, SHAPES_CAPTIONER, c, offset)
 
 
 def _clip_chunk(task) -> None:
-    from udfs.models import SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CLIP
     images, web, synthetic, batch = task
     bench_module("capfilt").raw_filter(images, web, synthetic, SHAPES_CLIP, batch)
 
