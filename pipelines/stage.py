@@ -265,15 +265,8 @@ def pass_keys(cfg, passes: list[ModelPass]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The runner.
 
-@dataclass
-class Run:
-    """What run_stage did: the committed manifest, or reused=True when it took a committed output."""
-    manifest: dict
-    reused: bool = False
-
-
 def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[ModelPass] = (),
-              recompute: bool = False) -> Run:
+              recompute: bool = False) -> dict:
     """Run `stage` from the committed output at input_root into output_root; commit atomically.
 
     A committed output made with this run's settings and input is taken as it is. One made with other
@@ -281,7 +274,8 @@ def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[M
     the stage kept what its model computed (or has no model): then those parts are recomputed from
     what is stored. `recompute` (curate, when an earlier stage ran) recomputes as --overwrite does,
     still reusing a kept model output that matches. `fuse`: more passes to run in this stage's model
-    pass (on the same decoded image); their output is kept for the stage that owns them."""
+    pass (on the same decoded image); their output is kept for the stage that owns them. Returns the
+    committed manifest."""
     from capfilt.pipelines.output import OutputLock, StageOutput, read_manifest
     from capfilt.pipelines.provenance import changed_keys, source_of, stale_reason
     from capfilt.pipelines.session import spark_session
@@ -297,7 +291,7 @@ def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[M
         why = stale_reason(committed, cfg.to_dict(), stage.name, source)
         if why is None:
             print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
-            return Run(committed, reused=True)
+            return committed
         model_changed = model_needed and (changed_keys(committed.get("config", {}), cfg.to_dict(), stage.model.keys)
                                           or committed.get("source", source) != source)
         if model_needed and (model_changed or not stage.keeps_scores):
@@ -320,7 +314,7 @@ def _fused_scores(stage: Stage, cfg, input_root: str, source_manifest: dict) -> 
     return None
 
 
-def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, passes, fused_scores) -> Run:
+def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, passes, fused_scores) -> dict:
     import fsspec
 
     from capfilt.pipelines.output import build_manifest
@@ -364,7 +358,7 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
     out.commit(manifest)
     print(f"{out.root}: {counts.input} rows in, {counts.output} out, {counts.rejected_total} rejected "
           f"{counts.rejected.get(stage.name, {})}", flush=True)
-    return Run(manifest)
+    return manifest
 
 
 def _owner(p: ModelPass) -> str:
