@@ -42,7 +42,7 @@ def _stage_data(spark, root: str, stage: str, columns: tuple[str, ...]):
     """uid + columns of a stage's data, one row per uid; None when the stage output is not there."""
     path = f"{stage_dir(root, stage)}/data"
     fs, local = fsspec.core.url_to_fs(path)
-    if not fs.exists(local) or not any(f.endswith(".parquet") for f in fs.find(local)):  # data/part=<i>/
+    if not fs.exists(local) or not any(f.endswith(".parquet") for f in fs.find(local)):  # data/capfilt_part=<i>/
         return None
     return _parquet(spark, path).select("uid", *columns).dropDuplicates(["uid"])
 

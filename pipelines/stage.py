@@ -6,7 +6,7 @@ every stage alike: begin, fingerprint and resume, input validation, the model pa
 write, counts, manifest, atomic commit.
 
 Images are stored once. The download stage writes the image bytes; every later stage writes only
-`uid`, `part` and the columns it adds (`data/part=<i>/`). A stage reads a *view*: the download rows
+`uid`, `capfilt_part` and the columns it adds (`data/capfilt_part=<i>/`). A stage reads a *view*: the download rows
 joined on uid with the columns each earlier stage added (inner: a row rejected earlier is gone; a
 later stage's column replaces an earlier one of the same name). Parts are groups of download files
 (about rows_per_part rows), fixed by the first stage after download and kept by every later one, so
@@ -14,7 +14,7 @@ the view of one part joins the download files of that part with small metadata (
 bytes are read where they lie and never shuffled.
 
 A model pass decodes each image once and runs one or more models on it (caption and filter fused
-in `capfilt curate`); its output per part (`model/part=<i>/`) is resumable, and a stage that keeps it
+in `capfilt curate`); its output per part (`model/capfilt_part=<i>/`) is resumable, and a stage that keeps it
 (filter: every candidate's score) re-selects from it without loading a model.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from capfilt.schemas import REJECTS, Contract, Field
 
 from capfilt.pipelines.inference import OUT
 
-PART = "part"
+PART = "capfilt_part"  # not "part": an input may have a column of that name, which rides along
 
 
 @dataclass(frozen=True)
@@ -373,7 +373,7 @@ def rates(manifest: dict) -> dict:
 
 
 def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerprint: str, decoded):
-    """Run the passes part by part into model/part=<i>; a part finished by a killed run, or kept by
+    """Run the passes part by part into model/capfilt_part=<i>; a part finished by a killed run, or kept by
     the committed output with the same fingerprint, is not run again. Returns (rows run, parts
     finished by a killed run)."""
     from capfilt.udfs.models import check_reference

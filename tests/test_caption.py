@@ -109,11 +109,11 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = tmp_path / ".caption.inprogress" / "model"
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(work.glob("part=*/_SUCCESS"))) < 2:
+    while time.time() < deadline and len(list(work.glob("capfilt_part=*/_SUCCESS"))) < 2:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(work.glob("part=*/_SUCCESS")))
+    finished = len(list(work.glob("capfilt_part=*/_SUCCESS")))
     assert 2 <= finished < total and not (tmp_path / "caption").exists()
     subprocess.run([sys.executable, "-m", "capfilt.jobs.cli", "caption", *args], env=env, check=True, capture_output=True,
                    timeout=300)
