@@ -14,7 +14,7 @@ repeat, in alternating order (A, B / B, A / ...), each side in a fresh child pro
         curate's num_captions, top_p, temperature, max_new_tokens, batch size (bench/capfilt.py's
         raw_caption, keeping what it generates: step 3 scores it);
      3. CLIP loop: decode, encode images and every caption (web + synthetic), cosine (bench/capfilt.py's
-        raw_filter, the shapes CLIP, curate's filter batch size);
+        raw_filter loop, the shapes CLIP, curate's filter batch size);
      4. dedup: exact sha256 in pandas, then datasketch MinHash + MinHashLSH over the web captions with
         the config's shingles, num_perm and threshold (bench/dedup.py's side_datasketch).
      Threads: Spark local[*]'s parallelism W (what curate's Spark gets), laid out as Spark lays out
@@ -138,10 +138,29 @@ def _caption_chunk(task) -> list[list[str]]:
     return raw_caption_keep(images, SHAPES_CAPTIONER, c, offset)
 
 
+def raw_clip(images: list[bytes], captions: list[str], synthetic: list[list[str]], ref: str, batch: int) -> None:
+    """bench/capfilt.py's raw_filter loop (decode, encode images and web + synthetic captions, cosine),
+    the model load in the step's time as curate's is in its run."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from capfilt.udfs.models import load_clip
+    clip = load_clip(ref, "cpu")
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
+            img = clip.model.encode_image(torch.stack([clip.preprocess(p) for p in pil]), normalize=True)
+            texts = [t for i in range(start, min(start + batch, len(images))) for t in [captions[i], *synthetic[i]]]
+            txt = clip.model.encode_text(clip.tokenizer(texts), normalize=True)
+            txt.view(len(pil), -1, txt.shape[-1]) @ img[:, :, None]
+
+
 def _clip_chunk(task) -> None:
     from capfilt.udfs.models import SHAPES_CLIP
     images, web, synthetic, batch = task
-    bench_module("capfilt").raw_filter(images, web, synthetic, SHAPES_CLIP, batch)
+    raw_clip(images, web, synthetic, SHAPES_CLIP, batch)
 
 
 def chunks(n: int, parts: int) -> list[slice]:
@@ -164,7 +183,6 @@ def raw_side(args) -> dict:
     from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
     from capfilt.udfs.netguard import refuse_non_loopback
     refuse_non_loopback()  # this process: the model loads, the Spark driver (the fetches run in Spark's workers)
-    raw_filter = bench_module("capfilt").raw_filter
     side_datasketch = bench_module("dedup").side_datasketch
 
     cfg = shapes_config()
@@ -217,7 +235,7 @@ def raw_side(args) -> dict:
         list(pool.map(_clip_chunk, [(images[p], web[p], synthetic[p], f.batch_size) for p in parts]))
         pool.shutdown()
     else:
-        raw_filter(images, web, synthetic, SHAPES_CLIP, f.batch_size)
+        raw_clip(images, web, synthetic, SHAPES_CLIP, f.batch_size)
     seconds["clip"] = time.perf_counter() - start
 
     # 4. exact sha256 in pandas, then datasketch MinHashLSH over the survivors' web captions.
