@@ -1,10 +1,37 @@
 """Caption and filter stages vs raw loops, side by side in one run (not a timed test).
 
 Same images (shapes world), same model, same total threads: the stage runs in Spark local[W] with
-T torch threads per worker; the raw loop is one process with W*T threads doing decode + preprocess +
-model calls in batches, nothing else. Prints rows/s of each and the ratio stage / raw (goal >= 0.90).
+T torch threads per worker; the raw loop does decode + preprocess + model calls in batches over images
+already in memory, nothing else, laid out two ways: one process with W*T threads (`threads`, the
+layout of the figures in the issue that set the goals), and W processes with T threads each over a
+contiguous slice (`processes`, Spark's own layout: on a small CPU it is the stronger floor, as torch's
+threads gain little on tiny models). Prints rows/s of each and the ratio stage / raw (goal >= 0.90).
+Three comparisons (--which): `filter` (the `capfilt filter` command vs decode + CLIP over the web and
+synthetic captions), `caption` (`capfilt caption` vs decode + generate) and `fused` (what curate runs:
+the caption stage with the filter's CLIP in the same pass, vs one loop that decodes once, generates
+and scores).
 
-    .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,caption]
+What each side times. Stage: the whole `capfilt filter` / `capfilt caption` command run in this
+process's Spark session: config and manifests, the input view (download files joined with earlier
+stages' columns), the model pass (Parquet read, Arrow to the Python workers, decode, model, Arrow
+back) and its output written per part, the split into records and rejects, their writes, the counts
+read back and the commit. Raw: decode + preprocess + model calls; its model is loaded before the
+clock starts, as the stage's warm Python workers hold theirs. Besides the ratio, the model pass
+alone is timed (the same view and batch UDF, output discarded by Spark's noop sink), so the
+stage's cost splits into the model pass and the rest (writes, split, counts, commit): the first is
+per row, the second mostly fixed per run, so it weighs most at few rows.
+
+Order: raw warm-ups, stage warm-up, model pass warm-up, then stage, model pass, raw measured. The
+stage's runs stay together: Spark stops a Python worker idle for 60 s, and a slow raw loop between
+them made the measured stage import torch and load its model again.
+
+Run it on an otherwise idle machine (the load average is printed before and after): under load the
+raw loop's multi-threaded torch loses far more than the stage's single-threaded workers, and the
+ratio says nothing (at load average 11 on 2 cores the raw caption loop took 455 s for 1,000 rows,
+an idle machine about 9 s).
+
+    .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,caption,fused]
+                                      [--raw-layout threads|processes|both]
                                       [--clip vit-b-32] [--captioner blip-base]
 """
 from __future__ import annotations
@@ -15,6 +42,8 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -65,30 +94,76 @@ def random_blip_base(folder: Path) -> str:
     return str(folder)
 
 
-def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[str]], ref: str, batch: int) -> None:
+def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[str]], clip, batch: int) -> None:
     import torch
     from PIL import Image
 
-    from capfilt.udfs.models import load_clip
-    clip = load_clip(ref, "cpu")
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
-            img = clip.model.encode_image(torch.stack([clip.preprocess(p) for p in pil]), normalize=True)
-            texts = [t for i in range(start, min(start + batch, len(images))) for t in [captions[i], *synthetic[i]]]
-            txt = clip.model.encode_text(clip.tokenizer(texts), normalize=True)
-            txt.view(len(pil), -1, txt.shape[-1]) @ img[:, :, None]
+            clip_scores(clip, pil, [[captions[i], *synthetic[i]] for i in range(start, start + len(pil))])
 
 
-def raw_caption(images: list[bytes], ref: str, k: int, batch: int, max_new_tokens: int) -> None:
+def clip_scores(clip, pil: list, texts: list[list[str]]):
+    """Each image's cosine with each of its texts (the same count per image)."""
+    import torch
+    img = clip.model.encode_image(torch.stack([clip.preprocess(p) for p in pil]), normalize=True)
+    txt = clip.model.encode_text(clip.tokenizer([t for row in texts for t in row]), normalize=True)
+    return txt.view(len(pil), -1, txt.shape[-1]) @ img[:, :, None]
+
+
+def raw_caption(images: list[bytes], captioner, k: int, batch: int, max_new_tokens: int, offset: int = 0) -> None:
     from PIL import Image
 
-    from capfilt.udfs.models import load_captioner
-    captioner = load_captioner(ref, "cpu")
     for start in range(0, len(images), batch):
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
-        captioner.generate(pil, num_captions=k, top_p=0.9, seeds=list(range(start, start + len(pil))),
+        captioner.generate(pil, num_captions=k, top_p=0.9, seeds=list(range(offset + start, offset + start + len(pil))),
                            max_new_tokens=max_new_tokens, batch_size=batch)
+
+
+def raw_fused(images: list[bytes], captions: list[str], captioner, clip, k: int, batch: int, max_new_tokens: int,
+              offset: int = 0) -> None:
+    """Decode once; the captioner's captions, then CLIP over the web caption and them."""
+    import torch
+    from PIL import Image
+
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
+            synthetic = captioner.generate(pil, num_captions=k, top_p=0.9,
+                                           seeds=list(range(offset + start, offset + start + len(pil))),
+                                           max_new_tokens=max_new_tokens, batch_size=batch)
+            clip_scores(clip, pil, [[captions[start + i], *synthetic[i]] for i in range(len(pil))])
+
+
+# The raw loop in worker processes (--raw-layout processes): each worker holds the inputs and the
+# models (loaded when it starts) and runs the loop over a contiguous slice.
+_RAW: dict = {}
+
+
+def _raw_worker_init(which: str, clip_ref: str, cap_ref: str, threads: int, data: dict) -> None:
+    import torch
+
+    from capfilt.udfs.models import load_captioner, load_clip
+    torch.set_num_threads(threads)
+    _RAW.update(data, which=which,
+                clip=load_clip(clip_ref, "cpu") if which in ("filter", "fused") else None,
+                captioner=load_captioner(cap_ref, "cpu") if which in ("caption", "fused") else None)
+
+
+def _raw_slice(start: int, stop: int) -> None:
+    run_raw(_RAW["which"], _RAW, _RAW["clip"], _RAW["captioner"], start, stop)
+
+
+def run_raw(which: str, data: dict, clip, captioner, start: int, stop: int) -> None:
+    images, captions, synthetic, k = data["images"][start:stop], data["captions"][start:stop], \
+        data["synthetic"][start:stop], data["k"]
+    if which == "filter":
+        raw_filter(images, captions, synthetic, clip, 64)
+    elif which == "caption":
+        raw_caption(images, captioner, k, 32, 30, start)
+    else:
+        raw_fused(images, captions, captioner, clip, k, 32, 30, start)
 
 
 def main() -> None:
@@ -96,23 +171,28 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per Spark worker")
-    ap.add_argument("--which", default="filter,caption")
+    ap.add_argument("--which", default="filter,caption,fused",
+                    help="fused: the caption stage with the filter's CLIP in its pass, as curate runs it")
+    ap.add_argument("--raw-layout", choices=("threads", "processes", "both"), default="both",
+                    help="threads: 1 process x workers*threads torch threads; processes: workers processes x "
+                         "threads (Spark's layout)")
     ap.add_argument("--clip", default=None, help="default: the shapes-world CLIP in models/; 'vit-b-32': the "
                                                  "default architecture, random weights")
     ap.add_argument("--captioner", default=None, help="default: the shapes-world captioner in models/; 'blip-base': "
                                                       "BLIP-base's size with random weights")
     ap.add_argument("--captions", type=int, default=5, help="synthetic captions per image")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
 
     import pyarrow.parquet as pq
     import torch
 
     from capfilt.jobs.caption import main as caption_main
     from capfilt.jobs.filter import main as filter_main
-    from capfilt.pipelines.config import SparkSettings
-    from capfilt.pipelines.output import Counts, StageOutput, build_manifest
+    from capfilt.pipelines.config import SparkSettings, load_config
     from capfilt.pipelines.session import spark_session
-    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    from capfilt.pipelines.stage import definition, run_stage
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, load_captioner, load_clip
     from capfilt.world.captions import describe
     from capfilt.world.corpus import make_annotated
     from capfilt.world.scene import Scene
@@ -133,43 +213,116 @@ def main() -> None:
                                         conf={"spark.ui.showConsoleProgress": "false"}))
     rows = [(f"r{i}", f"http://h/{i}", captions[i], images[i], 64, 64, 64, 64, "0" * 64, synthetic[i])
             for i in range(args.rows)]
-    from capfilt.schemas import CAPTIONED
-    df = spark.createDataFrame(rows, CAPTIONED.spark_schema()).repartition(args.workers)
-    stage_in = StageOutput(str(work / "captioned"), "caption")
-    stage_in.begin()
-    df.write.parquet(stage_in.data_dir)
-    spark.createDataFrame([], "uid string, url string, caption string, stage string, reason string, detail string, "
-                              "duplicate_of string").write.parquet(stage_in.rejects_dir)
-    stage_in.commit(build_manifest(stage_in, {}, Counts(args.rows, args.rows)))
+    write_inputs(spark, work, rows, args.workers)
+    sources = {"filter": work / "captioned", "caption": work / "downloaded", "fused": work / "downloaded"}
 
     common = ["--set", f"spark.master=local[{args.workers}]"]
-    torch.set_num_threads(args.workers * args.threads)
-    print(f"rows={args.rows}  stage: local[{args.workers}] x {args.threads} torch thread(s);  "
-          f"raw loop: 1 process x {torch.get_num_threads()} threads", flush=True)
+    settings = {"filter": {"model": clip_ref, "torch_threads": args.threads, "threshold": -1, "device": "cpu"},
+                "caption": {"model": cap_ref, "torch_threads": args.threads, "num_captions": args.captions,
+                            "device": "cpu"}}
+    data = {"images": images, "captions": captions, "synthetic": synthetic, "k": args.captions}
+    layouts = ["threads", "processes"] if args.raw_layout == "both" else [args.raw_layout]
+    print(f"rows={args.rows}  stage: local[{args.workers}] x {args.threads} torch thread(s);  raw loop: "
+          + " and ".join({"threads": f"1 process x {args.workers * args.threads} threads",
+                          "processes": f"{args.workers} processes x {args.threads} thread(s)"}[x] for x in layouts)
+          + f";  load average before start {load_before:.1f} ({os.cpu_count()} cores)", flush=True)
     for which in args.which.split(","):
-        timings = {}
-        for attempt in ("warm-up", "measured"):
+        torch.set_num_threads(args.workers * args.threads)
+        clip = load_clip(clip_ref, "cpu") if which in ("filter", "fused") else None
+        captioner = load_captioner(cap_ref, "cpu") if which in ("caption", "fused") else None
+        pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_raw_worker_init,
+                                   initargs=(which, clip_ref, cap_ref, args.threads, data)) \
+            if "processes" in layouts else None
+        chunks = [(args.rows * w // args.workers, args.rows * (w + 1) // args.workers) for w in range(args.workers)]
+
+        def raw(layout):
             start = time.perf_counter()
-            if which == "filter":
-                raw_filter(images, captions, synthetic, clip_ref, 64)
+            if layout == "threads":
+                run_raw(which, data, clip, captioner, 0, args.rows)
             else:
-                raw_caption(images, cap_ref, args.captions, 32, 30)
-            timings["raw"] = time.perf_counter() - start
+                for done in [pool.submit(_raw_slice, *c) for c in chunks]:
+                    done.result()
+            return time.perf_counter() - start
+
+        def stage(attempt):
             start = time.perf_counter()
             out = str(work / f"{which}-{attempt}")
-            if which == "filter":
-                filter_main(["--input", str(work / "captioned"), "--output", out, *common,
-                             "--set", f"filter.model={clip_ref}", "--set", f"filter.torch_threads={args.threads}",
-                             "--set", "filter.threshold=-1", "--set", "filter.device=cpu"])
+            sets = [f"{name}.{key}={value}" for name, values in settings.items() for key, value in values.items()]
+            if which == "fused":  # what curate runs: the caption stage with the filter's pass fused in
+                cfg = load_config(None, [f"spark.master=local[{args.workers}]", *sets])
+                run_stage(definition("caption"), cfg, str(work / "downloaded"), out, fuse=[definition("filter").model])
             else:
-                caption_main(["--input", str(work / "captioned"), "--output", out, *common,
-                              "--set", f"caption.model={cap_ref}", "--set", f"caption.torch_threads={args.threads}",
-                              "--set", f"caption.num_captions={args.captions}", "--set", "caption.device=cpu"])
-            timings["stage"] = time.perf_counter() - start
-            print(f"  {which} {attempt}: raw {timings['raw']:.2f}s, stage {timings['stage']:.2f}s", flush=True)
-        raw, stage = args.rows / timings["raw"], args.rows / timings["stage"]
-        print(f"{which:<8} raw loop {raw:8.1f} rows/s   stage {stage:8.1f} rows/s   ratio stage/raw = "
-              f"{stage / raw:.3f}  (goal >= 0.90)", flush=True)
+                job = filter_main if which == "filter" else caption_main
+                job(["--input", str(sources[which]), "--output", out, *common,
+                     *[a for key, value in settings[which].items() for a in ("--set", f"{which}.{key}={value}")]])
+            return time.perf_counter() - start
+
+        def model_pass():
+            start = time.perf_counter()
+            run_model_pass(spark, which, sources[which], settings)
+            return time.perf_counter() - start
+
+        t = {f"raw {x} warm-up": raw(x) for x in layouts}
+        t.update({"stage warm-up": stage("warm-up"), "model pass warm-up": model_pass()})
+        t.update({"stage": stage("measured"), "model pass": model_pass()})
+        t.update({f"raw {x}": raw(x) for x in layouts})
+        if pool:
+            pool.shutdown()
+        print("  " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()), flush=True)
+        stage_rate, pass_rate = args.rows / t["stage"], args.rows / t["model pass"]
+        for x in layouts:
+            raw_rate = args.rows / t[f"raw {x}"]
+            print(f"{which:<8} raw loop ({x}) {raw_rate:8.1f} rows/s   stage {stage_rate:8.1f} rows/s   "
+                  f"ratio stage/raw = {stage_rate / raw_rate:.3f}  (goal >= 0.90);  model pass alone "
+                  f"{pass_rate:.1f} rows/s = {pass_rate / raw_rate:.3f} of raw", flush=True)
+        print(f"{'':<8} the stage's other work (model output write, split, writes, counts, commit) "
+              f"{t['stage'] - t['model pass']:.2f}s of {t['stage']:.2f}s;  load average {os.getloadavg()[0]:.1f}",
+              flush=True)
+
+
+def write_inputs(spark, work: Path, rows: list[tuple], workers: int) -> None:
+    """The chain the stages read, written as the stages write it: a committed download output with
+    the images (`downloaded/`, caption's input) and a committed caption output chained to it holding
+    the given synthetic captions (`captioned/`, filter's input)."""
+    from pyspark.sql import functions as F
+
+    from capfilt.pipelines.io import empty_rejects, write_stage
+    from capfilt.pipelines.output import Counts, StageOutput, build_manifest, read_manifest
+    from capfilt.pipelines.stage import PART, Chain
+    from capfilt.schemas import DOWNLOADED
+
+    download = StageOutput(str(work / "downloaded"), "download")
+    download.begin()
+    data = spark.createDataFrame([r[:-1] for r in rows], DOWNLOADED.spark_schema()).repartition(workers)
+    download.commit(build_manifest(download, {}, write_stage(download, data, empty_rejects(spark), len(rows))))
+    chain = Chain.of(download.root, read_manifest(download.root), 50_000)  # the stages' default rows_per_part
+    parts = None
+    for i in range(len(chain.parts)):
+        part = spark.read.parquet(*chain.files(i)).select("uid", F.lit(i).alias(PART))
+        parts = part if parts is None else parts.unionByName(part)
+    captioned = StageOutput(str(work / "captioned"), "caption")
+    captioned.begin()
+    synthetic = spark.createDataFrame([(r[0], r[-1]) for r in rows], "uid string, synthetic_captions array<string>")
+    synthetic.join(parts, "uid").write.partitionBy(PART).parquet(captioned.data_dir)
+    empty_rejects(spark).write.parquet(captioned.rejects_dir)
+    captioned.commit(build_manifest(captioned, {}, Counts(len(rows), len(rows)),
+                                    **chain.to_manifest("caption", captioned.root)))
+
+
+def run_model_pass(spark, which: str, source: Path, settings: dict) -> None:
+    """The stage's model pass alone: each part's view through the batch UDF, output discarded."""
+    from capfilt.pipelines.config import CaptionSettings, Config, FilterSettings
+    from capfilt.pipelines.output import read_manifest
+    from capfilt.pipelines.stage import Chain, definition, infer, view
+
+    cfg = Config(caption=CaptionSettings(**settings["caption"]), filter=FilterSettings(**settings["filter"]))
+    passes = [definition("caption" if which != "filter" else "filter").model] + \
+        ([definition("filter").model] if which == "fused" else [])
+    chain = Chain.of(str(source), read_manifest(str(source)), 50_000)
+    decoded = spark.sparkContext.accumulator(0)
+    for part in range(len(chain.parts)):
+        rows = view(spark, chain, part=part, images=True)
+        infer(rows, cfg, passes, decoded).select("uid", "_inference").write.format("noop").mode("overwrite").save()
 
 
 if __name__ == "__main__":
