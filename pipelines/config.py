@@ -34,7 +34,8 @@ class SparkSettings:
     driver_memory: str = _opt("4g", "driver memory in local mode (JVM heap)")
     arrow_batch_size: int = _opt(512, "rows per Arrow batch sent to Python workers; bounds worker memory "
                                       "with image bytes (spark.sql.execution.arrow.maxRecordsPerBatch)", min=1)
-    shuffle_partitions: int = _opt(0, "spark.sql.shuffle.partitions; 0 = Spark's default", min=0)
+    shuffle_partitions: int = _opt(0, "spark.sql.shuffle.partitions; 0 = 4 per core in local mode, Spark's "
+                                    "default (200) on a cluster", min=0)
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = _opt("WARN", "driver log level")
     conf: dict[str, str] = _opt(dict, "any other Spark settings, passed as they are")
 

@@ -20,10 +20,19 @@ def test_local_session_binds_loopback_with_arrow_settings(spark):
 
 
 def test_user_conf_overrides_capfilt_defaults():
-    conf = spark_conf(SparkSettings(arrow_batch_size=64, conf={"spark.python.worker.reuse": "false"}), local=True)
+    conf = spark_conf(SparkSettings(arrow_batch_size=64, conf={"spark.python.worker.reuse": "false"}), "local[2]")
     assert conf["spark.sql.execution.arrow.maxRecordsPerBatch"] == "64"
     assert conf["spark.python.worker.reuse"] == "false"
-    assert "spark.driver.host" not in spark_conf(SparkSettings(), local=False)
+    assert "spark.driver.host" not in spark_conf(SparkSettings(), "spark://127.0.0.1:7077")
+
+
+def test_local_mode_sizes_shuffle_partitions_to_its_cores():
+    assert spark_conf(SparkSettings(), "local[2]")["spark.sql.shuffle.partitions"] == "8"
+    assert spark_conf(SparkSettings(), "local")["spark.sql.shuffle.partitions"] == "4"
+    assert spark_conf(SparkSettings(), "local[*]")["spark.sql.shuffle.partitions"] == str(4 * os.cpu_count())
+    assert spark_conf(SparkSettings(shuffle_partitions=3), "local[2]")["spark.sql.shuffle.partitions"] == "3"
+    # a cluster keeps Spark's default (or spark-submit's --conf)
+    assert "spark.sql.shuffle.partitions" not in spark_conf(SparkSettings(), "spark://127.0.0.1:7077")
 
 
 def test_under_spark_submit_the_given_master_and_conf_win(tmp_path):
