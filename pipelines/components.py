@@ -13,12 +13,17 @@ step, which groups by node anyway: the edges form such a star forest exactly whe
 has no smaller neighbour, or has exactly one and no larger one. Each step is checkpointed, so the
 plan of round k does not carry rounds 1..k-1. O(log^2 n) rounds in the worst case; a long path
 of 200 nodes takes a handful.
+
+An edge list of at most `driver_max_edges` distinct edges is solved on the driver instead (a
+union-find over the collected edges, the same result): each round costs two Spark jobs, seconds at
+small sizes, where the whole list fits in a few MB.
 """
 from __future__ import annotations
 
 import uuid
 
 DEFAULT_MAX_ROUNDS = 100
+DEFAULT_DRIVER_MAX_EDGES = 100_000  # ~10-20 MB of driver memory with string ids
 
 
 class ComponentsDidNotConverge(RuntimeError):
@@ -56,8 +61,29 @@ def _small_star(edges):
             .distinct())
 
 
+def _on_the_driver(oriented):
+    """(node, component) from the collected edges: a union-find whose root is its set's smallest node."""
+    from pyspark.sql.types import StructField, StructType
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for v, u in oriented.select("v", "u").collect():
+        rv, ru = find(v), find(u)
+        if rv != ru:
+            parent[max(rv, ru)] = min(rv, ru)
+    kind = oriented.schema["v"].dataType
+    schema = StructType([StructField("node", kind, False), StructField("component", kind, False)])
+    return oriented.sparkSession.createDataFrame([(x, find(x)) for x in list(parent)], schema)
+
+
 def connected_components(edges_df, src: str = "src", dst: str = "dst", checkpoint_dir: str | None = None,
-                         max_rounds: int = DEFAULT_MAX_ROUNDS):
+                         max_rounds: int = DEFAULT_MAX_ROUNDS, driver_max_edges: int = DEFAULT_DRIVER_MAX_EDGES):
     """DataFrame(node, component): every node named by an edge, with component = the smallest node
     id of its connected component (in the id column's ordering: for strings, code point order).
     Edges are undirected; duplicates and self-loops are allowed (a node with only a self-loop is its
@@ -66,6 +92,7 @@ def connected_components(edges_df, src: str = "src", dst: str = "dst", checkpoin
     checkpoint_dir: None checkpoints each step locally (executor storage, like localCheckpoint);
     a directory makes the SparkContext checkpoint there (reliable, survives a lost executor).
     Raises ComponentsDidNotConverge after max_rounds rounds without reaching the fixed point.
+    driver_max_edges: at most this many distinct edges are solved on the driver (0: always in Spark).
     """
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
@@ -74,8 +101,11 @@ def connected_components(edges_df, src: str = "src", dst: str = "dst", checkpoin
         edges_df.sparkSession.sparkContext.setCheckpointDir(checkpoint_dir)
     ends = edges_df.select(F.col(src).alias("a"), F.col(dst).alias("b")).dropna()
     # Materialised once: the node list below must not run the caller's (maybe costly) plan again.
-    oriented = _materialise(ends.select(F.greatest("a", "b").alias("v"), F.least("a", "b").alias("u")).distinct(),
-                            checkpoint_dir)
+    size = Observation(f"components-{uuid.uuid4().hex}-edges")
+    oriented = _materialise(ends.select(F.greatest("a", "b").alias("v"), F.least("a", "b").alias("u")).distinct()
+                            .observe(size, F.count(F.lit(1)).alias("edges")), checkpoint_dir)
+    if size.get["edges"] <= driver_max_edges:
+        return _on_the_driver(oriented)
     nodes = oriented.select(F.col("v").alias("node")).unionByName(oriented.select(F.col("u").alias("node"))).distinct()
     edges = oriented.filter(F.col("v") != F.col("u"))
     for round_ in range(max_rounds):

@@ -29,7 +29,8 @@ def spark_components(spark, edges, **kwargs) -> dict[str, str]:
     return {r.node: r.component for r in connected_components(df, **kwargs).collect()}
 
 
-def test_components_equal_union_find_on_random_graphs_chains_and_stars(spark):
+@pytest.mark.parametrize("driver_max_edges", [0, 10**6], ids=["spark", "driver"])
+def test_components_equal_union_find_on_random_graphs_chains_and_stars(spark, driver_max_edges):
     rng = random.Random(3)
     graphs = []
     # Sparse random graphs over string ids of mixed lengths (string order, not numeric order).
@@ -47,17 +48,25 @@ def test_components_equal_union_find_on_random_graphs_chains_and_stars(spark):
     # duplicates.
     edges = [e for g in graphs for e in g]
     edges += [(b, a) for a, b in edges[:50]]
-    assert spark_components(spark, edges) == union_find_components(edges)
+    assert spark_components(spark, edges, driver_max_edges=driver_max_edges) == union_find_components(edges)
 
 
-def test_components_of_empty_and_self_loop_only_graphs(spark):
-    assert spark_components(spark, []) == {}
-    assert spark_components(spark, [("a", "a"), ("b", None)]) == {"a": "a"}
+@pytest.mark.parametrize("driver_max_edges", [0, 10**6], ids=["spark", "driver"])
+def test_components_of_empty_and_self_loop_only_graphs(spark, driver_max_edges):
+    assert spark_components(spark, [], driver_max_edges=driver_max_edges) == {}
+    assert spark_components(spark, [("a", "a"), ("b", None)], driver_max_edges=driver_max_edges) == {"a": "a"}
+
+
+def test_integer_ids_keep_their_type_and_order_on_the_driver(spark):
+    df = spark.createDataFrame([(10, 9), (9, 100), (7, 7)], "src long, dst long")
+    result = connected_components(df, driver_max_edges=10)
+    assert dict(result.dtypes) == {"node": "bigint", "component": "bigint"}
+    assert {r.node: r.component for r in result.collect()} == {9: 9, 10: 9, 100: 9, 7: 7}
 
 
 def test_components_with_a_checkpoint_dir(spark, tmp_path):
     edges = [("c", "b"), ("b", "a"), ("x", "y")]
-    assert spark_components(spark, edges, checkpoint_dir=str(tmp_path)) == {
+    assert spark_components(spark, edges, checkpoint_dir=str(tmp_path), driver_max_edges=0) == {
         "a": "a", "b": "a", "c": "a", "x": "x", "y": "x"}
     assert any(tmp_path.iterdir())
 
@@ -65,4 +74,4 @@ def test_components_with_a_checkpoint_dir(spark, tmp_path):
 def test_components_refuse_to_run_past_max_rounds(spark):
     path = [(f"p{i:03d}", f"p{i + 1:03d}") for i in range(40)]
     with pytest.raises(ComponentsDidNotConverge, match="did not converge in 1 rounds"):
-        spark_components(spark, path, max_rounds=1)
+        spark_components(spark, path, max_rounds=1, driver_max_edges=0)
