@@ -51,7 +51,7 @@ def local_cores(master: str) -> int:
     match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master.strip())
     if match is None or match.group(1) == "*":
         return os.cpu_count() or 1
-    return int(match.group(1) or 1)
+    return max(1, int(match.group(1) or 1))
 
 
 def spark_session(settings: SparkSettings | None = None):
