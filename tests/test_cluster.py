@@ -107,17 +107,13 @@ def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate
 
     # Without the zip, executors cannot import capfilt: the classic shipping bug, made visible.
     # (The first failed task ends the job: Spark's 4 attempts would only repeat the same import error.)
-    started = time.monotonic()
     bare = _submit(cluster, [*curate_args, "--output", str(tmp_path / "bare")], timeout=300,
                    conf=["spark.task.maxFailures=1"])
-    print(f"bare submit: {time.monotonic() - started:.1f}s")
     assert bare.returncode != 0
     assert re.search(r"ModuleNotFoundError: No module named 'capfilt'", bare.stdout + bare.stderr)
 
     out = tmp_path / "out"
-    started = time.monotonic()
     run = _submit(cluster, [*curate_args, "--output", str(out)], py_files=str(zipped))
-    print(f"submit with the zip: {time.monotonic() - started:.1f}s")
     assert run.returncode == 0, run.stderr[-4000:]
     assert (out / "manifest.json").exists()
     assert pq.read_table(out / "curated").num_rows == pq.read_table(curated_out / "curated").num_rows
