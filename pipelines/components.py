@@ -61,9 +61,8 @@ def _small_star(edges):
             .distinct())
 
 
-def _on_the_driver(oriented):
-    """(node, component) from the collected edges: a union-find whose root is its set's smallest node."""
-    from pyspark.sql.types import StructField, StructType
+def union_find(edges) -> dict:
+    """{node: the smallest node of its component} for every node named by an (a, b) edge."""
     parent: dict = {}
 
     def find(x):
@@ -73,13 +72,19 @@ def _on_the_driver(oriented):
             x = parent[x]
         return x
 
-    for v, u in oriented.select("v", "u").collect():
-        rv, ru = find(v), find(u)
-        if rv != ru:
-            parent[max(rv, ru)] = min(rv, ru)
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in list(parent)}
+
+
+def _on_the_driver(oriented):
+    """(node, component) from the collected edges (union_find)."""
+    from pyspark.sql.types import StructField, StructType
     kind = oriented.schema["v"].dataType
     schema = StructType([StructField("node", kind, False), StructField("component", kind, False)])
-    return oriented.sparkSession.createDataFrame([(x, find(x)) for x in list(parent)], schema)
+    return oriented.sparkSession.createDataFrame(list(union_find(oriented.select("v", "u").collect()).items()), schema)
 
 
 def connected_components(edges_df, src: str = "src", dst: str = "dst", checkpoint_dir: str | None = None,

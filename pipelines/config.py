@@ -155,6 +155,9 @@ class DedupSettings:
                                     min=0, max=1)
     exact_search_rows: int = _opt(100_000, "up to this many rows, search all pairs in one faiss index; above, "
                                            "SemDeDup-style k-means partitions", min=1)
+    driver_max_rows: int = _opt(100_000, "up to this many rows (and exact_search_rows), the evidence is gathered "
+                                         "on the driver from one collect, not in Spark jobs (0: always in Spark)",
+                                min=0)
     partition_rows: int = _opt(50_000, "target rows per k-means partition at scale", min=100)
     kmeans_sample: int = _opt(100_000, "rows sampled to train the k-means centroids", min=100)
     # The survivor of each group.

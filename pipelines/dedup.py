@@ -8,7 +8,9 @@
                pair counts only when the two images are also similar (cosine >= caption_image_threshold)
 
 Every piece of evidence is an edge between two rows; the connected components of all edges are
-the duplicate groups. Each group keeps one survivor, chosen deterministically (best caption score,
+the duplicate groups. Up to `driver_max_rows` rows (and `exact_search_rows`), the evidence columns
+are collected once and the same detectors run on the driver: the groups are the same, and the
+Spark jobs of each step (seconds each at small sizes) are saved. Each group keeps one survivor, chosen deterministically (best caption score,
 then the larger image, then the lowest uid); the others go to rejects with the reason that links
 them to the group and `duplicate_of` = the survivor. docs/dedup.md gives the policy and its reasons.
 """
@@ -55,11 +57,8 @@ def exact_edges(df):
             .select(F.col("first").alias("src"), F.col("uid").alias("dst")))
 
 
-def caption_image_pairs(df, clusters, settings: DedupSettings):
-    """(uid_a, uid_b, cosine) within each near-duplicate caption cluster: pairs whose captions' exact
-    shingle Jaccard is >= caption_threshold (LSH buckets only propose candidates, and a cluster
-    chains them) and whose images' cosine is >= caption_image_threshold. Exact search inside the
-    cluster: a template shared by many rows is one group."""
+def _caption_pair_search(settings: DedupSettings):
+    """cluster frame (uid, caption, image_embedding) -> (uid_a, uid_b, cosine), see caption_image_pairs."""
     kind, n = settings.shingle, settings.ngram
     jaccard_min, cosine_min = settings.caption_threshold, settings.caption_image_threshold
 
@@ -76,9 +75,77 @@ def caption_image_pairs(df, clusters, settings: DedupSettings):
         uids = frame["uid"].to_numpy()
         return pd.DataFrame({"uid_a": uids[i[similar]], "uid_b": uids[j[similar]],
                              "cosine": cosine[similar].astype("float32")})
+    return search
 
+
+def caption_image_pairs(df, clusters, settings: DedupSettings):
+    """(uid_a, uid_b, cosine) within each near-duplicate caption cluster: pairs whose captions' exact
+    shingle Jaccard is >= caption_threshold (LSH buckets only propose candidates, and a cluster
+    chains them) and whose images' cosine is >= caption_image_threshold. Exact search inside the
+    cluster: a template shared by many rows is one group."""
     rows = df.select("uid", "caption", "image_embedding").join(clusters, "uid")
-    return rows.groupBy("cluster").applyInPandas(search, "uid_a string, uid_b string, cosine float")
+    return rows.groupBy("cluster").applyInPandas(_caption_pair_search(settings),
+                                                 "uid_a string, uid_b string, cosine float")
+
+
+def _groups_on_the_driver(df, settings: DedupSettings, images):
+    """duplicate_groups' result from one collect of the evidence columns, for inputs small enough
+    to hold on the driver: the same detectors (the exact image search, thumbnails, MinHash-LSH
+    buckets, the caption-image check) and the same components, without a Spark job per step."""
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    from capfilt.pipelines.caption_dedup import lsh_bands
+    from capfilt.pipelines.components import union_find
+    from capfilt.pipelines.image_dedup import _search
+    from capfilt.udfs.image_dedup import pixels_match, thumbnail
+    from capfilt.udfs.minhash import DEFAULT_SEED, band_keys, minhash_signatures, shingles
+
+    spark = df.sparkSession
+    rows = df.select("uid", "sha256", "image_embedding", "caption").toPandas()
+    rows = rows.sort_values("uid", kind="stable").reset_index(drop=True)
+    edges: list[tuple[str, str, str]] = []
+    if settings.exact:
+        first = rows.groupby("sha256", dropna=False)["uid"].transform("min")
+        edges += [(a, b, "exact") for a, b in zip(first, rows["uid"]) if a != b]
+    if settings.images:
+        pairs = _search(settings.image_threshold)(rows[rows["image_embedding"].notna()])
+        if settings.image_verify != "none" and len(pairs):
+            members = spark.createDataFrame([(u,) for u in set(pairs.uid_a) | set(pairs.uid_b)], "uid string")
+            source = (df if images is None else images).select("uid", "image").join(F.broadcast(members), "uid")
+            thumbs = {r.uid: thumbnail(r.image) for r in source.collect()}
+            ok = [thumbs.get(a) is not None and thumbs.get(b) is not None for a, b in zip(pairs.uid_a, pairs.uid_b)]
+            pairs = pairs[ok]
+            if len(pairs):
+                keep = pixels_match(np.stack([thumbs[a] for a in pairs.uid_a]), np.stack([thumbs[b] for b in pairs.uid_b]),
+                                    settings.pixel_tolerance, settings.pixel_max_changed)
+                pairs = pairs[keep]
+        edges += [(a, b, "image") for a, b in zip(pairs.uid_a, pairs.uid_b)]
+    clusters = None
+    if settings.captions:
+        bands, per_band = lsh_bands(settings)
+        sig, has = minhash_signatures([shingles(c, settings.shingle, settings.ngram) for c in rows["caption"]],
+                                      settings.num_perm, DEFAULT_SEED)
+        keep = np.flatnonzero(has)
+        buckets: dict = {}
+        for row, keys in zip(keep, band_keys(sig[keep], bands, per_band)):
+            for band, key in enumerate(keys):
+                buckets.setdefault((band, key.tobytes()), []).append(rows["uid"][row])
+        cluster_of = union_find((members[0], uid) for members in buckets.values() for uid in members[1:])
+        clusters = spark.createDataFrame(sorted(cluster_of.items()), "uid string, cluster string")
+        in_clusters = rows[rows["uid"].isin(cluster_of)].assign(cluster=lambda f: f["uid"].map(cluster_of))
+        search = _caption_pair_search(settings)
+        for _, frame in in_clusters.groupby("cluster"):
+            pairs = search(frame)
+            edges += [(a, b, "caption") for a, b in zip(pairs.uid_a, pairs.uid_b)]
+    group_of = union_find((a, b) for a, b, _ in edges)
+    kinds: dict = {}
+    for a, b, kind in edges:
+        kinds.setdefault(a, set()).add(kind)
+        kinds.setdefault(b, set()).add(kind)
+    groups = spark.createDataFrame([(uid, group, sorted(kinds[uid])) for uid, group in sorted(group_of.items())],
+                                   "uid string, group string, kinds array<string>")
+    return groups, clusters
 
 
 def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
@@ -89,6 +156,12 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
     from capfilt.pipelines.caption_dedup import caption_clusters
     from capfilt.pipelines.components import connected_components
 
+    if settings.captions:
+        # Only web captions the filter kept are evidence: a dropped one no longer describes the pair.
+        web_kept = F.exists("candidates", lambda c: (c["source"] == "web") & c["kept"])
+        df = df.withColumn("caption", F.when(web_kept, F.col("caption")))
+    if settings.driver_max_rows and df.count() <= min(settings.driver_max_rows, settings.exact_search_rows):
+        return _groups_on_the_driver(df, settings, images)
     edges = []
     if settings.exact:
         edges.append(exact_edges(df).withColumn("kind", F.lit("exact")))
@@ -98,9 +171,6 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
         edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("image").alias("kind")))
     clusters = None
     if settings.captions:
-        # Only web captions the filter kept are evidence: a dropped one no longer describes the pair.
-        web_kept = F.exists("candidates", lambda c: (c["source"] == "web") & c["kept"])
-        df = df.withColumn("caption", F.when(web_kept, F.col("caption")))
         clusters = caption_clusters(df, settings).localCheckpoint()
         pairs = caption_image_pairs(df, clusters, settings)
         edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("caption").alias("kind")))

@@ -125,10 +125,11 @@ def test_every_detector_can_be_switched_off(spark, planted):
 
 
 @pytest.fixture(scope="module")
-def shapes_world(spark, tmp_path_factory):
+def shapes_rows(tmp_path_factory):
     """A shapes-world corpus with many planted duplicates, as the filter hands it to dedup: image
     bytes from the site, embeddings from the project's CLIP, and only the rows whose web caption
-    passes the model card's threshold (dedup runs after the filter, which drops noisy captions)."""
+    passes the model card's threshold (dedup runs after the filter, which drops noisy captions).
+    Returns (truth of the rows that passed, rows)."""
     import torch
 
     from capfilt.udfs.models import SHAPES_CLIP, load_clip
@@ -153,8 +154,33 @@ def shapes_world(spark, tmp_path_factory):
     passed = scores >= _card_threshold(SHAPES_CLIP, 0.0)
     rows = [_row(uid, blob, caption, emb, float(score))
             for uid, blob, caption, emb, score, ok in zip(truth.id, blobs, captions, embeddings, scores, passed) if ok]
+    return truth[passed].set_index("id"), rows
+
+
+@pytest.fixture(scope="module")
+def shapes_world(spark, shapes_rows):
+    from capfilt.jobs.demo import shapes_world_settings
+    truth, rows = shapes_rows
     curated, rejects = dedup(_scored(spark, rows), shapes_world_settings(load_config(None, [])).dedup, seed=0)
-    return truth[passed].set_index("id"), curated.select("uid").toPandas(), rejects.toPandas().set_index("uid")
+    return truth, curated.select("uid").toPandas(), rejects.toPandas().set_index("uid")
+
+
+@pytest.mark.parametrize("corpus", ["planted", "shapes world"])
+def test_the_driver_path_finds_the_groups_and_clusters_the_spark_jobs_find(spark, planted, shapes_rows, corpus):
+    import dataclasses
+
+    from capfilt.jobs.demo import shapes_world_settings
+    from capfilt.pipelines.dedup import duplicate_groups
+    rows, settings = ((planted[0], DedupSettings(ngram=2, caption_threshold=0.5)) if corpus == "planted" else
+                      (shapes_rows[1], shapes_world_settings(load_config(None, [])).dedup))
+    found = {}
+    for path, limit in (("driver", len(rows)), ("spark", 0)):
+        groups, clusters = duplicate_groups(_scored(spark, rows), dataclasses.replace(settings, driver_max_rows=limit))
+        found[path] = (sorted((r.uid, r.group, tuple(r.kinds)) for r in groups.collect()),
+                       sorted(tuple(r) for r in clusters.collect()))
+    assert found["driver"] == found["spark"]
+    assert {kind for _, _, kinds in found["spark"][0] for kind in kinds} == {"exact", "image", "caption"}
+    assert found["spark"][1], "some caption clusters"
 
 
 def test_shapes_world_planted_duplicates_are_removed(shapes_world):
