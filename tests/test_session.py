@@ -5,7 +5,7 @@ import textwrap
 from pathlib import Path
 
 from capfilt.pipelines.config import SparkSettings
-from capfilt.pipelines.session import LOCAL_JAVA_OPTIONS, spark_conf
+from capfilt.pipelines.session import spark_conf
 from tests.conftest import ROOT
 
 
@@ -33,16 +33,6 @@ def test_local_mode_sizes_shuffle_partitions_to_its_cores():
     assert spark_conf(SparkSettings(shuffle_partitions=3), "local[2]")["spark.sql.shuffle.partitions"] == "3"
     # a cluster keeps Spark's default (or spark-submit's --conf)
     assert "spark.sql.shuffle.partitions" not in spark_conf(SparkSettings(), "spark://127.0.0.1:7077")
-
-
-def test_local_mode_runs_the_client_compiler_only_unless_the_user_says_otherwise(spark):
-    assert spark_conf(SparkSettings(), "local[2]")["spark.driver.extraJavaOptions"] == LOCAL_JAVA_OPTIONS
-    assert spark_conf(SparkSettings(conf={"spark.driver.extraJavaOptions": "-Xss4m"}),
-                      "local[2]")["spark.driver.extraJavaOptions"] == "-Xss4m"
-    assert "spark.driver.extraJavaOptions" not in spark_conf(SparkSettings(), "spark://127.0.0.1:7077")
-    # The running JVM got it (the launcher passes it on the java command line).
-    args = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()
-    assert LOCAL_JAVA_OPTIONS in list(args)
 
 
 def test_under_spark_submit_the_given_master_and_conf_win(tmp_path):
