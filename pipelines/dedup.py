@@ -148,9 +148,10 @@ def _groups_on_the_driver(df, settings: DedupSettings, images):
     return groups, clusters
 
 
-def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
+def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None, rows: int | None = None):
     """(uid, group, kinds) for every row with at least one duplicate edge, and the caption clusters
-    (uid, cluster) for the per-cluster cap. `kinds` lists the edge kinds that touch the row."""
+    (uid, cluster) for the per-cluster cap. `kinds` lists the edge kinds that touch the row. `rows`:
+    df's row count when the caller knows it (else it is counted)."""
     from pyspark.sql import functions as F
 
     from capfilt.pipelines.caption_dedup import caption_clusters
@@ -160,7 +161,7 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None):
         # Only web captions the filter kept are evidence: a dropped one no longer describes the pair.
         web_kept = F.exists("candidates", lambda c: (c["source"] == "web") & c["kept"])
         df = df.withColumn("caption", F.when(web_kept, F.col("caption")))
-    if settings.driver_max_rows and df.count() <= min(settings.driver_max_rows, settings.exact_search_rows):
+    if settings.driver_max_rows and (df.count() if rows is None else rows) <= min(settings.driver_max_rows, settings.exact_search_rows):
         return _groups_on_the_driver(df, settings, images)
     edges = []
     if settings.exact:
@@ -196,12 +197,13 @@ def _survivor_order():
             F.col("uid").asc()]
 
 
-def dedup(df, settings: DedupSettings, seed: int = 0, images=None):
-    """(curated records, rejects) from scored records; `images` (uid, image) when df has no image bytes."""
+def dedup(df, settings: DedupSettings, seed: int = 0, images=None, rows: int | None = None):
+    """(curated records, rejects) from scored records; `images` (uid, image) when df has no image bytes;
+    `rows`: df's row count when known."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    groups, clusters = duplicate_groups(df, settings, seed, images)
+    groups, clusters = duplicate_groups(df, settings, seed, images, rows)
     normalise = _normalised_caption()
     ranked = (df.join(groups, "uid", "left")
               .withColumn("rank", F.when(F.col("group").isNull(), F.lit(1))
@@ -273,7 +275,8 @@ def split(view, cfg, facts: dict):
     (null: the filter's stand)."""
     from pyspark.sql import functions as F
     images = view.sparkSession.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
-    curated, rejects = dedup(view.withColumn("_own", F.size("candidates")), cfg.dedup, cfg.seed, images)
+    curated, rejects = dedup(view.withColumn("_own", F.size("candidates")), cfg.dedup, cfg.seed, images,
+                             facts["rows"])
     changed = F.when(F.size("candidates") > F.col("_own"), F.col("candidates"))
     return curated.withColumn("candidates", changed).drop("_own"), rejects
 

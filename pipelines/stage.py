@@ -51,7 +51,7 @@ class Stage:
     reads: Contract                 # the view it reads
     adds: tuple[Field, ...]         # the columns it writes besides uid and part
     reasons: dict[str, str]
-    split: Callable                 # (marked view, cfg, facts: dict) -> (records, rejects)
+    split: Callable                 # (marked view, cfg, facts: chain, models, rows in) -> (records, rejects)
     model: ModelPass | None = None
     keeps_scores: bool = False      # its model output stays committed: other selection settings reuse it
     from_model: dict = field(default_factory=dict)  # {view column: pass field} read from that kept output
@@ -337,7 +337,7 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
         scores = fused_scores or out.path("model")
         model = spark.read.option("pathGlobFilter", "*.parquet").parquet(scores)
         rows = rows.drop(PART).join(model.select("uid", PART, OUT), "uid")
-    facts: dict = {"chain": chain, "models": {}}
+    facts: dict = {"chain": chain, "models": {}, "rows": source_manifest["counts"]["output"]}
     data, rejects = stage.split(rows, cfg, facts)
     counts, written = _write(out, stage, data, rejects, source_manifest["counts"]["output"], cfg.output.compression)
     if passes and not (stage.keeps_scores or len(passes) > 1):
