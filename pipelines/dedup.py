@@ -9,10 +9,11 @@
 
 Every piece of evidence is an edge between two rows; the connected components of all edges are
 the duplicate groups. Up to `driver_max_rows` rows (and `exact_search_rows`), the evidence columns
-are collected once and the same detectors run on the driver: the groups are the same, and the
-Spark jobs of each step (seconds each at small sizes) are saved. Each group keeps one survivor, chosen deterministically (best caption score,
-then the larger image, then the lowest uid); the others go to rejects with the reason that links
-them to the group and `duplicate_of` = the survivor. docs/dedup.md gives the policy and its reasons.
+are collected once and the same detectors run on the driver: the same groups, without the Spark
+jobs of each step (seconds each at small sizes). Each group keeps one survivor, chosen
+deterministically (best caption score, then the larger image, then the lowest uid); the others go
+to rejects with the reason that links them to the group and `duplicate_of` = the survivor.
+docs/dedup.md gives the policy and its reasons.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def _groups_on_the_driver(df, settings: DedupSettings, images):
             ok = [thumbs.get(a) is not None and thumbs.get(b) is not None for a, b in zip(pairs.uid_a, pairs.uid_b)]
             pairs = pairs[ok]
             if len(pairs):
-                keep = pixels_match(np.stack([thumbs[a] for a in pairs.uid_a]), np.stack([thumbs[b] for b in pairs.uid_b]),
+                keep = pixels_match(np.stack([thumbs[a] for a in pairs.uid_a]),
+                                    np.stack([thumbs[b] for b in pairs.uid_b]),
                                     settings.pixel_tolerance, settings.pixel_max_changed)
                 pairs = pairs[keep]
         edges += [(a, b, "image") for a, b in zip(pairs.uid_a, pairs.uid_b)]
@@ -161,7 +163,8 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None, ro
         # Only web captions the filter kept are evidence: a dropped one no longer describes the pair.
         web_kept = F.exists("candidates", lambda c: (c["source"] == "web") & c["kept"])
         df = df.withColumn("caption", F.when(web_kept, F.col("caption")))
-    if settings.driver_max_rows and (df.count() if rows is None else rows) <= min(settings.driver_max_rows, settings.exact_search_rows):
+    small = min(settings.driver_max_rows, settings.exact_search_rows)
+    if settings.driver_max_rows and (df.count() if rows is None else rows) <= small:
         return _groups_on_the_driver(df, settings, images)
     edges = []
     if settings.exact:
