@@ -174,18 +174,21 @@ def test_loader_round_trips_a_blip_config_saved_with_save_pretrained(tmp_path, h
     assert len(loaded.generate([held_out.pil(0)], num_captions=2, max_new_tokens=5)[0]) == 2
 
 
-def test_loader_round_trips_a_coca_folder_and_samples_per_image(tmp_path, held_out):
-    import open_clip
-    config = {"embed_dim": 32, "custom_text": True,
+_TINY_COCA = {"embed_dim": 32,
               "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16,
                              "attentional_pool": True, "attn_pooler_queries": 8, "attn_pooler_heads": 2,
                              "output_tokens": True},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
                            "embed_cls": True, "output_tokens": True},
-              "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+              "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
                                  "attn_pooler_heads": 2}}
+
+
+def test_loader_round_trips_a_coca_folder_and_samples_per_image(tmp_path, held_out):
+    import open_clip
+    config = {**_TINY_COCA, "custom_text": True}
     torch.manual_seed(0)
-    original = open_clip.coca_model.CoCa(**{k: v for k, v in config.items() if k != "custom_text"}).eval()
+    original = open_clip.coca_model.CoCa(**_TINY_COCA).eval()
     torch.nn.init.normal_(original.text_decoder.text_projection, std=32 ** -0.5)  # open_clip leaves it empty
     folder = _open_clip_folder(original, {}, config, tmp_path / "coca")
     loaded = load_captioner(str(folder))
@@ -194,6 +197,52 @@ def test_loader_round_trips_a_coca_folder_and_samples_per_image(tmp_path, held_o
     together = loaded.generate(images, num_captions=2, seeds=[5, 6, 7], max_new_tokens=6)
     assert loaded.generate(images[1:2], num_captions=2, seeds=[6], max_new_tokens=6) == [together[1]]
     assert all(len(caps) == 2 and all(isinstance(c, str) for c in caps) for caps in together)
+
+
+class _ScriptedSampler:
+    """Delegates to a _NucleusSampler, then overrides: row r draws the pad id ("!", whose key the text
+    tower hides from later queries) at step r % 3 and ends at step ends[r]. Keeps, per call, the rows
+    asked for, their logits and their tokens so far."""
+
+    def __init__(self, sampler, ends: dict, end: int, pad: int):
+        self.sampler, self.ends, self.end, self.pad, self.calls = sampler, ends, end, pad, []
+
+    def __call__(self, logits, rows, generated):
+        self.calls.append((list(rows), logits.clone(), generated.clone()))
+        tokens = self.sampler(logits, rows, generated)
+        step = generated.shape[1] - 1
+        for i, r in enumerate(rows):
+            tokens[i] = self.end if self.ends.get(r) == step else self.pad if r % 3 == step else tokens[i]
+        return tokens
+
+
+@pytest.mark.parametrize("correct_cls_mask", [False, True])
+def test_the_cached_coca_loop_matches_the_full_prefix_model_and_drops_ended_rows(correct_cls_mask):
+    import open_clip
+    from capfilt.udfs.models.captioner import Captioner, _NucleusSampler
+    from capfilt.udfs.models.coca import _coca_decode_cached
+    torch.manual_seed(0)
+    model = open_clip.coca_model.CoCa(**_TINY_COCA).eval()
+    model.text.correct_cls_mask = correct_cls_mask
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=32 ** -0.5)
+    tokenizer = open_clip.get_tokenizer("coca_ViT-B-32")
+    eot, pad = tokenizer.eot_token_id, 0
+    captioner = Captioner("tiny", "coca", model, None, tokenizer, "cpu", "fp32", lambda ids: "",
+                          {"start": tokenizer.sot_token_id, "end": eot, "pad": pad})
+    pixels = torch.randn(4, 3, 64, 64)
+    ends = {0: 0, 1: 3, 5: 3, 7: 6, 8: 9}  # rows 2, 3, 4, 6, 9, 10, 11 run to the length limit
+    sampler = _ScriptedSampler(_NucleusSampler([np.random.default_rng([i]) for i in range(12)], 0.9, 1.0),
+                               ends, eot, pad)
+    out = _coca_decode_cached(captioner, pixels, 3, sampler, 12)
+    with torch.inference_mode():
+        for pos, (rows, logits, generated) in enumerate(sampler.calls):
+            assert rows == [r for r in range(12) if ends.get(r, pos) >= pos]  # an ended row is never asked again
+            prefix = torch.tensor([out[r][:pos + 1] for r in rows])
+            assert torch.equal(prefix, generated)
+            full = model(pixels.repeat_interleave(3, dim=0)[rows], prefix, output_labels=False)["logits"][:, -1]
+            np.testing.assert_allclose(logits.numpy(), full.numpy(), atol=1e-4)
+    assert len(sampler.calls) == 12
+    assert [row.index(eot) - 1 for row in out if eot in row] == list(ends.values())
 
 
 def test_committed_checkpoints_are_fp16_small_and_carry_model_cards():
