@@ -120,6 +120,35 @@ def test_captions_honour_min_length_and_stay_seeded_with_a_repetition_penalty(ca
     assert penalised != plain
 
 
+def test_blips_own_loop_samples_what_generate_samples_and_drops_ended_rows(captioner, held_out):
+    from capfilt.udfs.models.blip import _blip_decode_cached, _blip_decode_generate, _texts
+    from capfilt.udfs.models.captioner import _NucleusSampler
+    pixels = captioner.preprocess([held_out.pil(i) for i in range(8)])
+    end, pad = captioner.special["end"], captioner.special["pad"]
+    asked = []
+
+    def sampler():
+        inner = _NucleusSampler([np.random.default_rng([i]) for i in range(24)], 0.9, 1.0, end=end)
+
+        def sample(logits, rows=None, generated=None):
+            asked.append(list(range(len(logits))) if rows is None else list(rows))
+            return inner(logits, rows, generated)
+        return sample
+
+    def trimmed(rows):
+        return [row[:row.index(end) + 1] for row in rows]  # every row ends well within 30 tokens
+
+    generated = trimmed(_blip_decode_generate(captioner, pixels, 3, sampler(), 30))
+    asked.clear()
+    ours = _blip_decode_cached(captioner, pixels, 3, sampler(), 30)
+    assert trimmed(ours) == generated
+    ends = [len(row) - 2 for row in generated]  # the step that sampled each row's end token
+    assert len(set(ends)) > 1
+    assert asked == [[r for r in range(24) if ends[r] >= step] for step in range(max(ends) + 1)]
+    assert _texts(captioner, ours) == [t.strip() for t in captioner.processor.batch_decode(
+        torch.tensor([row + [pad] * (31 - len(row)) for row in generated]), skip_special_tokens=True)]
+
+
 # --- the loader: local checkpoints round-trip -----------------------------------------------------
 
 def _open_clip_folder(model, preprocess_cfg: dict, config: dict, folder: Path) -> Path:
