@@ -296,6 +296,8 @@ def test_cli_generate_into_an_existing_corpus_names_the_overwrite_flag(tmp_path,
     (["--annotated", "-3"], "--annotated must be 0 or more, not -3"),
     (["--slow-ms", "-1"], "--slow-ms must be 0 or more, not -1"),
     (["--seed", "-2"], "--seed must be 0 or more, not -2"),
+    (["--image-size", "2048-512"], "--image-size takes N or LOW-HIGH with values from 16 to 4096, not '2048-512'"),
+    (["--jpeg-quality", "high"], "--jpeg-quality takes N or LOW-HIGH with values from 1 to 100, not 'high'"),
 ])
 def test_cli_generate_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     assert cli.main(["generate", "--out", str(tmp_path / "c"), "--n", "40", *args]) == 2
@@ -307,3 +309,18 @@ def test_cli_generate_into_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert cli.main(["generate", "--out", str(tmp_path / "f"), "--n", "40"]) == 2
     assert capsys.readouterr().err == f"capfilt world: error: --out {tmp_path / 'f'} exists and is not a folder\n"
+
+
+def test_a_web_size_corpus_draws_each_image_s_size_and_quality(tmp_path):
+    assert cli.main(["generate", "--out", str(tmp_path), "--n", "40", "--seed", "3", "--image-size", "512-1024",
+                     "--jpeg-quality", "60-95"]) == 0
+    truth = pq.read_table(tmp_path / "truth.parquet").to_pylist()
+    sides, qualities = [], []
+    for row in truth:
+        if row["kind"] in ("clean", "web_phrasing") and row["fault"] is None and row["variant"] is None:
+            image = Image.open(tmp_path / "site" / row["file"])
+            assert image.width == image.height and 512 <= image.width <= 1024
+            assert row["width"] in (None, image.width, 640, 1024, 256)  # the page's claim: mostly the truth
+            sides.append(image.width)
+            qualities.append(image.quantization[0][0])  # the first luma step grows as quality falls
+    assert len(set(sides)) > len(sides) // 2 and len(set(qualities)) > 3

@@ -22,11 +22,14 @@ def _generate(args: argparse.Namespace) -> int:
                           ("--annotated", args.annotated)):
         if value < 0:
             raise ValueError(f"{option} must be 0 or more, not {value}")
+    image_size = _value_or_range("--image-size", args.image_size, 16, 4096)
+    jpeg_quality = _value_or_range("--jpeg-quality", args.jpeg_quality, 1, 100)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     try:
         summary = make_web_corpus(out, args.n, args.seed, noise=args.noise, duplicates=args.duplicates,
-                                  fault_rate=args.fault_rate, slow_ms=args.slow_ms, overwrite=args.overwrite)
+                                  fault_rate=args.fault_rate, slow_ms=args.slow_ms, image_size=image_size,
+                                  jpeg_quality=jpeg_quality, overwrite=args.overwrite)
     except FileExistsError:
         raise ValueError(f"{out} already holds a corpus: pass --overwrite to replace it") from None
     print(f"web corpus: {out / 'site'} (files), {out / 'truth.parquet'} (ground truth), {out / 'corpus.json'}")
@@ -63,6 +66,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value_or_range(option: str, text: str, low_bound: int, high_bound: int) -> int | tuple[int, int]:
+    """N, or LOW-HIGH (each image draws from the inclusive range), within the bounds."""
+    try:
+        parts = [int(p) for p in text.split("-", 1)]
+    except ValueError:
+        parts = []
+    if not parts or parts != sorted(parts) or not all(low_bound <= p <= high_bound for p in parts):
+        raise ValueError(f"{option} takes N or LOW-HIGH with values from {low_bound} to {high_bound}, not {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capfilt world",
@@ -86,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="share of rows that are faults; each fault kind appears at least once "
                                "(default 0.04)")
     generate.add_argument("--slow-ms", type=int, default=2000, help="delay of the slow fault in ms (default 2000)")
+    generate.add_argument("--image-size", default="64", metavar="N|LOW-HIGH",
+                          help="side of the square images in px, or a range each image draws from: "
+                               "512-2048 for web sizes (default 64)")
+    generate.add_argument("--jpeg-quality", default="90", metavar="N|LOW-HIGH",
+                          help="JPEG quality, or a range each image draws from, as on the web: 60-95 (default 90)")
     generate.add_argument("--annotated", type=int, default=0, metavar="N",
                           help="also write OUT/annotated.parquet with N clean captioned images")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing corpus in OUT")

@@ -97,6 +97,17 @@ class _Row:
     file_name: str | None = None
     url_path: str = ""
     duplicate_of: str | None = None
+    side: int = 0  # the side of the scene's rendering (a resized near copy keeps its original's)
+    quality: int = 0  # its JPEG quality
+
+
+def _drawn(value: int | tuple[int, int], rng) -> int:
+    """A fixed value, or one drawn from an inclusive (low, high) range: a fixed value draws nothing,
+    so corpora of one image size stay byte for byte what they were."""
+    if isinstance(value, int):
+        return value
+    low, high = value
+    return int(rng.integers(low, high + 1))
 
 
 # --- image encodings for the robustness variants and the content faults -----------------------
@@ -269,25 +280,28 @@ def _own_caption(kind: str, scene: Scene, rng, web_share: float) -> str:
     return _true_caption(scene, rng, web_share)  # faults: a true caption, the fault lies elsewhere
 
 
-def _fill_copy(row: _Row, original: _Row, rng, web_share: float, image_size: int, jpeg_quality: int) -> None:
+def _fill_copy(row: _Row, original: _Row, rng, web_share: float, image_size: int | tuple[int, int],
+               jpeg_quality: int | tuple[int, int]) -> None:
     """Image and caption of a row that copies (duplicates) or borrows from (swapped) an original."""
     if row.kind == "duplicate_image":
         _set_image(row, original.scene, original.body)
+        row.side, row.quality = original.side, original.quality
         same = rng.random() < 0.5
         row.caption = original.caption if same else _true_caption(original.scene, rng, web_share).encode()
     elif row.kind == "near_duplicate_image":
         image = Image.open(io.BytesIO(original.body)).convert("RGB")
         if rng.random() < 0.5:
-            side = int(image_size * rng.choice([0.875, 1.125, 1.25]))
+            side = int(original.side * rng.choice([0.875, 1.125, 1.25]))
             image = image.resize((side, side), Image.Resampling.BICUBIC)
-        quality = int(rng.choice([q for q in (50, 60, 70, 80) if q != jpeg_quality]))
-        _set_image(row, original.scene, encode_jpeg(image, quality))
+        row.side, row.quality = original.side, int(rng.choice([q for q in (50, 60, 70, 80) if q != original.quality]))
+        _set_image(row, original.scene, encode_jpeg(image, row.quality))
         row.caption = _true_caption(original.scene, rng, web_share).encode()
     else:  # swapped, near_duplicate_caption: a fresh image under the original's caption
         scene = sample_scene(rng)
         while scene == original.scene:
             scene = sample_scene(rng)
-        _set_image(row, scene, encode_jpeg(render(scene, image_size, rng), jpeg_quality))
+        row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
+        _set_image(row, scene, encode_jpeg(render(scene, row.side, rng), row.quality))
         caption = original.caption.decode()
         row.caption = (caption if row.kind == "swapped" else _near_copy(caption, rng)).encode()
     if row.kind != "swapped":
@@ -305,14 +319,14 @@ def _pick_original(pool: list[_Row], rng, before: int | None = None) -> _Row:
     return candidates[int(rng.integers(len(candidates)))]
 
 
-def _truth_table(rows: list[_Row], rng, image_size: int) -> pa.Table:
-    def claimed_size() -> tuple[int | None, int | None]:
+def _truth_table(rows: list[_Row], rng) -> pa.Table:
+    def claimed_size(row: _Row) -> tuple[int | None, int | None]:
         """What the page said: mostly the truth, sometimes nothing, sometimes a stale original size."""
         u = rng.random()
         if u < 0.1:
             return None, None
         if u < 0.95:
-            return image_size, image_size
+            return row.side, row.side
         return [(640, 480), (1024, 768), (256, 256)][int(rng.integers(3))]
 
     def aligned(row: _Row) -> bool | None:
@@ -325,7 +339,7 @@ def _truth_table(rows: list[_Row], rng, image_size: int) -> pa.Table:
 
     sites = [SOURCE_SITES[int(rng.integers(len(SOURCE_SITES)))] for _ in rows]
     licences = [LICENSES[int(rng.integers(len(LICENSES)))] for _ in rows]
-    sizes = [claimed_size() for _ in rows]
+    sizes = [claimed_size(row) for row in rows]
     return pa.table({
         "id": pa.array([r.id for r in rows], pa.string()),
         "url_path": pa.array([r.url_path for r in rows], pa.string()),
@@ -356,8 +370,8 @@ def make_web_corpus(
     variants: Sequence[str] = VARIANTS,
     slow_ms: int = 2000,
     burst: int = 2,
-    image_size: int = 64,
-    jpeg_quality: int = 90,
+    image_size: int | tuple[int, int] = 64,
+    jpeg_quality: int | tuple[int, int] = 90,
     overwrite: bool = False,
 ) -> dict:
     """Write a noisy web corpus of n rows under out_dir and return its summary (also written to
@@ -366,6 +380,8 @@ def make_web_corpus(
     noise: share of plain rows (neither fault nor variant) whose caption does not describe the
     image; duplicates: share of plain rows that copy another row; fault_rate: share of rows that
     are faults (each fault kind at least once); web_share: share of correct captions in web style.
+    image_size and jpeg_quality: one value for every image, or an inclusive (low, high) range each
+    image draws from (web sizes: (512, 2048) and (60, 95)).
     """
     unknown = (set(faults) - set(FAULTS)) | (set(variants) - set(VARIANTS))
     if unknown:
@@ -396,14 +412,15 @@ def make_web_corpus(
         if row.kind in dependent_kinds:
             continue
         scene = sample_scene(rng)
-        image = render(scene, image_size, rng)
-        jpeg = encode_jpeg(image, jpeg_quality)
+        row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
+        image = render(scene, row.side, rng)
+        jpeg = encode_jpeg(image, row.quality)
         _set_image(row, scene, jpeg)
         if row.variant is not None:
-            _set_image(row, scene, *_variant_file(row.variant, image, scene, rng, jpeg_quality))
+            _set_image(row, scene, *_variant_file(row.variant, image, scene, rng, row.quality))
         row.caption = _own_caption(row.kind, scene, rng, web_share).encode()
         if row.fault is not None:
-            _fill_fault(row, jpeg, image, rng, slow_ms, burst, jpeg_quality)
+            _fill_fault(row, jpeg, image, rng, slow_ms, burst, row.quality)
 
     # Pass 2: rows that copy or point at a plain aligned row.
     pool = [r for r in rows if r.kind in ALIGNED_KINDS and r.fault is None and r.variant is None]
@@ -418,7 +435,7 @@ def make_web_corpus(
     for row in rows:
         if row.body is not None:
             (site_dir / "img" / row.file_name).write_bytes(row.body)
-    truth = _truth_table(rows, rng, image_size)
+    truth = _truth_table(rows, rng)
     pq.write_table(truth, out_dir / "truth.parquet")
 
     aligned = truth.column("aligned").to_pylist()
