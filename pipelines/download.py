@@ -111,7 +111,8 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
                       min_image_size=settings.min_image_size, max_image_area=settings.max_image_pixels,
                       max_aspect_ratio=settings.max_aspect_ratio)
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=SafeResizer(resizer, settings.max_image_pixels),
+        sample_writer_class=ParquetSampleWriter,
+        resizer=SafeResizer(resizer, settings.max_image_pixels, settings.reduced_decode),
         thread_count=settings.threads, save_caption=True, extract_exif=settings.extract_exif,
         output_folder=shards_dir, column_list=reader.column_list, timeout=settings.timeout,
         number_sample_per_shard=rows_per_shard, oom_shard_count=5, compute_hash="sha256",

@@ -132,6 +132,65 @@ def test_undecodable_bodies_get_a_stable_reason():
         assert "0x" not in err, "no memory addresses: details must be deterministic"
 
 
+# --- reduced-size JPEG decoding ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("width, height, mode, scale", [
+    (2048, 1536, "border", 4), (2048, 1536, "keep_ratio", 4), (3072, 3072, "center_crop", 8),
+    (800, 600, "border", 2), (700, 700, "border", 1), (4000, 500, "keep_ratio", 1), (4000, 4000, "no", 1),
+])
+def test_the_decode_scale_keeps_half_again_the_side_the_resize_keys_on(width, height, mode, scale):
+    from capfilt.udfs.reduced_decode import reduction
+    assert reduction(width, height, 256, mode) == scale
+
+
+def _img2dataset_resizer(mode="border", size=256):
+    from img2dataset.resizer import Resizer
+    return Resizer(image_size=size, resize_mode=mode, resize_only_if_bigger=False, encode_quality=95,
+                   encode_format="jpg", min_image_size=32, max_image_area=50_000_000, max_aspect_ratio=10)
+
+
+def _psnr(a: bytes, b: bytes) -> float:
+    x, y = (np.asarray(Image.open(io.BytesIO(d)), dtype=float) for d in (a, b))
+    return 10 * np.log10(255 ** 2 / max(((x - y) ** 2).mean(), 1e-12))
+
+
+@pytest.mark.parametrize("mode", ["border", "keep_ratio", "center_crop", "keep_ratio_largest"])
+def test_a_large_jpeg_is_decoded_at_reduced_size_and_stores_what_a_full_decode_stores(monkeypatch, mode):
+    import cv2
+
+    from capfilt.world.scene import encode_jpeg, render, sample_scene
+    rng = np.random.default_rng(3)
+    flags = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flag: flags.append(flag) or real(buf, flag))
+    for side, quality, grey in ((1300, 60, False), (1700, 85, False), (1200, 95, True)):
+        image = render(sample_scene(rng), side, rng).crop((0, 0, side, side * 3 // 4))  # not square
+        data = encode_jpeg(image.convert("L") if grey else image, quality)
+        full = SafeResizer(_img2dataset_resizer(mode), 10**8)(io.BytesIO(data))
+        flags.clear()
+        reduced = SafeResizer(_img2dataset_resizer(mode), 10**8, reduced_decode=True)(io.BytesIO(data))
+        reduced_flags = cv2.IMREAD_REDUCED_GRAYSCALE_2 | cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_REDUCED_GRAYSCALE_8
+        assert flags and all(f > 0 and f & reduced_flags for f in flags), "decoded at reduced size only"
+        assert reduced[1:] == full[1:], "same size, same original size, no error"
+        assert Image.open(io.BytesIO(reduced[0])).mode == ("L" if grey else "RGB")
+        assert _psnr(reduced[0], full[0]) >= 35
+
+
+def test_every_other_image_takes_img2dataset_s_full_decode_as_before():
+    from capfilt.world.corpus import _variant_file
+    from capfilt.world.scene import encode_jpeg, render, sample_scene
+    rng = np.random.default_rng(4)
+    scene = sample_scene(rng)
+    large = render(scene, 1024, rng)
+    bodies = [encode_jpeg(render(scene, 300, rng), 90), _encode(large, "PNG"), _encode(large, "WEBP")]
+    bodies += [_variant_file(v, large, scene, rng, 80)[0] for v in ("cmyk_jpeg", "exif_rotated_jpeg", "rgba_png")]
+    for data in bodies:
+        assert SafeResizer(_img2dataset_resizer(), 10**8, reduced_decode=True)(io.BytesIO(data)) == \
+            SafeResizer(_img2dataset_resizer(), 10**8)(io.BytesIO(data))
+    too_large = SafeResizer(_img2dataset_resizer(), 1000 * 1000, reduced_decode=True)(io.BytesIO(bodies[1]))
+    assert too_large[-1].startswith("image area too large"), "the header check still runs first"
+
+
 # --- the guarded opener, driven the way img2dataset's workers drive it ------------------------------
 
 @contextlib.contextmanager

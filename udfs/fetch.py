@@ -6,8 +6,9 @@ address policy of capfilt.udfs.netguard, proxies from the environment are ignore
 honoured for capfilt's token and img2dataset's, bodies are capped in size and must be as long as
 declared, only http(s) is ever fetched (redirects included), and one deadline bounds the whole request
 (redirect hops and body reads included). SafeResizer reads the
-image header before img2dataset decodes anything, so a decompression bomb never reaches memory, and
-normalises what OpenCV mishandles (EXIF rotation, 16-bit, CMYK, palette/alpha, animation) with PIL.
+image header before img2dataset decodes anything, so a decompression bomb never reaches memory,
+normalises what OpenCV mishandles (EXIF rotation, 16-bit, CMYK, palette/alpha, animation) with PIL,
+and decodes a large plain JPEG at reduced size (udfs/reduced_decode.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from capfilt.udfs import netguard
+from capfilt.udfs.reduced_decode import reduced_resize, reduction
 
 OPTED_OUT_MARK = "opted_out"
 TOO_LARGE_MARK = "response_too_large"
@@ -255,11 +257,14 @@ _NEEDS_PIL_MODES = {"I;16", "I;16B", "I;16L", "I", "F", "CMYK", "P", "PA", "LA",
 
 
 class SafeResizer:
-    """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer."""
+    """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer; a
+    plain JPEG at least twice the stored size is decoded at reduced size (udfs/reduced_decode.py)
+    unless reduced_decode is off."""
 
-    def __init__(self, resizer, max_pixels: int):
+    def __init__(self, resizer, max_pixels: int, reduced_decode: bool = False):
         self.resizer = resizer
         self.max_pixels = max_pixels
+        self.reduced_decode = reduced_decode
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         data = img_stream.getvalue() if hasattr(img_stream, "getvalue") else img_stream.read()
@@ -277,10 +282,15 @@ class SafeResizer:
         if width * height > self.max_pixels:
             return None, None, None, None, None, f"image area too large: header says {width}x{height}"
         try:
-            data = normalise(image) or data
+            fixed = normalise(image)
         except Exception as e:
             return None, None, None, None, None, f"Image decoding error: {type(e).__name__}: {e}"
-        return self.resizer(io.BytesIO(data), blurring_bbox_list)
+        if self.reduced_decode and fixed is None and blurring_bbox_list is None and image.format == "JPEG" \
+                and image.mode in ("L", "RGB"):
+            scale = reduction(width, height, self.resizer.image_size, self.resizer.resize_mode.name)
+            if scale > 1:
+                return reduced_resize(self.resizer, data, width, height, image.mode == "L", scale)
+        return self.resizer(io.BytesIO(fixed or data), blurring_bbox_list)
 
 
 def normalise(image: Image.Image) -> bytes | None:
