@@ -98,6 +98,41 @@ def compare(name: str, captioner, pixels, old, new, k: int, tokens: int, repeats
     return result
 
 
+def sampler_speed(repeats: int, rows: int = 320, vocab: int = 49408) -> None:
+    """One sampling step over CoCa's vocabulary (320 rows: 64 images x 5 captions): the sampler
+    before (softmax, then a sort of the whole vocabulary) vs now (the top 256 sorted, the whole row
+    only when those fall short of top_p), on flat logits (random weights: the nucleus is most of the
+    vocabulary) and peaked ones (a trained model's: a few tokens), same draws."""
+    import numpy as np
+    import torch
+
+    from capfilt.udfs.models.captioner import _nucleus_pick, _NucleusSampler
+    torch.manual_seed(0)
+    for label, scale in (("flat", 1.0), ("peaked", 8.0)):
+        logits = torch.randn(rows, vocab) * scale
+        draws = torch.tensor([np.random.default_rng(i).random() for i in range(rows)], dtype=torch.float64)
+
+        def before():
+            probs = torch.softmax(logits.double(), dim=-1).cpu()
+            return _nucleus_pick(*probs.sort(dim=-1, descending=True), draws, 0.9)
+
+        def now():
+            return _NucleusSampler([np.random.default_rng(i) for i in range(rows)], 0.9, 1.0)(logits)
+
+        times = {"before": [], "now": []}
+        for _ in range(repeats + 1):
+            for side, fn in (("before", before), ("now", now)):
+                start = time.perf_counter()
+                picked = fn()
+                times[side].append(time.perf_counter() - start)
+                if side == "before":
+                    expected = picked
+            assert torch.equal(picked, expected), "the sampler must pick what a full sort picks"
+        old_s, new_s = statistics.median(times["before"][1:]), statistics.median(times["now"][1:])
+        print(f"sampler, {label} logits, {rows} rows x {vocab} tokens: full sort {old_s * 1000:.0f} ms, now "
+              f"{new_s * 1000:.0f} ms per step -> ratio {old_s / new_s:.2f}; same tokens", flush=True)
+
+
 def coca(name: str, images: int):
     import open_clip
     import torch
@@ -126,7 +161,7 @@ def blip(ref: str, images: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--which", default="coca-b32,coca-l14,blip-shapes,blip-base")
+    ap.add_argument("--which", default="coca-b32,coca-l14,blip-shapes,blip-base,sampler")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--large-images", type=int, default=2, help="images for the ViT-L-14-size CoCa")
     ap.add_argument("--shapes-images", type=int, default=64, help="images for the shapes BLIP")
@@ -162,6 +197,8 @@ def main() -> None:
                 captioner, pixels = blip(random_blip_base(Path(work) / "blip-base"), args.images)
                 compare("BLIP-base size (random weights, shapes tokenizer)", captioner, pixels, *blip_loops,
                         args.captions, args.tokens, args.repeats)
+        elif which == "sampler":
+            sampler_speed(args.repeats)
         else:
             raise SystemExit(f"unknown --which {which!r}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

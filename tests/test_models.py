@@ -107,6 +107,21 @@ def test_min_length_holds_back_the_end_token_and_repetition_penalty_demotes_seen
         models.Captioner.generate(None, [], min_new_tokens=5, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("scale, top_p", [(1.0, 0.9), (8.0, 0.9), (16.0, 0.5), (8.0, 1.0)])
+def test_the_sampler_picks_what_a_sort_of_the_whole_vocabulary_picks(scale, top_p):
+    from capfilt.udfs.models.captioner import _TOP_K, _nucleus_pick
+    torch.manual_seed(int(scale))
+    logits = torch.randn(64, 49408) * scale  # scale 1: flat, the nucleus is most of the vocabulary
+    logits[::7] = logits[:1]  # ties across rows
+    sampler = models._NucleusSampler([np.random.default_rng(i) for i in range(64)], top_p, 1.0)
+    draws = torch.tensor([np.random.default_rng(i).random() for i in range(64)], dtype=torch.float64)
+    probs = torch.softmax(logits.double(), dim=-1)
+    expected = _nucleus_pick(*probs.sort(dim=-1, descending=True), draws, top_p)
+    assert torch.equal(sampler(logits), expected)
+    nucleus = ((probs.sort(dim=-1, descending=True)[0].cumsum(dim=-1) < top_p).sum(dim=-1) + 1)
+    assert (nucleus <= _TOP_K).any() == (scale > 1 and top_p < 1)  # both paths ran where expected
+
+
 def test_captions_honour_min_length_and_stay_seeded_with_a_repetition_penalty(captioner, held_out):
     images = [held_out.pil(i) for i in range(6)]
     tokens = lambda caps: [len(captioner.tokenizer.tokenize(c)) for cs in caps for c in cs]  # noqa: E731

@@ -85,15 +85,36 @@ class _NucleusSampler:
             if self.end is not None and generated.shape[1] - 1 < self.min_new_tokens:
                 logits[:, self.end] = float("-inf")
         u = torch.tensor([self.streams[r].random() for r in rows], dtype=torch.float64)
-        probs = torch.softmax(logits.double() / self.temperature, dim=-1).cpu()
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        keep = (cumulative - sorted_probs) < self.top_p  # the smallest prefix reaching top_p
-        kept = sorted_probs * keep
-        kept = kept / kept.sum(dim=-1, keepdim=True)
-        pick = (kept.cumsum(dim=-1) < u[:, None]).sum(dim=-1).clamp(max=kept.shape[-1] - 1)
-        pick = torch.minimum(pick, keep.sum(dim=-1) - 1)  # rounding never leaves the nucleus
-        return order.gather(-1, pick[:, None]).squeeze(-1).to(logits.device)
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        # The nucleus of a trained model is a few tokens: the top _TOP_K, sorted, hold it unless a row's
+        # top _TOP_K fall short of top_p (a flat distribution), which is then sorted whole. Either way
+        # the pick is the one a full sort gives, computed on the CPU so that a seed gives the same
+        # caption on any device; only the top _TOP_K leave the GPU.
+        k = min(_TOP_K, probs.shape[-1])
+        top, order = (t.cpu() for t in probs.topk(k, dim=-1))
+        tokens = _nucleus_pick(top, order, u, self.top_p)
+        if k < probs.shape[-1]:
+            short = ((top.cumsum(dim=-1)[:, -1] - top[:, -1]) < self.top_p).nonzero().squeeze(-1)
+            if len(short):
+                whole, whole_order = probs[short.to(probs.device)].cpu().sort(dim=-1, descending=True)
+                tokens[short] = _nucleus_pick(whole, whole_order, u[short], self.top_p)
+        return tokens.to(logits.device)
+
+
+_TOP_K = 256
+
+
+def _nucleus_pick(sorted_probs, order, u, top_p: float):
+    """Token ids: rows of probabilities sorted in descending order (with their token ids in order),
+    each row's draw u in [0, 1) -> the token of the nucleus (the smallest prefix reaching top_p) at u."""
+    import torch
+    cumulative = sorted_probs.cumsum(dim=-1)
+    keep = (cumulative - sorted_probs) < top_p
+    kept = sorted_probs * keep
+    kept = kept / kept.sum(dim=-1, keepdim=True)
+    pick = (kept.cumsum(dim=-1) < u[:, None]).sum(dim=-1).clamp(max=kept.shape[-1] - 1)
+    pick = torch.minimum(pick, keep.sum(dim=-1) - 1)  # rounding never leaves the nucleus
+    return order.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def _decoder(family: str) -> Callable:
