@@ -4,7 +4,13 @@ Same shapes-world corpus on the same loopback server, same SparkSession, same sh
 resize and format; runs alternate (bare, capfilt, bare, capfilt, ...) so machine noise hits both.
 Prints rows/s of each and the ratio capfilt / bare (goal >= 0.95).
 
+Web sizes: `--image-size 1024` (or a range, 512-2048) renders the corpus at that size, with JPEG
+quality drawn from 60-95, and stores at `--store-size` (256, capfilt's default). capfilt then decodes
+large JPEGs at reduced size (download.reduced_decode); a third arm runs capfilt with it off, and the
+stored images of capfilt and img2dataset are compared (PSNR per image, matched by id).
+
     .venv/bin/python bench/download.py [--rows 2000] [--repeats 3] [--threads 16]
+                                       [--image-size 64 | 1024 | 512-2048] [--store-size 64]
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -28,7 +35,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--image-size", default="64", help="side of the corpus images: N or LOW-HIGH")
+    ap.add_argument("--store-size", type=int, default=None, help="download.image_size (default: 64 for 64-px "
+                                                                   "corpora, else 256)")
     args = ap.parse_args()
+    sizes = [int(v) for v in args.image_size.split("-", 1)]
+    web = max(sizes) > 64
+    store = args.store_size or (256 if web else 64)
 
     import img2dataset
 
@@ -41,11 +54,13 @@ def main() -> None:
     from capfilt.world.server import serve
 
     work = Path(tempfile.mkdtemp(prefix="bench-download-"))
-    make_web_corpus(work / "corpus", n=args.rows, seed=11, slow_ms=100)
+    make_web_corpus(work / "corpus", n=args.rows, seed=11, slow_ms=100,
+                    image_size=sizes[0] if len(sizes) == 1 else tuple(sizes), jpeg_quality=(60, 95) if web else 90)
     with serve(work / "corpus" / "site") as server:
         metadata = valid_utf8_copy(write_metadata(work / "corpus", server.base_url))
         cfg = load_config(None, [f"spark.master={args.master}", "spark.log_level=ERROR",
-                                 "download.image_size=64", f"download.threads={args.threads}", "download.timeout=5",
+                                 f"download.image_size={store}", f"download.threads={args.threads}",
+                                 "download.timeout=5",
                                  f"download.allow_hosts=['127.0.0.1:{server.port}', '127.0.0.1:1']"])
         spark = spark_session(cfg.spark)
         parallelism = spark.sparkContext.defaultParallelism
@@ -53,7 +68,9 @@ def main() -> None:
         spec = InputSpec(str(metadata), id_col="id")
         extras = ["id", "source_site", "license"]  # img2dataset refuses width/height; capfilt keeps them as input_*
         d = cfg.download
-        times = {"img2dataset": [], "capfilt": []}
+        arms = {"capfilt": cfg, **({"capfilt, full decode": replace(cfg, download=replace(
+            cfg.download, reduced_decode=False))} if web else {})}
+        times = {"img2dataset": [], **{arm: [] for arm in arms}}
         for i in range(args.repeats):
             start = time.perf_counter()
             img2dataset.download(
@@ -65,18 +82,49 @@ def main() -> None:
                 max_image_area=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio, timeout=d.timeout,
                 extract_exif=False, compute_hash="sha256", user_agent_token=d.user_agent_token)
             times["img2dataset"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            counts = download(spark, spec, StageOutput(str(work / f"capfilt{i}"), "download"), cfg,
-                              progress=True)  # img2dataset always runs its progress logger too
-            times["capfilt"].append(time.perf_counter() - start)
-            print("  capfilt phases:", json.loads((work / f"capfilt{i}" / "manifest.json").read_text())["timings"])
-            print(f"repeat {i}: img2dataset {times['img2dataset'][-1]:.2f}s, capfilt {times['capfilt'][-1]:.2f}s "
-                  f"({counts.output} downloaded, {counts.rejected_total} rejected)", flush=True)
+            for j, (arm, arm_cfg) in enumerate(arms.items()):
+                out = work / f"capfilt{i}_{j}"
+                start = time.perf_counter()
+                counts = download(spark, spec, StageOutput(str(out), "download"), arm_cfg,
+                                  progress=True)  # img2dataset always runs its progress logger too
+                times[arm].append(time.perf_counter() - start)
+                print(f"  {arm} phases:", json.loads((out / "manifest.json").read_text())["timings"])
+                print(f"repeat {i}: img2dataset {times['img2dataset'][-1]:.2f}s, {arm} {times[arm][-1]:.2f}s "
+                      f"({counts.output} downloaded, {counts.rejected_total} rejected)", flush=True)
     rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
-    print(f"\nrows={args.rows} threads={args.threads} master={args.master} shards of {shard} rows")
+    print(f"\nrows={args.rows} threads={args.threads} master={args.master} shards of {shard} rows; images "
+          f"{args.image_size} px stored at {store} px")
     for k, v in rate.items():
-        print(f"{k:<12} {v:8.1f} rows/s  (median of {args.repeats}: {statistics.median(times[k]):.2f}s)")
-    print(f"ratio capfilt / img2dataset = {rate['capfilt'] / rate['img2dataset']:.3f}  (goal >= 0.95)")
+        print(f"{k:<22} {v:8.1f} rows/s  (median of {args.repeats}: {statistics.median(times[k]):.2f}s)")
+    for arm in arms:
+        print(f"ratio {arm} / img2dataset = {rate[arm] / rate['img2dataset']:.3f}  "
+              f"(goal >= {1.3 if web and arm == 'capfilt' else 0.95})")
+    if web:
+        psnr = stored_image_psnr(work / "bare0", work / "capfilt0_0" / "data")
+        print(f"stored images, capfilt vs img2dataset: {len(psnr)} matched, PSNR min {min(psnr):.1f} dB, "
+              f"1st percentile {statistics.quantiles(psnr, n=100)[0]:.1f}, median {statistics.median(psnr):.1f} "
+              f"(goal >= 35)")
+
+
+def stored_image_psnr(bare: Path, capfilt: Path) -> list[float]:
+    """PSNR of each image capfilt stored against the one img2dataset stored for the same row (by id)."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def by_id(folder: Path, image_column: str) -> dict:
+        table = pq.read_table(folder, columns=["id", image_column]).to_pylist()
+        return {r["id"]: r[image_column] for r in table if r[image_column]}
+
+    ours, theirs = by_id(capfilt, "image"), by_id(bare, "jpg")
+    out = []
+    for key in ours.keys() & theirs.keys():
+        x, y = (np.asarray(Image.open(io.BytesIO(d)), dtype=float) for d in (ours[key], theirs[key]))
+        if x.shape == y.shape:
+            out.append(float(10 * np.log10(255 ** 2 / max(((x - y) ** 2).mean(), 1e-12))))
+    return out
 
 
 def valid_utf8_copy(path: Path) -> Path:

@@ -32,9 +32,10 @@ def _blip_decode(captioner: Captioner, pixels, k: int, sampler: _NucleusSampler,
 
 
 def _blip_decode_cached(captioner: Captioner, pixels, k: int, sampler: _NucleusSampler, max_new_tokens: int):
-    """k captions per image (token ids, start first), one token per step with transformers' key/value cache (the image keys
-    and values computed at the first step), as BlipForConditionalGeneration.generate samples, except
-    that a row that has ended leaves the batch: generate keeps it, padded, until the last row ends."""
+    """k captions per image (token ids, start first), one token per step with transformers' key/value
+    cache (the image keys and values computed at the first step), as BlipForConditionalGeneration.
+    generate samples, except that a row that has ended leaves the batch: generate keeps it, padded,
+    until the last row ends."""
     import torch
     from transformers import DynamicCache, EncoderDecoderCache
     model = captioner.model
@@ -48,8 +49,9 @@ def _blip_decode_cached(captioner: Captioner, pixels, k: int, sampler: _NucleusS
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         live = torch.arange(n, device=image_embeds.device)
         for pos in range(max_new_tokens):
-            logits = model.text_decoder(
-                input_ids=out[live, pos:pos + 1], encoder_hidden_states=image_embeds, past_key_values=cache,
+            logits = model.text_decoder(  # a mask of ones, as generate passes (a sampled pad id is a token)
+                input_ids=out[live, pos:pos + 1], attention_mask=torch.ones_like(out[live, :pos + 1]),
+                encoder_hidden_states=image_embeds, past_key_values=cache,
                 use_cache=True, is_decoder=True, return_dict=True,
                 cache_position=torch.tensor([pos], device=image_embeds.device)).logits[:, -1].float()
             token = sampler(logits, live.tolist(), out[live, :pos + 1])
