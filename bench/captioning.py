@@ -110,11 +110,12 @@ def sampler_speed(repeats: int, rows: int = 320, vocab: int = 49408) -> None:
     torch.manual_seed(0)
     for label, scale in (("flat", 1.0), ("peaked", 8.0)):
         logits = torch.randn(rows, vocab) * scale
-        draws = torch.tensor([np.random.default_rng(i).random() for i in range(rows)], dtype=torch.float64)
 
-        def before():
-            probs = torch.softmax(logits.double(), dim=-1).cpu()
-            return _nucleus_pick(*probs.sort(dim=-1, descending=True), draws, 0.9)
+        def before():  # the sampler as it was, step for step
+            streams = [np.random.default_rng(i) for i in range(rows)]
+            u = torch.tensor([stream.random() for stream in streams], dtype=torch.float64)
+            probs = torch.softmax(logits.double() / 1.0, dim=-1).cpu()
+            return _nucleus_pick(*probs.sort(dim=-1, descending=True), u, 0.9)
 
         def now():
             return _NucleusSampler([np.random.default_rng(i) for i in range(rows)], 0.9, 1.0)(logits)
