@@ -13,7 +13,9 @@ For each model it prints: seconds of each loop, the ratio, tokens/s of each (tok
 including the end token), captions identical between the loops (same seeds), and, for every caption
 that differs, the step where it first differs and how far apart the two loops' logits were there.
 
-    .venv/bin/python bench/captioning.py [--which coca-b32,coca-l14,blip-shapes,blip-base]
+`sampler` times one sampling step alone: the sort of the whole vocabulary before vs now.
+
+    .venv/bin/python bench/captioning.py [--which coca-b32,coca-l14,blip-shapes,blip-base,sampler]
                                          [--images 8] [--large-images 2] [--captions 5] [--tokens 30]
                                          [--threads 1] [--repeats 2]
 """
