@@ -189,6 +189,10 @@ def test_every_other_image_takes_img2dataset_s_full_decode_as_before():
             SafeResizer(_img2dataset_resizer(), 10**8)(io.BytesIO(data))
     too_large = SafeResizer(_img2dataset_resizer(), 1000 * 1000, reduced_decode=True)(io.BytesIO(bodies[1]))
     assert too_large[-1].startswith("image area too large"), "the header check still runs first"
+    # a large JPEG whose body breaks after the header: a named error for the row, not an exception
+    truncated = encode_jpeg(large, 90)[:2000]
+    *_, err = SafeResizer(_img2dataset_resizer(), 10**8, reduced_decode=True)(io.BytesIO(truncated))
+    assert err.startswith("Image decoding error"), err
 
 
 # --- the guarded opener, driven the way img2dataset's workers drive it ------------------------------

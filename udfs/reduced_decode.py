@@ -43,6 +43,13 @@ def reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, sc
     for a JPEG decoded at 1/scale (one channel when grey, as a full IMREAD_UNCHANGED decode keeps it):
     the same checks on the original's size (from the header), then the same albumentations
     transforms and encoder the Resizer uses."""
+    try:
+        return _reduced_resize(resizer, data, width, height, grey, scale)
+    except Exception as err:  # as img2dataset's Resizer does: the row gets a reason, the shard goes on
+        return None, None, None, None, None, f"Image decoding error: {type(err).__name__}: {err}"
+
+
+def _reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, scale: int):
     import albumentations as A
 
     if min(width, height) < resizer.min_image_size:

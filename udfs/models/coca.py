@@ -63,7 +63,8 @@ def _cacheable(model) -> bool:
     blocks = [*text.transformer.resblocks, *decoder.resblocks, *decoder.cross_attn]
     return (isinstance(text, TextTransformer) and text.attn_mask is not None and not text.use_pad_mask
             and text.transformer.batch_first and decoder.batch_first
-            and all(type(b) is ResidualAttentionBlock for b in blocks))
+            and all(type(b) is ResidualAttentionBlock and b.attn.in_proj_weight is not None
+                    and b.attn.in_proj_bias is not None for b in blocks))
 
 
 class _KV:
