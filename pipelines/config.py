@@ -61,7 +61,7 @@ class DownloadSettings:
                                              "decoding: no decompression bomb reaches memory (too_large above)", min=1)
     max_aspect_ratio: float = _opt(10.0, "largest accepted long side / short side (too_large above)", min=1)
     reduced_decode: bool = _opt(True, "decode a plain JPEG at 1/2, 1/4 or 1/8 scale (libjpeg, in the DCT domain) "
-                                      "when that still leaves image_size, then resize: several times faster "
+                                      "when that still leaves 1.5x image_size, then resize: 2-3x faster "
                                       "than a full decode at web sizes (docs/download.md)")
     max_bytes: int = _opt(32 * 1024 * 1024, "largest accepted response body in bytes", min=1)
     # Fetching.

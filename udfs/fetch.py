@@ -258,8 +258,8 @@ _NEEDS_PIL_MODES = {"I;16", "I;16B", "I;16L", "I", "F", "CMYK", "P", "PA", "LA",
 
 class SafeResizer:
     """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer; a
-    plain JPEG at least twice the stored size is decoded at reduced size (udfs/reduced_decode.py)
-    unless reduced_decode is off."""
+    plain JPEG large enough that half its size or less still leaves 1.5x the stored side is decoded
+    at reduced size (udfs/reduced_decode.py) unless reduced_decode is off."""
 
     def __init__(self, resizer, max_pixels: int, reduced_decode: bool = False):
         self.resizer = resizer
