@@ -176,6 +176,18 @@ def test_a_large_jpeg_is_decoded_at_reduced_size_and_stores_what_a_full_decode_s
         assert _psnr(reduced[0], full[0]) >= 35
 
 
+def test_reduced_resizes_in_many_threads_store_what_one_thread_stores():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from capfilt.world.scene import encode_jpeg, render, sample_scene
+    rng = np.random.default_rng(5)
+    bodies = [encode_jpeg(render(sample_scene(rng), side, rng), 80) for side in (800, 1000, 1200, 1600) * 4]
+    resizer = SafeResizer(_img2dataset_resizer(), 10**8, reduced_decode=True)  # one, as img2dataset's threads share it
+    alone = [resizer(io.BytesIO(b)) for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda b: resizer(io.BytesIO(b)), bodies * 3)) == alone * 3
+
+
 def test_every_other_image_takes_img2dataset_s_full_decode_as_before():
     from capfilt.world.corpus import _variant_file
     from capfilt.world.scene import encode_jpeg, render, sample_scene

@@ -11,6 +11,8 @@ through img2dataset's Resizer unchanged.
 """
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 
@@ -50,8 +52,6 @@ def reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, sc
 
 
 def _reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, scale: int):
-    import albumentations as A
-
     if min(width, height) < resizer.min_image_size:
         return None, None, None, None, None, "image too small"
     if width * height > resizer.max_image_area:
@@ -64,19 +64,34 @@ def _reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, s
     img = cv2.imdecode(buffer, (grey_flag if grey else color) | cv2.IMREAD_IGNORE_ORIENTATION)  # as UNCHANGED
     if img is None:
         return None, None, None, None, None, "Image decoding error"
-    size, interpolation = resizer.image_size, resizer.downscale_interpolation
     mode = resizer.resize_mode.name if hasattr(resizer.resize_mode, "name") else str(resizer.resize_mode)
-    if mode in _SHORT_SIDE_MODES:
-        img = A.SmallestMaxSize(max_size=size, interpolation=interpolation, p=1.0)(image=img)["image"]
-        if mode == "center_crop":
-            img = A.CenterCrop(height=size, width=size)(image=img)["image"]
-    else:
-        img = A.LongestMaxSize(max_size=size, interpolation=interpolation, p=1.0)(image=img)["image"]
-        if mode == "border":
-            img = A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT,
-                                value=[255, 255, 255], p=1.0)(image=img)["image"]
+    for transform in _transforms(mode, resizer.image_size, resizer.downscale_interpolation):
+        img = transform(image=img)["image"]
     ok, encoded = cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
     if not ok:
         return None, None, None, None, None, "Image encoding error"
     return encoded.tobytes(), img.shape[1], img.shape[0], width, height, None
 
+
+
+_built = threading.local()
+
+
+def _transforms(mode: str, size: int, interpolation: int) -> list:
+    """The albumentations transforms img2dataset's Resizer builds on every call, built once per
+    download thread (building them, with pydantic validation, was a quarter of a reduced resize;
+    each thread keeps its own, as a transform is not meant to be shared between threads)."""
+    import albumentations as A
+    cache = _built.__dict__.setdefault("transforms", {})
+    key = (mode, size, interpolation)
+    if key not in cache:
+        if mode in _SHORT_SIDE_MODES:
+            cache[key] = [A.SmallestMaxSize(max_size=size, interpolation=interpolation, p=1.0)]
+            if mode == "center_crop":
+                cache[key].append(A.CenterCrop(height=size, width=size))
+        else:
+            cache[key] = [A.LongestMaxSize(max_size=size, interpolation=interpolation, p=1.0)]
+            if mode == "border":
+                cache[key].append(A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT,
+                                                value=[255, 255, 255], p=1.0))
+    return cache[key]
