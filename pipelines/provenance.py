@@ -48,13 +48,19 @@ def source_of(manifest: dict) -> dict:
 
 
 def changed_keys(used: dict, config: dict, keys, skip=()) -> list[str]:
-    """The dotted keys (a section or section.key) whose value differs between two config dicts."""
+    """The dotted keys (a section or section.key) whose value differs between two config dicts. A key
+    the run that used `used` did not record was added to capfilt after it ran: left at its default
+    it does not make that run's output stale (after an upgrade, a committed download is not thrown
+    away for `download.reduced_decode`); set to anything else, it does."""
+    from capfilt.pipelines.config import Config
+    defaults = Config().to_dict()
     changed = []
     for key in keys:
-        before, now = _get(used, key), _get(config, key)
+        before, now, default = _get(used, key), _get(config, key), _get(defaults, key)
         if isinstance(before, dict) and isinstance(now, dict):
-            changed += [f"{key}.{k}" for k in sorted(set(before) | set(now))
-                        if k not in skip and before.get(k) != now.get(k)]
+            default = default if isinstance(default, dict) else {}
+            changed += [f"{key}.{k}" for k in sorted(set(before) | set(now)) if k not in skip
+                        and before.get(k, default.get(k)) != now.get(k)]
         elif before != now:
             changed.append(key)
     return changed

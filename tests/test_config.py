@@ -105,3 +105,15 @@ def test_the_cli_refuses_nan_with_one_line(capsys):
 def test_a_spark_conf_key_with_dots_can_be_set_on_the_command_line():
     cfg = load_config(None, ["spark.conf.spark.sql.shuffle.partitions=7", "spark.conf.spark.ui.enabled=false"])
     assert cfg.spark.conf == {"spark.sql.shuffle.partitions": "7", "spark.ui.enabled": "false"}
+
+
+def test_a_setting_added_after_a_committed_run_makes_it_stale_only_when_set_off_its_default():
+    from capfilt.pipelines.provenance import changed_keys
+    recorded = Config().to_dict()
+    del recorded["download"]["reduced_decode"]  # a download committed before the key existed
+    now = Config().to_dict()
+    assert changed_keys(recorded, now, ["download"]) == []
+    now["download"]["reduced_decode"] = False
+    assert changed_keys(recorded, now, ["download"]) == ["download.reduced_decode"]
+    now["download"]["image_size"] = 128
+    assert changed_keys(recorded, now, ["download"]) == ["download.image_size", "download.reduced_decode"]
