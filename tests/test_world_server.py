@@ -3,7 +3,9 @@ All traffic goes to 127.0.0.1, and never through a proxy."""
 
 from __future__ import annotations
 
+import email.utils
 import http.client
+import math
 import signal
 import socket
 import struct
@@ -20,7 +22,7 @@ import pytest
 
 from capfilt.world.corpus import bomb_png, make_web_corpus
 from capfilt.world.scene import Scene, SceneObject, encode_jpeg, render
-from capfilt.world.server import WorldServer, serve
+from capfilt.world.server import WorldServer, serve, serve_hosts
 
 REPO = Path(__file__).resolve().parents[1]
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any *_proxy variables
@@ -119,6 +121,120 @@ def test_opt_out_headers(server):
     assert fetch(server.base_url + "/f/noai/a.jpg")[2]["X-Robots-Tag"] == "noai"
     assert fetch(server.base_url + "/f/noai-other/a.jpg")[2]["X-Robots-Tag"] == "otherbot: noai"
     assert fetch(server.base_url + "/img/a.jpg")[2]["X-Robots-Tag"] is None
+
+
+def test_tdm_reservation_headers(server):
+    assert fetch(server.base_url + "/f/tdm/a.jpg")[2]["tdm-reservation"] == "1"
+    assert fetch(server.base_url + "/f/tdm0/a.jpg")[2]["tdm-reservation"] == "0"
+    assert fetch(server.base_url + "/img/a.jpg")[2]["tdm-reservation"] is None
+
+
+@pytest.mark.parametrize("fault, status", [("429", 429), ("503", 503)])
+def test_rate_limit_faults_answer_once_with_retry_after_seconds_then_the_file(server, site, fault, status):
+    got, _, headers, _ = fetch(f"{server.base_url}/f/{fault}/7/a.jpg")
+    assert (got, headers["Retry-After"]) == (status, "7")
+    assert fetch(f"{server.base_url}/f/{fault}/7/a.jpg")[:2] == (200, (site / "img/a.jpg").read_bytes())
+    assert fetch(f"{server.base_url}/f/{fault}/7/b.jpg")[0] == status  # b's counter is its own
+
+
+def test_429_date_gives_retry_after_as_an_http_date_then_the_file(server):
+    before = time.time()
+    status, _, headers, _ = fetch(server.base_url + "/f/429date/30/a.jpg")
+    retry_at = email.utils.parsedate_to_datetime(headers["Retry-After"]).timestamp()  # whole seconds
+    assert status == 429 and headers["Retry-After"].endswith(" GMT")
+    assert before + 29 <= retry_at <= time.time() + 30
+    assert fetch(server.base_url + "/f/429date/30/a.jpg")[0] == 200
+
+
+def test_throttle_answers_429_with_the_seconds_left_for_one_window_then_serves(site):
+    with serve(site, throttle_s=1.5) as server:
+        assert fetch(server.base_url + "/robots.txt")[0] == 404  # not throttled, and opens no window
+        status, _, headers, _ = fetch(server.base_url + "/img/a.jpg")
+        answered = time.monotonic()
+        assert (status, headers["Retry-After"]) == (429, "2")
+        time.sleep(0.6)
+        sent = time.monotonic()
+        status, _, headers, _ = fetch(server.base_url + "/f/tdm/b.jpg")
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= math.ceil(1.5 - (sent - answered))
+        (opened, _, _), (arrived, _, _) = server.timed_requests[1:]
+        assert int(headers["Retry-After"]) == math.ceil(opened + 1.5 - arrived)
+        time.sleep(max(0.0, opened + 1.5 - time.monotonic()))
+        assert [fetch(server.base_url + path)[0] for path in ("/img/a.jpg", "/f/tdm/b.jpg", "/img/a.jpg")] == [200] * 3
+
+
+def test_timed_requests_stamp_arrival_before_any_wait_in_the_order_responses_were_sent(server):
+    before = time.monotonic()
+    slow = threading.Thread(target=fetch, args=(server.base_url + "/f/slow/500/a.jpg",))
+    slow.start()
+    time.sleep(0.1)  # the slow request arrives first, and is answered last
+    with OPENER.open(urllib.request.Request(server.base_url + "/img/b.jpg", method="HEAD"), timeout=5):
+        pass
+    slow.join(5)
+    after = time.monotonic()
+    (t_head, *head), (t_slow, *slow_entry) = server.timed_requests
+    assert (head, slow_entry) == (["/img/b.jpg", 200], ["/f/slow/500/a.jpg", 200])
+    assert before <= t_slow < t_head <= after and after - t_slow >= 0.5
+    assert server.requests == [("/img/b.jpg", 200), ("/f/slow/500/a.jpg", 200)]
+
+
+RULES = "User-agent: *\nDisallow: /f/\n"
+
+
+@pytest.mark.parametrize("robots, status, body", [
+    (None, 404, b""), (RULES, 200, RULES.encode()), (404, 404, b""), (410, 410, b""), (500, 500, b""),
+    (503, 503, b""), ({"status": 200, "body": ""}, 200, b"")])
+def test_robots_txt_answers_as_configured(site, robots, status, body):
+    with serve(site, robots=robots) as server:
+        got, got_body, headers, _ = fetch(server.base_url + "/robots.txt")
+        assert (got, got_body) == (status, body)
+        assert headers["Content-Type"] == ("text/plain" if status == 200 else None)
+        assert fetch(server.base_url + "/r/robots.txt")[0] == (200 if status == 200 else 404)
+
+
+def test_robots_txt_redirects_to_a_path_on_the_same_server_that_serves_the_body(site):
+    with serve(site, robots={"location": "/r/moved/robots.txt", "body": RULES}) as server:
+        status, body, _, final_url = fetch(server.base_url + "/robots.txt")
+        assert (status, body, final_url) == (200, RULES.encode(), server.base_url + "/r/moved/robots.txt")
+        assert server.requests == [("/robots.txt", 301), ("/r/moved/robots.txt", 200)]
+
+
+def test_robots_txt_redirect_status_and_absolute_location(site):
+    with serve(site, robots={"status": 302, "location": "http://127.0.0.1:1/robots.txt"}) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        connection.request("GET", "/robots.txt")
+        response = connection.getresponse()
+        assert (response.status, response.getheader("Location")) == (302, "http://127.0.0.1:1/robots.txt")
+        connection.close()
+
+
+@pytest.mark.parametrize("robots", [{"bogus": 1}, ["User-agent: *"]])
+def test_refuses_a_robots_it_cannot_serve(site, robots):
+    with pytest.raises(ValueError, match="robots"):
+        WorldServer(site, robots=robots)
+
+
+def test_serve_hosts_binds_distinct_loopback_addresses_with_per_host_options_and_stops_them_all(site):
+    before = _world_threads()
+    with serve_hosts(site, 3, per_host={1: {"robots": 500}}, robots=RULES) as servers:
+        hosts = [server.base_url.split("//")[1].rsplit(":", 1)[0] for server in servers]
+        assert hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        assert [fetch(server.base_url + "/robots.txt")[0] for server in servers] == [200, 500, 200]
+        assert [server.requests for server in servers] == [[("/robots.txt", status)] for status in (200, 500, 200)]
+    assert _world_threads() == before
+    for host, server in zip(hosts, servers):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, server.port), timeout=2)
+
+
+def test_serve_hosts_stops_the_started_servers_when_one_fails_to_start(site):
+    before = _world_threads()
+    with pytest.raises(ValueError, match="robots"):
+        with serve_hosts(site, 3, per_host={2: {"robots": ["bad"]}}):
+            pass
+    assert _world_threads() == before
+    with pytest.raises(ValueError, match="per_host"):
+        with serve_hosts(site, 2, per_host={2: {}}):
+            pass
 
 
 def test_bad_files_are_served_as_they_are(server, site):
