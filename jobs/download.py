@@ -118,7 +118,11 @@ def _fingerprint(spec, cfg) -> str:
 def download(spark, spec, out, cfg, progress=True):
     import fsspec
 
-    from capfilt.pipelines.download import fetch, precheck, prechecked_rejects, shard_size, to_fetch
+    from pyspark.sql import functions as F
+
+    from capfilt.pipelines.download import (OPTED_OUT, STAGE, fetch, precheck, prechecked_rejects, robots_refusals,
+                                            shard_size, to_fetch)
+    from capfilt.pipelines.stage import reject_rows
     from capfilt.pipelines.inputs import read_pairs
     from capfilt.pipelines.io import write_stage
     from capfilt.pipelines.output import build_manifest
@@ -146,32 +150,41 @@ def download(spark, spec, out, cfg, progress=True):
         precheck(pairs, cfg.download).write.mode("overwrite").parquet(out.path("prechecked"))
         marked = spark.read.parquet(out.path("prechecked"))
         n_input = marked.count()  # Parquet counts come from file footers
+        todo = to_fetch(marked)
+        parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
+        limited = has_limited_hosts(todo, cfg.download)
+        if limited and cfg.download.robots_txt:
+            robots_refusals(todo, cfg.download, parallelism).write.mode("overwrite").parquet(out.path("robots"))
+            todo = todo.join(spark.read.parquet(out.path("robots")).select("uid"), "uid", "left_anti")
         # img2dataset shards each input file on its own: few large files, not one per Spark partition.
         files = max(1, math.ceil(n_input / (cfg.download.rows_per_shard * 10)))
-        to_fetch(marked).coalesce(files).write.mode("overwrite").parquet(out.path("input"))
+        todo.coalesce(files).write.mode("overwrite").parquet(out.path("input"))
         n_todo = spark.read.parquet(out.path("input")).count()
-        prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo,
-                    "rows_per_shard": shard_size(n_todo, cfg.download.processes or spark.sparkContext.defaultParallelism,
-                                                 cfg.download)}
+        rows = shard_size(n_todo, parallelism, cfg.download)
+        prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo, "rows_per_shard": rows,
+                    "robots": limited and cfg.download.robots_txt,
+                    "plan": planned(spark, out, "input", n_todo, rows, parallelism, cfg.download, limited)}
         fs.pipe(prepared_file, json.dumps(prepared).encode())
     timer.lap("prepare")
     todo = spark.read.parquet(out.path("input"))
     extras = [c for c in todo.columns if c not in ("uid", "url", "caption")]
     if prepared["todo"]:
         fetch(spark, out.path("input"), out.path("shards"), extras, cfg.download, prepared["rows_per_shard"],
-              progress=progress)
+              progress=progress, plan=prepared["plan"])
         results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
     else:
         results = None
     timer.lap("fetch")
     downloaded, failed = _classified(spark, results, todo, cfg, prepared["todo"])
     rejects = prechecked_rejects(spark.read.parquet(out.path("prechecked"))).unionByName(failed)
+    if prepared["robots"]:
+        rejects = rejects.unionByName(reject_rows(spark.read.parquet(out.path("robots")), STAGE, OPTED_OUT, F.col("detail")))
     counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
     timer.lap("write")
     shards = shard_stats(spark, out.path("shards")) if prepared["todo"] else {}
     manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, source=input_source(spec),
                               shards=shards, reasons=_reasons(), timings=timer.laps)
-    for work in ("shards", "prechecked", "prepared.json"):
+    for work in ("shards", "prechecked", "robots", "plan", "prepared.json"):
         out.remove(work)
     out.commit(manifest)
     return counts
@@ -195,9 +208,14 @@ def retry_failed(spark, out, cfg, progress=True):
     print(f"Retrying {n_retry} rows that failed with a retryable reason.")
     old_input.write.mode("overwrite").parquet(out.path("input"))
     if n_retry:
-        rows = shard_size(n_retry, cfg.download.processes or spark.sparkContext.defaultParallelism, cfg.download)
+        parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
+        rows = shard_size(n_retry, parallelism, cfg.download)
         extras = [c for c in old_input.columns if c not in ("uid", "url", "caption")]
-        fetch(spark, out.path("retry_input"), out.path("shards"), extras, cfg.download, rows, progress=progress)
+        retry_input = spark.read.parquet(out.path("retry_input"))
+        plan = planned(spark, out, "retry_input", n_retry, rows, parallelism, cfg.download,
+                       has_limited_hosts(retry_input, cfg.download))
+        fetch(spark, out.path("retry_input"), out.path("shards"), extras, cfg.download, rows, progress=progress,
+              plan=plan)
         results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
     else:
         results = None
@@ -210,10 +228,31 @@ def retry_failed(spark, out, cfg, progress=True):
                               shards=committed.get("shards", {}), reasons=_reasons(),
                               retries=[*committed.get("retries", []),
                                        {"retried": n_retry, "recovered": counts.output - committed["counts"]["output"]}])
-    for work in ("shards", "retry_input"):
+    for work in ("shards", "retry_input", "plan"):
         out.remove(work)
     out.commit(manifest)
     return counts
+
+
+def has_limited_hosts(todo, settings) -> bool:
+    """Whether politeness applies to any row (allow-listed endpoints are exempt unless asked)."""
+    from capfilt.pipelines.download import polite, with_hosts
+    if not (polite(settings) or settings.robots_txt):
+        return False
+    if settings.polite_to_allowed_hosts or not settings.allow_hosts:
+        return True
+    return bool(with_hosts(todo, settings).filter("_limited").limit(1).count())
+
+
+def planned(spark, out, input_name: str, n_todo: int, rows: int, parallelism: int, settings, limited: bool):
+    """Shards that keep each host's rows together (pipelines/download.py: plan_shards) when per-host
+    limits apply; None: img2dataset's Reader cuts the input as it comes."""
+    from capfilt.pipelines.download import plan_shards, polite
+    if not (limited and polite(settings) and n_todo):
+        return None
+    n_shards, shares = plan_shards(spark.read.parquet(out.path(input_name)), n_todo, settings, rows, parallelism,
+                                   out.path("plan"))
+    return {"dir": out.path("plan"), "shards": n_shards, "shares": shares}
 
 
 def _classified(spark, results, todo, cfg, n_todo: int):

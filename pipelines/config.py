@@ -68,7 +68,25 @@ class DownloadSettings:
     processes: int = _opt(0, "parallel download tasks; 0 = Spark's default parallelism", min=0)
     threads: int = _opt(32, "download threads per task (img2dataset thread_count)", min=1)
     timeout: float = _opt(10.0, "seconds per request", min=0.1)
-    retries: int = _opt(0, "immediate retries of a failed request inside img2dataset", min=0)
+    retries: int = _opt(0, "retries of a request that failed with a retryable code (timeout, reset, refused, "
+                           "dns, 408, 429, 5xx) within the run, with exponential backoff and jitter; "
+                           "403/404/410, opt-outs and blocked addresses are never retried", min=0)
+    retry_backoff_s: float = _opt(1.0, "first backoff before a retry, doubled each time (jittered, at most 60 s)",
+                                  min=0)
+    max_retry_after_s: float = _opt(120.0, "longest Retry-After (429/503) a download waits for; a host asking "
+                                           "for more fails its rows with code retry_after (for --retry-failed)",
+                                    min=0)
+    # Politeness (docs/download.md: why these defaults).
+    max_requests_per_second_per_host: float = _opt(10.0, "requests per second to one host across the whole "
+                                                         "job; 0 = unlimited", min=0)
+    max_connections_per_host: int = _opt(6, "concurrent requests to one host across the whole job (6: what "
+                                            "browsers open per host); 0 = unlimited", min=0)
+    robots_txt: bool = _opt(True, "fetch each host's robots.txt once per run (RFC 9309) and skip disallowed "
+                                  "images (opted_out, code robots_txt)")
+    tdm_reservation: bool = _opt(True, "a TDMRep 'tdm-reservation: 1' response header opts the image out "
+                                       "(opted_out, code tdm_reservation)")
+    polite_to_allowed_hosts: bool = _opt(False, "apply the per-host limits and robots.txt to allow-listed "
+                                                "endpoints too (they are yours: exempt by default)")
     max_shard_retry: int = _opt(1, "reruns of a shard whose task failed as a whole", min=0)
     rows_per_shard: int = _opt(10_000, "input rows per img2dataset shard (unit of resume)", min=1)
     subjob_size: int = _opt(1000, "shards per Spark job of the img2dataset distributor", min=1)

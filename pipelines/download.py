@@ -17,6 +17,7 @@ from capfilt.pipelines.inputs import MALFORMED
 from capfilt.pipelines.stage import reject_rows
 from capfilt.udfs.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
 from capfilt.udfs.netguard import BLOCKED_MARK
+from capfilt.udfs.polite import RETRYABLE_CODES
 
 STAGE = "download"
 MALFORMED_ROW, DUPLICATE_UID, INVALID_URL, EMPTY_CAPTION = "malformed_row", "duplicate_uid", "invalid_url", "empty_caption"
@@ -36,8 +37,9 @@ REASONS = {
     TOO_SMALL: "shorter side below download.min_image_size",
     TOO_LARGE: "over download.max_image_pixels, max_aspect_ratio or max_bytes",
 }
-# Failures worth trying again later: --retry-failed re-downloads exactly these.
-RETRYABLE_DETAIL = (r"HTTP Error (5\d\d|429|408)|timed out|[Rr]eset|[Rr]efused|Remote end closed|"
+CODE_PATTERN = r"^([a-z][a-z0-9_]*): "  # a download reject's detail: "<code>: <what happened>"
+# How retryable failures were recognised before details had codes (outputs of older versions).
+_LEGACY_RETRYABLE = (r"HTTP Error (5\d\d|429|408)|timed out|[Rr]eset|[Rr]efused|Remote end closed|"
                     r"shard failed|Temporary failure|IncompleteRead|EOF occurred")
 # Scheme in any case; no whitespace, Unicode space or control character (NUL...) anywhere; \z, not $,
 # which would let a trailing newline through.
@@ -86,10 +88,108 @@ def shard_size(rows: int, parallelism: int, settings: DownloadSettings) -> int:
     return max(1, min(settings.rows_per_shard, math.ceil(rows / max(1, parallelism))))
 
 
+# scheme://[userinfo@]host[:port]: the authority robots.txt is kept for, and the host a budget is kept for.
+_AUTHORITY = r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^@/?#]*@)?(\[[^\]/?#]*\]|[^:/?#]*)(?::([0-9]+))?"
+
+
+def polite(settings: DownloadSettings) -> bool:
+    return settings.max_requests_per_second_per_host > 0 or settings.max_connections_per_host > 0
+
+
+def with_hosts(todo, settings: DownloadSettings):
+    """todo + _host (lower-cased name, no port: what a worker keeps a budget for), _authority
+    (scheme://host:port) and _limited (false for allow-listed endpoints unless polite_to_allowed_hosts)."""
+    from pyspark.sql import functions as F
+
+    from capfilt.udfs.polite import exempt_entries
+    scheme = F.lower(F.regexp_extract("url", _AUTHORITY, 1))
+    host = F.lower(F.regexp_extract("url", _AUTHORITY, 2))
+    written = F.regexp_extract("url", _AUTHORITY, 3)
+    port = F.when(written != "", written.cast("int")).when(scheme == "https", F.lit(443)).otherwise(F.lit(80))
+    name = F.regexp_replace(host, r"^\[(.*)\]$", "$1")
+    limited = F.lit(True)
+    if not settings.polite_to_allowed_hosts:
+        for h, p in exempt_entries(settings.allow_hosts):
+            limited = limited & ~((name == h) & (F.lit(True) if p is None else port == p))
+    return todo.withColumns({"_host": name, "_authority": F.concat(scheme, F.lit("://"), host, F.lit(":"),
+                                                                  port.cast("string")),
+                             "_limited": limited})
+
+
+def robots_refusals(todo, settings: DownloadSettings, partitions: int):
+    """(uid, url, caption, detail) of the rows robots.txt disallows: one request per host, in parallel.
+    Materialise the result once (write it): each evaluation fetches again."""
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    policy = fetch_policy(settings)
+    tokens = policy.user_agent_tokens
+    token, timeout, threads = settings.user_agent_token, settings.timeout, settings.threads
+
+    def check(batches):
+        import pandas as pd
+
+        from capfilt.udfs.fetch import prepare_worker
+        from capfilt.udfs.robots import RobotsCache
+        prepare_worker(policy)
+        cache = RobotsCache(token, tokens, timeout, threads)
+        for pdf in batches:
+            pdf = pdf.assign(detail=cache.refusals(pdf["_authority"].tolist(), pdf["url"].tolist()))
+            yield pd.DataFrame(pdf[pdf.detail.notna()][["uid", "url", "caption", "detail"]])
+
+    schema = StructType([StructField(c, StringType()) for c in ("uid", "url", "caption", "detail")])
+    rows = with_hosts(todo, settings).filter("_limited").select("uid", "url", "caption", "_authority")
+    return rows.repartition(partitions, "_authority").mapInPandas(check, schema)
+
+
+def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: int, parallelism: int, plan_dir: str):
+    """Write todo into shards (plan_dir/_shard=N) that keep each host's rows together, and return
+    (number of shards, {host: share}) for the hosts several shards share.
+
+    Hosts are laid end to end, largest first, and cut every rows_per_shard rows: a host smaller than a
+    shard lands in one (or two, at a cut); a large one spreads over consecutive shards, so no host is
+    one endless task. A host in k shards gets 1/min(k, parallelism) of its budget in each, and at most
+    `parallelism` shards run at once, so the job stays within the budget. Inside a shard the rows take
+    turns across hosts (its first row of each host, then its second...), so threads never queue on one host."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rows = with_hosts(todo, settings).drop("_authority", "_limited")
+    hosts = rows.groupBy("_host").count()
+    before = Window.orderBy(F.desc("count"), "_host").rowsBetween(Window.unboundedPreceding, -1)
+    hosts = hosts.withColumn("_start", F.coalesce(F.sum("count").over(before), F.lit(0)))
+    rank = F.row_number().over(Window.partitionBy("_host").orderBy("uid")) - 1
+    rows = rows.join(hosts, "_host").withColumn("_pos", F.col("_start") + rank)
+    shard = F.floor(F.col("_pos") / rows_per_shard)
+    first_in_shard = F.greatest(F.col("_start"), shard * rows_per_shard)
+    planned = rows.withColumns({"_shard": shard.cast("int"), "_turn": F.col("_pos") - first_in_shard,
+                                "_mix": F.xxhash64("_host")})
+    n_shards = max(1, math.ceil(n_todo / rows_per_shard))
+    (planned.drop("count", "_start", "_pos", "_host").repartition(n_shards, "_shard")
+     .sortWithinPartitions("_shard", "_turn", "_mix").write.mode("overwrite").partitionBy("_shard").parquet(plan_dir))
+    spans = F.floor((F.col("_start") + F.col("count") - 1) / rows_per_shard) - F.floor(F.col("_start") / rows_per_shard) + 1
+    shared = hosts.withColumn("k", spans).filter("k > 1").select("_host", "k").collect()
+    return n_shards, {r["_host"]: int(min(r["k"], max(1, parallelism))) for r in shared}
+
+
+def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = None):
+    """What a download worker's opener enforces (udfs/fetch.py, udfs/polite.py)."""
+    from capfilt.udfs.fetch import FetchPolicy
+    from capfilt.udfs.polite import exempt_entries
+    return FetchPolicy(
+        allow_hosts=tuple(settings.allow_hosts), loopback_only=settings.loopback_only, max_bytes=settings.max_bytes,
+        user_agent_tokens=tuple(dict.fromkeys([settings.user_agent_token.lower(), "img2dataset"])),
+        opt_out_directives=tuple(settings.opt_out_directives), tdm_reservation=settings.tdm_reservation,
+        requests_per_second=settings.max_requests_per_second_per_host,
+        connections=settings.max_connections_per_host, host_shares=tuple(sorted((shares or {}).items())),
+        retries=settings.retries, backoff_s=settings.retry_backoff_s, max_retry_after_s=settings.max_retry_after_s,
+        exempt=() if settings.polite_to_allowed_hosts else exempt_entries(settings.allow_hosts))
+
+
 def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], settings: DownloadSettings,
-          rows_per_shard: int, progress: bool = True) -> None:
-    """Run img2dataset over the prepared input (parquet with uid, url, caption, extras) into shards_dir.
-    Shards already finished there (their _stats.json exists) are skipped: this is what resumes."""
+          rows_per_shard: int, progress: bool = True, plan: dict | None = None) -> None:
+    """Run img2dataset over the prepared input (parquet with uid, url, caption, extras) into shards_dir,
+    or over the shards of a plan ({"dir", "shards", "shares"}: plan_shards). Shards already finished
+    there (their _stats.json exists) are skipped: this is what resumes."""
     import fsspec
     from img2dataset.distributor import pyspark_distributor
     from img2dataset.downloader import Downloader
@@ -98,13 +198,18 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    from capfilt.udfs.fetch import FetchPolicy, GuardedDownloader, SafeResizer
+    from capfilt.udfs.fetch import GuardedDownloader, SafeResizer
 
     fs, shards_path = fsspec.core.url_to_fs(shards_dir)
     fs.makedirs(f"{shards_path}/_tmp", exist_ok=True)  # img2dataset's Reader writes its input shards here
     done = {int(p.rsplit("/", 1)[-1].split("_")[0]) for p in fs.glob(f"{shards_path}/*_stats.json")}
-    reader = Reader(input_dir, "parquet", "url", "caption", None, None, ["uid", *extra_columns],
-                    rows_per_shard, done, f"{shards_dir}/_tmp")
+    if plan is None:
+        shards = Reader(input_dir, "parquet", "url", "caption", None, None, ["uid", *extra_columns],
+                        rows_per_shard, done, f"{shards_dir}/_tmp")
+    else:  # GuardedDownloader turns each folder into the Arrow file img2dataset's Reader would write
+        plan_fs, plan_path = fsspec.core.url_to_fs(plan["dir"])
+        shards = [(i, f"{plan['dir']}/_shard={i}") for i in range(plan["shards"])
+                  if i not in done and plan_fs.exists(f"{plan_path}/_shard={i}")]
     resizer = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode,
                       resize_only_if_bigger=settings.resize_only_if_bigger,
                       encode_quality=settings.encode_quality, encode_format=settings.encode_format,
@@ -114,22 +219,20 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
         sample_writer_class=ParquetSampleWriter,
         resizer=SafeResizer(resizer, settings.max_image_pixels, settings.reduced_decode),
         thread_count=settings.threads, save_caption=True, extract_exif=settings.extract_exif,
-        output_folder=shards_dir, column_list=reader.column_list, timeout=settings.timeout,
+        output_folder=shards_dir, column_list=["uid", *extra_columns, "caption", "url"], timeout=settings.timeout,
         number_sample_per_shard=rows_per_shard, oom_shard_count=5, compute_hash="sha256",
-        verify_hash_type=None, encode_format=settings.encode_format, retries=settings.retries,
+        verify_hash_type=None, encode_format=settings.encode_format,
+        retries=0,  # the opener retries by code, with backoff (udfs/fetch.py: _PoliteOpener)
         user_agent_token=settings.user_agent_token,
         disallowed_header_directives=settings.opt_out_directives or None)
-    policy = FetchPolicy(allow_hosts=tuple(settings.allow_hosts), loopback_only=settings.loopback_only,
-                         max_bytes=settings.max_bytes,
-                         user_agent_tokens=tuple(dict.fromkeys([settings.user_agent_token.lower(), "img2dataset"])),
-                         opt_out_directives=tuple(settings.opt_out_directives))
+    policy = fetch_policy(settings, plan and plan["shares"])
     logger = None
     if progress:  # img2dataset's own progress printer: per-shard and total speed, status counts
         logger = LoggerProcess(shards_dir, False, "capfilt", {})
         logger.done_shards = done
         logger.start()
     try:
-        pyspark_distributor(0, GuardedDownloader(downloader, policy), reader, settings.subjob_size,
+        pyspark_distributor(0, GuardedDownloader(downloader, policy, f"{shards_dir}/_tmp"), shards, settings.subjob_size,
                             settings.max_shard_retry)
     finally:
         if logger is not None:
@@ -157,6 +260,13 @@ def classify(results, todo, settings: DownloadSettings, complete: bool = False):
               .when(F.col("status") == "failed_to_resize", F.lit(FAILED_TO_DECODE))
               .otherwise(F.lit(FAILED_TO_DOWNLOAD)))
     marked = results.withColumn("_reason", reason)
+    # Every failure's detail starts with its code ("http_404: HTTP Error 404: Not Found"): the opener's
+    # own, else one named after the resizer's reason.
+    own = F.regexp_extract(detail, CODE_PATTERN, 1)
+    r = F.col("_reason")
+    code = (F.when(own != "", own).when(r == TOO_SMALL, F.lit("too_small")).when(r == TOO_LARGE, F.lit("too_large"))
+            .when(r == FAILED_TO_DECODE, F.lit("decode")).otherwise(F.lit("other")))
+    detail = F.when(own != "", detail).otherwise(F.concat(code, F.lit(": "), detail))
     # Extras by quoted name: an input name may hold dots, backticks, spaces.
     extras = [F.col("`" + c.replace("`", "``") + "`") for c in todo.columns if c not in ("uid", "url", "caption")]
     downloaded = marked.filter(F.col("_reason").isNull()).select(
@@ -168,10 +278,19 @@ def classify(results, todo, settings: DownloadSettings, complete: bool = False):
         return downloaded, failed
     # A shard that failed as a whole (after max_shard_retry) wrote no status rows: its rows are not lost.
     missing = reject_rows(todo.join(results.select("uid"), "uid", "left_anti"), STAGE, FAILED_TO_DOWNLOAD,
-                          "shard failed: no status row (retryable)")
+                          "shard_failed: no status row (retryable)")
     return downloaded, failed.unionByName(missing)
 
 
-def retryable(rejects):
+def failure_code(detail):
+    """The code a download reject's detail starts with ('' for outputs written before codes)."""
     from pyspark.sql import functions as F
-    return rejects.filter((F.col("reason") == FAILED_TO_DOWNLOAD) & F.col("detail").rlike(RETRYABLE_DETAIL))
+    return F.regexp_extract(detail, CODE_PATTERN, 1)
+
+
+def retryable(rejects):
+    """The rejects --retry-failed fetches again: selected by code (by text for outputs from before codes)."""
+    from pyspark.sql import functions as F
+    code = failure_code(F.col("detail"))
+    return rejects.filter((F.col("reason") == FAILED_TO_DOWNLOAD) & (
+        code.isin(*sorted(RETRYABLE_CODES)) | ((code == "") & F.col("detail").rlike(_LEGACY_RETRYABLE))))

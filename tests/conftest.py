@@ -123,3 +123,29 @@ def curated_out(curate_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("curate") / "out"
     assert curate([*curate_args, "--output", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def loopback_only():
+    from capfilt.udfs import netguard
+    netguard.refuse_non_loopback()
+    netguard.refused_attempts.clear()
+    yield netguard.refused_attempts
+    netguard.allow_any_connect()
+
+
+@pytest.fixture
+def guarded_worker(loopback_only):
+    """prepare_worker(policy) as a download worker does; the process-wide opener is restored after."""
+    import urllib.request
+
+    from capfilt.udfs import fetch
+    from capfilt.udfs.fetch import FetchPolicy
+
+    def install(**kwargs):
+        fetch.prepare_worker(FetchPolicy(loopback_only=True, **kwargs))
+    try:
+        yield install
+    finally:
+        fetch._installed = None
+        urllib.request.install_opener(None)

@@ -20,12 +20,13 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from capfilt.udfs import netguard
+from capfilt.udfs.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
 from capfilt.udfs.reduced_decode import reduced_resize, reduction
 
 OPTED_OUT_MARK = "opted_out"
@@ -42,6 +43,15 @@ class FetchPolicy:
     # Seconds for a whole urlopen + read (connect, TLS, headers, body, every redirect hop).
     # None: the timeout the caller passes to urlopen (img2dataset passes download.timeout).
     deadline_s: float | None = None
+    tdm_reservation: bool = True          # a "tdm-reservation: 1" response header opts the image out
+    # Politeness (udfs/polite.py): per host for the whole job; 0 = unlimited.
+    requests_per_second: float = 0.0
+    connections: int = 0
+    host_shares: tuple[tuple[str, int], ...] = ()  # hosts whose budget is shared by several shards
+    retries: int = 0                      # retries of a retryable failure, with backoff
+    backoff_s: float = 1.0
+    max_retry_after_s: float = 300.0
+    exempt: tuple[tuple[str, int | None], ...] = ()  # endpoints without rate/connection limits
 
 
 class _Limits(urllib.request.BaseHandler):
@@ -49,19 +59,29 @@ class _Limits(urllib.request.BaseHandler):
 
     handler_order = 400  # before HTTPErrorProcessor, so redirect hops are checked too
 
-    def __init__(self, policy: FetchPolicy):
+    def __init__(self, policy: FetchPolicy, limits: HostLimits):
         self.policy = policy
+        self.limits = limits
 
     def http_response(self, request, response):
         from img2dataset.downloader import is_disallowed
+        if not 200 <= response.status < 300:
+            response.capfilt_release()  # its body is never read: the connection slot is free
+            wait = retry_after_s(response.headers.get("Retry-After")) if response.status in (429, 503) else None
+            if wait is not None:
+                host, exempt = _budget(request.full_url, self.policy)
+                self.limits.hold_off(host, wait, exempt)
         directives = set(self.policy.opt_out_directives)
         if directives:
             for token in self.policy.user_agent_tokens:
                 if is_disallowed(response.headers, token, directives):
                     response.close()
                     raise urllib.error.URLError(
-                        f"{OPTED_OUT_MARK}: X-Robots-Tag {response.headers.get_all('X-Robots-Tag')} "
+                        f"x_robots_tag: {OPTED_OUT_MARK} by X-Robots-Tag {response.headers.get_all('X-Robots-Tag')} "
                         f"(Use of image disallowed by X-Robots-Tag directive)")
+        if self.policy.tdm_reservation and (response.headers.get("tdm-reservation") or "").strip() == "1":
+            response.close()
+            raise urllib.error.URLError(f"tdm_reservation: {OPTED_OUT_MARK} by the TDMRep header tdm-reservation: 1")
         limit = self.policy.max_bytes
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
@@ -192,11 +212,56 @@ def _guarded(connection_class, addresses: netguard.AddressPolicy):
     return Guarded
 
 
+def _budget(url: str, policy: FetchPolicy) -> tuple[str, bool]:
+    """The host a politeness budget is kept for (the URL's host name, lower-cased, without port), and
+    whether it is exempt from the limits."""
+    return (urlsplit(url).hostname or "").lower(), is_exempt(url, policy.exempt)
+
+
+class _Fetched(io.BytesIO):
+    """A response whose body has been read: what img2dataset's download_image uses of one."""
+
+    def __init__(self, body: bytes, response):
+        super().__init__(body)
+        self.headers, self.status, self.url = response.headers, response.status, response.url
+
+
+class _PoliteOpener(urllib.request.OpenerDirector):
+    """open() = request + whole body, retried on a retryable failure (udfs/polite.py: RETRYABLE_CODES)
+    with exponential backoff and jitter; Retry-After holds off the host's other requests too. A final
+    failure is raised as '<code>: <what happened>', the code first."""
+
+    def __init__(self, policy: FetchPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        if getattr(fullurl, "redirect_dict", None) is not None:  # a redirect hop, inside an attempt
+            return super().open(fullurl, data, timeout)
+        for attempt in range(self.policy.retries + 1):
+            if attempt and hasattr(fullurl, "capfilt_deadline"):
+                del fullurl.capfilt_deadline  # each attempt has its own deadline
+            try:
+                with super().open(fullurl, data, timeout) as response:
+                    return _Fetched(response.read(), response)
+            except Exception as e:
+                if isinstance(e, urllib.error.HTTPError):
+                    e.close()
+                code = failure_code(e)
+                if attempt == self.policy.retries or code not in RETRYABLE_CODES or code == "retry_after":
+                    text = str(e.reason) if isinstance(e, urllib.error.URLError) and not isinstance(
+                        e, urllib.error.HTTPError) else str(e)
+                    raise urllib.error.URLError(text if text.startswith(f"{code}: ") else f"{code}: {text}") from e
+                time.sleep(backoff_s(attempt, self.policy.backoff_s))
+
+
 def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
     """Only the handlers a download needs. urllib.request.build_opener would add FTPHandler (a plain
     socket, outside the address policy), FileHandler, DataHandler, UnknownHandler and a ProxyHandler
     reading the environment (the proxy would become the peer we check)."""
     addresses = netguard.AddressPolicy(list(policy.allow_hosts))
+    limits = HostLimits(policy.requests_per_second, policy.connections, dict(policy.host_shares),
+                        policy.max_retry_after_s)
     http_connection = _guarded(http.client.HTTPConnection, addresses)
     https_connection = _guarded(http.client.HTTPSConnection, addresses)
 
@@ -209,18 +274,36 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
             req.capfilt_deadline = None if budget is None else time.monotonic() + budget
         return req.capfilt_deadline
 
+    def polite_open(do_open, connection, req, **kwargs):
+        """Each hop waits for its host's turn and a free connection (before its deadline starts)."""
+        release = limits.acquire(*_budget(req.full_url, policy))
+        try:
+            response = do_open(connection, req, deadline=deadline(req), **kwargs)
+        except BaseException:
+            release()
+            raise
+        close = response.close
+
+        def close_and_release():
+            try:
+                close()
+            finally:
+                release()
+        response.close, response.capfilt_release = close_and_release, release
+        return response
+
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
-            return self.do_open(http_connection, req, deadline=deadline(req))
+            return polite_open(self.do_open, http_connection, req)
 
     class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self.do_open(https_connection, req, context=self._context, deadline=deadline(req))
+            return polite_open(self.do_open, https_connection, req, context=self._context)
 
-    opener = urllib.request.OpenerDirector()
+    opener = _PoliteOpener(policy)
     for handler in (GuardedHTTPHandler(), GuardedHTTPSHandler(), _OnlyHttp(), _HttpOnlyRedirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
-                    _Limits(policy)):
+                    _Limits(policy, limits)):
         opener.add_handler(handler)
     return opener
 
@@ -242,15 +325,35 @@ def prepare_worker(policy: FetchPolicy) -> None:
 
 
 class GuardedDownloader:
-    """img2dataset's Downloader, run after prepare_worker. Picklable: shipped to executors as is."""
+    """img2dataset's Downloader, run after prepare_worker. Picklable: shipped to executors as is.
+    A shard is an Arrow file (img2dataset's Reader) or a planned folder of Parquet (plan_shards), which
+    becomes that Arrow file first, its rows in plan order."""
 
-    def __init__(self, downloader, policy: FetchPolicy):
+    def __init__(self, downloader, policy: FetchPolicy, tmp_dir: str | None = None):
         self.downloader = downloader
         self.policy = policy
+        self.tmp_dir = tmp_dir
 
     def __call__(self, row):
         prepare_worker(self.policy)
-        return self.downloader(row)
+        shard_id, path = row
+        if path.endswith(".feather"):
+            return self.downloader(row)
+        import fsspec
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        fs, folder = fsspec.core.url_to_fs(path)
+        table = pq.read_table(folder, filesystem=fs).sort_by([("_turn", "ascending"), ("_mix", "ascending")])
+        # Without Spark's schema note from the plan's footer: img2dataset copies it into the shard,
+        # and Spark would read the shard with the plan's columns.
+        table = table.select(self.downloader.column_list).replace_schema_metadata(None)
+        tmp_fs, tmp = fsspec.core.url_to_fs(f"{self.tmp_dir}/{shard_id}.feather")
+        with tmp_fs.open(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        status, _ = self.downloader((shard_id, f"{self.tmp_dir}/{shard_id}.feather"))  # removes it when done
+        if tmp_fs.exists(tmp):
+            tmp_fs.rm(tmp)
+        return status, row
 
 
 _NEEDS_PIL_MODES = {"I;16", "I;16B", "I;16L", "I", "F", "CMYK", "P", "PA", "LA", "RGBA", "1", "YCbCr", "LAB", "HSV"}

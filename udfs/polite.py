@@ -1,0 +1,168 @@
+"""Politeness inside a download worker: per-host request rate and connection limits, Retry-After, and
+the failure codes that decide what is retried.
+
+A worker process holds one HostLimits for the job's policy. The job routes each host's rows to as few
+shards as it can (pipelines/download.py: plan_shards) and tells the workers how many shards share a host:
+each gets that share of the host's budget, so the limit holds however many tasks run at once.
+"""
+from __future__ import annotations
+
+import email.utils
+import http.client
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+# Codes are the first word of a download reject's detail ("http_404: HTTP Error 404: Not Found").
+RETRYABLE_CODES = frozenset({"timeout", "reset", "refused", "dns", "retry_after", "shard_failed", "http_408",
+                             "http_425", "http_429", "http_500", "http_502", "http_503", "http_504"})
+MAX_BACKOFF_S = 60.0
+
+
+def failure_code(error: BaseException) -> str:
+    """The machine-readable code of a failed request."""
+    if isinstance(error, urllib.error.HTTPError):
+        return "redirect_loop" if "infinite loop" in str(error.msg) else f"http_{error.code}"
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    text = str(reason)
+    own = re.match(r"([a-z][a-z0-9_]*): ", text)
+    if own and own.group(1) in OWN_CODES:
+        return own.group(1)
+    if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in text:
+        return "timeout"
+    if isinstance(reason, ConnectionRefusedError) or "refused" in text.lower():
+        return "refused"
+    if isinstance(reason, socket.gaierror) or "cannot resolve" in text:
+        return "dns"
+    if isinstance(reason, (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)) \
+            or "reset" in text.lower() or "EOF occurred" in text or "Remote end closed" in text:
+        return "reset"
+    if isinstance(reason, ssl.SSLError):
+        return "tls"
+    return "other"
+
+
+# The words capfilt's own errors start with ("blocked_address: ..."): each is its code.
+OWN_CODES = frozenset({"blocked_address", "response_too_large", "x_robots_tag", "tdm_reservation", "robots_txt",
+                       "retry_after", "redirect_loop"})
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta seconds or an HTTP date; None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_s(attempt: int, base: float) -> float:
+    """Exponential backoff with equal jitter: half of base * 2**attempt, plus up to the other half."""
+    ceiling = min(MAX_BACKOFF_S, base * 2 ** attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass
+class _Host:
+    interval: float              # seconds between request starts in this process; 0 = no rate limit
+    connections: int             # concurrent requests in this process; 0 = unlimited
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    next_start: float = 0.0
+    not_before: float = 0.0      # Retry-After: no request before this (monotonic) time
+    active: int = 0
+
+
+class HostLimits:
+    """Per-host budgets in one worker process. `rate` requests/s and `connections` per host for the
+    whole job, divided by the number of shards that share the host (`shares`, default 1)."""
+
+    def __init__(self, rate: float, connections: int, shares: dict[str, int] | None = None,
+                 max_wait_s: float = 300.0):
+        self.rate = rate
+        self.connections = connections
+        self.shares = shares or {}
+        self.max_wait_s = max_wait_s
+        self._hosts: dict[str, _Host] = {}
+        self._lock = threading.Lock()
+
+    def _host(self, host: str, exempt: bool = False) -> _Host:
+        with self._lock:
+            h = self._hosts.get((host, exempt))
+            if h is None:
+                share = max(1, self.shares.get(host, 1))
+                interval = share / self.rate if self.rate > 0 and not exempt else 0.0
+                # A host shared by more shards than it has connections still gets one per shard.
+                connections = max(1, self.connections // share) if self.connections > 0 and not exempt else 0
+                h = self._hosts[(host, exempt)] = _Host(interval, connections)
+            return h
+
+    def acquire(self, host: str, exempt: bool = False):
+        """Wait for this host's Retry-After to pass, a free connection and its next turn (an exempt host:
+        only for its Retry-After); returns the release function. Turns are spaced from the moment each
+        request was let go, so a thread that wakes late never lets the next one through early."""
+        h = self._host(host, exempt)
+        with h.lock:
+            while True:
+                now = time.monotonic()
+                if h.not_before > now:
+                    if h.not_before - now > self.max_wait_s:
+                        raise urllib.error.URLError(
+                            f"retry_after: {host} asked to wait {h.not_before - now:.0f} s more (Retry-After), "
+                            f"over download.max_retry_after_s={self.max_wait_s:g}")
+                    h.lock.wait(h.not_before - now)
+                elif h.connections and h.active >= h.connections:
+                    h.lock.wait()
+                elif h.next_start > now:
+                    h.lock.wait(h.next_start - now)
+                else:
+                    h.next_start = now + h.interval
+                    h.active += 1
+                    break
+        released = False
+
+        def release():
+            nonlocal released
+            with h.lock:
+                if not released:
+                    released = True
+                    h.active -= 1
+                    h.lock.notify_all()
+        return release
+
+    def hold_off(self, host: str, seconds: float, exempt: bool = False) -> None:
+        """The host said Retry-After: no request to it from this process for `seconds`."""
+        h = self._host(host, exempt)
+        with h.lock:
+            h.not_before = max(h.not_before, time.monotonic() + seconds)
+            h.lock.notify_all()
+
+
+def exempt_entries(allow_hosts) -> tuple[tuple[str, int | None], ...]:
+    """download.allow_hosts as (host, port or None): the endpoints politeness leaves alone by default."""
+    from capfilt.udfs.netguard import _split_host_port
+    return tuple((host.lower(), port) for host, port in map(_split_host_port, allow_hosts))
+
+
+def is_exempt(url: str, entries: tuple[tuple[str, int | None], ...]) -> bool:
+    if not entries:
+        return False
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    return any(host == h and p in (None, port) for h, p in entries)
