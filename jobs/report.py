@@ -1,9 +1,11 @@
 """`capfilt inspect OUT [--html FILE]`: look at a curated output before trusting it.
 
 Prints the funnel (rows after each stage, rejected rows per stage and reason), score quantiles and
-kept fraction of web vs synthetic captions, and the curated files. --html writes one self-contained
-page: funnel chart, score histograms, and a gallery of kept and dropped samples (thumbnails,
-captions, scores, reasons) filterable by reason. Every caption and URL is escaped.
+kept fraction of web vs synthetic captions, the curated files, and the download failure map (fetched
+rows by outcome, by the detail's code and HTTP status, and the hosts with the most failures). --html
+writes one self-contained page: funnel chart, score histograms, the failure map, and a gallery of kept
+and dropped samples (thumbnails, captions, scores, reasons) filterable by reason. Every caption, URL
+and host is escaped.
 """
 import argparse
 import os
@@ -41,6 +43,10 @@ def print_report(report: dict) -> None:
     print("\ncurated files")
     for shard in report["shards"]:
         print(f"  {plain(shard['file']):<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
+    if "download_failures" in report:
+        from capfilt.pipelines.report import failure_map
+        print()
+        print("\n".join(failure_map(report["download_failures"], report["root"])))
 
 
 def check_writable(file: Path, option: str) -> None:
@@ -59,13 +65,15 @@ def check_writable(file: Path, option: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="capfilt inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", metavar="OUT", help="a finished `capfilt curate` output")
+    p.add_argument("out", metavar="OUT", help="a finished `capfilt curate` output, or a `capfilt download` "
+                                              "output (its funnel and failure map)")
     p.add_argument("--html", metavar="FILE", help="also write the report as one self-contained HTML page")
     p.add_argument("--samples", type=int, default=24, help="kept samples in the gallery")
     p.add_argument("--per-reason", type=int, default=8, help="dropped samples per reason in the gallery")
+    p.add_argument("--top-hosts", type=int, default=20, help="hosts in the download failure map, most failures first")
     add_config_args(p)
     args = p.parse_args(argv)
-    for option, value in (("--samples", args.samples), ("--per-reason", args.per_reason)):
+    for option, value in (("--samples", args.samples), ("--per-reason", args.per_reason), ("--top-hosts", args.top_hosts)):
         if value < 0:
             raise ValueError(f"{option} must be 0 or more, not {value}")
     if args.html is not None:
@@ -76,10 +84,20 @@ def main(argv=None) -> int:
     from capfilt.pipelines.report import build
     from capfilt.pipelines.report_html import render
     from capfilt.pipelines.session import spark_session
-    read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
+    manifest = read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
+    if manifest.get("stage") == "download":  # a crawl on its own: its funnel and failure map
+        from capfilt.jobs.download import print_funnel
+        from capfilt.pipelines.output import Counts
+        from capfilt.pipelines.report import download_failures, failure_map
+        with OutputLock(args.out, shared=True):
+            failures = download_failures(spark_session(cfg.spark), args.out, args.top_hosts)
+        counts = manifest["counts"]
+        print_funnel(Counts(counts["input"], counts["output"], counts["rejected"]), args.out)
+        print("\n" + "\n".join(failure_map(failures, args.out)))
+        return 0
     with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read
-        report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason)
+        report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason, args.top_hosts)
     print_report(report)
     if args.html is not None:
         Path(args.html).write_text(render(report), encoding="utf-8")

@@ -11,8 +11,8 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
-from capfilt.pipelines.publish import STAGES
-from capfilt.pipelines.report import STAGE_COLUMNS, stage_cells
+from capfilt.pipelines.publish import STAGES, stage_dir
+from capfilt.pipelines.report import STAGE_COLUMNS, failure_summary, stage_cells
 
 COLOURS = {"web": "#2b6cb0", "synthetic": "#d69e2e", "inherited_web": "#68a0d8", "inherited_synthetic": "#e8c170"}
 
@@ -21,8 +21,15 @@ def e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _scheme(url) -> str:
+    try:
+        return urlsplit(str(url)).scheme
+    except ValueError:  # "Invalid IPv6 URL": a `[` without `]` in the host, say
+        return ""
+
+
 def _link(url) -> str:
-    if url and urlsplit(str(url)).scheme in ("http", "https"):
+    if url and _scheme(url) in ("http", "https"):
         return f'<a href="{e(url)}" rel="noopener noreferrer nofollow" target="_blank">{e(url)}</a>'
     return f"<span>{e(url)}</span>"
 
@@ -118,6 +125,46 @@ def _card(item: dict) -> str:
             f'<div class="url">{_link(item["url"])}</div><ul>{rows}</ul></div></div>')
 
 
+def _table(head: tuple, rows: list[tuple], numeric: set[int], cls: str = "") -> str:
+    """A table of escaped cells; the columns in `numeric` right-aligned."""
+    def cells(row, tag):
+        return "".join(f"<{tag}{' class=n' if i in numeric and tag == 'td' else ''}>{e(c)}</{tag}>" for i, c in enumerate(row))
+    return (f'<table{f" class={cls}" if cls else ""}><tr>{cells(head, "th")}</tr>'
+            + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>")
+
+
+def _failure_map(failures: dict | None, root: str) -> str:
+    """The download failure map (report.download_failures): outcomes, codes, HTTP statuses, worst hosts.
+    Hosts, reasons and codes come from the data: every one is escaped."""
+    if failures is None:
+        return f"<p>Omitted: {e(stage_dir(root, 'download'))}/data is not there.</p>"
+    parts = [f"<p>{e(failure_summary(failures))}.</p>", '<div class="side">', _table(
+        ("outcome", "rows", "of fetched"),
+        [(o["outcome"], f"{o['rows']:,}", "not fetched" if o["share"] is None else f"{o['share']:.1%}")
+         for o in failures["outcomes"]], {1, 2})]
+    if failures["codes"]:
+        other = failures["other_codes"]
+        parts.append(_table(("code", "rows"), [(c["code"], f"{c['rows']:,}") for c in failures["codes"]]
+                            + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1}))
+    if failures["statuses"]:
+        parts.append(_table(("HTTP status", "rows"), [(s["status"], f"{s['rows']:,}") for s in failures["statuses"]],
+                            {0, 1}))
+    parts.append("</div>")
+    if failures["hosts"]:
+        rows = "".join(
+            f"<tr><td>{e(h['host'])}</td><td class=n>{h['fetched']:,}</td><td class=n>{h['failed']:,}</td>"
+            f"<td class=\"n{' bad' if h['success_rate'] < 0.5 else ''}\">{h['success_rate']:.1%}</td>"
+            f"<td>{e(h['reason'])}</td><td>{e(h['code'])}</td></tr>" for h in failures["hosts"])
+        parts.append("<table><tr><th>host</th><th>fetched</th><th>failed</th><th>success</th><th>top reason</th>"
+                     f"<th>top code</th></tr>{rows}</table>"
+                     f'<p class="legend">{len(failures["hosts"])} of {failures["failing_hosts"]:,} hosts with '
+                     f'failures, most failures first; {failures["host_count"]:,} hosts fetched from. Fetched rows: '
+                     "downloaded records and failed fetches; the precheck's rejects were never fetched. Codes "
+                     "begin the detail (<code>dns</code>, <code>timeout</code>, <code>http_404</code>...); "
+                     "<code>-</code>: a detail without one.</p>")
+    return "".join(parts)
+
+
 def render(report: dict) -> str:
     nonce = secrets.token_urlsafe(16)
     funnel, scores = report["funnel"], report["scores"]
@@ -156,7 +203,8 @@ def render(report: dict) -> str:
 body{{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}}
 h1{{font-size:20px;margin-bottom:4px}} h2{{font-size:16px;margin-top:28px}} .sub{{color:#555;margin-top:0}}
 table{{border-collapse:collapse;margin-top:8px}} td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}}
-td.n{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f6f6f6}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f6f6f6}} td.bad{{color:#9b2c2c;font-weight:600}}
+.side{{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}}
 .lbl{{font-size:13px}} .tick{{font-size:10px;fill:#555}} .legend{{font-size:12px;color:#555}} line.q{{stroke:#333;stroke-dasharray:3 2}}
 .key{{display:inline-block;width:12px;height:12px;margin-right:6px;vertical-align:middle}}
 .hists{{display:grid;grid-template-columns:repeat(auto-fill,440px);gap:12px 24px}} .hist{{margin:0}} .hist figcaption{{font-size:13px}}
@@ -177,6 +225,7 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f6f6f
 {sum(n for _, _, n in reasons):,} rejected.</p>
 <h2>Funnel</h2>{_funnel_svg(funnel)}
 <table><tr><th>stage</th><th>reason</th><th>rows</th><th>meaning</th></tr>{reason_rows}</table>
+<h2>Download failures</h2>{_failure_map(report.get("download_failures"), report["root"])}
 <h2>Stages</h2><table><tr>{stage_head}</tr>{stage_rows}</table>
 <p class="legend">rows/s: rows in per second; MB: 2<sup>20</sup> bytes of Parquet the stage wrote; model passes: rows
 run through each model in this run (a reused stage, or one re-selecting from stored scores, runs none)</p>

@@ -1,6 +1,7 @@
 """`capfilt inspect`: the funnel and the score quantiles equal what the output holds, each stage's
-figures (seconds, rows, rows/s, MB written, model passes) are the manifest's, the gallery is a
-bounded deterministic sample, and the HTML report shows hostile captions, URLs, uids, details and
+figures (seconds, rows, rows/s, MB written, model passes) are the manifest's, the download failure
+map counts fetched rows by outcome, code, HTTP status and host, the gallery is a bounded
+deterministic sample, and the HTML report shows hostile captions, URLs, uids, details and
 reasons as text in headless Chromium (whose run of the page's own script proves scripts were on).
 
 The curated output is built here with pyarrow (images drawn by capfilt.world.scene), so these tests need
@@ -73,11 +74,11 @@ STAGE_ROWS = [
 ]
 
 
-def _rows():
+def _rows(n=N):
     """Every input row with the columns of every stage; deterministic."""
     rng = np.random.default_rng(5)
     rows = []
-    for i in range(N):
+    for i in range(n):
         uid = f"u{i:03d}"
         image = encode_jpeg(render_scene(sample_scene(rng), 64, rng))
         web = float(np.float32(rng.uniform(-0.3, 0.95)))
@@ -113,8 +114,8 @@ def _write(folder, rows, contract, name="part-00000.parquet"):
                    folder / name, compression="zstd")
 
 
-def _reject(row, stage, reason):
-    detail = PAYLOADS[(int(row["key"][1:]) + 1) % len(PAYLOADS)]
+def _reject(row, stage, reason, detail=None):
+    detail = PAYLOADS[(int(row["key"][1:]) + 1) % len(PAYLOADS)] if detail is None else detail
     return {"uid": row["uid"], "url": row["url"], "caption": row["caption"], "stage": stage, "reason": reason,
             "detail": detail, "duplicate_of": "u020" if stage == "dedup" else None}
 
@@ -143,12 +144,16 @@ def fixture_rows():
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory, fixture_rows):
-    """OUT as `capfilt curate` lays it out: manifest, curated (two files), rejects, stages/*."""
-    root = tmp_path_factory.mktemp("inspect") / "out"
-    rows, all_rejects, stage_counts = fixture_rows, [], {}
+    return _make_out(tmp_path_factory.mktemp("inspect") / "out", fixture_rows, FATES)
+
+
+def _make_out(root, rows, fates):
+    """OUT as `capfilt curate` lays it out: manifest, curated (two files), rejects, stages/*. `fates`:
+    key -> (stage, reason) or (stage, reason, detail) of each rejected row."""
+    all_rejects, stage_counts = [], {}
     contracts = {"download": DOWNLOADED, "caption": CAPTIONED, "filter": SCORED, "dedup": CURATED}
     for stage in STAGE_ORDER:
-        rejects = [_reject(r, stage, FATES[r["key"]][1]) for r in rows if FATES.get(r["key"], (None,))[0] == stage]
+        rejects = [_reject(r, stage, *fates[r["key"]][1:]) for r in rows if fates.get(r["key"], (None,))[0] == stage]
         gone = {r["uid"] for r in rejects}
         counts = _counts(len(rows), rejects)
         stage_counts[stage] = counts
@@ -162,7 +167,7 @@ def out(tmp_path_factory, fixture_rows):
     _write(root / "curated", rows[:half], CURATED, "part-00000.zstd.parquet")
     _write(root / "curated", rows[half:], CURATED, "part-00001.zstd.parquet")
     _write(root / "rejects", all_rejects, REJECTS)
-    counts = _counts(N, all_rejects)
+    counts = _counts(stage_counts["download"]["input"], all_rejects)
     (root / "manifest.json").write_text(json.dumps({
         "stage": "curate", "finished_at": "2026-01-01T00:00:01Z", "seconds": 1.0, "counts": counts,
         "stages": {**{s: _figures(c, FIGURES[s]) for s, c in stage_counts.items()},
@@ -321,6 +326,7 @@ def test_an_output_without_a_manifest_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--samples", "-5"], "--samples must be 0 or more, not -5"),
     (["--per-reason", "-1"], "--per-reason must be 0 or more, not -1"),
+    (["--top-hosts", "-1"], "--top-hosts must be 0 or more, not -1"),
     (["--html", "{tmp}/nodir/x.html"], "--html {tmp}/nodir/x.html: the folder {tmp}/nodir does not exist"),
     (["--html", "{tmp}"], "--html {tmp} is a folder: name a file"),
     (["--html", "{tmp}/a file/x.html"], "--html {tmp}/a file/x.html: {tmp}/a file is not a folder"),
@@ -489,3 +495,157 @@ def test_headless_chromium_shows_the_report_and_runs_no_payload(report, chromium
     assert image.shape[:2] == (2000, 1280)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50, "a blank screenshot"
     assert (image.std(axis=(0, 1)) > 10).all()
+
+
+# The download failure map. A crawl of 42 rows over seven hosts, with the download outcomes below; every
+# row that is downloaded goes on to be curated. `OK2.example` keeps userinfo in its URLs and fails with
+# details written before codes were recorded; the hostile host has markup (and an escape sequence) in
+# the host part of its URL, none of `/?#`, so all of it is the host.
+HOSTILE_HOST = f"<img src=x onerror=\"{TITLE}\">\x1b[2J.evil"
+HOSTILE_DETAIL = f"<script>{TITLE}</script>: not a code"
+NOT_FOUND, NO_DNS = "http_404: HTTP Error 404: Not Found", "dns: cannot resolve nxdomain.example"
+TIMEOUT, RATE_LIMITED = "timeout: timed out", "http_429: HTTP Error 429: Too Many Requests"
+FAILED = "failed_to_download"
+CRAWL = [  # (scheme://authority, rows downloaded, (reason, detail) of each failed fetch)
+    ("http://dead.example", 0, [(FAILED, NOT_FOUND)] * 6),
+    ("https://nxdomain.example", 0, [(FAILED, NO_DNS)] * 3),
+    ("http://Slow.Example:8080", 5, [(FAILED, TIMEOUT)] * 3),
+    ("http://busy.example", 2, [(FAILED, RATE_LIMITED)] * 3 + [(FAILED, "http_503: HTTP Error 503: Service Unavailable")]),
+    ("http://ok1.example", 6, []),
+    ("http://user:secret@OK2.example", 4, [(FAILED, "HTTP Error 500: Internal Server Error")] * 2
+     + [("too_small", "too_small: 12x12 is below download.min_image_size")]),
+    (f"http://{HOSTILE_HOST}", 0, [(FAILED, f"http_403: {PAYLOADS[0]}"), ("failed_to_decode", HOSTILE_DETAIL)]),
+]
+# Never fetched: left out of every figure but the outcome table's "not fetched" lines.
+PRECHECK = [("http://dead.example/empty.jpg", "empty_caption", "blank caption"),
+            ("http://busy.example/again.jpg", "duplicate_uid", None),
+            ("javascript:alert(1)", "invalid_url", "not an http(s) URL"),
+            (None, "malformed_row", "unparseable line: {\"url\": ")]
+
+
+@pytest.fixture(scope="module")
+def crawl_out(tmp_path_factory):
+    rows, fates = _rows(42), {}
+    plan = [(f"{origin}/img/{k}.jpg", fate) for origin, ok, failures in CRAWL
+            for k, fate in enumerate([None] * ok + [("download", *f) for f in failures])]
+    plan += [(url, ("download", reason, detail)) for url, reason, detail in PRECHECK]
+    assert len(plan) == len(rows)
+    for row, (url, fate) in zip(rows, plan):
+        row["url"] = url
+        if fate:
+            fates[row["key"]] = fate
+    return _make_out(tmp_path_factory.mktemp("crawl") / "out", rows, fates)
+
+
+@pytest.fixture(scope="module")
+def crawl_report(spark, crawl_out):
+    return build(spark, str(crawl_out), kept=2, per_reason=1)
+
+
+WORST_HOSTS = [  # host, fetched, failed, success rate, top reason, top code (a tie goes to the first by name)
+    ("dead.example", 6, 6, 0.0, FAILED, "http_404"),
+    ("busy.example", 6, 4, 2 / 6, FAILED, "http_429"),
+    ("nxdomain.example", 3, 3, 0.0, FAILED, "dns"),
+    ("ok2.example", 7, 3, 4 / 7, FAILED, "-"),
+    ("slow.example:8080", 8, 3, 5 / 8, FAILED, "timeout"),
+    (HOSTILE_HOST.lower(), 2, 2, 0.0, "failed_to_decode", "-"),
+]
+
+
+def test_the_failure_map_counts_fetched_rows_by_outcome_code_status_and_host(crawl_report):
+    f = crawl_report["download_failures"]
+    assert (f["fetched"], f["downloaded"], f["failed"], f["not_fetched"]) == (38, 17, 21, 4)
+    assert [(o["outcome"], o["rows"], o["share"]) for o in f["outcomes"]] == [
+        ("downloaded", 17, 17 / 38), (FAILED, 19, 19 / 38), ("failed_to_decode", 1, 1 / 38), ("too_small", 1, 1 / 38),
+        ("duplicate_uid", 1, None), ("empty_caption", 1, None), ("invalid_url", 1, None), ("malformed_row", 1, None)]
+    assert [(c["code"], c["rows"]) for c in f["codes"]] == [  # "-": the details without a code
+        ("http_404", 6), ("-", 3), ("dns", 3), ("http_429", 3), ("timeout", 3), ("http_403", 1), ("http_503", 1),
+        ("too_small", 1)]
+    assert f["other_codes"] is None
+    assert [(s["status"], s["rows"]) for s in f["statuses"]] == [(403, 1), (404, 6), (429, 3), (503, 1)]
+    assert [tuple(h.values()) for h in f["hosts"]] == WORST_HOSTS
+    assert (f["host_count"], f["failing_hosts"]) == (7, 6)  # ok1.example never failed
+
+
+def test_the_failure_map_keeps_the_hosts_with_the_most_failures(spark, crawl_out):
+    from capfilt.pipelines.report import download_failures, failure_map
+    assert [h["host"] for h in download_failures(spark, str(crawl_out), top_hosts=2)["hosts"]] == [
+        "dead.example", "busy.example"]
+    assert download_failures(spark, str(crawl_out), top_hosts=0)["hosts"] == []
+    long = {"host": "a" * 500 + ".example", "fetched": 1, "failed": 1, "success_rate": 0.0, "reason": FAILED, "code": "dns"}
+    f = {**download_failures(spark, str(crawl_out), top_hosts=1), "hosts": [long]}
+    assert ["a" * 79 + "\u2026", "1", "1", "0.0%", FAILED, "dns"] in [_cells(line) for line in failure_map(f)]
+
+
+def test_the_host_keeps_its_port_drops_userinfo_and_is_no_host_for_a_malformed_url(spark):
+    from capfilt.pipelines.report import host_of
+    urls = {"http://User:pw@Ex.COM:8000/a.jpg": "ex.com:8000", "http://127.0.0.2:8000": "127.0.0.2:8000",
+            "https://[::1]:443/x?y": "[::1]:443", "HTTPS://a.example?q=1": "a.example", "http://b.example#f": "b.example",
+            "http://a@b@c.example/": "c.example", "not a url": "(no host)", "http:///path": "(no host)",
+            "//c.example/x": "(no host)", "": "(no host)", None: "(no host)"}
+    df = spark.createDataFrame([(u,) for u in urls], "url string")
+    assert {r["url"]: r["host"] for r in df.select("url", host_of(df["url"]).alias("host")).collect()} == urls
+
+
+def test_the_text_report_prints_the_failure_map(crawl_out, capsys):
+    assert cli(["inspect", str(crawl_out), "--samples", "0", "--per-reason", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text
+    lines = text.split("download failures: ", 1)[1].splitlines()
+    assert lines[0] == "21 of 38 fetched rows failed (55.3%); 4 rows never fetched (precheck)"
+    cells = [_cells(line) for line in lines]
+    for row in (["downloaded", "17", "44.7%"], [FAILED, "19", "50.0%"], ["invalid_url", "1", "not fetched"],
+                ["http_404", "6"], ["-", "3"], ["429", "3"], ["503", "1"]):
+        assert row in cells, row
+    hosts = cells[cells.index(["host", "fetched", "failed", "success", "top reason", "top code"]) + 1:][:len(WORST_HOSTS)]
+    shown = HOSTILE_HOST.lower().replace("\x1b", "\\x1b")
+    assert hosts == [[shown if h == HOSTILE_HOST.lower() else h, str(n), str(k), f"{rate:.1%}", reason, code]
+                     for h, n, k, rate, reason, code in WORST_HOSTS]
+    assert lines[-1] == "  (6 of 6 hosts with failures shown, most failures first; 7 hosts fetched from)"
+
+
+def _failure_tables(page):
+    """The cells of the failure map's tables as text, header first, one list per table."""
+    section = page.split("<h2>Download failures</h2>", 1)[1].split("<h2>", 1)[0]
+    return [[[html.unescape(re.sub(r"<[^>]*>", "", cell)) for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+             for row in re.findall(r"<tr>(.*?)</tr>", table)] for table in re.findall(r"<table[^>]*>(.*?)</table>", section)]
+
+
+def test_the_page_shows_the_failure_map_with_hostile_hosts_and_details_as_text(crawl_report):
+    page = render(crawl_report)
+    for raw in (HOSTILE_HOST, HOSTILE_HOST.lower(), PAYLOADS[0], "<script>" + TITLE.lower(), "<img src=x"):
+        assert raw not in page, raw
+    outcomes, codes, statuses, hosts = _failure_tables(page)
+    assert outcomes[:3] == [["outcome", "rows", "of fetched"], ["downloaded", "17", "44.7%"], [FAILED, "19", "50.0%"]]
+    assert codes[:3] == [["code", "rows"], ["http_404", "6"], ["-", "3"]]
+    assert statuses == [["HTTP status", "rows"], ["403", "1"], ["404", "6"], ["429", "3"], ["503", "1"]]
+    assert hosts[1:] == [[h, str(n), str(k), f"{rate:.1%}", reason, code] for h, n, k, rate, reason, code in WORST_HOSTS]
+    section = page.split("<h2>Download failures</h2>", 1)[1].split("<h2>", 1)[0]
+    assert {t for t, _ in _tags(section).tags} == {"p", "div", "table", "tr", "th", "td", "code"}
+
+
+def test_the_failure_map_is_omitted_in_one_line_without_the_download_output(out, tmp_path, capsys):
+    gone = tmp_path / "out"
+    shutil.copytree(out, gone)
+    shutil.rmtree(gone / "stages" / "download")
+    page = tmp_path / "report.html"
+    assert cli(["inspect", str(gone), "--samples", "0", "--per-reason", "0", "--html", str(page)]) == 0
+    text = capsys.readouterr().out
+    assert f"download failures: omitted, {gone}/stages/download/data is not there\n" in text
+    assert "<h2>Download failures</h2><p>Omitted: " in page.read_text(encoding="utf-8")
+
+
+def test_a_download_that_fetched_nothing_is_all_failures(spark, crawl_out, tmp_path):
+    """No data file at all (Spark writes none for no rows): the stage manifest's 0 rows out says why."""
+    from capfilt.pipelines.report import download_failures
+    none = tmp_path / "out"
+    shutil.copytree(crawl_out, none)
+    shutil.rmtree(none / "stages" / "download" / "data")
+    (none / "stages" / "download" / "data").mkdir()
+    manifest = none / "stages" / "download" / "manifest.json"
+    assert download_failures(spark, str(none)) is None  # the manifest says rows were written: they are gone
+    stage = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**stage, "counts": {**stage["counts"], "output": 0}}))
+    f = download_failures(spark, str(none))
+    assert (f["fetched"], f["downloaded"], f["failed"]) == (21, 0, 21) and f["outcomes"][0] == {
+        "outcome": "downloaded", "rows": 0, "share": 0.0}
