@@ -124,7 +124,7 @@ def download(spark, spec, out, cfg, progress=True):
                                             shard_size, to_fetch)
     from capfilt.pipelines.stage import reject_rows
     from capfilt.pipelines.inputs import read_pairs
-    from capfilt.pipelines.io import write_stage
+    from capfilt.pipelines.io import parquet_rows, write_stage
     from capfilt.pipelines.output import build_manifest
     from capfilt.pipelines.provenance import input_source
 
@@ -149,7 +149,7 @@ def download(spark, spec, out, cfg, progress=True):
         # One pass with the uid shuffle; everything after reads this small metadata-only file.
         precheck(pairs, cfg.download).write.mode("overwrite").parquet(out.path("prechecked"))
         marked = spark.read.parquet(out.path("prechecked"))
-        n_input = marked.count()  # Parquet counts come from file footers
+        n_input = parquet_rows(out.path("prechecked"))
         todo = to_fetch(marked)
         parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
         limited = has_limited_hosts(todo, cfg.download)
@@ -159,7 +159,7 @@ def download(spark, spec, out, cfg, progress=True):
         # img2dataset shards each input file on its own: few large files, not one per Spark partition.
         files = max(1, math.ceil(n_input / (cfg.download.rows_per_shard * 10)))
         todo.coalesce(files).write.mode("overwrite").parquet(out.path("input"))
-        n_todo = spark.read.parquet(out.path("input")).count()
+        n_todo = parquet_rows(out.path("input"))
         rows = shard_size(n_todo, parallelism, cfg.download)
         prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo, "rows_per_shard": rows,
                     "robots": limited and cfg.download.robots_txt,
@@ -175,13 +175,13 @@ def download(spark, spec, out, cfg, progress=True):
     else:
         results = None
     timer.lap("fetch")
-    downloaded, failed = _classified(spark, results, todo, cfg, prepared["todo"])
+    downloaded, failed = _classified(spark, results, todo, cfg, prepared["todo"], out.path("shards"))
     rejects = prechecked_rejects(spark.read.parquet(out.path("prechecked"))).unionByName(failed)
     if prepared["robots"]:
         rejects = rejects.unionByName(reject_rows(spark.read.parquet(out.path("robots")), STAGE, OPTED_OUT, F.col("detail")))
     counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
     timer.lap("write")
-    shards = shard_stats(spark, out.path("shards")) if prepared["todo"] else {}
+    shards = shard_stats(out.path("shards")) if prepared["todo"] else {}
     manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, source=input_source(spec),
                               shards=shards, reasons=_reasons(), timings=timer.laps)
     for work in ("shards", "prechecked", "robots", "plan", "prepared.json"):
@@ -193,7 +193,7 @@ def download(spark, spec, out, cfg, progress=True):
 def retry_failed(spark, out, cfg, progress=True):
     """Fetch the retryable rejects again into a new in-progress version and commit the merge."""
     from capfilt.pipelines.download import fetch, retryable, shard_size
-    from capfilt.pipelines.io import read_rejects, write_stage
+    from capfilt.pipelines.io import parquet_rows, read_rejects, write_stage
     from capfilt.pipelines.output import build_manifest, read_manifest
 
     committed = read_manifest(out.root)
@@ -204,7 +204,7 @@ def retry_failed(spark, out, cfg, progress=True):
     out.begin(resume=False, force=True)
     todo = old_input.join(retry, "uid", "left_semi")
     todo.write.mode("overwrite").parquet(out.path("retry_input"))
-    n_retry = spark.read.parquet(out.path("retry_input")).count()
+    n_retry = parquet_rows(out.path("retry_input"))
     print(f"Retrying {n_retry} rows that failed with a retryable reason.")
     old_input.write.mode("overwrite").parquet(out.path("input"))
     if n_retry:
@@ -219,7 +219,8 @@ def retry_failed(spark, out, cfg, progress=True):
         results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
     else:
         results = None
-    new_data, new_failed = _classified(spark, results, spark.read.parquet(out.path("retry_input")), cfg, n_retry)
+    new_data, new_failed = _classified(spark, results, spark.read.parquet(out.path("retry_input")), cfg, n_retry,
+                                       out.path("shards"))
     data = old_data.unionByName(new_data)
     rejects = old_rejects.join(retry, "uid", "left_anti").unionByName(new_failed)
     counts = write_stage(out, data, rejects, committed["counts"]["input"], cfg.output.compression)
@@ -255,21 +256,34 @@ def planned(spark, out, input_name: str, n_todo: int, rows: int, parallelism: in
     return {"dir": out.path("plan"), "shards": n_shards, "shares": shares}
 
 
-def _classified(spark, results, todo, cfg, n_todo: int):
+def _classified(spark, results, todo, cfg, n_todo: int, shards_dir: str):
     from capfilt.pipelines.download import classify
     from capfilt.pipelines.io import empty_rejects
     if results is None:  # nothing was fetched
         from capfilt.schemas import DOWNLOADED
         return spark.createDataFrame([], DOWNLOADED.spark_schema()), empty_rejects(spark)
-    return classify(results, todo, cfg.download, complete=results.count() == n_todo)
+    # One status row per fetched row: the shards' own counts say whether every todo row has one (past
+    # STATS_READ shards, the anti-join in classify finds out instead).
+    stats = read_stats(shards_dir)
+    complete = len(stats) < STATS_READ and sum(s.get("count", 0) for _, s in stats) == n_todo
+    return classify(results, todo, cfg.download, complete=complete)
 
 
-def shard_stats(spark, shards_dir: str) -> dict:
-    """img2dataset's per-shard _stats.json, summed (and listed when there are few)."""
+STATS_READ = 10_000
+
+
+def read_stats(shards_dir: str) -> list[tuple[str, dict]]:
+    """(file, content) of img2dataset's per-shard _stats.json, in shard order (the first STATS_READ)."""
     import fsspec
     fs, path = fsspec.core.url_to_fs(shards_dir)
-    files = sorted(fs.glob(f"{path}/*_stats.json"))
-    stats = [json.loads(fs.cat(f)) for f in files[:10_000]]
+    files = sorted(fs.glob(f"{path}/*_stats.json"))[:STATS_READ]
+    return [(f, json.loads(fs.cat(f))) for f in files]
+
+
+def shard_stats(shards_dir: str) -> dict:
+    """img2dataset's per-shard _stats.json, summed (and listed when there are few)."""
+    read = read_stats(shards_dir)
+    files, stats = [f for f, _ in read], [s for _, s in read]
     keys = ("count", "successes", "failed_to_download", "failed_to_resize")
     total = {k: sum(s.get(k, 0) for s in stats) for k in keys}
     seconds = max((s["end_time"] for s in stats), default=0) - min((s["start_time"] for s in stats), default=0)

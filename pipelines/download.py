@@ -11,6 +11,7 @@ Every input row ends in exactly one of: the downloaded records, or the rejects w
 from __future__ import annotations
 
 import math
+import time
 
 from capfilt.pipelines.config import DownloadSettings
 from capfilt.pipelines.inputs import MALFORMED
@@ -193,7 +194,6 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
     import fsspec
     from img2dataset.distributor import pyspark_distributor
     from img2dataset.downloader import Downloader
-    from img2dataset.logger import LoggerProcess
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
@@ -226,19 +226,55 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
         user_agent_token=settings.user_agent_token,
         disallowed_header_directives=settings.opt_out_directives or None)
     policy = fetch_policy(settings, plan and plan["shares"])
-    logger = None
-    if progress:  # img2dataset's own progress printer: per-shard and total speed, status counts
-        logger = LoggerProcess(shards_dir, False, "capfilt", {})
-        logger.done_shards = done
-        logger.start()
+    logger = Progress(shards_dir, len(shards) if plan else None) if progress else None
     try:
         pyspark_distributor(0, GuardedDownloader(downloader, policy, f"{shards_dir}/_tmp"), shards, settings.subjob_size,
                             settings.max_shard_retry)
     finally:
         if logger is not None:
-            logger.join()
+            logger.stop()
         if fs.exists(f"{shards_path}/_tmp"):
             fs.rm(f"{shards_path}/_tmp", recursive=True)
+
+
+class Progress:
+    """A driver thread printing the download's progress from the shards' _stats.json every `every`
+    seconds: img2dataset's LoggerProcess does the same from a process of its own, which imports torch
+    (8-10 s of CPU taken from the download workers)."""
+
+    def __init__(self, shards_dir: str, shards: int | None = None, every: float = 10.0):
+        import threading
+        self.shards_dir, self.shards, self.every = shards_dir, shards, every
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
+        self._thread.start()
+
+    def line(self) -> str:
+        import json
+
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(self.shards_dir)
+        stats = [json.loads(fs.cat(f)) for f in fs.glob(f"{path}/*_stats.json")]
+        rows = sum(s["count"] for s in stats)
+        ok = sum(s["successes"] for s in stats)
+        seconds = time.monotonic() - self.started
+        of = f" of {self.shards}" if self.shards else ""
+        return (f"download: {len(stats)}{of} shards done, {rows:,} rows ({ok / rows:.1%} downloaded), "
+                f"{rows / seconds:,.1f} rows/s over {seconds:,.0f} s" if rows else
+                f"download: no shard finished yet ({seconds:,.0f} s)")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                print(self.line(), flush=True)
+            except (OSError, ValueError, KeyError):
+                pass  # a stats file being written: the next round reads it
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        print(self.line(), flush=True)
 
 
 def classify(results, todo, settings: DownloadSettings, complete: bool = False):

@@ -23,6 +23,22 @@ def empty_rejects(spark):
     return spark.createDataFrame([], REJECTS.spark_schema())
 
 
+def parquet_rows(folder: str) -> int:
+    """Rows in the Parquet files of a folder Spark wrote (partition folders included), from their
+    footers, on the driver: no Spark job."""
+    import fsspec
+    import pyarrow.parquet as pq
+    fs, path = fsspec.core.url_to_fs(folder)
+    rows = 0
+    for file in fs.find(path):
+        relative = file[len(path.rstrip("/")) + 1:]
+        if file.endswith(".parquet") and not any(part.startswith(("_", ".")) and "=" not in part
+                                                 for part in relative.split("/")):
+            with fs.open(file, "rb") as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+    return rows
+
+
 def write_stage(out: StageOutput, data, rejects, input_count: int, compression: str = "zstd") -> Counts:
     """Write records and rejects into the in-progress directory and count them from the files written
     (not from the plan: what a reader will see is what gets counted)."""
@@ -31,7 +47,7 @@ def write_stage(out: StageOutput, data, rejects, input_count: int, compression: 
     REJECTS.validate(rejects, where=f"{out.stage} rejects")
     data.write.option("compression", codec).mode("overwrite").parquet(out.data_dir)
     rejects.select(*REJECTS.names).write.option("compression", codec).mode("overwrite").parquet(out.rejects_dir)
-    output = spark.read.parquet(out.data_dir).count()
+    output = parquet_rows(out.data_dir)
     rejected: dict[str, dict[str, int]] = {}
     # One row per (stage, reason): tiny, safe to bring to the driver.
     for row in spark.read.parquet(out.rejects_dir).groupBy("stage", "reason").count().collect():

@@ -197,6 +197,28 @@ def test_every_other_image_takes_img2dataset_s_full_decode_as_before():
     assert err.startswith("Image decoding error"), err
 
 
+
+@pytest.mark.parametrize("mode", ["border", "keep_ratio", "center_crop", "keep_ratio_largest", "no"])
+@pytest.mark.parametrize("only_if_bigger", [False, True])
+def test_a_plain_jpeg_stores_what_img2dataset_stores_byte_for_byte(monkeypatch, mode, only_if_bigger):
+    """A JPEG decoded at full size skips the Resizer call (its per-image set-up) and must not notice."""
+    from img2dataset.resizer import Resizer
+
+    from capfilt.world.scene import encode_jpeg, render, sample_scene
+    rng = np.random.default_rng(5)
+    calls = []
+    monkeypatch.setattr(Resizer, "__call__", lambda self, *a, real=Resizer.__call__: calls.append(1) or real(self, *a))
+    for side, crop, grey, size in ((48, 36, False, 64), (64, 64, True, 64), (300, 200, False, 64),
+                                   (500, 700, True, 256), (200, 150, False, 256)):
+        resizer = Resizer(image_size=size, resize_mode=mode, resize_only_if_bigger=only_if_bigger, encode_quality=90,
+                          encode_format="jpg", min_image_size=16, max_image_area=50_000_000, max_aspect_ratio=10)
+        image = render(sample_scene(rng), max(side, crop), rng).crop((0, 0, side, crop))
+        data = encode_jpeg(image.convert("L") if grey else image, 85)
+        calls.clear()
+        ours = SafeResizer(resizer, 10**8)(io.BytesIO(data))
+        assert not calls, "the Resizer was not called"
+        assert ours == resizer(io.BytesIO(data)), (side, crop, grey, size)
+
 # --- the guarded opener, driven the way img2dataset's workers drive it ------------------------------
 
 @contextlib.contextmanager

@@ -202,3 +202,34 @@ def test_connection_limit_is_released_on_errors_and_redirects(guarded_worker):
             assert _fetch(f"http://127.0.0.1:{port}/missing.png", timeout=2)[0] is None
             assert _fetch(f"http://127.0.0.1:{port}/hop.png", timeout=2) == (b"image", None)
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("robots, verdict", [
+    ("User-agent: *\nDisallow: /private/\n", "rules"),
+    ({"location": "/r/moved/robots.txt", "body": "User-agent: *\nDisallow: /private/\n"}, "rules"),
+    (404, "allow"), (410, "allow"), (500, "disallow"), (503, "disallow"), (429, "disallow"),
+])
+def test_robots_txt_outcomes_follow_rfc_9309(guarded_worker, tmp_path, robots, verdict):
+    from capfilt.udfs import robots as robots_txt
+    from capfilt.world.server import serve
+    (tmp_path / "img").mkdir()
+    with serve(tmp_path, robots=robots) as server:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{server.port}",))
+        found = robots_txt.fetch(server.base_url, "capfilt", timeout=2)
+        requests = server.requests
+    refusal = found.refusal(server.base_url + "/private/a.jpg", ("capfilt", "img2dataset"))
+    public = found.refusal(server.base_url + "/img/a.jpg", ("capfilt", "img2dataset"))
+    if verdict == "rules":
+        assert refusal.startswith("robots_txt: disallowed for capfilt by ") and public is None
+    elif verdict == "allow":
+        assert refusal is None and public is None
+    else:
+        assert refusal == public and f"answered {robots}" in public
+    assert requests[0][0] == "/robots.txt" and len([p for p, _ in requests if p == "/robots.txt"]) == 1
+
+
+def test_robots_txt_of_a_blocked_address_gives_no_verdict(guarded_worker):
+    from capfilt.udfs import robots as robots_txt
+    guarded_worker()  # nothing allow-listed: 127.0.0.1 is blocked by the address policy
+    found = robots_txt.fetch("http://127.0.0.1:9", "capfilt", timeout=2)
+    assert found.refusal("http://127.0.0.1:9/a.jpg", ("capfilt",)) is None, "the image request is blocked instead"

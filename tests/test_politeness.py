@@ -125,3 +125,18 @@ def test_robots_txt_one_request_per_host_and_disallowed_rows_never_fetched(site,
     assert [p for p, _ in logs[0] if p.startswith("/f/")] == [], "disallowed rows are never requested"
     assert [p for p, _ in logs[1] if p != "/robots.txt"] == [] and [p for p, _ in logs[3] if p != "/robots.txt"] == []
     assert sum(host_of[u] == 0 for u in data) == 10
+
+
+def test_progress_lines_come_from_the_shards_stats(tmp_path, capsys):
+    import json
+    import time
+
+    from capfilt.pipelines.download import Progress
+    progress = Progress(str(tmp_path), shards=3, every=0.05)
+    time.sleep(0.12)
+    for shard, (count, ok) in enumerate(((100, 90), (50, 50))):
+        (tmp_path / f"{shard:05d}_stats.json").write_text(json.dumps({"count": count, "successes": ok}))
+    progress.stop()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("download: no shard finished yet")
+    assert lines[-1].startswith("download: 2 of 3 shards done, 150 rows (93.3% downloaded), ")

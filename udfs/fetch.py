@@ -360,9 +360,10 @@ _NEEDS_PIL_MODES = {"I;16", "I;16B", "I;16L", "I", "F", "CMYK", "P", "PA", "LA",
 
 
 class SafeResizer:
-    """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer; a
-    plain JPEG large enough that half its size or less still leaves 1.5x the stored side is decoded
-    at reduced size (udfs/reduced_decode.py) unless reduced_decode is off."""
+    """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer. A plain
+    JPEG takes udfs/reduced_decode.py instead, which stores the same bytes without the Resizer's per-image
+    set-up, and decodes at reduced size when half its size or less still leaves 1.5x the stored side
+    (unless reduced_decode is off)."""
 
     def __init__(self, resizer, max_pixels: int, reduced_decode: bool = False):
         self.resizer = resizer
@@ -388,12 +389,21 @@ class SafeResizer:
             fixed = normalise(image)
         except Exception as e:
             return None, None, None, None, None, f"Image decoding error: {type(e).__name__}: {e}"
-        if self.reduced_decode and fixed is None and blurring_bbox_list is None and image.format == "JPEG" \
-                and image.mode in ("L", "RGB"):
-            scale = reduction(width, height, self.resizer.image_size, self.resizer.resize_mode.name)
-            if scale > 1:
-                return reduced_resize(self.resizer, data, width, height, image.mode == "L", scale)
+        if fixed is None and blurring_bbox_list is None and image.format == "JPEG" and image.mode in ("L", "RGB") \
+                and self._direct:
+            scale = reduction(width, height, self.resizer.image_size, self.resizer.resize_mode.name) \
+                if self.reduced_decode else 1
+            return reduced_resize(self.resizer, data, width, height, image.mode == "L", scale)
         return self.resizer(io.BytesIO(fixed or data), blurring_bbox_list)
+
+    @functools.cached_property
+    def _direct(self) -> bool:
+        """Whether a plain JPEG may skip img2dataset's Resizer call, whose per-image set-up (stdout and
+        stderr redirected through six dup2 calls, albumentations transforms built and validated) cost
+        more than the decode at small sizes: udfs/reduced_decode.py does the same work, once set up."""
+        from img2dataset.resizer import Resizer
+        r = self.resizer
+        return isinstance(r, Resizer) and not r.skip_reencode and not r.disable_all_reencoding and r.blurrer is None
 
 
 def normalise(image: Image.Image) -> bytes | None:

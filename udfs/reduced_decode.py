@@ -7,7 +7,8 @@ at full size. The scale is chosen per image from its header: the largest one tha
 side the resize keys on (the short side for keep_ratio and center_crop, the long side for border and
 keep_ratio_largest) at least MARGIN x `image_size`, then img2dataset's resize runs as usual on the
 smaller picture. Only plain JPEGs (8-bit greyscale or RGB, upright) take this path; every other image goes
-through img2dataset's Resizer unchanged.
+through img2dataset's Resizer unchanged. A plain JPEG too small to reduce takes it at scale 1: the same
+decode, transforms and encoder as the Resizer, byte for byte, without its per-image set-up.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import threading
 import cv2
 import numpy as np
 
-_SCALES = {2: (cv2.IMREAD_REDUCED_COLOR_2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+_SCALES = {1: (cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE),
+           2: (cv2.IMREAD_REDUCED_COLOR_2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
            4: (cv2.IMREAD_REDUCED_COLOR_4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
            8: (cv2.IMREAD_REDUCED_COLOR_8, cv2.IMREAD_REDUCED_GRAYSCALE_8)}
 # The reduced picture keeps at least this many times the stored side, so that the usual resize still
@@ -65,8 +67,13 @@ def _reduced_resize(resizer, data: bytes, width: int, height: int, grey: bool, s
     if img is None:
         return None, None, None, None, None, "Image decoding error"
     mode = resizer.resize_mode.name if hasattr(resizer.resize_mode, "name") else str(resizer.resize_mode)
-    for transform in _transforms(mode, resizer.image_size, resizer.downscale_interpolation):
-        img = transform(image=img)["image"]
+    side = min(width, height) if mode in _SHORT_SIDE_MODES else max(width, height) if mode in _LONG_SIDE_MODES else None
+    if side is not None:  # img2dataset's Resizer's choices, on the original's size
+        downscale = side > resizer.image_size
+        if downscale or not resizer.resize_only_if_bigger:
+            interpolation = resizer.downscale_interpolation if downscale else resizer.upscale_interpolation
+            for transform in _transforms(mode, resizer.image_size, interpolation):
+                img = transform(image=img)["image"]
     ok, encoded = cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
     if not ok:
         return None, None, None, None, None, "Image encoding error"
