@@ -155,9 +155,9 @@ def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: i
     from pyspark.sql import functions as F
 
     rows = with_hosts(todo, settings).drop("_authority", "_limited")
-    hosts = rows.groupBy("_host").count()
-    before = Window.orderBy(F.desc("count"), "_host").rowsBetween(Window.unboundedPreceding, -1)
-    hosts = hosts.withColumn("_start", F.coalesce(F.sum("count").over(before), F.lit(0)))
+    hosts = rows.groupBy("_host").agg(F.count("*").alias("_count"))  # an input may have a "count" column
+    before = Window.orderBy(F.desc("_count"), "_host").rowsBetween(Window.unboundedPreceding, -1)
+    hosts = hosts.withColumn("_start", F.coalesce(F.sum("_count").over(before), F.lit(0)))
     rank = F.row_number().over(Window.partitionBy("_host").orderBy("uid")) - 1
     rows = rows.join(hosts, "_host").withColumn("_pos", F.col("_start") + rank)
     shard = F.floor(F.col("_pos") / rows_per_shard)
@@ -165,9 +165,9 @@ def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: i
     planned = rows.withColumns({"_shard": shard.cast("int"), "_turn": F.col("_pos") - first_in_shard,
                                 "_mix": F.xxhash64("_host")})
     n_shards = max(1, math.ceil(n_todo / rows_per_shard))
-    (planned.drop("count", "_start", "_pos", "_host").repartition(n_shards, "_shard")
+    (planned.drop("_count", "_start", "_pos", "_host").repartition(n_shards, "_shard")
      .sortWithinPartitions("_shard", "_turn", "_mix").write.mode("overwrite").partitionBy("_shard").parquet(plan_dir))
-    spans = F.floor((F.col("_start") + F.col("count") - 1) / rows_per_shard) - F.floor(F.col("_start") / rows_per_shard) + 1
+    spans = F.floor((F.col("_start") + F.col("_count") - 1) / rows_per_shard) - F.floor(F.col("_start") / rows_per_shard) + 1
     shared = hosts.withColumn("k", spans).filter("k > 1").select("_host", "k").collect()
     return n_shards, {r["_host"]: int(min(r["k"], max(1, parallelism))) for r in shared}
 

@@ -103,7 +103,10 @@ class HostLimits:
             h = self._hosts.get((host, exempt))
             if h is None:
                 share = max(1, self.shares.get(host, 1))
-                interval = share / self.rate if self.rate > 0 and not exempt else 0.0
+                # k shards spaced k / (rate + 1 - k) s apart: each lets at most (rate + 1) / k requests
+                # into any one-second window, so together at most rate + 1 (k <= rate; else rate + k).
+                interval = 0.0 if self.rate <= 0 or exempt else \
+                    share / (self.rate + 1 - share) if share <= self.rate else share / self.rate
                 # A host shared by more shards than it has connections still gets one per shard.
                 connections = max(1, self.connections // share) if self.connections > 0 and not exempt else 0
                 h = self._hosts[(host, exempt)] = _Host(interval, connections)
