@@ -226,7 +226,7 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
         user_agent_token=settings.user_agent_token,
         disallowed_header_directives=settings.opt_out_directives or None)
     policy = fetch_policy(settings, plan and plan["shares"])
-    logger = Progress(shards_dir, len(shards) if plan else None) if progress else None
+    logger = Progress(shards_dir, plan["shards"] if plan else None) if progress else None
     try:
         pyspark_distributor(0, GuardedDownloader(downloader, policy, f"{shards_dir}/_tmp"), shards, settings.subjob_size,
                             settings.max_shard_retry)

@@ -233,3 +233,24 @@ def test_robots_txt_of_a_blocked_address_gives_no_verdict(guarded_worker):
     guarded_worker()  # nothing allow-listed: 127.0.0.1 is blocked by the address policy
     found = robots_txt.fetch("http://127.0.0.1:9", "capfilt", timeout=2)
     assert found.refusal("http://127.0.0.1:9/a.jpg", ("capfilt",)) is None, "the image request is blocked instead"
+
+
+def test_robots_rule_matching_equals_the_regex_protego_builds_and_a_hostile_rule_is_fast():
+    import random
+    import re
+
+    from capfilt.udfs.robots import _parse, glob_match
+
+    def as_regex(pattern, path):  # Protego's own translation: `*` -> lazy `.*?`, a final `$` anchors
+        anchored = pattern.endswith("$")
+        core = pattern[:-1] if anchored else pattern
+        return re.match(".*?".join(map(re.escape, core.split("*"))) + ("$" if anchored else ""), path) is not None
+    rng = random.Random(0)
+    for _ in range(5000):
+        pattern = "/" + "".join(rng.choice("ab*") for _ in range(rng.randint(0, 6))) + rng.choice(["", "$"])
+        path = "/" + "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        assert glob_match(pattern, path) == as_regex(pattern, path), (pattern, path)
+    hostile = _parse("User-agent: *\nDisallow: /" + "*a" * 30 + "b\n")  # backtracks for minutes as a regex
+    started = time.monotonic()
+    assert hostile.can_fetch("http://h/" + "a" * 40, "capfilt") and not hostile.can_fetch("http://h/" + "a" * 40 + "b", "capfilt")
+    assert time.monotonic() - started < 1

@@ -51,9 +51,35 @@ class Robots:
         return None
 
 
+def glob_match(pattern: str, path: str) -> bool:
+    """RFC 9309 matching of one rule: `*` any characters, a final `$` the end of the path, otherwise a
+    prefix. Each literal piece is found leftmost after the one before (which leaves the most room for
+    the rest): O(len(path) x pieces). Protego compiles `*` to a lazy regex, which backtracks
+    exponentially: a hostile rule such as Disallow: /*a*a*a...*b held one URL for over a minute."""
+    anchored = pattern.endswith("$")
+    pieces = (pattern[:-1] if anchored else pattern).split("*")
+    if not path.startswith(pieces[0]):
+        return False
+    pos = len(pieces[0])
+    if len(pieces) == 1:
+        return not anchored or pos == len(path)
+    for piece in pieces[1:-1]:
+        found = path.find(piece, pos)
+        if found < 0:
+            return False
+        pos = found + len(piece)
+    last = pieces[-1]
+    return path.endswith(last) and len(path) - len(last) >= pos if anchored else path.find(last, pos) >= 0
+
+
+def _parse(text: str):
+    import protego
+    protego._URLPattern.match = lambda self, path: glob_match(self._pattern, path)  # see glob_match
+    return protego.Protego.parse(text)
+
+
 def fetch(authority: str, token: str, timeout: float) -> Robots:
     """GET authority/robots.txt through the installed opener (udfs/fetch.py: prepare_worker first)."""
-    from protego import Protego
     request = urllib.request.Request(f"{authority}/robots.txt", headers={"User-Agent": USER_AGENT.format(token=token)})
     opener = urllib.request._opener  # the guarded opener; its plain open(): one attempt, no retry
     try:
@@ -71,7 +97,7 @@ def fetch(authority: str, token: str, timeout: float) -> Robots:
         return Robots(authority, disallow_all=f"was unreachable ({code}: {str(e)[:200]})")
     text = body.decode("utf-8", "replace")
     named = tuple(t.lower() for t in re.findall(r"(?im)^\s*user-agent\s*:\s*([^\s#]+)", text))
-    return Robots(authority, rules=Protego.parse(text), named=named)
+    return Robots(authority, rules=_parse(text), named=named)
 
 
 class RobotsCache:
