@@ -49,7 +49,9 @@ def _fold_keys(name: str) -> set[str]:
 # with one of these names, in any case, is kept as input_<name>.
 RESERVED = {n.lower() for c in CONTRACTS.values() for n in c.names} | {
     "key", "status", "error_message", "exif", "jpg", "png", "webp", "txt", "md5", "sha512",
-    "_reason", MALFORMED}
+    "_reason", MALFORMED,
+    # the download stage's politeness columns (pipelines/download.py: with_hosts, plan_shards)
+    "_host", "_authority", "_limited", "_count", "_start", "_pos", "_shard", "_turn", "_mix"}
 _RESERVED_KEYS = set().union(*map(_fold_keys, RESERVED))
 
 

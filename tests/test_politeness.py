@@ -35,8 +35,9 @@ def _download(tmp_path, servers, rows, *settings):
     """rows: (host index, path) -> OUT with the stage's data and rejects as {uid: ...}."""
     meta = tmp_path / "meta.parquet"
     urls = [servers[h].base_url + path for h, path in rows]
-    pq.write_table(pa.table({"id": [f"r{i:04d}" for i in range(len(rows))], "url": urls,
-                             "caption": ["a shape"] * len(rows)}), meta)
+    ids = [f"r{i:04d}" for i in range(len(rows))]
+    # An input column named like one of the shard plan's rides along as input__turn, untouched.
+    pq.write_table(pa.table({"id": ids, "url": urls, "caption": ["a shape"] * len(rows), "_turn": ids}), meta)
     out = tmp_path / "out"
     args = ["--input", str(meta), "--output", str(out), "--id-col", "id", "--no-progress",
             "--set", "download.loopback_only=true", "--set", "download.polite_to_allowed_hosts=true",
@@ -46,7 +47,9 @@ def _download(tmp_path, servers, rows, *settings):
     for setting in settings:
         args += ["--set", setting]
     assert download_main(args) == 0
-    data = {r["uid"] for r in pq.read_table(out / "data", columns=["uid"]).to_pylist()}
+    records = pq.read_table(out / "data", columns=["uid", "input__turn"]).to_pylist()
+    assert all(r["input__turn"] == r["uid"] for r in records)
+    data = {r["uid"] for r in records}
     rejects = {r["uid"]: r for r in pq.read_table(out / "rejects").to_pylist()}
     assert len(data) + len(rejects) == len(rows), "every row ends in data or rejects"
     return out, data, rejects
