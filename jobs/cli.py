@@ -7,10 +7,12 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "demo": ("capfilt.jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
-    "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, dedup, write OUT/curated + rejects"),
+    "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, [decontaminate, heads,] dedup, write"),
     "download": ("capfilt.jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
     "caption": ("capfilt.jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
     "filter": ("capfilt.jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
+    "decontaminate": ("capfilt.jobs.decontaminate", "drop copies of evaluation images (dedup.eval_sets)"),
+    "heads": ("capfilt.jobs.heads", "score rows with small heads over the stored CLIP embedding; drop or flag"),
     "dedup": ("capfilt.jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
     "package": ("capfilt.jobs.package", "build the zip that spark-submit --py-files ships to executors"),
     "export": ("capfilt.jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="capfilt", description="Image-text curation (BLIP-style CapFilt) on Apache Spark.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
+        epilog="commands:\n" + "\n".join(f"  {name:<14} {help}" for name, (_, help) in COMMANDS.items())
                + "\n\nRun 'capfilt COMMAND --help' for a command's options.")
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

@@ -59,8 +59,19 @@ def check_models(cfg: Config, stages) -> None:
     from capfilt.udfs.models import check_reference
     if "caption" in stages and cfg.caption.num_captions:
         check_reference(cfg.caption.model, "captioner")
-    if "filter" in stages:
+    if "filter" in stages or "decontaminate" in stages:
         check_reference(cfg.filter.model, "clip")
+    if "heads" in stages:
+        from capfilt.pipelines.heads import load_heads
+        from capfilt.udfs.heads import check_embedding_model
+        for head, _ in load_heads(cfg):
+            check_embedding_model(head, cfg.filter.model)
+    if "decontaminate" in stages:
+        import fsspec
+        for path in cfg.dedup.eval_sets:
+            fs, where = fsspec.core.url_to_fs(path)
+            if not fs.exists(where):
+                raise ValueError(f"dedup.eval_sets: {path} does not exist")
 
 
 def check_output_path(root: str, input: str | None = None, replaced: tuple[str, ...] = ("",)) -> None:
@@ -117,5 +128,7 @@ def run_stage_job(name: str, doc: str, argv=None) -> int:
     args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
     cfg = config_from_args(args)
     check_output_path(args.output, args.input)
+    if name in ("decontaminate", "heads"):  # their inputs, before Spark starts (the model stages check theirs)
+        check_models(cfg, [name])
     run_stage(definition(name), cfg, args.input, args.output)
     return 0

@@ -38,10 +38,10 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
     refused, naming what differs."""
     from capfilt.pipelines.output import StageOutput, read_manifest
     from capfilt.pipelines.provenance import changed_keys, stale_reason
-    from capfilt.pipelines.publish import STAGES, stage_dir
+    from capfilt.pipelines.publish import active_stages, stage_dir
     from capfilt.pipelines.stage import definition
-    actions, redo, stale = {}, cfg.output.overwrite, []
-    for stage in STAGES:
+    actions, redo, stale, previous = {}, cfg.output.overwrite, [], None
+    for stage in active_stages(cfg):
         root = stage_dir(out_root, stage)
         committed = StageOutput(root, stage).complete
         if redo or not committed or (stage == "download" and retry_failed):
@@ -49,6 +49,9 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
         else:
             manifest = read_manifest(root)
             why = stale_reason(manifest, cfg.to_dict(), stage, source if stage == "download" else None)
+            read = manifest.get("chain", [[None], [None]])[-2][0] if stage != "download" else None
+            if why is None and read != previous:  # a stage was switched on or off before it
+                why = f"another chain (it read {read}, this run's stage before it is {previous})"
             model = None if stage == "download" else definition(stage).model
             if why is None:
                 actions[stage] = REUSE
@@ -58,6 +61,7 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
             else:
                 stale.append(f"{stage} under {out_root}/stages was made with {why} than this run's")
         redo = redo or actions.get(stage) in (RUN, RESELECT)
+        previous = stage
     if stale:
         raise ValueError("; ".join(stale) + ": rerun with --overwrite to recompute, or use the input and "
                          "settings of that run")
@@ -79,7 +83,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
     from capfilt.jobs.download import check, run_download
     from capfilt.pipelines.output import OutputLock
     from capfilt.pipelines.provenance import input_source
-    from capfilt.pipelines.publish import STAGES, publish, stage_dir
+    from capfilt.pipelines.publish import publish, stage_dir
     from capfilt.pipelines.session import spark_session
     from capfilt.pipelines.stage import definition, run_stage
 
@@ -94,12 +98,12 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
         print(f"[curate] Spark {spark.version}, master {spark.sparkContext.master}, UI {spark.sparkContext.uiWebUrl}",
               flush=True)
         previous = None
-        for i, stage in enumerate(STAGES, 1):
+        for i, stage in enumerate(actions, 1):
             action = actions[stage]
             note = {REUSE: ": committed by an earlier run, reused",
                     RESELECT: ": recomputed from the stored scores, no model loaded",
                     RUN: " (caption and filter in one pass over each image)" if fuse and stage == "caption" else ""}
-            print(f"\n[curate] stage {i}/{len(STAGES)}: {stage}  ({time.time() - started:.0f}s){note[action]}",
+            print(f"\n[curate] stage {i}/{len(actions)}: {stage}  ({time.time() - started:.0f}s){note[action]}",
                   flush=True)
             root = stage_dir(out, stage)
             if stage == "download" and action == RUN:
@@ -114,7 +118,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
     counts = manifest["counts"]
     print(f"[curate] done in {manifest['seconds']:.0f}s: {counts['input']} rows in, {counts['output']} curated, "
           f"{counts['rejected_total']} rejected")
-    for stage in STAGES:
+    for stage in ("prefilter", *actions):
         for reason, n in sorted(counts["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
             print(f"  {stage:<10} {reason:<24} {n:>8}")
     return 0

@@ -184,6 +184,49 @@ class DedupSettings:
     # The survivor of each group.
     inherit_captions: bool = _opt(True, "the survivor inherits the kept captions of the rows it replaces, "
                                         "as candidates with source 'inherited_web' / 'inherited_synthetic'")
+    # Evaluation-set decontamination (the decontaminate stage, before dedup; docs/dedup.md).
+    eval_sets: list[str] = _opt(list, "evaluation image sets whose copies leave the data (eval_contaminated): "
+                                      "a folder of images, Parquet with image bytes, or a folder of WebDataset "
+                                      "tars; empty = no decontamination")
+    eval_threshold: float = _opt(0.9, "image-embedding cosine at or above which a row is a copy of an "
+                                      "evaluation image (exact copies are caught by hash first)", min=-1, max=1)
+
+
+@dataclass
+class PrefilterSettings:
+    """Rules on the metadata and the caption, applied before download: a dropped row is never fetched."""
+    max_punsafe: float | None = _opt(None, "drop rows whose punsafe (LAION's NSFW probability) is above this; "
+                                           "null = off", min=0, max=1)
+    max_pwatermark: float | None = _opt(None, "drop rows whose pwatermark (LAION's watermark probability) is "
+                                              "above this; null = off", min=0, max=1)
+    min_similarity: float | None = _opt(None, "drop rows whose similarity (LAION's CLIP cosine of the pair) is "
+                                              "below this; null = off", min=-1, max=1)
+    min_width: int = _opt(0, "drop rows whose original width (metadata) is below this; 0 = off", min=0)
+    min_height: int = _opt(0, "drop rows whose original height (metadata) is below this; 0 = off", min=0)
+    max_aspect_ratio: float | None = _opt(None, "drop rows whose original long side / short side (metadata) is "
+                                                "above this; null = off", min=1)
+    min_caption_chars: int = _opt(0, "drop captions shorter than this many characters; 0 = off", min=0)
+    max_caption_chars: int = _opt(0, "drop captions longer than this many characters; 0 = off", min=0)
+    min_caption_words: int = _opt(0, "drop captions of fewer words; 0 = off", min=0)
+    max_caption_words: int = _opt(0, "drop captions of more words; 0 = off", min=0)
+    languages: list[str] = _opt(list, "keep only captions in these languages (ISO 639-1 codes, e.g. [en]); "
+                                      "empty = off")
+    min_language_score: float = _opt(0.5, "a caption leaves for its language only when the detector is at "
+                                          "least this confident", min=0, max=1)
+    blocklist: list[str] = _opt(list, "words or phrases (case-insensitive, whole words) whose captions leave")
+    blocklist_patterns: list[str] = _opt(list, "regular expressions (case-insensitive) whose captions leave")
+    columns: dict[str, str] = _opt(lambda: {"punsafe": "punsafe", "pwatermark": "pwatermark",
+                                            "similarity": "similarity", "width": "WIDTH", "height": "HEIGHT"},
+                                   "the input column of each metadata rule (LAION's names by default)")
+
+
+@dataclass
+class HeadsSettings:
+    """Small models over the stored CLIP image embedding (the heads stage, after filter; docs/models.md)."""
+    drop: list[str] = _opt(list, "heads (folders with head.safetensors + card.json) whose verdict drops a row: "
+                                 "the reason is the head's name")
+    flag: list[str] = _opt(list, "heads whose score is only recorded (column head_scores), dropping nothing")
+    thresholds: dict[str, float] = _opt(dict, "head name -> threshold, replacing the one on its card")
 
 
 @dataclass
@@ -194,6 +237,8 @@ class Config:
     caption: CaptionSettings = _opt(CaptionSettings)
     filter: FilterSettings = _opt(FilterSettings)
     dedup: DedupSettings = _opt(DedupSettings)
+    prefilter: PrefilterSettings = _opt(PrefilterSettings)
+    heads: HeadsSettings = _opt(HeadsSettings)
     output: OutputSettings = _opt(OutputSettings)
 
     def to_dict(self) -> dict:

@@ -195,10 +195,9 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
     from img2dataset.distributor import pyspark_distributor
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
-    from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    from capfilt.udfs.fetch import GuardedDownloader, SafeResizer
+    from capfilt.udfs.fetch import GuardedDownloader, stored_form
 
     fs, shards_path = fsspec.core.url_to_fs(shards_dir)
     fs.makedirs(f"{shards_path}/_tmp", exist_ok=True)  # img2dataset's Reader writes its input shards here
@@ -210,14 +209,9 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
         plan_fs, plan_path = fsspec.core.url_to_fs(plan["dir"])
         shards = [(i, f"{plan['dir']}/_shard={i}") for i in range(plan["shards"])
                   if i not in done and plan_fs.exists(f"{plan_path}/_shard={i}")]
-    resizer = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode,
-                      resize_only_if_bigger=settings.resize_only_if_bigger,
-                      encode_quality=settings.encode_quality, encode_format=settings.encode_format,
-                      min_image_size=settings.min_image_size, max_image_area=settings.max_image_pixels,
-                      max_aspect_ratio=settings.max_aspect_ratio)
     downloader = Downloader(
         sample_writer_class=ParquetSampleWriter,
-        resizer=SafeResizer(resizer, settings.max_image_pixels, settings.reduced_decode),
+        resizer=stored_form(settings),
         thread_count=settings.threads, save_caption=True, extract_exif=settings.extract_exif,
         output_folder=shards_dir, column_list=["uid", *extra_columns, "caption", "url"], timeout=settings.timeout,
         number_sample_per_shard=rows_per_shard, oom_shard_count=5, compute_hash="sha256",

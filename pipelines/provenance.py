@@ -11,8 +11,11 @@ import hashlib
 import json
 
 # Config sections a committed stage was computed with (seed seeds caption sampling and dedup's choices).
-SETTINGS = {"download": ("download",), "caption": ("caption", "seed"), "filter": ("filter",),
-            "dedup": ("dedup", "seed")}
+SETTINGS = {"download": ("download", "prefilter"), "caption": ("caption", "seed"), "filter": ("filter",),
+            "decontaminate": ("dedup.eval_sets", "dedup.eval_threshold", "download.image_size",
+                              "download.resize_mode", "download.resize_only_if_bigger", "download.encode_format",
+                              "download.encode_quality"),
+            "heads": ("heads",), "dedup": ("dedup", "seed")}
 # Download settings that change how rows are fetched, not what a good row is: a committed download
 # stays valid under other values, and --retry-failed may change them (e.g. a longer timeout).
 # Model-stage settings that change where and how fast a model runs, not what it computes.
@@ -58,7 +61,8 @@ def changed_keys(used: dict, config: dict, keys, skip=()) -> list[str]:
     defaults = Config().to_dict()
     changed = []
     for key in keys:
-        before, now, default = _get(used, key), _get(config, key), _get(defaults, key)
+        now, default = _get(config, key), _get(defaults, key)
+        before = _get(used, key) if _has(used, key) else default
         if isinstance(before, dict) and isinstance(now, dict):
             default = default if isinstance(default, dict) else {}
             changed += [f"{key}.{k}" for k in sorted(set(before) | set(now)) if k not in skip
@@ -66,6 +70,14 @@ def changed_keys(used: dict, config: dict, keys, skip=()) -> list[str]:
         elif before != now:
             changed.append(key)
     return changed
+
+
+def _has(config: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
 
 
 def _get(config: dict, key: str):

@@ -21,16 +21,30 @@ import fsspec
 from capfilt.pipelines.output import MANIFEST, ConservationError, Counts, move_into_place, read_manifest, versions
 from capfilt.schemas import CURATED, REJECTS
 
-STAGES = ("download", "caption", "filter", "dedup")
+# Every stage in chain order; a stage whose `enabled(cfg)` is false is left out of a run's chain.
+STAGES = ("download", "caption", "filter", "decontaminate", "heads", "dedup")
+
+
+def active_stages(cfg) -> tuple[str, ...]:
+    """The chain this config runs: download and every enabled stage after it."""
+    from capfilt.pipelines.stage import definition
+    return tuple(s for s in STAGES if s == "download" or definition(s).enabled(cfg))
 
 
 def stage_dir(out_root: str, stage: str) -> str:
     return f"{str(out_root).rstrip('/')}/stages/{stage}"
 
 
+def run_chain(out_root: str) -> tuple[str, ...]:
+    """The stages of the committed run under out_root, in order, as its last stage's manifest names them."""
+    last = read_manifest(stage_dir(out_root, STAGES[-1]))
+    return tuple(name for name, _ in last["chain"]) if "chain" in last else STAGES
+
+
 def check_chain(manifests: dict[str, dict]) -> None:
     """Each stage reads exactly what the previous one wrote."""
-    for before, after in zip(STAGES, STAGES[1:]):
+    names = list(manifests)
+    for before, after in zip(names, names[1:]):
         wrote, read = manifests[before]["counts"]["output"], manifests[after]["counts"]["input"]
         if wrote != read:
             raise ConservationError(
@@ -47,7 +61,8 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)
     proto = root.split("://")[0] + "://" if "://" in root else ""
-    manifests = {stage: read_manifest(stage_dir(root, stage)) for stage in STAGES}
+    chain_stages = run_chain(root)
+    manifests = {stage: read_manifest(stage_dir(root, stage)) for stage in chain_stages}
     check_chain(manifests)
     if fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")  # from here on, OUT is not finished until the new manifest lands
@@ -68,7 +83,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
             curated.coalesce(max(1, math.ceil(size / (target_file_mb * 2**20)))).write \
                 .option("compression", codec).mode("append").parquet(f"{proto}{work}/curated")
         rejects = None
-        for stage in STAGES:
+        for stage in chain_stages:
             part = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{proto}{stage_dir(path, stage)}/rejects")
             part = part.select(*REJECTS.names)
             rejects = part if rejects is None else rejects.unionByName(part)
@@ -108,11 +123,11 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         "seconds": round(finished - started, 3),
         "versions": versions(),
         "config": config,
-        "models": {stage: manifests[stage]["models"] for stage in STAGES if "models" in manifests[stage]},
+        "models": {stage: manifests[stage]["models"] for stage in chain_stages if "models" in manifests[stage]},
         "counts": counts.to_dict(),
         "stages": stages,
         "write": write,
-        "reasons": {stage: manifests[stage].get("reasons", {}) for stage in STAGES},
+        "reasons": {stage: manifests[stage].get("reasons", {}) for stage in chain_stages},
         "curated_files": shards,
     }
     fs.pipe(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())

@@ -57,6 +57,7 @@ class Stage:
     from_model: dict = field(default_factory=dict)  # {view column: pass field} read from that kept output
     images: bool = False            # split needs image bytes (the view then reads them)
     models: Callable = lambda cfg: {}  # cfg -> the manifest's "models" entry
+    enabled: Callable = lambda cfg: True  # cfg -> whether `capfilt curate` runs it (off: not in the chain)
 
     def schema(self):
         """Spark schema of what the stage writes."""
@@ -337,9 +338,11 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
         scores = fused_scores or out.path("model")
         model = spark.read.option("pathGlobFilter", "*.parquet").parquet(scores)
         rows = rows.drop(PART).join(model.select("uid", PART, OUT), "uid")
-    facts: dict = {"chain": chain, "models": {}, "rows": source_manifest["counts"]["output"]}
+    facts: dict = {"chain": chain, "models": {}, "rows": source_manifest["counts"]["output"],
+                   "workdir": out.path("work")}
     data, rejects = stage.split(rows, cfg, facts)
     counts, written = _write(out, stage, data, rejects, source_manifest["counts"]["output"], cfg.output.compression)
+    out.remove("work")  # what the split wrote for itself (decontaminate: the evaluation embeddings)
     if passes and not (stage.keeps_scores or len(passes) > 1):
         out.remove("model")  # nothing reads it again
     loaded = [p for p in passes if p.reference(cfg)]
@@ -347,7 +350,7 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
                ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
                "decoded_images": decoded.value, "bytes_written": written}
     manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | facts["models"],
-                              reasons=stage.reasons, source=source,
+                              reasons=stage.reasons | facts.get("reasons", {}), source=source,
                               **chain.to_manifest(stage.name, out.root, fused_scores or (
                                   f"{out.root}/model" if stage.keeps_scores and stage.model else None)),
                               fused={_owner(p): {"keys": pass_keys(cfg, [p]), "dir": "model"} for p in passes[1:]},

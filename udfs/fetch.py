@@ -406,6 +406,18 @@ class SafeResizer:
         return isinstance(r, Resizer) and not r.skip_reencode and not r.disable_all_reencoding and r.blurrer is None
 
 
+def stored_form(settings) -> SafeResizer:
+    """The resizer the download stage stores images with (DownloadSettings): (bytes) -> (image, width,
+    height, original width, original height, error)."""
+    from img2dataset.resizer import Resizer
+    resizer = Resizer(image_size=settings.image_size, resize_mode=settings.resize_mode,
+                      resize_only_if_bigger=settings.resize_only_if_bigger,
+                      encode_quality=settings.encode_quality, encode_format=settings.encode_format,
+                      min_image_size=settings.min_image_size, max_image_area=settings.max_image_pixels,
+                      max_aspect_ratio=settings.max_aspect_ratio)
+    return SafeResizer(resizer, settings.max_image_pixels, settings.reduced_decode)
+
+
 def normalise(image: Image.Image) -> bytes | None:
     """PNG bytes of an 8-bit RGB, upright, first-frame version of `image`; None when OpenCV can take
     the original as it is (the common case: no re-encode)."""

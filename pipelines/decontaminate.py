@@ -1,0 +1,172 @@
+"""The decontaminate stage: scored -> scored (+ rejects). Copies of evaluation images leave the data.
+
+`dedup.eval_sets` names evaluation image sets, each a folder of image files, Parquet with image bytes
+(a `key`/`id` column and an `image` column, or Hugging Face's image struct), or a folder of WebDataset
+tars. Every evaluation image is embedded as the pipeline embeds its own rows (the download stage's
+resizer, then the run's CLIP: udfs/decontaminate.py). A row leaves as `eval_contaminated` when its
+sha256 equals an evaluation file's (an exact copy), or when its stored image embedding lies within
+`dedup.eval_threshold` (cosine) of an evaluation image's (faiss, exact inner-product search). The detail
+names the evaluation item (`<set>/<id>`) and the evidence. DataComp removes near-duplicates of its
+evaluation sets the same way (datacomp#70).
+"""
+from __future__ import annotations
+
+import pandas as pd  # module level: Spark reads the pandas UDFs' type hints from these globals
+
+import re
+
+from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.schemas import SCORED
+
+STAGE = "decontaminate"
+EVAL_CONTAMINATED = "eval_contaminated"
+REASONS = {EVAL_CONTAMINATED: "a copy of an evaluation image (detail: the evaluation item, and identical bytes "
+                              "or the embedding cosine)"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_ID_COLUMNS = ("key", "__key__", "id", "uid", "eval_id", "image_id")
+_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+
+
+def set_name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] or "eval"
+
+
+def eval_images(spark, path: str):
+    """(eval_id, image) of one evaluation set; eval_id = '<set name>/<item id>'."""
+    import fsspec
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise ValueError(f"dedup.eval_sets: {path} does not exist")
+    prefix = F.lit(f"{set_name(path)}/")
+    files = [root] if fs.isfile(root) else fs.find(root)
+    if any(f.endswith((".parquet", ".pq")) for f in files):
+        df = spark.read.parquet(path)
+        names = {c.lower(): c for c in df.columns}
+        image = next((names[c] for c in _IMAGE_COLUMNS if c in names), None)
+        if image is None:
+            raise ValueError(f"dedup.eval_sets: {path} has no image column ({', '.join(_IMAGE_COLUMNS)}); it has "
+                             f"{', '.join(df.columns)}")
+        kind = df.schema[image].dataType
+        if isinstance(kind, T.StructType) and "bytes" in kind.fieldNames():  # Hugging Face datasets' Image
+            bytes_col = F.col(f"`{image}`.bytes")
+        elif isinstance(kind, T.BinaryType):
+            bytes_col = F.col(f"`{image}`")
+        else:
+            raise ValueError(f"dedup.eval_sets: {path}: column {image} is {kind.simpleString()}, not image bytes")
+        key = next((names[c] for c in _ID_COLUMNS if c in names), None)
+        ids = F.col(f"`{key}`").cast("string") if key else F.sha2(bytes_col, 256)
+        return df.select(F.concat(prefix, ids).alias("eval_id"), bytes_col.alias("image"))
+    tars = sorted(f for f in files if f.endswith(".tar"))
+    if tars:
+        proto = path.split("://")[0] + "://" if "://" in path else ""
+        listing = spark.createDataFrame([(f"{proto}{t}",) for t in tars], "tar string").repartition(
+            min(len(tars), spark.sparkContext.defaultParallelism))
+        schema = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("image", T.BinaryType())])
+        return listing.mapInPandas(_TarImages(f"{set_name(path)}/"), schema)
+    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet or WebDataset tars")
+    df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
+    df = df.filter(F.lower("path").rlike(r"\.(" + "|".join(s[1:] for s in IMAGE_SUFFIXES) + r")$"))
+    relative = F.regexp_replace("path", "^.*?" + re.escape(root) + "/", "")
+    return df.select(F.concat(prefix, F.regexp_replace(relative, r"\.[^./]*$", "")).alias("eval_id"),
+                     F.col("content").alias("image"))
+
+
+class _TarImages:
+    """mapInPandas: tar paths -> (eval_id, image) of every image member (WebDataset: key = name up to
+    the first dot of its base name)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, frames):
+        import tarfile
+
+        import fsspec
+        import pandas as pd
+        for frame in frames:
+            for path in frame["tar"]:
+                ids, blobs = [], []
+                with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                    for member in tar:
+                        name = member.name
+                        if not member.isfile() or not name.lower().endswith(IMAGE_SUFFIXES):
+                            continue
+                        folder, _, base = name.rpartition("/")
+                        key = f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+                        ids.append(self.prefix + key)
+                        blobs.append(tar.extractfile(member).read())
+                yield pd.DataFrame({"eval_id": ids, "image": blobs})
+
+
+def embed_eval_sets(spark, cfg, folder: str) -> dict:
+    """Embed every evaluation set into `folder` (eval_id, sha256, embedding, error); returns counts."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from capfilt.pipelines.inference import apply_batches
+    from capfilt.udfs.decontaminate import EvalEmbedder
+    from capfilt.udfs.models import check_reference
+    check_reference(cfg.filter.model, "clip")
+    items = None
+    for path in cfg.dedup.eval_sets:
+        df = eval_images(spark, path)
+        items = df if items is None else items.unionByName(df)
+    out_type = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("sha256", T.StringType()),
+                             T.StructField("embedding", T.BinaryType()), T.StructField("error", T.StringType())])
+    embedded = apply_batches(items, EvalEmbedder(cfg.download, cfg.filter), ["eval_id", "image"], out_type,
+                             cfg.filter.gpus_per_task)
+    embedded.select("_inference.*").write.mode("overwrite").parquet(folder)
+    stored = spark.read.parquet(folder)
+    counts = {row["ok"]: row["count"] for row in stored.groupBy(F.col("embedding").isNotNull().alias("ok"))
+              .count().collect()}
+    duplicated = stored.groupBy("eval_id").count().filter("count > 1").limit(3).collect()
+    if duplicated:
+        raise ValueError(f"dedup.eval_sets: evaluation ids must be unique, {', '.join(r['eval_id'] for r in duplicated)} "
+                         f"repeat (two sets with one folder name?)")
+    return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0)}
+
+
+def split(rows, cfg, facts: dict):
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from capfilt.pipelines.heads import _clip_of
+    clip = _clip_of(facts["chain"])
+    if clip is not None and clip != cfg.filter.model:
+        raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
+                         f"is {cfg.filter.model}: evaluation images must be embedded by the same model")
+    spark = rows.sparkSession
+    folder = f"{facts['workdir']}/eval"
+    facts["models"]["eval_sets"] = {"sets": list(cfg.dedup.eval_sets), "threshold": cfg.dedup.eval_threshold,
+                                    "clip": cfg.filter.model, **embed_eval_sets(spark, cfg, folder)}
+    print(f"[{STAGE}] evaluation images: {facts['models']['eval_sets']['images']} embedded, "
+          f"{facts['models']['eval_sets']['unreadable']} unreadable", flush=True)
+    hashes = F.broadcast(spark.read.parquet(folder).select(F.col("sha256").alias("_eval_sha"),
+                                                           F.col("eval_id").alias("_exact")).dropDuplicates(["_eval_sha"]))
+
+    def nearest(embeddings: pd.Series) -> pd.DataFrame:
+        from capfilt.udfs.decontaminate import nearest_eval
+        ids, cosines = nearest_eval(embeddings.tolist(), folder)
+        return pd.DataFrame({"eval_id": ids, "cosine": cosines})
+    found = F.pandas_udf(nearest, T.StructType([T.StructField("eval_id", T.StringType()),
+                                                T.StructField("cosine", T.FloatType())]))
+    marked = (rows.join(hashes, rows["sha256"] == hashes["_eval_sha"], "left").drop("_eval_sha")
+              .withColumn("_near", found("image_embedding")).localCheckpoint())
+    near = F.col("_near.cosine") >= cfg.dedup.eval_threshold
+    hit = F.col("_exact").isNotNull() | F.coalesce(near, F.lit(False))
+    detail = F.when(F.col("_exact").isNotNull(), F.concat(F.lit("eval item "), "_exact", F.lit(": identical bytes (sha256)"))) \
+        .otherwise(F.concat(F.lit("eval item "), F.col("_near.eval_id"), F.lit(": cosine "),
+                            F.format_number("_near.cosine", 4)))
+    kept = marked.filter(~hit).drop("_exact", "_near")
+    return kept, reject_rows(marked.filter(hit), STAGE, EVAL_CONTAMINATED, detail)
+
+
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split,
+                   enabled=lambda cfg: bool(cfg.dedup.eval_sets),
+                   models=lambda cfg: {"clip": cfg.filter.model})

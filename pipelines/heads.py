@@ -1,0 +1,102 @@
+"""The heads stage: scored -> scored + head_scores (+ rejects). Small models over the stored embedding.
+
+Each head in `heads.drop` or `heads.flag` (udfs/heads.py: a card and weights) scores every row from the
+image embedding the filter stored: no image is decoded, no CLIP runs. Every row keeps every head's
+score in `head_scores` (scores are data: a threshold can change later without rescoring); a drop head
+also rejects the rows it flags, with the head's name as the reason and the score in the detail. A
+head made for another CLIP is refused before any work.
+"""
+from __future__ import annotations
+
+import pandas as pd  # module level: Spark reads the pandas UDFs' type hints from these globals
+
+from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.schemas import SCORED, Field
+from capfilt.schemas.contract import FLOAT32, STRING, list_of, struct_of
+
+STAGE = "heads"
+HEAD_SCORES = Field("head_scores", list_of(struct_of(Field("name", STRING, False), Field("score", FLOAT32, True))),
+                    False, "each embedding head's score (heads.drop and heads.flag), in config order")
+
+
+def load_heads(cfg) -> list[tuple[object, str]]:
+    """[(Head, 'drop' | 'flag')] in config order; names must differ."""
+    from capfilt.udfs.heads import HeadError, load_head
+    heads, seen = [], {}
+    for mode in ("drop", "flag"):
+        for path in getattr(cfg.heads, mode):
+            head = load_head(path)
+            if head.name in seen:
+                raise HeadError(f"heads {seen[head.name]} and {path} are both named {head.name!r}: names are "
+                                f"reasons and score keys, they must differ")
+            seen[head.name] = path
+            heads.append((head, mode))
+    unknown = set(cfg.heads.thresholds) - set(seen)
+    if unknown:
+        raise HeadError(f"heads.thresholds names {', '.join(sorted(unknown))}, which is no head of this run "
+                        f"({', '.join(seen) or 'none'})")
+    return [(load_head(seen[h.name], cfg.heads.thresholds.get(h.name)), mode) for h, mode in heads]
+
+
+def _clip_of(chain) -> str | None:
+    """The CLIP reference the filter stage of this chain ran with (its embeddings are the heads' input)."""
+    from capfilt.pipelines.output import read_manifest
+    filter_root = dict(chain.roots).get("filter")
+    return read_manifest(filter_root).get("models", {}).get("clip") if filter_root else None
+
+
+def score_column(heads):
+    """A pandas UDF: stored embedding bytes -> [score per head]."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    def scores(embeddings: pd.Series) -> pd.Series:
+        import numpy as np
+
+        from capfilt.udfs.heads import embeddings_from_bytes
+        x = embeddings_from_bytes(embeddings)
+        if x.shape[1] == 0:
+            return pd.Series([[None] * len(heads)] * len(x))
+        table = np.stack([h.scores(x) for h in heads], axis=1)
+        return pd.Series([[None if np.isnan(v) else float(v) for v in row] for row in table])
+    return F.pandas_udf(scores, T.ArrayType(T.FloatType()))
+
+
+def split(rows, cfg, facts: dict):
+    from pyspark.sql import functions as F
+
+    from capfilt.udfs.heads import HeadError, check_embedding_model
+    heads = load_heads(cfg)
+    clip = _clip_of(facts["chain"]) or cfg.filter.model
+    for head, _ in heads:
+        check_embedding_model(head, clip)
+    first = rows.select(F.length("image_embedding").alias("n")).filter("n is not null").first()
+    for head, _ in heads:
+        if first and first["n"] // 2 != head.input_dim:
+            raise HeadError(f"head {head.name} takes {head.input_dim}-d embeddings; the stored ones are "
+                            f"{first['n'] // 2}-d")
+    facts["reasons"] = {h.name: f"head {h.name} ({h.architecture}) scored {h.direction} its threshold (detail: "
+                                f"the score)" for h, mode in heads if mode == "drop"}
+    facts["models"]["heads"] = {h.name: {"mode": mode, "architecture": h.architecture, "threshold": h.threshold,
+                                         "direction": h.direction, "embedding_model": h.card["embedding_model"]}
+                                for h, mode in heads}
+    scored = rows.withColumn("_scores", score_column([h for h, _ in heads])("image_embedding"))
+    scored = scored.withColumn(HEAD_SCORES.name, F.array(*[
+        F.struct(F.lit(h.name).alias("name"), F.col("_scores")[i].alias("score")) for i, (h, _) in enumerate(heads)]))
+    reason, detail = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for i, (h, mode) in reversed(list(enumerate(heads))):  # the first drop head that flags a row names it
+        if mode != "drop":
+            continue
+        s = F.col("_scores")[i]
+        hit = (s > h.threshold) if h.direction == "above" else (s < h.threshold)
+        reason = F.when(hit, F.lit(h.name)).otherwise(reason)
+        detail = F.when(hit, F.concat(F.lit(f"{h.name} score "), F.format_number(s, 4),
+                                      F.lit(f" {'>' if h.direction == 'above' else '<'} {h.threshold:g}"))).otherwise(detail)
+    marked = scored.withColumn("_reason", reason).withColumn("_detail", detail).localCheckpoint()
+    kept = marked.filter(F.col("_reason").isNull())
+    return kept, reject_rows(marked.filter(F.col("_reason").isNotNull()), STAGE, F.col("_reason"), F.col("_detail"))
+
+
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(HEAD_SCORES,), reasons={}, split=split,
+                   enabled=lambda cfg: bool(cfg.heads.drop or cfg.heads.flag),
+                   models=lambda cfg: {"heads": {"drop": list(cfg.heads.drop), "flag": list(cfg.heads.flag)}})
