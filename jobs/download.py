@@ -122,7 +122,7 @@ def download(spark, spec, out, cfg, progress=True):
 
     from capfilt.pipelines.download import (OPTED_OUT, STAGE, fetch, precheck, prechecked_rejects, robots_refusals,
                                             shard_size, to_fetch)
-    from capfilt.pipelines.stage import reject_rows
+    from capfilt.pipelines.stage import definition, reject_rows
     from capfilt.pipelines.inputs import read_pairs
     from capfilt.pipelines.io import parquet_rows, write_stage
     from capfilt.pipelines.output import build_manifest
@@ -151,6 +151,14 @@ def download(spark, spec, out, cfg, progress=True):
         marked = spark.read.parquet(out.path("prechecked"))
         n_input = parquet_rows(out.path("prechecked"))
         todo = to_fetch(marked)
+        prefiltered = None
+        if definition("prefilter").enabled(cfg):  # before robots.txt and the plan: its rows are never fetched
+            timer.lap("precheck")
+            facts = {"models": {}}
+            definition("prefilter").split(todo, cfg, facts)[1].write.mode("overwrite").parquet(out.path("prefilter"))
+            todo = todo.join(spark.read.parquet(out.path("prefilter")).select("uid"), "uid", "left_anti")
+            prefiltered = facts["models"]["prefilter"]
+            timer.lap("prefilter")
         parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
         limited = has_limited_hosts(todo, cfg.download)
         if limited and cfg.download.robots_txt:
@@ -162,7 +170,7 @@ def download(spark, spec, out, cfg, progress=True):
         n_todo = parquet_rows(out.path("input"))
         rows = shard_size(n_todo, parallelism, cfg.download)
         prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo, "rows_per_shard": rows,
-                    "robots": limited and cfg.download.robots_txt,
+                    "robots": limited and cfg.download.robots_txt, "prefilter": prefiltered,
                     "plan": planned(spark, out, "input", n_todo, rows, parallelism, cfg.download, limited)}
         fs.pipe(prepared_file, json.dumps(prepared).encode())
     timer.lap("prepare")
@@ -179,12 +187,15 @@ def download(spark, spec, out, cfg, progress=True):
     rejects = prechecked_rejects(spark.read.parquet(out.path("prechecked"))).unionByName(failed)
     if prepared["robots"]:
         rejects = rejects.unionByName(reject_rows(spark.read.parquet(out.path("robots")), STAGE, OPTED_OUT, F.col("detail")))
+    if prepared.get("prefilter"):
+        rejects = rejects.unionByName(spark.read.parquet(out.path("prefilter")))
     counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
     timer.lap("write")
     shards = shard_stats(out.path("shards")) if prepared["todo"] else {}
     manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, source=input_source(spec),
-                              shards=shards, reasons=_reasons(), timings=timer.laps)
-    for work in ("shards", "prechecked", "robots", "plan", "prepared.json"):
+                              shards=shards, reasons=_reasons(), timings=timer.laps,
+                              **({"prefilter": prepared["prefilter"]} if prepared.get("prefilter") else {}))
+    for work in ("shards", "prechecked", "robots", "prefilter", "plan", "prepared.json"):
         out.remove(work)
     out.commit(manifest)
     return counts
@@ -317,7 +328,7 @@ def print_funnel(counts, where: str) -> None:
     print(f"\n{where}: {counts.input} rows in, {counts.output} downloaded, {counts.rejected_total} rejected")
     for stage, reasons in sorted(counts.rejected.items()):
         for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            print(f"  {stage:<10} {reason:<20} {n:>8}")
+            print(f"  {stage:<10} {reason:<22} {n:>8}")
 
 
 if __name__ == "__main__":

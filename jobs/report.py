@@ -27,9 +27,9 @@ def print_report(report: dict) -> None:
           f"({funnel['kept_fraction']:.1%} kept){finished}")
     print("\nfunnel (rows after each stage; rejected rows per reason)")
     for stage, n in funnel["after"]:
-        print(f"  {stage:<10} {n:>10}")
+        print(f"  {stage:<13} {n:>10}")
         for reason, rows in sorted(funnel["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
-            print(f"    - {plain(reason):<26} {rows:>8}")
+            print(f"    - {plain(reason):<29} {rows:>8}")
     if scores["sources"]:
         quantiles = next(iter(scores["sources"].values()))["quantiles"]
         print("\ncaption scores of the curated rows' candidates (kept: fraction of captions kept)")

@@ -23,6 +23,7 @@ from capfilt.schemas import CURATED, REJECTS
 
 # Every stage in chain order; a stage whose `enabled(cfg)` is false is left out of a run's chain.
 STAGES = ("download", "caption", "filter", "decontaminate", "heads", "dedup")
+FUNNEL = ("prefilter", *STAGES)  # the prefilter runs inside download, before any fetch
 
 
 def active_stages(cfg) -> tuple[str, ...]:
@@ -41,6 +42,25 @@ def run_chain(out_root: str) -> tuple[str, ...]:
     return tuple(name for name, _ in last["chain"]) if "chain" in last else STAGES
 
 
+def split_prefilter(stages: dict) -> dict:
+    """The funnel's stages with the prefilter as a step of its own: it runs inside the download stage
+    (its rows are never fetched), whose counts hold its rejects under stage `prefilter`."""
+    download = stages.get("download")
+    pre = (download or {}).get("counts", {}).get("rejected", {}).get("prefilter")
+    if not pre:
+        return stages
+    n, counts = sum(pre.values()), download["counts"]
+    rest = {k: v for k, v in counts["rejected"].items() if k != "prefilter"}
+    fetched = {**counts, "input": counts["input"] - n, "rejected": rest,
+               "rejected_total": sum(sum(r.values()) for r in rest.values())}
+    prefilter = {"counts": {"input": counts["input"], "output": counts["input"] - n, "rejected": {"prefilter": pre},
+                            "rejected_total": n},
+                 "seconds": (download.get("timings") or {}).get("prefilter"), "rows_in": counts["input"],
+                 "rows_out": counts["input"] - n, "reused": download.get("reused")}
+    return {"prefilter": prefilter, "download": {**download, "counts": fetched, "rows_in": fetched["input"]},
+            **{k: v for k, v in stages.items() if k != "download"}}
+
+
 def check_chain(manifests: dict[str, dict]) -> None:
     """Each stage reads exactly what the previous one wrote."""
     names = list(manifests)
@@ -56,7 +76,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
             started: float | None = None, reused: tuple[str, ...] = ()) -> dict:
     """Commit OUT from its committed stage outputs; returns the manifest written. `reused`: the stages
     this run took from an earlier one (the manifest says so)."""
-    from capfilt.pipelines.stage import PART, Chain, folder_bytes, rates, view
+    from capfilt.pipelines.stage import PART, Chain, definition, folder_bytes, rates, view
     root = str(out_root).rstrip("/")
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)
@@ -109,8 +129,10 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         figures = m.get("figures", {}) | rates(m)
         if stage == "download":
             figures["bytes_written"] = folder_bytes(stage_dir(root, stage))
+            figures["timings"] = m.get("timings")
         stages[stage] = {key: m.get(key) for key in ("started_at", "finished_at", "counts")} | figures | \
             {"reused": stage in reused}
+    stages = split_prefilter(stages)
     write_seconds = round(time.time() - write_started, 3)
     rows_in = sum(p["rows"] for p in chain.parts)
     write = {"seconds": write_seconds, "rows_in": rows_in, "rows_out": counts.output, "bytes_written": written,
@@ -127,7 +149,8 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         "counts": counts.to_dict(),
         "stages": stages,
         "write": write,
-        "reasons": {stage: manifests[stage].get("reasons", {}) for stage in chain_stages},
+        "reasons": {stage: manifests[stage].get("reasons", {}) for stage in chain_stages} |
+                   ({"prefilter": definition("prefilter").reasons} if "prefilter" in stages else {}),
         "curated_files": shards,
     }
     fs.pipe(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())

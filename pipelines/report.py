@@ -25,7 +25,7 @@ import re
 import fsspec
 
 from capfilt.pipelines.output import NotCommittedError, read_manifest
-from capfilt.pipelines.publish import STAGES, stage_dir
+from capfilt.pipelines.publish import FUNNEL, stage_dir
 
 SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the order reports list them in
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -82,7 +82,7 @@ def funnel(spark, root: str, manifest: dict) -> dict:
         problems.append(f"{root}/rejects holds {found}, the manifest says {counts['rejected']}")
     stages = manifest["stages"]
     previous = ("input", counts["input"])
-    for stage in STAGES:
+    for stage in FUNNEL:
         if stage not in stages:
             continue
         sc = stages[stage]["counts"]
@@ -97,7 +97,7 @@ def funnel(spark, root: str, manifest: dict) -> dict:
         problems.append(f"the last stage ({previous[0]}) wrote {previous[1]} rows, the manifest says {counts['output']} curated")
     if problems:
         raise ReportMismatch(f"{root} does not add up (changed after the run?): " + "; ".join(problems))
-    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in STAGES if s in stages]
+    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in FUNNEL if s in stages]
     return {"after": after, "curated": counts["output"], "rejected": counts["rejected"],
             "kept_fraction": counts["output"] / counts["input"] if counts["input"] else 0.0}
 

@@ -1,0 +1,68 @@
+"""The prefilter stage: pairs -> pairs (+ rejects), before download: a row it drops is never fetched.
+
+Rules on the metadata's own columns (LAION's punsafe, pwatermark, similarity, WIDTH/HEIGHT), on the
+caption's length, language and words (udfs/prefilter.py has each rule; udfs/language.py the
+detector). Every rule is off by default. A rule whose column the input lacks is skipped and named in
+the download manifest (`prefilter.skipped`) and on the console, never silently. Because it must act
+before any request, the download stage runs it on its prepared input (jobs/download.py), between the
+precheck and the robots.txt/shard plan; its rejects carry stage `prefilter`, and the funnel shows it
+as a step of its own.
+"""
+from __future__ import annotations
+
+import pandas as pd  # module level: mapInPandas's function reads it from these globals
+
+from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.schemas import PAIRS
+
+STAGE = "prefilter"
+
+
+def _reasons() -> dict[str, str]:
+    from capfilt.udfs.prefilter import RULES
+    reasons: dict[str, list[str]] = {}
+    for rule in RULES:
+        reasons.setdefault(rule.reason, []).append(f"{rule.help} (prefilter.{rule.name})")
+    return {reason: "; ".join(helps) + " (detail: the value and the limit)" for reason, helps in reasons.items()}
+
+
+def enabled(cfg) -> bool:
+    from capfilt.udfs.prefilter import RULES, is_on
+    return any(is_on(rule, getattr(cfg.prefilter, rule.name)) for rule in RULES)
+
+
+class _Marks:
+    """mapInPandas: rows -> (uid, reason, detail) of the rows a rule drops."""
+
+    def __init__(self, settings, active):
+        self.settings, self.active = settings, active
+
+    def __call__(self, frames):
+        from capfilt.udfs.prefilter import prefilter_frame
+        for frame in frames:
+            reason, detail = prefilter_frame(frame, self.settings, self.active)
+            hit = reason.notna()
+            yield pd.DataFrame({"uid": frame["uid"][hit], "_reason": reason[hit], "_detail": detail[hit]})
+
+
+def split(pairs, cfg, facts: dict):
+    """(kept pairs, rejects); facts['models']['prefilter'] says which rules ran and which were skipped."""
+    from pyspark.sql import functions as F
+
+    from capfilt.udfs.prefilter import active_rules
+    active, skipped = active_rules(cfg.prefilter, pairs.columns)
+    facts["models"]["prefilter"] = {"active": [a.name for a in active], "skipped": skipped}
+    for name, why in skipped.items():
+        print(f"[prefilter] rule {name} skipped: {why}", flush=True)
+    if not active:
+        return pairs, reject_rows(pairs.limit(0), STAGE, "", "")
+    columns = list(dict.fromkeys(["uid", *(c for a in active for _, c in a.columns)]))
+    marks = pairs.select(*[F.col("`" + c.replace("`", "``") + "`") for c in columns]).mapInPandas(_Marks(cfg.prefilter, active),
+                                               "uid string, _reason string, _detail string")
+    marked = pairs.join(marks, "uid", "left").localCheckpoint()
+    dropped = marked.filter(marked["_reason"].isNotNull())
+    return (marked.filter(marked["_reason"].isNull()).drop("_reason", "_detail"),
+            reject_rows(dropped, STAGE, dropped["_reason"], dropped["_detail"]))
+
+
+DEFINITION = Stage(name=STAGE, reads=PAIRS, adds=(), reasons=_reasons(), split=split, enabled=enabled)

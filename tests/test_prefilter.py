@@ -1,0 +1,108 @@
+"""The prefilter stage in a real download: LAION-shaped metadata, rules by config, rows never fetched."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.jobs.download import main as download
+from capfilt.world.corpus import make_web_corpus
+from capfilt.world.server import serve
+
+
+@pytest.fixture(scope="module")
+def laion_site(tmp_path_factory):
+    """A small web corpus served on loopback, and LAION-shaped metadata for it: URL, TEXT, SAMPLE_ID,
+    WIDTH/HEIGHT (int64), similarity, punsafe and pwatermark (float64, with nulls)."""
+    root = tmp_path_factory.mktemp("prefilter-world")
+    make_web_corpus(root, n=60, seed=21, slow_ms=0, burst=0)
+    truth = pq.read_table(root / "truth.parquet").to_pandas()
+    truth = truth[truth["url_path"].str.startswith("/") & truth["kind"].isin(["clean", "web_phrasing"])]
+    truth = truth.drop_duplicates("id").reset_index(drop=True).head(40)
+    n = len(truth)
+    rng = np.random.default_rng(0)
+    punsafe = rng.uniform(0, 0.2, n)
+    pwatermark = rng.uniform(0, 0.3, n)
+    similarity = rng.uniform(0.3, 0.4, n)
+    width, height = np.full(n, 640, np.int64), np.full(n, 480, np.int64)
+    captions = [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in truth["caption"]]
+    expected = {}  # SAMPLE_ID -> reason
+    punsafe[0], expected[0] = 0.93, "punsafe"
+    pwatermark[1], expected[1] = 0.95, "pwatermark"
+    similarity[2], expected[2] = 0.1, "low_similarity"
+    width[3], expected[3] = 50, "image_too_small"
+    width[4], height[4], expected[4] = 3000, 300, "aspect_ratio"
+    captions[5], expected[5] = "bird", "caption_too_short"
+    captions[6], expected[6] = captions[6] + " forbidden words here", "blocklist"
+    captions[7], expected[7] = "Ein roter Kreis und ein blaues Quadrat auf einem grauen Hintergrund", "language"
+    punsafe[8] = np.nan  # a null value fails no rule
+    table = pa.table({
+        "SAMPLE_ID": pa.array([f"s{i}" for i in range(n)]),
+        "URL": pa.array(list(truth["url_path"])),  # the base URL is added once the server runs
+        "TEXT": pa.array(captions), "WIDTH": pa.array(width), "HEIGHT": pa.array(height),
+        "similarity": pa.array(similarity), "punsafe": pa.array(punsafe, from_pandas=True),
+        "pwatermark": pa.array(pwatermark)})
+    with serve(root / "site") as server:
+        table = table.set_column(1, "URL", pa.array([server.base_url.rstrip("/") + p for p in truth["url_path"]]))
+        pq.write_table(table, root / "laion.parquet")
+        yield root, server, {f"s{i}": r for i, r in expected.items()}, truth
+
+
+RULES = ["prefilter.max_punsafe=0.5", "prefilter.max_pwatermark=0.8", "prefilter.min_similarity=0.2",
+         "prefilter.min_width=100", "prefilter.max_aspect_ratio=4", "prefilter.min_caption_words=2",
+         "prefilter.blocklist=[forbidden]", "prefilter.languages=[en]"]
+
+
+def _run(metadata, out, server, rules, *more):
+    sets = [x for rule in rules for x in ("--set", rule)]
+    return download(["--input", str(metadata), "--preset", "laion", "--output", str(out), "--no-progress",
+                     "--allow-host", f"127.0.0.1:{server.port}", "--set", "download.min_image_size=0",
+                     "--set", "download.image_size=64", *sets, *more])
+
+
+def test_prefiltered_rows_are_rejected_with_reasons_and_never_requested(laion_site, tmp_path, spark):
+    root, server, expected, truth = laion_site
+    before = len(server.requests)
+    assert _run(root / "laion.parquet", tmp_path / "dl", server, RULES) == 0
+    requested = {path for path, _ in server.requests[before:]}
+    rejects = spark.read.parquet(str(tmp_path / "dl" / "rejects")).toPandas()
+    pre = rejects[rejects["stage"] == "prefilter"].set_index("uid")
+    assert pre["reason"].to_dict() == expected
+    assert pre.loc["s0", "detail"] == "punsafe 0.93 > 0.5"
+    assert "forbidden" in pre.loc["s6", "detail"] and pre.loc["s7", "detail"].startswith("language de")
+    for uid in expected:  # the server never saw a request for a prefiltered row
+        assert truth.loc[int(uid[1:]), "url_path"] not in requested
+    manifest = json.loads((tmp_path / "dl" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["rejected"]["prefilter"] == {r: 1 for r in expected.values()}
+    assert counts["input"] == len(truth) == counts["output"] + counts["rejected_total"]
+    assert manifest["prefilter"]["skipped"] == {}
+    assert set(manifest["prefilter"]["active"]) == {r.split("=")[0].split(".")[1] for r in RULES}
+
+
+def test_rules_whose_columns_are_absent_are_skipped_and_named(laion_site, tmp_path, spark):
+    root, server, expected, truth = laion_site
+    bare = pq.read_table(root / "laion.parquet").select(["SAMPLE_ID", "URL", "TEXT"])
+    pq.write_table(bare, tmp_path / "bare.parquet")
+    assert _run(tmp_path / "bare.parquet", tmp_path / "dl", server, RULES) == 0
+    manifest = json.loads((tmp_path / "dl" / "manifest.json").read_text())
+    skipped = manifest["prefilter"]["skipped"]
+    assert set(skipped) == {"max_punsafe", "max_pwatermark", "min_similarity", "min_width", "max_aspect_ratio"}
+    assert "punsafe" in skipped["max_punsafe"] and "absent" in skipped["max_punsafe"]
+    # the caption rules still ran
+    assert manifest["counts"]["rejected"]["prefilter"] == {"caption_too_short": 1, "blocklist": 1, "language": 1}
+
+
+def test_prefilter_is_a_step_of_the_curate_funnel(laion_site, tmp_path):
+    from capfilt.pipelines.publish import split_prefilter
+    stages = {"download": {"counts": {"input": 10, "output": 6, "rejected_total": 4,
+                                      "rejected": {"prefilter": {"punsafe": 3}, "download": {"http_404": 1}}},
+                           "timings": {"prefilter": 1.5}},
+              "caption": {"counts": {"input": 6, "output": 6, "rejected": {}}}}
+    split = split_prefilter(stages)
+    assert list(split) == ["prefilter", "download", "caption"]
+    assert split["prefilter"]["counts"] == {"input": 10, "output": 7, "rejected": {"prefilter": {"punsafe": 3}},
+                                            "rejected_total": 3}
+    assert split["download"]["counts"]["input"] == 7 and split["download"]["counts"]["rejected_total"] == 1
+    assert split["prefilter"]["seconds"] == 1.5
