@@ -256,36 +256,41 @@ def _patterns(entries: tuple[str, ...]) -> tuple[tuple[str, re.Pattern], ...]:
     return tuple(compiled)
 
 
+def blocklist_matcher(entries):
+    """A function: caption -> the blocklist entry (as configured) it contains first, or None."""
+    regex, keys = _blocklist_regex(_entries(entries))
+
+    def match(text: str | None) -> str | None:
+        if not isinstance(text, str):
+            return None
+        m = regex.search(_fold(text))
+        return keys[_SPACE.sub(" ", m.group())] if m else None
+    return match
+
+
 def blocklist_match(text: str | None, entries) -> str | None:
     """The blocklist entry (as configured) that a caption contains first, or None."""
-    if not isinstance(text, str):
-        return None
-    regex, keys = _blocklist_regex(_entries(entries))
-    m = regex.search(_fold(text))
-    return keys[_SPACE.sub(" ", m.group())] if m else None
+    return blocklist_matcher(entries)(text)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The frame
 
 def numeric(values: pd.Series) -> np.ndarray:
-    """float64 values, NaN for null, NaN for anything that is not a number (a word, a list, bytes)."""
-    if not is_numeric_dtype(values.dtype) or is_bool_dtype(values.dtype):
-        try:
-            values = pd.to_numeric(values, errors="coerce")
-        except (TypeError, ValueError):
-            values = pd.Series([_number(v) for v in values], index=values.index, dtype="float64")
-    if is_bool_dtype(values.dtype):
-        return np.full(len(values), np.nan)
-    return values.to_numpy(dtype="float64", na_value=np.nan)
+    """float64 values: NaN for null, and for anything that is neither a number nor a numeric string
+    (a word, bytes, a list, a boolean)."""
+    dtype = values.dtype
+    if is_numeric_dtype(dtype) and not is_bool_dtype(dtype):
+        return values.to_numpy(dtype="float64", na_value=np.nan)
+    return np.array([_number(v) for v in values.tolist()], dtype="float64")  # object/string: CSV-like input
 
 
 def _number(v) -> float:
-    if isinstance(v, (bool, np.bool_)):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, str, np.number)):
         return math.nan
     try:
         return float(v)
-    except (TypeError, ValueError, OverflowError):
+    except (ValueError, OverflowError):
         return math.nan
 
 
@@ -299,7 +304,7 @@ class _Frame:
     def __init__(self, frame: pd.DataFrame):
         self.frame = frame
         self._numbers: dict[str, np.ndarray] = {}
-        self._captions: list | None = None
+        self._captions: dict[str, list] = {}
 
     def numbers(self, column: str) -> np.ndarray:
         if column not in self._numbers:
@@ -313,9 +318,10 @@ class _Frame:
             return np.where(v > 0, v, np.nan)
 
     def captions(self, column: str) -> list:
-        if self._captions is None:
-            self._captions = [c if isinstance(c, str) else None for c in self.frame[column].tolist()]
-        return self._captions
+        """The column's values, None for whatever is not a string (null, NaN, bytes, a number)."""
+        if column not in self._captions:
+            self._captions[column] = [c if isinstance(c, str) else None for c in self.frame[column].tolist()]
+        return self._captions[column]
 
     def measure(self, column: str, measure) -> np.ndarray:
         """measure(caption) of every row, once per measure (the min and max rules share it)."""
@@ -385,12 +391,17 @@ def _length(measure, unit: str, above: bool):
     return check
 
 
+def _found(found: np.ndarray) -> np.ndarray:
+    return np.array([f is not None for f in found], dtype=bool)
+
+
 def _blocklist(data, bound, limit, settings, left):
+    match = blocklist_matcher(limit)
     captions = data.captions(bound.column(CAPTION))
     found = np.full(len(captions), None, dtype=object)
     for i in np.flatnonzero(left):
-        found[i] = blocklist_match(captions[i], limit)
-    return found != None, lambda i: f'blocklist: "{found[i]}"'  # noqa: E711 (elementwise)
+        found[i] = match(captions[i])
+    return _found(found), lambda i: f'blocklist: "{found[i]}"'
 
 
 def _blocklist_patterns(data, bound, limit, settings, left):
@@ -401,7 +412,7 @@ def _blocklist_patterns(data, bound, limit, settings, left):
         if captions[i] is not None:
             text = unicodedata.normalize("NFKC", captions[i])
             found[i] = next((p for p, rx in compiled if rx.search(text)), None)
-    return found != None, lambda i: f'blocklist pattern: "{found[i]}"'  # noqa: E711
+    return _found(found), lambda i: f'blocklist pattern: "{found[i]}"'
 
 
 def _languages(data, bound, limit, settings, left):
