@@ -28,7 +28,9 @@ _IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 
 
 def set_name(path: str) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1] or "eval"
+    """The set's name in every eval_id: its folder or file name, without a .parquet suffix."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"\.(parquet|pq)$", "", name) or "eval"
 
 
 def eval_images(spark, path: str):
@@ -104,7 +106,21 @@ class _TarImages:
                 yield pd.DataFrame({"eval_id": ids, "image": blobs})
 
 
-def embed_eval_sets(spark, cfg, folder: str) -> dict:
+def stored_settings(chain, cfg):
+    """The download settings the rows' images were stored with (the download manifest's), so that an
+    evaluation image is resized as its copy in the data was."""
+    import dataclasses
+
+    from capfilt.pipelines.config import DownloadSettings, build
+    from capfilt.pipelines.output import read_manifest
+    recorded = read_manifest(chain.images).get("config", {}).get("download")
+    if not isinstance(recorded, dict):
+        return cfg.download
+    known = {f.name for f in dataclasses.fields(DownloadSettings)}
+    return build(DownloadSettings, {k: v for k, v in recorded.items() if k in known}, "download")
+
+
+def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     """Embed every evaluation set into `folder` (eval_id, sha256, embedding, error); returns counts."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -113,13 +129,15 @@ def embed_eval_sets(spark, cfg, folder: str) -> dict:
     from capfilt.udfs.decontaminate import EvalEmbedder
     from capfilt.udfs.models import check_reference
     check_reference(cfg.filter.model, "clip")
+    if not cfg.dedup.eval_sets:
+        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
     items = None
     for path in cfg.dedup.eval_sets:
         df = eval_images(spark, path)
         items = df if items is None else items.unionByName(df)
     out_type = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("sha256", T.StringType()),
                              T.StructField("embedding", T.BinaryType()), T.StructField("error", T.StringType())])
-    embedded = apply_batches(items, EvalEmbedder(cfg.download, cfg.filter), ["eval_id", "image"], out_type,
+    embedded = apply_batches(items, EvalEmbedder(download, cfg.filter), ["eval_id", "image"], out_type,
                              cfg.filter.gpus_per_task)
     embedded.select("_inference.*").write.mode("overwrite").parquet(folder)
     stored = spark.read.parquet(folder)
@@ -137,14 +155,16 @@ def split(rows, cfg, facts: dict):
     from pyspark.sql import types as T
 
     from capfilt.pipelines.heads import _clip_of
+    from capfilt.udfs.heads import same_reference
     clip = _clip_of(facts["chain"])
-    if clip is not None and clip != cfg.filter.model:
+    if clip is not None and not same_reference(clip, cfg.filter.model):
         raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
                          f"is {cfg.filter.model}: evaluation images must be embedded by the same model")
     spark = rows.sparkSession
     folder = f"{facts['workdir']}/eval"
     facts["models"]["eval_sets"] = {"sets": list(cfg.dedup.eval_sets), "threshold": cfg.dedup.eval_threshold,
-                                    "clip": cfg.filter.model, **embed_eval_sets(spark, cfg, folder)}
+                                    "clip": cfg.filter.model,
+                                    **embed_eval_sets(spark, cfg, folder, stored_settings(facts["chain"], cfg))}
     print(f"[{STAGE}] evaluation images: {facts['models']['eval_sets']['images']} embedded, "
           f"{facts['models']['eval_sets']['unreadable']} unreadable", flush=True)
     hashes = F.broadcast(spark.read.parquet(folder).select(F.col("sha256").alias("_eval_sha"),

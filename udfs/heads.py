@@ -182,7 +182,7 @@ def check_embedding_model(head: Head, clip_reference: str) -> None:
             ([folder] if folder.is_file() else [])
         if any(weights_sha256(f) == sha for f in files):
             return
-    if ref and _same_reference(ref, clip_reference) and not (sha and Path(clip_reference).exists()):
+    if ref and same_reference(ref, clip_reference) and not (sha and Path(clip_reference).exists()):
         return
     raise HeadError(f"head {head.name} was trained on embeddings of {ref or '?'}"
                     + (f" (weights sha256 {sha[:12]}...)" if sha else "")
@@ -190,7 +190,7 @@ def check_embedding_model(head: Head, clip_reference: str) -> None:
                       f"for this CLIP, or set filter.model to the head's")
 
 
-def _same_reference(a: str, b: str) -> bool:
+def same_reference(a: str, b: str) -> bool:
     def norm(r: str) -> str:
         p = Path(r)
         return str(p.resolve()) if p.exists() else r.strip().rstrip("/").lower()

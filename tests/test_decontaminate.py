@@ -1,0 +1,126 @@
+"""Evaluation-set decontamination: the three evaluation-set formats, exact and near copies found, other
+rows kept, rows conserved, a rerun identical."""
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt.udfs.models import SHAPES_CLIP
+from capfilt.world.scene import encode_jpeg, render, sample_scene
+
+
+def _modified(data: bytes, crop: float, scale: float, quality: int) -> bytes:
+    """A re-encoded, resized and slightly cropped copy, as an evaluation image copied into the web is."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    dx, dy = int(w * crop), int(h * crop)
+    image = image.crop((dx, dy, w - dx, h - dy)).resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def eval_set(curated_out, curate_site, tmp_path_factory):
+    """Evaluation items: 2 exact copies and 4 modified copies of clean rows that reached the filter
+    output, and 20 unrelated scenes. Written as a folder, Parquet, and WebDataset tars."""
+    import numpy as np
+    root = tmp_path_factory.mktemp("eval")
+    world, _, _ = curate_site
+    truth = pq.read_table(world / "truth.parquet").to_pandas()
+    kept = set(pq.read_table(curated_out / "stages" / "filter" / "data", columns=["uid"]).column("uid").to_pylist())
+    copied = set(truth["duplicate_of"].dropna())
+    rows = truth[truth["id"].isin(kept) & (truth["kind"] == "clean") & truth["duplicate_of"].isna()
+                 & ~truth["id"].isin(copied) & truth["fault"].isna() & truth["variant"].isna()].head(6)
+    items = {}
+    for i, (_, row) in enumerate(rows.iterrows()):
+        data = (world / "site" / row["file"]).read_bytes()
+        items[f"copy{i}"] = (data if i < 2 else _modified(data, crop=0.015 * (i - 1), scale=(0.7, 1.3, 0.9, 1.1)[i - 2],
+                                                              quality=(70, 85, 60, 90)[i - 2]), row["id"])
+    # Distractors: scenes the corpus does not hold. (The shapes world draws one description at nearly the
+    # same place every time, so another picture of a scene in the data would be a look-alike, not a
+    # distractor: docs/dedup.md.)
+    rng, seen, n = np.random.default_rng(99), set(truth["scene"]), 0
+    while n < 20:
+        scene = sample_scene(rng)
+        if scene.to_json() not in seen:
+            items[f"other{n}"] = (encode_jpeg(render(scene, 128), 90), None)
+            seen.add(scene.to_json())
+            n += 1
+    folder = root / "folder" / "shapes-eval"
+    folder.mkdir(parents=True)
+    for key, (data, _) in items.items():
+        (folder / f"{key}.jpg").write_bytes(data)
+    pq.write_table(pa.table({"key": list(items), "image": [d for d, _ in items.values()]}), root / "shapes-eval.parquet")
+    tars = root / "wds" / "shapes-eval"
+    tars.mkdir(parents=True)
+    for n, chunk in enumerate((list(items)[:13], list(items)[13:])):
+        with tarfile.open(tars / f"{n:05d}.tar", "w") as tar:
+            for key in chunk:
+                for name, body in ((f"{key}.jpg", items[key][0]), (f"{key}.txt", b"caption")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+    return {"folder": folder, "parquet": root / "shapes-eval.parquet", "wds": tars,
+            "expected": {row_id: f"shapes-eval/{key}" for key, (_, row_id) in items.items() if row_id},
+            "bytes": {f"shapes-eval/{k}": d for k, (d, _) in items.items()}}
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet", "wds"])
+def test_every_format_reads_the_same_items(eval_set, spark, kind):
+    from capfilt.pipelines.decontaminate import eval_images
+    got = {r["eval_id"]: bytes(r["image"]) for r in eval_images(spark, str(eval_set[kind])).collect()}
+    assert got == eval_set["bytes"]
+
+
+def _run(curated_out, out, sets, *more):
+    from capfilt.jobs.decontaminate import main
+    return main(["--input", str(curated_out / "stages" / "filter"), "--output", str(out), *more,
+                 "--set", f"dedup.eval_sets=[{','.join(map(str, sets))}]", "--set", f"filter.model={SHAPES_CLIP}",
+                 "--set", "download.image_size=64"])
+
+
+def test_copies_of_evaluation_images_leave_and_nothing_else(curated_out, eval_set, tmp_path, spark):
+    out = tmp_path / "decon"
+    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
+    from capfilt.pipelines.config import load_config
+    settings = _as_overrides(shapes_world_settings(load_config(None)))  # the run's download and CLIP settings
+    assert _run(curated_out, out, [eval_set["folder"]], *settings, "--set", f"filter.model={SHAPES_CLIP}") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["input"] == counts["output"] + counts["rejected_total"]
+    assert manifest["models"]["eval_sets"]["images"] == 26 and manifest["figures"]["decoded_images"] == 0
+    rejects = spark.read.parquet(str(out / "rejects")).toPandas().set_index("uid")
+    assert set(rejects["reason"]) == {"eval_contaminated"}
+    found = {uid: detail.split(": ")[0].removeprefix("eval item ") for uid, detail in rejects["detail"].items()}
+    # Every planted copy leaves and nothing else does. The detail names the nearest evaluation image: for
+    # a modified copy that may be a look-alike scene of the set at a cosine as high (docs/filters.md).
+    assert set(found) == set(eval_set["expected"])
+    assert sum(found[uid] == eval_set["expected"][uid] for uid in found) >= len(found) - 1
+    exact = [uid for uid, d in rejects["detail"].items() if d.endswith("identical bytes (sha256)")]
+    assert len(exact) == 2
+    assert not (out / "work").exists() and not list(out.parent.glob(".*decon*"))
+    # a rerun from scratch writes the same rows and rejects
+    again = tmp_path / "again"
+    assert _run(curated_out, again, [eval_set["folder"]], *settings, "--set", f"filter.model={SHAPES_CLIP}") == 0
+    for name in ("data", "rejects"):
+        a = spark.read.parquet(str(out / name)).orderBy("uid").collect()
+        b = spark.read.parquet(str(again / name)).orderBy("uid").collect()
+        assert a == b
+
+
+def test_missing_or_empty_evaluation_sets_are_one_line(curated_out, tmp_path, capsys):
+    from capfilt.jobs.common import run
+    from capfilt.jobs.decontaminate import main
+    args = ["--input", str(curated_out / "stages" / "filter"), "--output", str(tmp_path / "o"),
+            "--set", f"filter.model={SHAPES_CLIP}"]
+    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'nowhere'}]"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'empty'}]"]) == 2
+    assert "holds no images" in capsys.readouterr().err
