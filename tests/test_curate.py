@@ -10,7 +10,9 @@ import pytest
 from capfilt.jobs.cli import main as cli
 from capfilt.jobs.curate import main as curate
 from capfilt.pipelines.output import ConservationError, read_manifest
-from capfilt.pipelines.publish import STAGES, publish
+from capfilt.pipelines.publish import publish
+
+STAGES = ("download", "caption", "filter", "dedup")  # the default chain: the optional stages are off
 from capfilt.schemas import CURATED, REJECTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,3 +355,47 @@ def _scores(data) -> dict:
     import pyarrow.dataset as ds
     table = ds.dataset(data, partitioning="hive").to_table(columns=["uid", "candidates"]).to_pylist()
     return {(r["uid"], c["text"]): c["score"] for r in table for c in r["candidates"]}
+
+
+def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out, curate_args, tmp_path, capsys):
+    """Switching heads and decontamination on reruns only what follows filter (no model pass, nothing
+    downloaded again); switching them off again recomputes dedup from filter's output."""
+    import json as _json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from capfilt.udfs.heads import weights_sha256
+    from capfilt.udfs.models import SHAPES_CLIP
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    head = tmp_path / "head"
+    head.mkdir()
+    save_file({"weight": np.random.default_rng(0).normal(size=(1, 64)).astype("float32"),
+               "bias": np.zeros(1, "float32")}, str(head / "head.safetensors"))
+    (head / "card.json").write_text(_json.dumps({
+        "name": "tilt", "architecture": "linear", "threshold": 0.7, "direction": "above",
+        "embedding_model": {"reference": "models/shapes-clip",
+                            "sha256": weights_sha256(f"{SHAPES_CLIP}/open_clip_model.safetensors")}}))
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    first = sorted((curated_out / "stages" / "download" / "data").glob("*.parquet"))[0]
+    import pyarrow.parquet as pq
+    (evals / "one.jpg").write_bytes(pq.read_table(first, columns=["image"]).column("image")[0].as_py())
+    on = ["--set", f"heads.drop=[{head}]", "--set", f"dedup.eval_sets=[{evals}]"]
+    assert curate([*curate_args, *on, "--output", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "stage 4/6: decontaminate" in log and "stage 5/6: heads" in log
+    assert log.count("committed by an earlier run, reused") == 3
+    manifest = read_manifest(out)
+    assert list(manifest["stages"]) == ["download", "caption", "filter", "decontaminate", "heads", "dedup"]
+    counts = manifest["counts"]
+    assert counts["input"] == counts["output"] + counts["rejected_total"]
+    assert counts["rejected"]["heads"]["tilt"] > 0 and manifest["stages"]["heads"]["decoded_images"] == 0
+    assert counts["rejected"]["decontaminate"]["eval_contaminated"] >= 1
+    curated = pq.read_table(out / "curated", columns=["head_scores"]).column("head_scores").to_pylist()
+    assert all(s[0]["name"] == "tilt" and s[0]["score"] <= 0.7 for s in curated)
+    assert curate([*curate_args, "--output", str(out)]) == 0  # off again
+    log = capsys.readouterr().out
+    assert "stage 4/4: dedup" in log and "recomputed" in log
+    assert read_manifest(out)["counts"] == read_manifest(curated_out)["counts"]
