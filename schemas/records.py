@@ -18,7 +18,7 @@ DOWNLOADED = PAIRS.extend("downloaded", (
     Field("height", INT32, False, "height of `image`"),
     Field("original_width", INT32, True, "width before resizing"),
     Field("original_height", INT32, True, "height before resizing"),
-    Field("sha256", STRING, False, "hex sha256 of `image`"),
+    Field("sha256", STRING, False, "hex sha256 of the image bytes as fetched (before resizing)"),
 ), "a pair whose image was fetched, decoded and re-encoded")
 
 CAPTIONED = DOWNLOADED.extend("captioned", (
