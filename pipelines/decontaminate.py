@@ -5,8 +5,9 @@
 tars. Every evaluation image is embedded as the pipeline embeds its own rows (the download stage's
 resizer, then the run's CLIP: udfs/decontaminate.py). A row leaves as `eval_contaminated` when its
 sha256 equals an evaluation file's (an exact copy), or when its stored image embedding lies within
-`dedup.eval_threshold` (cosine) of an evaluation image's (faiss, exact inner-product search). The detail
-names the evaluation item (`<set>/<id>`) and the evidence. DataComp removes near-duplicates of its
+`dedup.eval_threshold` (cosine) of an evaluation image's (faiss, exact inner-product search) and the
+pixels confirm it (udfs/decontaminate.py: copy_residual; `dedup.eval_verify`). The detail names the
+evaluation item (`<set>/<id>`) and the evidence. DataComp removes near-duplicates of its
 evaluation sets the same way (datacomp#70).
 """
 from __future__ import annotations
@@ -121,7 +122,8 @@ def stored_settings(chain, cfg):
 
 
 def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
-    """Embed every evaluation set into `folder` (eval_id, sha256, embedding, error); returns counts."""
+    """Embed every evaluation set into `folder` (eval_id, stored image, sha256, embedding, error); returns
+    counts."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
@@ -135,7 +137,8 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     for path in cfg.dedup.eval_sets:
         df = eval_images(spark, path)
         items = df if items is None else items.unionByName(df)
-    out_type = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("sha256", T.StringType()),
+    out_type = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("stored", T.BinaryType()),
+                             T.StructField("sha256", T.StringType()),
                              T.StructField("embedding", T.BinaryType()), T.StructField("error", T.StringType())])
     embedded = apply_batches(items, EvalEmbedder(download, cfg.filter), ["eval_id", "image"], out_type,
                              cfg.filter.gpus_per_task)
@@ -152,7 +155,6 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
 
 def split(rows, cfg, facts: dict):
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     from capfilt.pipelines.heads import _clip_of
     from capfilt.udfs.heads import same_reference
@@ -169,21 +171,38 @@ def split(rows, cfg, facts: dict):
           f"{facts['models']['eval_sets']['unreadable']} unreadable", flush=True)
     hashes = F.broadcast(spark.read.parquet(folder).select(F.col("sha256").alias("_eval_sha"),
                                                            F.col("eval_id").alias("_exact")).dropDuplicates(["_eval_sha"]))
+    settings = cfg.dedup
 
     def nearest(embeddings: pd.Series) -> pd.DataFrame:
         from capfilt.udfs.decontaminate import nearest_eval
-        ids, cosines = nearest_eval(embeddings.tolist(), folder)
-        return pd.DataFrame({"eval_id": ids, "cosine": cosines})
-    found = F.pandas_udf(nearest, T.StructType([T.StructField("eval_id", T.StringType()),
-                                                T.StructField("cosine", T.FloatType())]))
+        ids, cosines = nearest_eval(embeddings.tolist(), folder, settings.eval_candidates, settings.eval_threshold)
+        return pd.DataFrame({"ids": ids, "cosines": cosines})
+    found = F.pandas_udf(nearest, "ids array<string>, cosines array<float>")
     marked = (rows.join(hashes, rows["sha256"] == hashes["_eval_sha"], "left").drop("_eval_sha")
               .withColumn("_near", found("image_embedding")).localCheckpoint())
-    near = F.col("_near.cosine") >= cfg.dedup.eval_threshold
-    hit = F.col("_exact").isNotNull() | F.coalesce(near, F.lit(False))
+    if settings.eval_verify == "pixels":
+        def confirm(images: pd.Series, candidates: pd.Series) -> pd.DataFrame:
+            from capfilt.udfs.decontaminate import confirm_copies
+            ids, residuals = confirm_copies(images.tolist(), [list(c) if c is not None else [] for c in candidates],
+                                            folder, settings.eval_pixel_tolerance)
+            return pd.DataFrame({"eval_id": ids, "residual": residuals})
+        confirmed = F.pandas_udf(confirm, "eval_id string, residual float")
+        # Image bytes are read from the download, for the rows with a candidate only.
+        images = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
+        candidates = marked.filter(F.col("_exact").isNull() & (F.size("_near.ids") > 0)).select("uid", "_near")
+        checked = (candidates.join(images.select("uid", "image"), "uid")
+                   .select("uid", confirmed("image", "_near.ids").alias("_copy")).localCheckpoint())
+        marked = marked.join(checked, "uid", "left")
+        copy_of = F.col("_copy.eval_id")
+        how = F.concat(F.lit(": pixels within "), F.format_number("_copy.residual", 1), F.lit(" of it, cosine "),
+                       F.format_number(F.element_at("_near.cosines", F.array_position("_near.ids", copy_of).cast("int")), 4))
+    else:
+        copy_of = F.element_at("_near.ids", 1)
+        how = F.concat(F.lit(": cosine "), F.format_number(F.element_at("_near.cosines", 1), 4))
+    hit = F.col("_exact").isNotNull() | copy_of.isNotNull()
     detail = F.when(F.col("_exact").isNotNull(), F.concat(F.lit("eval item "), "_exact", F.lit(": identical bytes (sha256)"))) \
-        .otherwise(F.concat(F.lit("eval item "), F.col("_near.eval_id"), F.lit(": cosine "),
-                            F.format_number("_near.cosine", 4)))
-    kept = marked.filter(~hit).drop("_exact", "_near")
+        .otherwise(F.concat(F.lit("eval item "), copy_of, how))
+    kept = marked.filter(~hit).select(*rows.columns)
     return kept, reject_rows(marked.filter(hit), STAGE, EVAL_CONTAMINATED, detail)
 
 

@@ -12,7 +12,8 @@ import json
 
 # Config sections a committed stage was computed with (seed seeds caption sampling and dedup's choices).
 SETTINGS = {"download": ("download", "prefilter"), "caption": ("caption", "seed"), "filter": ("filter",),
-            "decontaminate": ("dedup.eval_sets", "dedup.eval_threshold", "download.image_size",
+            "decontaminate": ("dedup.eval_sets", "dedup.eval_threshold", "dedup.eval_candidates",
+                              "dedup.eval_verify", "dedup.eval_pixel_tolerance", "download.image_size",
                               "download.resize_mode", "download.resize_only_if_bigger", "download.encode_format",
                               "download.encode_quality"),
             "heads": ("heads",), "dedup": ("dedup", "seed")}

@@ -5,6 +5,12 @@ An evaluation image goes through the download stage's resizer (the run's image_s
 encoder) and then the run's CLIP, so that a copy of it in the data, downloaded and embedded by the
 pipeline, lands next to it. Its sha256 is taken of the file's bytes, as the download stage hashes
 what it fetched: an exact copy matches by hash whatever the embedding says.
+
+The embedding only proposes: a CLIP says what a picture shows, and two pictures of the same thing lie
+as close as a copy does. A candidate is confirmed on the pixels (`copy_residual`): a copy is the
+original cropped a little, resized and re-encoded, so the original's centre, scaled by the right
+factor, lies somewhere in the copy almost unchanged; another picture leaves a residual at the best
+placement.
 """
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import hashlib
 import numpy as np
 
 _INDEX: dict = {}  # eval embeddings folder -> (faiss index, ids): once per Python worker
+THUMB = 64            # side at which a candidate pair is compared
+MARGIN = 0.16         # the share of each side of the original left out of the comparison: more than a crop takes
+SCALES = np.arange(1.0, 1.25, 0.02)  # how much larger the copy shows the original's content (crops of up to ~20%)
 
 
 class EvalEmbedder:
@@ -46,7 +55,7 @@ class EvalEmbedder:
         for j, i in enumerate(ok):
             out[i] = np.asarray(embeddings[j], dtype="<f4").tobytes()
         return pd.DataFrame({
-            "eval_id": frame["eval_id"].tolist(),
+            "eval_id": frame["eval_id"].tolist(), "stored": stored,
             "sha256": [hashlib.sha256(b).hexdigest() if b is not None else None for b in frame["image"].tolist()],
             "embedding": out,
             "error": [e or (d if out[i] is None else None) for i, (e, d) in enumerate(zip(errors, decode_errors))]})
@@ -70,19 +79,75 @@ def _index(folder: str):
     return _INDEX[folder]
 
 
-def nearest_eval(embeddings: list, folder: str) -> tuple[list, list]:
-    """For each stored float16 row embedding: the nearest evaluation image's id and the cosine (None for
-    a row without an embedding, or an empty evaluation set)."""
+def nearest_eval(embeddings: list, folder: str, k: int = 5, floor: float = -1.0) -> tuple[list, list]:
+    """For each stored float16 row embedding: the ids and cosines of its k nearest evaluation images
+    at cosine >= floor, best first (empty lists for a row without an embedding)."""
     from capfilt.udfs.heads import embeddings_from_bytes
     index, ids = _index(folder)
     x = embeddings_from_bytes(embeddings)
     valid = ~np.isnan(x).any(axis=1) if x.size else np.zeros(len(x), bool)
-    best_id, best = [None] * len(x), [None] * len(x)
-    if index.ntotal and valid.any() and x.shape[1] == index.d:
-        scores, found = index.search(np.ascontiguousarray(x[valid], dtype=np.float32), 1)
-        for row, s, f in zip(np.flatnonzero(valid), scores[:, 0], found[:, 0]):
-            if f >= 0:
-                best_id[row], best[row] = ids[f], float(s)
-    elif index.ntotal and valid.any():
+    found_ids, found = [[] for _ in range(len(x))], [[] for _ in range(len(x))]
+    if index.ntotal and valid.any() and x.shape[1] != index.d:
         raise ValueError(f"the evaluation embeddings are {index.d}-d, the stored embeddings {x.shape[1]}-d")
+    if index.ntotal and valid.any():
+        scores, hits = index.search(np.ascontiguousarray(x[valid], dtype=np.float32), min(k, index.ntotal))
+        for row, ss, hh in zip(np.flatnonzero(valid), scores, hits):
+            keep = [(float(v), int(h)) for v, h in zip(ss, hh) if h >= 0 and v >= floor]
+            found_ids[row], found[row] = [ids[h] for _, h in keep], [v for v, _ in keep]
+    return found_ids, found
+
+
+def thumbnail(data: bytes):
+    """The picture at THUMB x THUMB, RGB float32, lightly blurred (JPEG noise out, content kept)."""
+    import io
+
+    import cv2
+    from PIL import Image
+    image = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return cv2.GaussianBlur(np.asarray(image, dtype=np.float32), (0, 0), 2.0)
+
+
+def copy_residual(copy, original) -> float:
+    """RMS difference (0-255) between `copy` and `original`'s centre placed where it fits best, over
+    the scales a crop of the original would give it: small for a cropped, resized, re-encoded copy."""
+    import cv2
+    best = np.inf
+    for scale in SCALES:
+        side = int(round(THUMB * scale))
+        scaled = cv2.resize(original, (side, side), interpolation=cv2.INTER_AREA)
+        cut = int(round(MARGIN * THUMB * scale))
+        centre = np.ascontiguousarray(scaled[cut:side - cut, cut:side - cut])
+        if centre.shape[0] > THUMB:
+            continue
+        best = min(best, float(cv2.matchTemplate(copy, centre, cv2.TM_SQDIFF).min()) / centre.size)
+    return float(np.sqrt(max(best, 0.0)))
+
+
+def _stored_images(folder: str, ids: set) -> dict:
+    """{eval_id: stored image bytes} of the given evaluation images."""
+    import pyarrow.dataset as ds
+    table = ds.dataset(folder, format="parquet").to_table(columns=["eval_id", "stored"],
+                                                          filter=ds.field("eval_id").isin(sorted(ids)))
+    return dict(zip(table.column("eval_id").to_pylist(), table.column("stored").to_pylist()))
+
+
+def confirm_copies(images: list, candidates: list, folder: str, tolerance: float) -> tuple[list, list]:
+    """For each row (its stored image bytes and candidate eval ids, best first): the first candidate
+    whose residual is within tolerance, and that residual (None, None when none is)."""
+    wanted = {c for row in candidates for c in (row or [])}
+    originals = {k: thumbnail(v) for k, v in _stored_images(folder, wanted).items() if v is not None} if wanted else {}
+    best_id, best = [None] * len(images), [None] * len(images)
+    for i, (data, row) in enumerate(zip(images, candidates)):
+        if not row or data is None:
+            continue
+        try:
+            copy = thumbnail(data)
+        except Exception:  # an undecodable stored image cannot be confirmed
+            continue
+        for eval_id in row:
+            if eval_id in originals:  # either may be the crop of the other (a set built from web images)
+                residual = min(copy_residual(copy, originals[eval_id]), copy_residual(originals[eval_id], copy))
+                if residual <= tolerance:
+                    best_id[i], best[i] = eval_id, residual
+                    break
     return best_id, best
