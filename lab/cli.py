@@ -3,8 +3,11 @@
     python -m capfilt.lab train clip --out models/shapes-clip --seed 0
     python -m capfilt.lab train captioner --out models/shapes-captioner --seed 0
     python -m capfilt.lab eval --clip models/shapes-clip --captioner models/shapes-captioner
+    python -m capfilt.lab train-head --kind watermark --out models/shapes-watermark-head
+    python -m capfilt.lab eval-head --head models/shapes-watermark-head --seed 10000
 
-`train` measures the fresh model with `eval` and writes the figures into its model_card.json.
+`train` measures the fresh model with `eval` and writes the figures into its model_card.json;
+`train-head` measures the head on a held-out seed and writes the figures into its card.json.
 """
 
 from __future__ import annotations
@@ -56,7 +59,47 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the report to this file")
     ev.add_argument("--update-card", action="store_true",
                     help="write the figures into the model_card.json of local checkpoint folders")
+    head = commands.add_parser("train-head", help="train a head over the stored CLIP image embedding (lab/head.py)")
+    head.add_argument("--kind", required=True, choices=["watermark"], help="what the head detects")
+    head.add_argument("--out", required=True, help="head folder to write (head.safetensors, card.json)")
+    head.add_argument("--seed", type=int, default=0, help="training seed (validation uses seed + 1)")
+    head.add_argument("--heldout-seed", type=int, default=EVAL_SEED_BASE, help="held-out seed for the card's metrics")
+    head.add_argument("--architecture", choices=["linear", "mlp"])
+    head.add_argument("--hidden", type=lambda t: [int(w) for w in t.split(",")], metavar="W,W",
+                      help="hidden layer widths of an mlp (default 384,384)")
+    head.add_argument("--n-train", type=int, help="corpus rows of the training seed (each clean and marked: 2x images)")
+    head.add_argument("--n-val", type=int, help="validation images (threshold)")
+    head.add_argument("--n-eval", type=int, help="held-out images")
+    head.add_argument("--steps", type=int)
+    head.add_argument("--batch", type=int)
+    head.add_argument("--lr", type=float)
+    head.add_argument("--min-precision", type=float, help="the threshold keeps at least this validation precision")
+    head.add_argument("--threads", type=int, help="torch threads (default 1)")
+    eh = commands.add_parser("eval-head", help="measure a head folder at its own threshold on a fresh held-out corpus")
+    eh.add_argument("--head", required=True, help="head folder (card.json + head.safetensors)")
+    eh.add_argument("--seed", type=int, default=EVAL_SEED_BASE, help="held-out seed")
+    eh.add_argument("--n", type=int, default=4000, help="images (half watermarked)")
+    eh.add_argument("--threads", type=int, default=1)
     return parser
+
+
+def _train_head(args) -> int:
+    from capfilt.lab.train_head import train_head
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")  # as `train`: the committed folder is never half-written
+    shutil.rmtree(partial, ignore_errors=True)
+    overrides = {k: getattr(args, k) for k in ("architecture", "hidden", "n_train", "n_val", "n_eval", "steps",
+                                               "batch", "lr", "min_precision")}
+    card = train_head(partial, args.kind, args.seed, args.heldout_seed, args.threads, **overrides)
+    card["metrics"]["command"] = f"python -m capfilt.lab eval-head --head {args.out} --seed {args.heldout_seed}"
+    (partial / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    print(f"trained {args.kind} head in {card['trained_on']['train_seconds']:.0f}s "
+          f"(data {card['trained_on']['data_seconds']:.0f}s) -> {out}")
+    print(json.dumps(card["metrics"], indent=2))
+    return 0
 
 
 def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000, n_pairs=1000, n_captions=500,
@@ -85,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    if args.command == "train-head":
+        return _train_head(args)
+    if args.command == "eval-head":
+        from capfilt.lab.train_head import eval_head
+        print(json.dumps(eval_head(args.head, args.seed, args.n, args.threads), indent=2))
+        return 0
     if args.command == "train":
         settings = dict(DEFAULTS[args.model])
         for key in ("steps", "n_train", "batch", "lr", "bf16"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pandas as pd  # module level: Spark reads the pandas UDFs' type hints from these globals
 
 import re
+import time
 
 from capfilt.pipelines.stage import Stage, reject_rows
 from capfilt.schemas import SCORED
@@ -142,7 +143,9 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
                              T.StructField("embedding", T.BinaryType()), T.StructField("error", T.StringType())])
     embedded = apply_batches(items, EvalEmbedder(download, cfg.filter), ["eval_id", "image"], out_type,
                              cfg.filter.gpus_per_task)
+    started = time.time()
     embedded.select("_inference.*").write.mode("overwrite").parquet(folder)
+    seconds = round(time.time() - started, 3)
     stored = spark.read.parquet(folder)
     counts = {row["ok"]: row["count"] for row in stored.groupBy(F.col("embedding").isNotNull().alias("ok"))
               .count().collect()}
@@ -150,7 +153,7 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     if duplicated:
         raise ValueError(f"dedup.eval_sets: evaluation ids must be unique, {', '.join(r['eval_id'] for r in duplicated)} "
                          f"repeat (two sets with one folder name?)")
-    return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0)}
+    return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0), "embed_seconds": seconds}
 
 
 def split(rows, cfg, facts: dict):

@@ -395,6 +395,10 @@ def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out
     assert counts["rejected"]["decontaminate"]["eval_contaminated"] >= 1
     curated = pq.read_table(out / "curated", columns=["head_scores"]).column("head_scores").to_pylist()
     assert all(s[0]["name"] == "tilt" and s[0]["score"] <= 0.7 for s in curated)
+    assert cli(["inspect", str(out), "--html", str(tmp_path / "report.html")]) == 0  # the funnel shows both
+    text, html = capsys.readouterr().out, (tmp_path / "report.html").read_text()
+    for shown in (text, html):
+        assert "decontaminate" in shown and "eval_contaminated" in shown and "tilt" in shown
     assert curate([*curate_args, "--output", str(out)]) == 0  # off again
     log = capsys.readouterr().out
     assert "stage 4/4: dedup" in log and "recomputed" in log

@@ -324,3 +324,218 @@ def test_a_web_size_corpus_draws_each_image_s_size_and_quality(tmp_path):
             sides.append(image.width)
             qualities.append(image.quantization[0][0])  # the first luma step grows as quality falls
     assert len(set(sides)) > len(sides) // 2 and len(set(qualities)) > 3
+
+
+# --- opt-in features: watermarks, an evaluation set and planted copies of it ----------------------
+
+ORIGINAL_TRUTH_COLUMNS = ["id", "url_path", "kind", "fault", "variant", "scene", "aligned", "duplicate_of", "file",
+                          "caption", "source_site", "license", "width", "height"]
+# sha256 over site/, corpus.json and the original truth columns of make_web_corpus(n=120, seed=5), as the
+# generator wrote them before watermarks and planted copies existed (commit 5d873b6).
+DEFAULT_CORPUS_DIGEST = "ee9a8b23b0c8151df7f0364496fc49403581d8cc16b6799540cf47c476204b50"
+
+
+def corpus_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted((root / "site").rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(root)).encode())
+            digest.update(hashlib.sha256(p.read_bytes()).digest())
+    digest.update((root / "corpus.json").read_bytes())
+    for row in pq.read_table(root / "truth.parquet", columns=ORIGINAL_TRUTH_COLUMNS).to_pylist():
+        digest.update(repr(sorted(row.items())).encode())
+    return digest.hexdigest()
+
+
+def without(row: dict, *keys) -> dict:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("marked")
+    make_web_corpus(out, 500, seed=11, watermark_rate=0.2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory) -> Path:
+    from capfilt.world.evalset import make_eval_set
+    out = tmp_path_factory.mktemp("eval") / "wds"
+    make_eval_set(out, 60, seed=4, fmt="wds", shard_size=25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, eval_set) -> Path:
+    out = tmp_path_factory.mktemp("planted")
+    make_web_corpus(out, 500, seed=11, eval_set=eval_set, eval_rate=0.04)
+    return out
+
+
+def test_without_the_opt_ins_a_corpus_is_what_it_was_before_them(tmp_path, truth):
+    make_web_corpus(tmp_path / "a", 120, seed=5)
+    assert corpus_digest(tmp_path / "a") == DEFAULT_CORPUS_DIGEST
+    make_web_corpus(tmp_path / "b", 120, seed=5, watermark_rate=0.0, eval_set=None, eval_rate=0.5)
+    assert tree_hashes(tmp_path / "a") == tree_hashes(tmp_path / "b")
+    summary = json.loads((tmp_path / "a" / "corpus.json").read_text())
+    assert "watermarked" not in summary and "watermark_rate" not in summary["params"]
+    assert not any(r["watermark"] for r in truth) and all(r["eval_id"] is None for r in truth)
+
+
+def test_watermarks_mark_about_the_rate_and_change_no_other_row_or_file(tmp_path, corpus, truth, marked):
+    marks = pq.read_table(marked / "truth.parquet").to_pylist()
+    assert [without(r, "watermark") for r in marks] == [without(r, "watermark") for r in truth]
+    with_image = [r for r in marks if r["scene"] is not None]
+    share = sum(r["watermark"] for r in with_image) / len(with_image)
+    assert 0.15 <= share <= 0.25, share
+    assert json.loads((marked / "corpus.json").read_text())["watermarked"] == sum(r["watermark"] for r in marks)
+    assert not any(r["watermark"] for r in marks if r["scene"] is None)  # no image, nothing to see it on
+    for row in marks:
+        if row["file"] is not None:
+            same = file_bytes(corpus, row) == file_bytes(marked, row)
+            assert same != row["watermark"], row["id"]
+    by_id = {r["id"]: r for r in marks if r["fault"] != "duplicate_id"}
+    for row in marks:  # an exact or near copy shows what its original shows
+        if row["kind"] in ("duplicate_image", "near_duplicate_image"):
+            assert row["watermark"] == by_id[row["duplicate_of"]]["watermark"]
+    make_web_corpus(tmp_path, 500, seed=11, watermark_rate=0.4)
+    more = pq.read_table(tmp_path / "truth.parquet", columns=["watermark"]).column(0).to_pylist()
+    assert all(b for a, b in zip((r["watermark"] for r in marks), more) if a)  # a higher rate marks a superset
+
+
+def test_a_marked_image_keeps_its_scene_visible(corpus, marked):
+    rows = [r for r in pq.read_table(marked / "truth.parquet").to_pylist()
+            if r["watermark"] and r["kind"] == "clean" and r["variant"] is None and r["fault"] is None]
+    differences = []
+    for row in rows:
+        clean, mark = (np.asarray(Image.open(root / "site" / row["file"]).convert("RGB"), float) for root in (corpus, marked))
+        differences.append(np.abs(clean - mark).max(axis=2))
+    changed = np.mean([(d > 10).mean() for d in differences])
+    assert 0.02 < changed < 0.6, changed  # visible, yet most of the image is untouched
+
+
+def test_the_eval_set_has_the_same_ids_and_bytes_in_every_format(tmp_path, eval_set):
+    import webdataset
+
+    from capfilt.world.evalset import MANIFEST, eval_ids, make_eval_set, read_eval_set
+    for fmt in ("folder", "parquet"):
+        make_eval_set(tmp_path / fmt, 60, seed=4, fmt=fmt)
+    folder, parquet, wds = (read_eval_set(p) for p in (tmp_path / "folder", tmp_path / "parquet", eval_set))
+    assert [(i.id, i.jpeg) for i in folder] == [(i.id, i.jpeg) for i in parquet] == [(i.id, i.jpeg) for i in wds]
+    assert [i.id for i in folder] == eval_ids(60) and all(i.scene is not None for i in folder)
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == sorted([f"{k}.jpg" for k in eval_ids(60)] + [MANIFEST])
+    assert pq.read_table(tmp_path / "parquet" / "eval.parquet").column_names == ["key", "image"]
+    tars = sorted(str(p) for p in eval_set.glob("*.tar"))
+    assert len(tars) == 3
+    samples = list(webdataset.WebDataset(tars, shardshuffle=False))
+    assert [(s["__key__"], s["jpg"]) for s in samples] == [(i.id, i.jpeg) for i in folder]
+    manifest = json.loads((eval_set / MANIFEST).read_text())
+    assert manifest["seed"] == 4 and manifest["format"] == "wds" and len(manifest["images"]) == 60
+    scene = Scene.from_json(manifest["images"][0]["scene"])
+    assert Image.open(io.BytesIO(folder[0].jpeg)).size == (64, 64) and scene == folder[0].scene
+
+
+def test_the_eval_set_is_its_own_stream_and_refuses_to_overwrite(tmp_path, eval_set):
+    from capfilt.world.evalset import make_eval_set, read_eval_set
+    make_eval_set(tmp_path / "again", 60, seed=4, fmt="wds", shard_size=25)
+    assert tree_hashes(tmp_path / "again") == tree_hashes(eval_set)
+    with pytest.raises(FileExistsError):
+        make_eval_set(tmp_path / "again", 10, seed=5, fmt="folder")
+    make_eval_set(tmp_path / "again", 10, seed=5, fmt="folder", overwrite=True)
+    assert sorted(p.suffix for p in (tmp_path / "again").iterdir()) == [".jpg"] * 10 + [".json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        make_eval_set(tmp_path / "other", 10, seed=5)
+    # the same seed's corpus and annotated split draw other images
+    make_web_corpus(tmp_path / "web", 60, seed=4)
+    make_annotated(tmp_path / "web", 60, seed=4)
+    ours = {i.jpeg for i in read_eval_set(eval_set)}
+    theirs = {p.read_bytes() for p in (tmp_path / "web" / "site" / "img").iterdir()}
+    theirs |= set(pq.read_table(tmp_path / "web" / "annotated.parquet").column("image").to_pylist())
+    assert not ours & theirs
+
+
+def thumbnail(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((16, 16), Image.Resampling.BOX), float)
+
+
+def test_planted_rows_are_modified_copies_of_evaluation_images(corpus, truth, planted, eval_set):
+    from capfilt.world.evalset import read_eval_set
+    images = {i.id: i for i in read_eval_set(eval_set)}
+    rows = pq.read_table(planted / "truth.parquet").to_pylist()
+    own = [r for r in rows if r["eval_id"] is not None and r["kind"] not in ("duplicate_image", "near_duplicate_image")]
+    assert len(own) == round(0.04 * 500)
+    summary = json.loads((planted / "corpus.json").read_text())
+    assert summary["planted"] == sum(r["eval_id"] is not None for r in rows) and summary["params"]["eval_rate"] == 0.04
+    names = sorted(images)
+    thumbs = np.stack([thumbnail(images[k].jpeg) for k in names])
+    nearest_is_own = 0
+    for row in own:
+        data, original = file_bytes(planted, row), images[row["eval_id"]]
+        copy = Image.open(io.BytesIO(data))
+        assert data != original.jpeg and copy.format == "JPEG"
+        assert 0.6 * 0.84 * 64 - 1 <= min(copy.size) and max(copy.size) <= 1.5 * 64 + 1, copy.size
+        assert copy.quantization[0] != Image.open(io.BytesIO(original.jpeg)).quantization[0]  # another quality
+        assert row["scene"] == original.scene.to_json() and row["fault"] is None and row["variant"] is None
+        assert row["aligned"] == (parse(row["caption"].decode()) == original.scene)
+        assert (row["width"], row["height"]) in ((None, None), copy.size, (640, 480), (1024, 768), (256, 256))
+        distances = ((thumbs - thumbnail(data)) ** 2).mean(axis=(1, 2, 3))
+        nearest_is_own += names[int(distances.argmin())] == row["eval_id"]
+    assert nearest_is_own >= 0.8 * len(own), nearest_is_own
+    # Every other row is as it was, but for swapped rows that borrowed a planted row's caption.
+    planted_captions = {r["caption"] for r in own}
+    for before, after in zip(truth, rows):
+        if after["eval_id"] is None and before != after:
+            assert after["kind"] == "swapped" and after["caption"] in planted_captions
+        if after["eval_id"] is None and after["file"] is not None:
+            assert file_bytes(corpus, before) == file_bytes(planted, after)
+
+
+def test_planting_from_bytes_without_scenes_leaves_scene_unknown(tmp_path, eval_set):
+    from capfilt.world.evalset import read_eval_set
+    pairs = [(i.id, i.jpeg) for i in read_eval_set(eval_set)][:5]
+    summary = make_web_corpus(tmp_path, 200, seed=3, eval_set=pairs, eval_rate=0.05, watermark_rate=0.3)
+    rows = pq.read_table(tmp_path / "truth.parquet").to_pylist()
+    own = [r for r in rows if r["eval_id"] and r["kind"] not in ("duplicate_image", "near_duplicate_image")]
+    assert len(own) == 10 and {r["eval_id"] for r in own} <= {k for k, _ in pairs}
+    assert all(r["scene"] is None and r["aligned"] is None and r["file"] for r in own)
+    assert summary["params"]["eval_set"] == "5 images" and summary["watermarked"] > 0
+    with pytest.raises(ValueError, match="no images"):
+        make_web_corpus(tmp_path / "none", 200, seed=3, eval_set=[])
+
+
+def test_cli_writes_an_eval_set_and_a_corpus_with_watermarks_and_planted_copies(tmp_path, capsys):
+    from capfilt.jobs.cli import main as capfilt
+    assert capfilt(["world", "eval-set", "--out", str(tmp_path / "eval"), "--n", "30", "--seed", "2",
+                    "--format", "parquet"]) == 0
+    assert "30 images (parquet)" in capsys.readouterr().out
+    assert capfilt(["world", "generate", "--out", str(tmp_path / "c"), "--n", "200", "--seed", "2",
+                    "--watermark-rate", "0.25", "--eval-set", str(tmp_path / "eval"), "--eval-rate", "0.05"]) == 0
+    printed = capsys.readouterr().out
+    assert '"watermarked"' in printed and '"planted"' in printed
+    rows = pq.read_table(tmp_path / "c" / "truth.parquet").to_pylist()
+    assert sum(r["eval_id"] is not None for r in rows) >= 10 and any(r["watermark"] for r in rows)
+    assert capfilt(["world", "eval-set", "--out", str(tmp_path / "eval"), "--n", "30"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--watermark-rate", "1.5"], "--watermark-rate must be a share between 0 and 1, not 1.5"),
+    (["--eval-rate", "nan"], "--eval-rate must be a share between 0 and 1, not nan"),
+    (["--eval-set", "/nonexistent/eval"], "--eval-set /nonexistent/eval does not exist: write one with "
+                                          "`eval-set --out DIR --n N`"),
+])
+def test_cli_generate_refuses_bad_opt_ins_in_one_line(tmp_path, capsys, args, message):
+    assert cli.main(["generate", "--out", str(tmp_path / "c"), "--n", "40", *args]) == 2
+    assert capsys.readouterr().err == f"capfilt world: error: {message}\n"
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_eval_set_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    assert cli.main(["eval-set", "--out", str(tmp_path / "e"), "--n", "0"]) == 2
+    assert capsys.readouterr().err == "capfilt world: error: --n must be 1 or more, not 0\n"
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["eval-set", "--out", str(tmp_path / "f"), "--n", "3"]) == 2
+    assert capsys.readouterr().err == f"capfilt world: error: {tmp_path / 'f'} exists and is not a folder\n"

@@ -193,3 +193,22 @@ def test_both_orders_of_a_scene_are_told_apart():
 ])
 def test_text_that_describes_no_scene_parses_to_none(text):
     assert parse(text) is None
+
+
+def test_a_watermark_is_deterministic_translucent_and_fits_any_size():
+    from capfilt.world.scene import WATERMARK_OPACITY, WATERMARK_STYLES, draw_watermark, sample_watermark
+    rng = np.random.default_rng(12)
+    marks = [sample_watermark(rng) for _ in range(60)]
+    assert marks[:5] == [sample_watermark(r) for r in [np.random.default_rng(12)] for _ in range(5)]
+    assert {m.style for m in marks} == set(WATERMARK_STYLES) and {m.tone for m in marks} == {"light", "dark"}
+    assert all(WATERMARK_OPACITY[0] <= m.opacity <= WATERMARK_OPACITY[1] for m in marks)
+    scene = Scene((SceneObject("red", "circle", "large"),), "gray")
+    for mark in marks[:12]:
+        for size in ((64, 64), (512, 512), (80, 52)):
+            image = render(scene, max(size)).crop((0, 0, *size))
+            marked = draw_watermark(image, mark)
+            assert marked.size == image.size and marked.mode == "RGB"
+            change = np.abs(np.asarray(marked, float) - np.asarray(image, float))
+            assert change.max() <= 255 * mark.opacity + 1  # translucent: never the mark's full colour
+            assert (change.max(axis=2) > 8).mean() > 0.01, (mark, size)  # and visible
+        assert encode_jpeg(draw_watermark(image, mark)) == encode_jpeg(draw_watermark(image, mark))

@@ -1,4 +1,4 @@
-"""Command line of the shapes world: `generate` a corpus, `serve` it on loopback."""
+"""Command line of the shapes world: `generate` a corpus, write an `eval-set`, `serve` a corpus on loopback."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 from capfilt.world.corpus import METADATA_FORMATS, make_annotated, make_web_corpus, write_metadata
+from capfilt.world.evalset import EVAL_FORMATS, make_eval_set
 from capfilt.world.server import PortUnavailable, WorldServer, serve_until_interrupted
 
 
 def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for option, value in (("--noise", args.noise), ("--duplicates", args.duplicates),
-                          ("--fault-rate", args.fault_rate)):
+                          ("--fault-rate", args.fault_rate), ("--watermark-rate", args.watermark_rate),
+                          ("--eval-rate", args.eval_rate)):
         if not 0 <= value <= 1:  # also refuses nan
             raise ValueError(f"{option} must be a share between 0 and 1, not {value}")
     for option, value in (("--n", args.n), ("--seed", args.seed), ("--slow-ms", args.slow_ms),
@@ -26,18 +28,43 @@ def _generate(args: argparse.Namespace) -> int:
     jpeg_quality = _value_or_range("--jpeg-quality", args.jpeg_quality, 1, 100)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    if args.eval_set is not None and not Path(args.eval_set).exists():
+        raise ValueError(f"--eval-set {args.eval_set} does not exist: write one with `eval-set --out DIR --n N`")
     try:
         summary = make_web_corpus(out, args.n, args.seed, noise=args.noise, duplicates=args.duplicates,
                                   fault_rate=args.fault_rate, slow_ms=args.slow_ms, image_size=image_size,
-                                  jpeg_quality=jpeg_quality, overwrite=args.overwrite)
+                                  jpeg_quality=jpeg_quality, overwrite=args.overwrite,
+                                  watermark_rate=args.watermark_rate, eval_set=args.eval_set,
+                                  eval_rate=args.eval_rate)
     except FileExistsError:
         raise ValueError(f"{out} already holds a corpus: pass --overwrite to replace it") from None
     print(f"web corpus: {out / 'site'} (files), {out / 'truth.parquet'} (ground truth), {out / 'corpus.json'}")
     if args.annotated:
         print(f"annotated split: {make_annotated(out, args.annotated, args.seed)} ({args.annotated} images)")
-    mix = {k: summary[k] for k in ("kinds", "faults", "variants", "image_rows", "noise_share")}
+    mix = {k: summary[k] for k in ("kinds", "faults", "variants", "image_rows", "noise_share", "watermarked",
+                                   "planted") if k in summary}
     print(json.dumps(mix, indent=2))
     print(f"next: serve it with `serve {out}` to write {out / 'metadata.parquet'}")
+    return 0
+
+
+def _eval_set(args: argparse.Namespace) -> int:
+    for option, value in (("--n", args.n), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ValueError(f"{option} must be 1 or more, not {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, not {args.seed}")
+    image_size = _value_or_range("--image-size", args.image_size, 16, 4096)
+    jpeg_quality = _value_or_range("--jpeg-quality", args.jpeg_quality, 1, 100)
+    if isinstance(image_size, tuple) or isinstance(jpeg_quality, tuple):
+        raise ValueError("--image-size and --jpeg-quality take one value for an evaluation set")
+    try:
+        manifest = make_eval_set(args.out, args.n, args.seed, args.format, image_size, jpeg_quality,
+                                 args.shard_size, overwrite=args.overwrite)
+    except FileExistsError:
+        raise ValueError(f"{args.out} already holds an evaluation set: pass --overwrite to replace it") from None
+    print(f"evaluation set: {args.n} images ({args.format}) in {args.out}, manifest {manifest}")
+    print(f"plant copies of it in a corpus with `generate --out DIR --n N --eval-set {args.out} --eval-rate 0.01`")
     return 0
 
 
@@ -107,8 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JPEG quality, or a range each image draws from, as on the web: 60-95 (default 90)")
     generate.add_argument("--annotated", type=int, default=0, metavar="N",
                           help="also write OUT/annotated.parquet with N clean captioned images")
+    generate.add_argument("--watermark-rate", type=float, default=0.0, metavar="SHARE",
+                          help="share of rows whose image gets a translucent word or logo (truth: watermark; "
+                               "default 0: none)")
+    generate.add_argument("--eval-set", metavar="DIR",
+                          help="an evaluation set (written by `eval-set`, any format) to plant modified copies of")
+    generate.add_argument("--eval-rate", type=float, default=0.01, metavar="SHARE",
+                          help="with --eval-set: share of rows whose image becomes a cropped, resized, "
+                               "re-encoded copy of an evaluation image (truth: eval_id; default 0.01)")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing corpus in OUT")
     generate.set_defaults(run=_generate)
+
+    eval_cmd = commands.add_parser(
+        "eval-set", help="write a held-out evaluation set (folder of JPEGs, Parquet or WebDataset)",
+        description="Write N evaluation images, rendered from the seed's own stream (no corpus or annotated "
+                    "split draws them), as OUT/<id>.jpg (folder), OUT/eval.parquet with key and image "
+                    "(parquet) or OUT/eval-000000.tar... with <key>.jpg members (wds), plus OUT/eval_set.json "
+                    "(ids, scenes, sha256). The same ids in every format. Same seed, same bytes.")
+    eval_cmd.add_argument("--out", required=True, help="output directory (new or empty, or an evaluation set)")
+    eval_cmd.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    eval_cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    eval_cmd.add_argument("--format", choices=EVAL_FORMATS, default="folder", help="layout (default folder)")
+    eval_cmd.add_argument("--image-size", default="64", metavar="N", help="side in px (default 64)")
+    eval_cmd.add_argument("--jpeg-quality", default="90", metavar="N", help="JPEG quality (default 90)")
+    eval_cmd.add_argument("--shard-size", type=int, default=1000, help="images per tar with --format wds (default 1000)")
+    eval_cmd.add_argument("--overwrite", action="store_true", help="replace an evaluation set in OUT")
+    eval_cmd.set_defaults(run=_eval_set)
 
     serve_cmd = commands.add_parser(
         "serve", help="serve DIR/site on 127.0.0.1 and write DIR/metadata.parquet for it",

@@ -24,7 +24,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capfilt.world.captions import N_PHRASINGS, describe, parse, web_phrasing
-from capfilt.world.scene import Scene, change_one_attribute, encode_jpeg, render, sample_scene
+from capfilt.world.evalset import EvalImage, modified_copy, read_eval_set
+from capfilt.world.scene import (
+    WATERMARK_OPACITY, Scene, Watermark, change_one_attribute, draw_watermark, encode_jpeg, render, sample_scene,
+    sample_watermark,
+)
 
 ALIGNED_KINDS = ("clean", "web_phrasing")
 NOISE_KINDS = ("wrong_attribute", "generic", "spam", "swapped")
@@ -61,6 +65,9 @@ NEAR_COPY_WORDS = ("hd", "new", "2", "hq", "free", "best")
 SOURCE_SITES = ("shapes-stock.example", "pinboard.example", "clipart-free.example", "myblog.example")
 LICENSES = ("cc-by-4.0", "cc0-1.0", "unknown", None)
 NOT_IMAGE_BODY = b"<!doctype html><html><head><title>Not Found</title></head><body>gone</body></html>\n"
+# Random streams of a seed (numpy SeedSequence([seed, stream, ...])): each opt-in feature draws from
+# its own, so a corpus without it is byte for byte what it was, and turning it on moves no other row.
+ANNOTATED_STREAM, WEB_STREAM, WATERMARK_STREAM, PLANT_STREAM = 1, 2, 3, 5  # 4: evalset.EVAL_SET_STREAM
 
 
 def _split(total: int, weights: dict[str, float]) -> dict[str, int]:
@@ -99,6 +106,10 @@ class _Row:
     duplicate_of: str | None = None
     side: int = 0  # the side of the scene's rendering (a resized near copy keeps its original's)
     quality: int = 0  # its JPEG quality
+    shape: tuple[int, int] | None = None  # (width, height) of an image that is not side x side (a planted copy)
+    watermark: Watermark | None = None  # drawn over the row's image
+    eval_id: str | None = None  # the evaluation image this row's image is a modified copy of
+    drawn_scene: Scene | None = None  # the scene the main stream drew (a planted row shows another)
 
 
 def _drawn(value: int | tuple[int, int], rng) -> int:
@@ -257,6 +268,7 @@ def _fill_fault(row: _Row, jpeg: bytes, image: Image.Image, rng, slow_ms: int, b
     row.file_name = None if row.body is None else row.url_path.rsplit("/", 1)[1]
     if row.fault in no_image:
         row.scene = None
+        row.watermark = None  # nothing decodable to see it on
     if row.fault == "empty_caption":
         row.caption = b""
     elif row.fault == "long_caption":
@@ -280,28 +292,39 @@ def _own_caption(kind: str, scene: Scene, rng, web_share: float) -> str:
     return _true_caption(scene, rng, web_share)  # faults: a true caption, the fault lies elsewhere
 
 
+def _copy_caption(original: _Row, rng, plant_rng, web_share: float) -> bytes:
+    """A true caption of the original's image. For a planted original the main stream still draws one
+    for the scene it drew (so no later row moves), then the plant stream draws the one kept."""
+    caption = _true_caption(original.drawn_scene, rng, web_share).encode()
+    if original.eval_id is not None and original.scene is not None:
+        caption = _true_caption(original.scene, plant_rng, web_share).encode()
+    return caption
+
+
 def _fill_copy(row: _Row, original: _Row, rng, web_share: float, image_size: int | tuple[int, int],
-               jpeg_quality: int | tuple[int, int]) -> None:
+               jpeg_quality: int | tuple[int, int], plant_rng=None) -> None:
     """Image and caption of a row that copies (duplicates) or borrows from (swapped) an original."""
+    if row.kind in ("duplicate_image", "near_duplicate_image"):  # a copy shows what the original shows
+        row.shape, row.watermark, row.eval_id = original.shape, original.watermark, original.eval_id
     if row.kind == "duplicate_image":
         _set_image(row, original.scene, original.body)
         row.side, row.quality = original.side, original.quality
         same = rng.random() < 0.5
-        row.caption = original.caption if same else _true_caption(original.scene, rng, web_share).encode()
+        row.caption = original.caption if same else _copy_caption(original, rng, plant_rng, web_share)
     elif row.kind == "near_duplicate_image":
         image = Image.open(io.BytesIO(original.body)).convert("RGB")
         if rng.random() < 0.5:
-            side = int(original.side * rng.choice([0.875, 1.125, 1.25]))
-            image = image.resize((side, side), Image.Resampling.BICUBIC)
+            factor = rng.choice([0.875, 1.125, 1.25])
+            image = image.resize((int(image.width * factor), int(image.height * factor)), Image.Resampling.BICUBIC)
         row.side, row.quality = original.side, int(rng.choice([q for q in (50, 60, 70, 80) if q != original.quality]))
         _set_image(row, original.scene, encode_jpeg(image, row.quality))
-        row.caption = _true_caption(original.scene, rng, web_share).encode()
+        row.caption = _copy_caption(original, rng, plant_rng, web_share)
     else:  # swapped, near_duplicate_caption: a fresh image under the original's caption
         scene = sample_scene(rng)
-        while scene == original.scene:
+        while scene in (original.scene, original.drawn_scene):
             scene = sample_scene(rng)
         row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
-        _set_image(row, scene, encode_jpeg(render(scene, row.side, rng), row.quality))
+        _set_image(row, scene, encode_jpeg(_marked(render(scene, row.side, rng), row), row.quality))
         caption = original.caption.decode()
         row.caption = (caption if row.kind == "swapped" else _near_copy(caption, rng)).encode()
     if row.kind != "swapped":
@@ -312,6 +335,46 @@ def _set_image(row: _Row, scene: Scene, body: bytes, ext: str = "jpg") -> None:
     row.scene, row.body = scene, body
     row.file_name = f"{row.stem}.{ext}"
     row.url_path = f"/img/{row.file_name}"
+
+
+def _marked(image: Image.Image, row: _Row) -> Image.Image:
+    return image if row.watermark is None else draw_watermark(image, row.watermark)
+
+
+def _watermarks(rows: list[_Row], seed: int, rate: float, opacity: tuple[float, float]) -> None:
+    """Give about `rate` of the rows a watermark. Each row draws from its own stream, so whether and
+    how a row is marked does not depend on the other rows, and a higher rate marks a superset."""
+    if rate <= 0:
+        return
+    for row in rows:
+        rng = np.random.default_rng([seed, WATERMARK_STREAM, row.index])
+        if rng.random() < rate:
+            row.watermark = sample_watermark(rng, opacity)
+
+
+def _plan_plants(rows: list[_Row], images: list[EvalImage], rate: float, seed: int) -> tuple[dict, np.random.Generator]:
+    """{row index: evaluation image} for round(rate * rows) rows that render their own plain image
+    (no fault, variant, copy or swap), and the stream their modified copies draw from."""
+    rng = np.random.default_rng([seed, PLANT_STREAM])
+    own_image = {*ALIGNED_KINDS, "wrong_attribute", "generic", "spam"}
+    eligible = [r.index for r in rows if r.kind in own_image and r.fault is None and r.variant is None]
+    count = min(round(rate * len(rows)), len(eligible))
+    if count == 0 or not images:
+        return {}, rng
+    chosen = sorted(int(i) for i in rng.choice(eligible, count, replace=False))
+    picks = rng.choice(len(images), count, replace=count > len(images))
+    return {i: images[int(j)] for i, j in zip(chosen, picks)}, rng
+
+
+def _plant(row: _Row, image: EvalImage, rng, web_share: float) -> tuple[Image.Image, Scene | None, bytes | None]:
+    """A modified copy of an evaluation image for the row (cropped, resized; row.quality becomes
+    another JPEG quality), the scene it shows (None when the evaluation set does not say), and a
+    caption of that scene as the row's kind writes it (None when the scene is unknown: the row keeps
+    the caption it drew)."""
+    copy, row.quality = modified_copy(image, rng)
+    row.eval_id, row.shape, row.side = image.id, copy.size, max(copy.size)
+    caption = None if image.scene is None else _own_caption(row.kind, image.scene, rng, web_share).encode()
+    return copy, image.scene, caption
 
 
 def _pick_original(pool: list[_Row], rng, before: int | None = None) -> _Row:
@@ -326,7 +389,7 @@ def _truth_table(rows: list[_Row], rng) -> pa.Table:
         if u < 0.1:
             return None, None
         if u < 0.95:
-            return row.side, row.side
+            return row.shape or (row.side, row.side)
         return [(640, 480), (1024, 768), (256, 256)][int(rng.integers(3))]
 
     def aligned(row: _Row) -> bool | None:
@@ -355,6 +418,8 @@ def _truth_table(rows: list[_Row], rng) -> pa.Table:
         "license": pa.array(licences, pa.string()),
         "width": pa.array([w for w, _ in sizes], pa.int32()),
         "height": pa.array([h for _, h in sizes], pa.int32()),
+        "watermark": pa.array([r.watermark is not None for r in rows], pa.bool_()),
+        "eval_id": pa.array([r.eval_id for r in rows], pa.string()),
     })
 
 
@@ -373,6 +438,10 @@ def make_web_corpus(
     image_size: int | tuple[int, int] = 64,
     jpeg_quality: int | tuple[int, int] = 90,
     overwrite: bool = False,
+    watermark_rate: float = 0.0,
+    watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+    eval_set: str | Path | Sequence | None = None,
+    eval_rate: float = 0.01,
 ) -> dict:
     """Write a noisy web corpus of n rows under out_dir and return its summary (also written to
     out_dir/corpus.json).
@@ -382,10 +451,26 @@ def make_web_corpus(
     are faults (each fault kind at least once); web_share: share of correct captions in web style.
     image_size and jpeg_quality: one value for every image, or an inclusive (low, high) range each
     image draws from (web sizes: (512, 2048) and (60, 95)).
+
+    Opt-in, each from its own random stream (off, the corpus is byte for byte what it was; on, only the
+    rows it touches change):
+    watermark_rate: share of rows whose image gets a translucent word or logo (scene.sample_watermark,
+    opacity drawn from watermark_opacity); copies of a marked image are marked too.
+    eval_set: an evaluation set (anything evalset.read_eval_set reads: a folder written by make_eval_set,
+    a Parquet file, a tar, or a sequence of (id, jpeg bytes[, scene]) or EvalImage): round(eval_rate * n)
+    plain rows show a modified copy of one of its images (evalset.modified_copy), and copies of those
+    rows do too (swapped rows that borrow such a row's caption change with it).
+    truth.parquet's `watermark` and `eval_id` columns say which (always present: False / null when off).
     """
     unknown = (set(faults) - set(FAULTS)) | (set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown fault or variant kinds: {sorted(unknown)}")
+    for name, share in (("watermark_rate", watermark_rate), ("eval_rate", eval_rate)):
+        if not 0 <= share <= 1:  # also refuses nan
+            raise ValueError(f"{name} must be a share between 0 and 1, not {share}")
+    eval_images = None if eval_set is None else read_eval_set(eval_set)
+    if eval_images is not None and not eval_images:
+        raise ValueError("eval_set holds no images")
     out_dir = Path(out_dir)
     site_dir = out_dir / "site"
     if site_dir.exists():
@@ -394,7 +479,7 @@ def make_web_corpus(
         shutil.rmtree(site_dir)
         for stale in out_dir.glob("metadata.*"):  # it described the old corpus
             stale.unlink()
-    rng = np.random.default_rng([seed, 2])  # stream 2: the annotated split uses stream 1
+    rng = np.random.default_rng([seed, WEB_STREAM])
     plan = _plan(n, noise, duplicates, fault_rate, web_share, faults, variants)
     order = list(rng.permutation(len(plan)))
     # A plain aligned row first, so that every duplicate_id row has an earlier id to reuse.
@@ -405,6 +490,8 @@ def make_web_corpus(
     rows = [_Row(i, f"{i:0{digits}d}", *plan[j]) for i, j in enumerate(order)]
     for row in rows:
         row.id = row.stem
+    _watermarks(rows, seed, watermark_rate, watermark_opacity)
+    plants, plant_rng = _plan_plants(rows, eval_images, eval_rate, seed) if eval_images else ({}, None)
 
     # Pass 1: rows that stand on their own.
     dependent_kinds = {"swapped", *DUPLICATE_KINDS}
@@ -414,11 +501,18 @@ def make_web_corpus(
         scene = sample_scene(rng)
         row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
         image = render(scene, row.side, rng)
+        row.drawn_scene = scene
+        shown, planted_caption = scene, None
+        if row.index in plants:  # after the main stream's draws for the rendering, so no other row moves
+            image, shown, planted_caption = _plant(row, plants[row.index], plant_rng, web_share)
+        image = _marked(image, row)
         jpeg = encode_jpeg(image, row.quality)
-        _set_image(row, scene, jpeg)
+        _set_image(row, shown, jpeg)
         if row.variant is not None:
             _set_image(row, scene, *_variant_file(row.variant, image, scene, rng, row.quality))
         row.caption = _own_caption(row.kind, scene, rng, web_share).encode()
+        if planted_caption is not None:
+            row.caption = planted_caption
         if row.fault is not None:
             _fill_fault(row, jpeg, image, rng, slow_ms, burst, row.quality)
 
@@ -429,7 +523,7 @@ def make_web_corpus(
             original = _pick_original(pool, rng, before=row.index)
             row.id = row.duplicate_of = original.id
         if row.kind in dependent_kinds:
-            _fill_copy(row, _pick_original(pool, rng), rng, web_share, image_size, jpeg_quality)
+            _fill_copy(row, _pick_original(pool, rng), rng, web_share, image_size, jpeg_quality, plant_rng)
 
     (site_dir / "img").mkdir(parents=True)
     for row in rows:
@@ -453,6 +547,14 @@ def make_web_corpus(
         "misaligned_image_rows": sum(a is False for a in aligned),
         "noise_share": round(sum(a is False for a in aligned) / max(1, image_rows), 4),
     }
+    # Opt-in features appear in the summary only when on, so a corpus without them keeps its bytes.
+    if watermark_rate > 0:
+        summary["params"].update(watermark_rate=watermark_rate, watermark_opacity=list(watermark_opacity))
+        summary["watermarked"] = sum(r.watermark is not None for r in rows)
+    if eval_images is not None:
+        summary["params"].update(eval_rate=eval_rate, eval_set=str(eval_set) if isinstance(eval_set, (str, Path))
+                                 else f"{len(eval_images)} images")
+        summary["planted"] = sum(r.eval_id is not None for r in rows)
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -514,7 +616,7 @@ def write_metadata(
 def make_annotated(out_dir: str | Path, n: int, seed: int, image_size: int = 64, jpeg_quality: int = 90) -> Path:
     """Write out_dir/annotated.parquet: n images, each with all clean phrasings of its scene.
     The same seed as a web corpus gives different images (separate random streams)."""
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, ANNOTATED_STREAM])
     ids, images, captions, scenes = [], [], [], []
     for i in range(n):
         scene = sample_scene(rng)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -171,6 +171,115 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
             r = int(rng.integers(low, high + 1))
         _draw_shape(draw, obj.shape, cx * scale, cy * scale, r * scale, COLOUR_RGB[obj.colour])
     return canvas.reduce(_SUPERSAMPLE)
+
+
+# --- watermarks: a translucent word or logo over the image, as stock-photo sites stamp previews ---
+
+WATERMARK_TEXTS = ("(c) shapestock", "shapestock", "(c) pinboard", "clipart-free", "PREVIEW", "(c) myblog")
+WATERMARK_INITIALS = ("S", "P", "C")
+# text: one word across the image; logo: a badge (ring with an initial on a faint disc); tiled: the
+# word repeated over the whole image on a tilted grid, as stock previews do.
+WATERMARK_STYLES = ("text", "logo", "tiled")
+# The ranges a watermark draws from (docs/world.md). Opacity is the alpha of the mark's strokes.
+WATERMARK_OPACITY = (0.45, 0.75)
+WATERMARK_WIDTH = {"text": (0.6, 0.95), "logo": (0.35, 0.6), "tiled": (0.35, 0.55)}  # share of the side
+WATERMARK_ANGLE = 30.0  # words are tilted by up to this many degrees either way; logos are upright
+_WATERMARK_SUPERSAMPLE_SIDE = 256  # small images' marks are drawn at >= this side, then box-downsampled
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Where and how a watermark is drawn, in shares of the image's size (so a mark fits any size)."""
+    style: str      # one of WATERMARK_STYLES
+    text: str       # the word, or the logo's initial
+    width: float    # share of the image width a word spans (tiled: one repetition), of the short side a logo
+    x: float        # centre as shares of the width and height (tiled: the grid's offset in a cell)
+    y: float
+    angle: float    # degrees, counter-clockwise
+    opacity: float  # alpha of the mark, 0..1
+    tone: str       # "light" (white mark, dark edge) or "dark" (black mark, light edge)
+
+
+def sample_watermark(rng: np.random.Generator, opacity: tuple[float, float] = WATERMARK_OPACITY) -> Watermark:
+    """A random watermark: style, word, size, position (a word or logo stays mostly inside the
+    image), tilt, opacity and tone. The number of draws does not depend on their values."""
+    style = _pick(rng, WATERMARK_STYLES)
+    words, initial = _pick(rng, WATERMARK_TEXTS), _pick(rng, WATERMARK_INITIALS)
+    width = float(rng.uniform(*WATERMARK_WIDTH[style]))
+    u, v, tilt = (float(t) for t in rng.random(3))
+    alpha, tone = float(rng.uniform(*opacity)), _pick(rng, ("light", "dark"))
+    if style == "logo":
+        margin = width / 2
+        return Watermark(style, initial, width, margin + u * (1 - 2 * margin), margin + v * (1 - 2 * margin), 0.0,
+                         alpha, tone)
+    x = width / 2 + u * (1 - width) if style == "text" else u
+    y = 0.2 + v * 0.6 if style == "text" else v
+    return Watermark(style, words, width, x, y, (2 * tilt - 1) * WATERMARK_ANGLE, alpha, tone)
+
+
+def _tones(mark: Watermark) -> tuple[tuple, tuple]:
+    light, dark = (255, 255, 255, 255), (0, 0, 0, 255)
+    return (light, dark) if mark.tone == "light" else (dark, light)
+
+
+def _word_layer(mark: Watermark, span: float) -> Image.Image:
+    """The word, span pixels wide, tilted, on a transparent layer of its own size."""
+    fill, edge = _tones(mark)
+    reference = 100
+    size = max(4, round(reference * span / max(1.0, ImageFont.load_default(size=reference).getlength(mark.text))))
+    font = ImageFont.load_default(size=size)
+    stroke = max(1, size // 12)
+    left, top, right, bottom = font.getbbox(mark.text, stroke_width=stroke)
+    layer = Image.new("RGBA", (right - left + 2, bottom - top + 2), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text((1 - left, 1 - top), mark.text, font=font, fill=fill, stroke_width=stroke,
+                               stroke_fill=edge)
+    return layer.rotate(mark.angle, resample=Image.Resampling.BICUBIC, expand=True)
+
+
+def _watermark_layer(mark: Watermark, width: int, height: int) -> Image.Image:
+    """The mark on a transparent width x height layer, at full opacity."""
+    layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    if mark.style == "logo":
+        fill, edge = _tones(mark)
+        draw = ImageDraw.Draw(layer)
+        cx, cy, r = mark.x * width, mark.y * height, mark.width * min(width, height) / 2
+        ring = max(1.0, r * 0.16)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=edge[:3] + (90,), outline=edge,
+                     width=max(1, round(ring * 1.5)))
+        inner = ring * 0.25
+        draw.ellipse([cx - r + inner, cy - r + inner, cx + r - inner, cy + r - inner], outline=fill,
+                     width=max(1, round(ring)))
+        font = ImageFont.load_default(size=max(4, round(r * 1.2)))
+        draw.text((cx, cy), mark.text, font=font, fill=fill, anchor="mm", stroke_width=max(1, round(ring * 0.3)),
+                  stroke_fill=edge)
+        return layer
+    span = mark.width * width
+    word = _word_layer(mark, span)
+    if mark.style == "text":
+        layer.alpha_composite(word, (round(mark.x * width - word.width / 2), round(mark.y * height - word.height / 2)))
+        return layer
+    # tiled: rows of the word, each shifted by half a word, offset by (x, y) of one cell
+    step_x, step_y = word.width + max(2, round(0.15 * span)), max(2, round(word.height * 1.6))
+    pad = step_x + step_y  # the grid starts off the layer, so its edges are covered too
+    grid = Image.new("RGBA", (width + 2 * pad, height + 2 * pad), (0, 0, 0, 0))
+    for row, top in enumerate(range(round(mark.y * step_y), height + pad, step_y)):
+        for left in range(round(mark.x * step_x) - (row % 2) * (step_x // 2) + step_x // 2, width + pad, step_x):
+            grid.alpha_composite(word, (left, top))
+    return grid.crop((pad, pad, pad + width, pad + height))
+
+
+def draw_watermark(image: Image.Image, mark: Watermark) -> Image.Image:
+    """The image (RGB) with the mark blended over it at the mark's opacity. Deterministic."""
+    width, height = image.size
+    factor = max(1, -(-_WATERMARK_SUPERSAMPLE_SIDE // max(width, height)))
+    layer = _watermark_layer(mark, width * factor, height * factor)
+    if factor > 1:
+        layer = layer.reduce(factor)
+    alpha = np.asarray(layer.getchannel("A"), dtype=np.float32) * (mark.opacity / 255)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    over = np.asarray(layer.convert("RGB"), dtype=np.float32)
+    blended = base * (1 - alpha[..., None]) + over * alpha[..., None]
+    return Image.fromarray(np.rint(blended).astype(np.uint8), "RGB")
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
