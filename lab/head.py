@@ -10,7 +10,6 @@ The embedding is read as the pipeline stores it: float16 little-endian bytes, ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -47,19 +46,6 @@ def build_head(architecture: str, input_dim: int, hidden: list[int] | None = Non
             raise ValueError("an mlp head needs hidden layer widths")
         return MLPHead(input_dim, list(hidden), activation)
     raise ValueError(f"architecture must be linear or mlp, not {architecture!r}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def embeddings_from_bytes(blobs) -> np.ndarray:
-    """(n, D) float32 from the stored float16 little-endian embedding bytes."""
-    return np.stack([np.frombuffer(b, dtype="<f2") for b in blobs]).astype(np.float32)
 
 
 def save_head(folder: str | Path, head: nn.Module, card: dict) -> None:

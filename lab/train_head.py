@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from capfilt.lab.common import command_line, environment, seed_everything, set_threads
 from capfilt.lab.data import EVAL_SEED_BASE
-from capfilt.lab.head import build_head, file_sha256, head_scores, save_head
+from capfilt.lab.head import build_head, head_scores, save_head
 from capfilt.lab.metrics import roc_auc
+from capfilt.udfs.heads import weights_sha256
 from capfilt.world.scene import WATERMARK_OPACITY, WATERMARK_STYLES, WATERMARK_WIDTH
 
 CLIP_REFERENCE = "models/shapes-clip"  # as the card names it; loaded from the repository's models/
@@ -207,7 +208,7 @@ def train_head(out: str | Path, kind: str = "watermark", seed: int = 0, heldout_
         "threshold": threshold,
         "direction": "above",
         "embedding_model": {"reference": CLIP_REFERENCE,
-                            "sha256": file_sha256(Path(clip_path()) / "open_clip_model.safetensors")},
+                            "sha256": weights_sha256(Path(clip_path()) / "open_clip_model.safetensors")},
         "description": ("Flags images with a translucent watermark (a word, a logo badge or a tiled word, "
                         "capfilt.world.scene.sample_watermark) from the filter stage's image_embedding: "
                         "float16 little-endian bytes of the shapes CLIP's L2-normalised image embedding, "

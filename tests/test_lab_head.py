@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from capfilt.lab.head import CARD, WEIGHTS, build_head, file_sha256, head_scores, load_head
+from capfilt.udfs.heads import weights_sha256
+from capfilt.lab.head import CARD, WEIGHTS, build_head, head_scores, load_head
 from capfilt.lab.metrics import roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_card_and_weights_agree_and_name_the_shapes_clip(card):
     assert 0 < card["threshold"] < 1 and card["input_dim"] == 64
     assert card["embedding_model"] == {
         "reference": "models/shapes-clip",
-        "sha256": file_sha256(REPO / "models" / "shapes-clip" / "open_clip_model.safetensors")}
+        "sha256": weights_sha256(REPO / "models" / "shapes-clip" / "open_clip_model.safetensors")}
     assert (HEAD / WEIGHTS).stat().st_size <= 1_000_000
     state = load_file(str(HEAD / WEIGHTS))
     assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in state.values())  # float32
