@@ -159,9 +159,9 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
 def split(rows, cfg, facts: dict):
     from pyspark.sql import functions as F
 
-    from capfilt.pipelines.heads import _clip_of
+    from capfilt.pipelines.heads import clip_of
     from capfilt.udfs.heads import same_reference
-    clip = _clip_of(facts["chain"])
+    clip = clip_of(facts["chain"])
     if clip is not None and not same_reference(clip, cfg.filter.model):
         raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
                          f"is {cfg.filter.model}: evaluation images must be embedded by the same model")

@@ -20,7 +20,9 @@ HEAD_SCORES = Field("head_scores", list_of(struct_of(Field("name", STRING, False
 
 
 def load_heads(cfg) -> list[tuple[object, str]]:
-    """[(Head, 'drop' | 'flag')] in config order; names must differ."""
+    """[(Head, 'drop' | 'flag')] in config order, each with its heads.thresholds override; names must differ."""
+    import dataclasses
+
     from capfilt.udfs.heads import HeadError, load_head
     heads, seen = [], {}
     for mode in ("drop", "flag"):
@@ -30,15 +32,16 @@ def load_heads(cfg) -> list[tuple[object, str]]:
                 raise HeadError(f"heads {seen[head.name]} and {path} are both named {head.name!r}: names are "
                                 f"reasons and score keys, they must differ")
             seen[head.name] = path
-            heads.append((head, mode))
+            heads.append((dataclasses.replace(head, threshold=float(cfg.heads.thresholds.get(head.name, head.threshold))),
+                          mode))
     unknown = set(cfg.heads.thresholds) - set(seen)
     if unknown:
         raise HeadError(f"heads.thresholds names {', '.join(sorted(unknown))}, which is no head of this run "
                         f"({', '.join(seen) or 'none'})")
-    return [(load_head(seen[h.name], cfg.heads.thresholds.get(h.name)), mode) for h, mode in heads]
+    return heads
 
 
-def _clip_of(chain) -> str | None:
+def clip_of(chain) -> str | None:
     """The CLIP reference the filter stage of this chain ran with (its embeddings are the heads' input)."""
     from capfilt.pipelines.output import read_manifest
     filter_root = dict(chain.roots).get("filter")
@@ -67,7 +70,7 @@ def split(rows, cfg, facts: dict):
 
     from capfilt.udfs.heads import HeadError, check_embedding_model
     heads = load_heads(cfg)
-    clip = _clip_of(facts["chain"]) or cfg.filter.model
+    clip = clip_of(facts["chain"]) or cfg.filter.model
     for head, _ in heads:
         check_embedding_model(head, clip)
     first = rows.select(F.length("image_embedding").alias("n")).filter("n is not null").first()

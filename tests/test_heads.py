@@ -116,6 +116,20 @@ def test_a_head_for_another_clip_is_refused(tmp_path):
         check_embedding_model(named, "ViT-B-32:openai")
 
 
+def test_thresholds_override_cards_by_name_and_names_must_differ(tmp_path):
+    from types import SimpleNamespace
+
+    from capfilt.pipelines.heads import load_heads
+    w = {"weight": torch.zeros(1, 64), "bias": torch.zeros(1)}
+    a, b = write_head(tmp_path / "a", w, name="wm"), write_head(tmp_path / "b", w, name="nsfw")
+    heads = load_heads(SimpleNamespace(heads=SimpleNamespace(drop=[str(a)], flag=[str(b)], thresholds={"nsfw": 0.2})))
+    assert [(h.name, h.threshold, mode) for h, mode in heads] == [("wm", 0.5, "drop"), ("nsfw", 0.2, "flag")]
+    with pytest.raises(HeadError, match="both named 'wm'"):
+        load_heads(SimpleNamespace(heads=SimpleNamespace(drop=[str(a)], flag=[str(a)], thresholds={})))
+    with pytest.raises(HeadError, match="names typo"):
+        load_heads(SimpleNamespace(heads=SimpleNamespace(drop=[str(a)], flag=[], thresholds={"typo": 0.1})))
+
+
 def test_embeddings_from_bytes_reads_the_stored_float16():
     e = np.random.default_rng(0).normal(size=(3, 8)).astype("<f2")
     got = embeddings_from_bytes([e[0].tobytes(), None, e[2].tobytes()])

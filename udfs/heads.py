@@ -108,7 +108,7 @@ def _linear_keys(architecture: str, card: dict, state: dict) -> list[str]:
     return [f"layers.{2 * i}." for i in range(n)]
 
 
-def load_head(path: str | Path, threshold: float | None = None) -> Head:
+def load_head(path: str | Path) -> Head:
     """The head in folder `path`, checked: its card, and weights of exactly its architecture's shape."""
     folder = Path(path)
     if not folder.is_dir():
@@ -158,7 +158,7 @@ def load_head(path: str | Path, threshold: float | None = None) -> Head:
     if arch == "mlp" and [w.shape[0] for w, _ in layers[:-1]] != list(card.get("hidden", [])):
         raise HeadError(f"head {path}: the card's hidden {card.get('hidden')} does not match the weights")
     return Head(name=name, architecture=arch, layers=tuple(layers), activation=activation, output=output,
-                threshold=float(card["threshold"] if threshold is None else threshold), direction=direction,
+                threshold=float(card["threshold"]), direction=direction,
                 card=card)
 
 
