@@ -109,10 +109,10 @@ def refuse_stale_retry(out, cfg) -> None:
 
 
 def _fingerprint(spec, cfg) -> str:
-    """What a killed run's work depends on: the input (files included) and the download settings."""
+    """What a killed run's work depends on: the input (files included), the download and prefilter settings."""
     from capfilt.pipelines.provenance import input_source
-    return hashlib.sha256(json.dumps([input_source(spec), cfg.download.__dict__], sort_keys=True,
-                                     default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([input_source(spec), cfg.download.__dict__, cfg.prefilter.__dict__],
+                                     sort_keys=True, default=str).encode()).hexdigest()
 
 
 def download(spark, spec, out, cfg, progress=True):

@@ -188,15 +188,15 @@ class DedupSettings:
     eval_sets: list[str] = _opt(list, "evaluation image sets whose copies leave the data (eval_contaminated): "
                                       "a folder of images, Parquet with image bytes, or a folder of WebDataset "
                                       "tars; empty = no decontamination")
-    eval_threshold: float = _opt(0.85, "image-embedding cosine at or above which an evaluation image is a "
+    eval_threshold: float = _opt(0.5, "image-embedding cosine at or above which an evaluation image is a "
                                        "candidate original of a row (exact copies are caught by hash first)",
                                  min=-1, max=1)
-    eval_candidates: int = _opt(5, "nearest evaluation images per row checked as its candidate originals", min=1)
+    eval_candidates: int = _opt(10, "nearest evaluation images per row checked as its candidate originals", min=1)
     eval_verify: Literal["pixels", "none"] = _opt(
         "pixels", "pixels: confirm a candidate when the original's centre, scaled as a crop would scale it, "
                   "lies in the row's image nearly unchanged (a CLIP puts two pictures of one subject as close "
                   "as a copy); none: the embedding decides")
-    eval_pixel_tolerance: float = _opt(5.5, "largest RMS difference (0-255, on 64-px thumbnails, blurred) "
+    eval_pixel_tolerance: float = _opt(6.0, "largest RMS difference (0-255, on 64-px thumbnails, blurred) "
                                             "of a confirmed copy", min=0, max=255)
 
 

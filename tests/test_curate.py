@@ -399,6 +399,13 @@ def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out
     text, html = capsys.readouterr().out, (tmp_path / "report.html").read_text()
     for shown in (text, html):
         assert "decontaminate" in shown and "eval_contaminated" in shown and "tilt" in shown
+    # killed while heads was writing: no manifest there, none for OUT; a rerun ends where the first did
+    before = pq.read_table(out / "curated").sort_by("uid")
+    (out / "stages" / "heads" / "manifest.json").unlink()
+    (out / "manifest.json").unlink()
+    assert curate([*curate_args, *on, "--output", str(out)]) == 0
+    assert read_manifest(out)["counts"] == counts
+    assert pq.read_table(out / "curated").sort_by("uid").equals(before)
     assert curate([*curate_args, "--output", str(out)]) == 0  # off again
     log = capsys.readouterr().out
     assert "stage 4/4: dedup" in log and "recomputed" in log

@@ -108,8 +108,8 @@ def thumbnail(data: bytes):
 
 
 def copy_residual(copy, original) -> float:
-    """RMS difference (0-255) between `copy` and `original`'s centre placed where it fits best, over
-    the scales a crop of the original would give it: small for a cropped, resized, re-encoded copy."""
+    """How far `copy` is from being `original` cropped, resized and re-encoded (RMS, 0-255): the
+    original's centre, scaled as a crop would scale it, placed where it fits `copy` best."""
     import cv2
     best = np.inf
     for scale in SCALES:
@@ -145,8 +145,8 @@ def confirm_copies(images: list, candidates: list, folder: str, tolerance: float
         except Exception:  # an undecodable stored image cannot be confirmed
             continue
         for eval_id in row:
-            if eval_id in originals:  # either may be the crop of the other (a set built from web images)
-                residual = min(copy_residual(copy, originals[eval_id]), copy_residual(originals[eval_id], copy))
+            if eval_id in originals:
+                residual = copy_residual(copy, originals[eval_id])
                 if residual <= tolerance:
                     best_id[i], best[i] = eval_id, residual
                     break
