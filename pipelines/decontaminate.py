@@ -48,7 +48,7 @@ def eval_images(spark, path: str):
     prefix = F.lit(f"{set_name(path)}/")
     files = [root] if fs.isfile(root) else fs.find(root)
     if any(f.endswith((".parquet", ".pq")) for f in files):
-        df = spark.read.parquet(path)
+        df = spark.read.option("pathGlobFilter", "*.parquet").parquet(path) if fs.isdir(root) else spark.read.parquet(path)
         names = {c.lower(): c for c in df.columns}
         image = next((names[c] for c in _IMAGE_COLUMNS if c in names), None)
         if image is None:

@@ -80,6 +80,16 @@ def test_every_format_reads_the_same_items(eval_set, spark, kind):
     assert got == eval_set["bytes"]
 
 
+@pytest.mark.parametrize("fmt", ["folder", "parquet", "wds"])
+def test_the_worlds_evaluation_sets_read_as_written(tmp_path, spark, fmt):
+    """make_eval_set's layouts (with eval_set.json beside the images, Parquet or tars)."""
+    from capfilt.pipelines.decontaminate import eval_images
+    from capfilt.world.evalset import make_eval_set, read_eval_set
+    make_eval_set(tmp_path / "set", 7, seed=3, fmt=fmt)
+    got = {r["eval_id"]: bytes(r["image"]) for r in eval_images(spark, str(tmp_path / "set")).collect()}
+    assert got == {f"set/{e.id}": e.jpeg for e in read_eval_set(tmp_path / "set")}
+
+
 def _run(curated_out, out, sets, *more):
     from capfilt.jobs.decontaminate import main
     return main(["--input", str(curated_out / "stages" / "filter"), "--output", str(out), *more,
