@@ -120,7 +120,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
           f"{counts['rejected_total']} rejected")
     for stage in ("prefilter", *actions):
         for reason, n in sorted(counts["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
-            print(f"  {stage:<10} {reason:<24} {n:>8}")
+            print(f"  {stage:<13} {reason:<24} {n:>8}")
     return 0
 
 
