@@ -116,9 +116,10 @@ def main(argv=None) -> int:
     if args.big:
         big = work / "big-eval"
         t = time.time()
-        make_eval_set(big, args.big, seed=args.seed + 2, fmt="parquet")
+        make_eval_set(big, args.big, seed=args.seed + 2, fmt="parquet", overwrite=True)
         made = time.time() - t
         t = time.time()
+        shutil.rmtree(work / "decon-big", ignore_errors=True)
         rc = run(decontaminate, ["--input", str(out / "stages" / "filter"), "--output", str(work / "decon-big"), *settings,
                                  "--set", f"dedup.eval_sets=[{big}]"])
         if rc:
