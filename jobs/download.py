@@ -88,9 +88,11 @@ def check(spec, output: str, cfg, retry: bool = False, replaced: tuple[str, ...]
     """Everything about the arguments that can be wrong, checked before Spark starts: one line each.
     A retry reads the input the committed output kept, not --input."""
     from capfilt.pipelines.inputs import check_input
+    from capfilt.pipelines.prefilter import check_settings
     from capfilt.udfs.netguard import check_allow_list
     if not retry:
         check_input(spec)
+        check_settings(cfg)
     check_output_path(output, None if retry else spec.path, replaced)
     check_allow_list(cfg.download.allow_hosts)
 

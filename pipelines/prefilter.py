@@ -31,6 +31,23 @@ def enabled(cfg) -> bool:
     return any(is_on(rule, getattr(cfg.prefilter, rule.name)) for rule in RULES)
 
 
+def check_settings(cfg) -> None:
+    """One line before Spark starts for what would otherwise fail in a task or silently drop everything:
+    a pattern that does not compile, a language the detector cannot name (`english` for `en` would make
+    every caption 'not in the list')."""
+    from capfilt.udfs.prefilter import active_rules
+    if not enabled(cfg):
+        return
+    active_rules(cfg.prefilter, [])  # compiles the blocklist and its patterns, naming a bad one
+    if cfg.prefilter.languages:
+        from capfilt.udfs.language import known_languages
+        known = set(known_languages())
+        unknown = [code for code in cfg.prefilter.languages if code not in known]
+        if unknown:
+            raise ValueError(f"prefilter.languages: {', '.join(map(repr, unknown))} is not a language code the "
+                             f"detector names (ISO 639-1, e.g. en, de, zh; known: {', '.join(sorted(known)[:12])}, ...)")
+
+
 class _Marks:
     """mapInPandas: rows -> (uid, reason, detail) of the rows a rule drops."""
 

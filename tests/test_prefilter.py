@@ -106,3 +106,14 @@ def test_prefilter_is_a_step_of_the_curate_funnel(laion_site, tmp_path):
                                             "rejected_total": 3}
     assert split["download"]["counts"]["input"] == 7 and split["download"]["counts"]["rejected_total"] == 1
     assert split["prefilter"]["seconds"] == 1.5
+
+
+@pytest.mark.parametrize("rule, says", [("prefilter.languages=[english]", "'english' is not a language code"),
+                                        ("prefilter.blocklist_patterns=['(unclosed']", "(unclosed")])
+def test_bad_prefilter_settings_are_one_line_before_spark(laion_site, tmp_path, capsys, rule, says):
+    from capfilt.jobs.common import run
+    root, server, _, _ = laion_site
+    before = len(server.requests)
+    assert run(lambda argv: _run(*argv), [root / "laion.parquet", tmp_path / "dl", server, [rule]]) == 2
+    assert says in capsys.readouterr().err and len(server.requests) == before
+    assert not (tmp_path / "dl").exists()

@@ -70,6 +70,11 @@ def _model() -> _Model:
     return _MODEL
 
 
+def known_languages() -> list[str]:
+    """The codes detect_languages can answer (ISO 639-1 where one exists)."""
+    return list(_model().codes)
+
+
 def clean_caption(text: object) -> str:
     """The text the model reads: controls, surrogates and URLs out, whitespace collapsed, MAX_CHARS long.
     A non-string (None, NaN, bytes) gives ""."""
