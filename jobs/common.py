@@ -67,11 +67,8 @@ def check_models(cfg: Config, stages) -> None:
         for head, _ in load_heads(cfg):
             check_embedding_model(head, cfg.filter.model)
     if "decontaminate" in stages:
-        import fsspec
-        for path in cfg.dedup.eval_sets:
-            fs, where = fsspec.core.url_to_fs(path)
-            if not fs.exists(where):
-                raise ValueError(f"dedup.eval_sets: {path} does not exist")
+        from capfilt.pipelines.decontaminate import check_eval_sets
+        check_eval_sets(cfg.dedup.eval_sets)
 
 
 def check_output_path(root: str, input: str | None = None, replaced: tuple[str, ...] = ("",)) -> None:

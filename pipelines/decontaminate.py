@@ -35,6 +35,32 @@ def set_name(path: str) -> str:
     return re.sub(r"\.(parquet|pq)$", "", name) or "eval"
 
 
+def check_eval_sets(paths) -> None:
+    """Each evaluation set can be read, checked on the driver before any work (a curate run reaches this
+    stage after download, caption and filter): it exists, and holds images, WebDataset tars, or Parquet
+    with an image column."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for path in paths:
+        fs, root = fsspec.core.url_to_fs(path)
+        if not fs.exists(root):
+            raise ValueError(f"dedup.eval_sets: {path} does not exist")
+        files = [root] if fs.isfile(root) else fs.find(root)
+        tables = [f for f in files if f.endswith((".parquet", ".pq"))]
+        if tables:
+            with fs.open(tables[0], "rb") as f:
+                schema = pq.read_schema(f)
+            image = next((n for n in schema.names if n.lower() in _IMAGE_COLUMNS), None)
+            kind = schema.field(image).type if image else None
+            if kind is None or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (
+                    pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+                raise ValueError(f"dedup.eval_sets: {tables[0]} has no image bytes column ({', '.join(_IMAGE_COLUMNS)}: "
+                                 f"binary, or a struct with bytes); it has {', '.join(schema.names)}")
+        elif not any(f.endswith(".tar") or f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+            raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet or WebDataset tars")
+
+
 def eval_images(spark, path: str):
     """(eval_id, image) of one evaluation set; eval_id = '<set name>/<item id>'."""
     import fsspec

@@ -137,3 +137,7 @@ def test_missing_or_empty_evaluation_sets_are_one_line(curated_out, tmp_path, ca
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'empty'}]"]) == 2
     assert "holds no images" in capsys.readouterr().err
+    pq.write_table(pa.table({"key": ["a"], "caption": ["no image here"]}), tmp_path / "captions.parquet")
+    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'captions.parquet'}]"]) == 2
+    assert "no image bytes column" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
