@@ -6,6 +6,8 @@
     captions   near-duplicate web captions: MinHash-LSH identical to datasketch
                (capfilt.pipelines.caption_dedup) proposes, the exact shingle Jaccard confirms; a caption
                pair counts only when the two images are also similar (cosine >= caption_image_threshold)
+               and their thumbnails agree, as for image pairs: a generic alt-text ("image", "A flower.")
+               under two different pictures is not a duplicate
 
 Every piece of evidence is an edge between two rows; the connected components of all edges are
 the duplicate groups. Up to `driver_max_rows` rows (and `exact_search_rows`), the evidence columns
@@ -33,7 +35,7 @@ REASONS = {
     NEAR_DUPLICATE_IMAGE: "a near-duplicate image of a row in its group (embedding cosine >= "
                             "image_threshold, confirmed on thumbnails)",
     NEAR_DUPLICATE_CAPTION: "a near-duplicate web caption (MinHash-LSH) of a row in its group, whose image "
-                              "is similar too (cosine >= caption_image_threshold)",
+                              "is similar too (cosine >= caption_image_threshold, confirmed on thumbnails)",
     CAPTION_CLUSTER_CAP: "its caption cluster already has max_per_caption_cluster rows",
 }
 EDGE_KINDS = ("exact", "image", "caption")
@@ -83,7 +85,8 @@ def caption_image_pairs(df, clusters, settings: DedupSettings):
     """(uid_a, uid_b, cosine) within each near-duplicate caption cluster: pairs whose captions' exact
     shingle Jaccard is >= caption_threshold (LSH buckets only propose candidates, and a cluster
     chains them) and whose images' cosine is >= caption_image_threshold. Exact search inside the
-    cluster: a template shared by many rows is one group."""
+    cluster: a template shared by many rows is one group. Candidates: duplicate_groups confirms them
+    on thumbnails with the image pairs."""
     rows = df.select("uid", "caption", "image_embedding").join(clusters, "uid")
     return rows.groupBy("cluster").applyInPandas(_caption_pair_search(settings),
                                                  "uid_a string, uid_b string, cosine float")
@@ -91,8 +94,9 @@ def caption_image_pairs(df, clusters, settings: DedupSettings):
 
 def _groups_on_the_driver(df, settings: DedupSettings, images):
     """duplicate_groups' result from one collect of the evidence columns, for inputs small enough
-    to hold on the driver: the same detectors (the exact image search, thumbnails, MinHash-LSH
-    buckets, the caption-image check) and the same components, without a Spark job per step."""
+    to hold on the driver: the same detectors (the exact image search, MinHash-LSH buckets, the
+    caption-image check, thumbnails for both kinds of pair) and the same components, without a Spark
+    job per step."""
     import numpy as np
     from pyspark.sql import functions as F
 
@@ -109,20 +113,10 @@ def _groups_on_the_driver(df, settings: DedupSettings, images):
     if settings.exact:
         first = rows.groupby("sha256", dropna=False)["uid"].transform("min")
         edges += [(a, b, "exact") for a, b in zip(first, rows["uid"]) if a != b]
+    candidates = []  # (uid_a, uid_b, cosine, kind): image and caption pairs, confirmed together below
     if settings.images:
         pairs = _search(settings.image_threshold)(rows[rows["image_embedding"].notna()])
-        if settings.image_verify != "none" and len(pairs):
-            members = spark.createDataFrame([(u,) for u in set(pairs.uid_a) | set(pairs.uid_b)], "uid string")
-            source = (df if images is None else images).select("uid", "image").join(F.broadcast(members), "uid")
-            thumbs = {r.uid: thumbnail(r.image) for r in source.collect()}
-            ok = [thumbs.get(a) is not None and thumbs.get(b) is not None for a, b in zip(pairs.uid_a, pairs.uid_b)]
-            pairs = pairs[ok]
-            if len(pairs):
-                keep = pixels_match(np.stack([thumbs[a] for a in pairs.uid_a]),
-                                    np.stack([thumbs[b] for b in pairs.uid_b]),
-                                    settings.pixel_tolerance, settings.pixel_max_changed)
-                pairs = pairs[keep]
-        edges += [(a, b, "image") for a, b in zip(pairs.uid_a, pairs.uid_b)]
+        candidates.append(pairs.assign(kind="image"))
     clusters = None
     if settings.captions:
         bands, per_band = lsh_bands(settings)
@@ -137,9 +131,19 @@ def _groups_on_the_driver(df, settings: DedupSettings, images):
         clusters = spark.createDataFrame(sorted(cluster_of.items()), "uid string, cluster string")
         in_clusters = rows[rows["uid"].isin(cluster_of)].assign(cluster=lambda f: f["uid"].map(cluster_of))
         search = _caption_pair_search(settings)
-        for _, frame in in_clusters.groupby("cluster"):
-            pairs = search(frame)
-            edges += [(a, b, "caption") for a, b in zip(pairs.uid_a, pairs.uid_b)]
+        candidates += [search(frame).assign(kind="caption") for _, frame in in_clusters.groupby("cluster")]
+    pairs = pd.concat(candidates, ignore_index=True) if candidates else pd.DataFrame(columns=["uid_a", "uid_b", "kind"])
+    if settings.image_verify != "none" and len(pairs):
+        members = spark.createDataFrame([(u,) for u in set(pairs.uid_a) | set(pairs.uid_b)], "uid string")
+        source = (df if images is None else images).select("uid", "image").join(F.broadcast(members), "uid")
+        thumbs = {r.uid: thumbnail(r.image) for r in source.collect()}
+        ok = [thumbs.get(a) is not None and thumbs.get(b) is not None for a, b in zip(pairs.uid_a, pairs.uid_b)]
+        pairs = pairs[ok]
+        if len(pairs):
+            keep = pixels_match(np.stack([thumbs[a] for a in pairs.uid_a]), np.stack([thumbs[b] for b in pairs.uid_b]),
+                                settings.pixel_tolerance, settings.pixel_max_changed)
+            pairs = pairs[keep]
+    edges += list(zip(pairs.uid_a, pairs.uid_b, pairs.kind))
     group_of = union_find((a, b) for a, b, _ in edges)
     kinds: dict = {}
     for a, b, kind in edges:
@@ -169,15 +173,21 @@ def duplicate_groups(df, settings: DedupSettings, seed: int = 0, images=None, ro
     edges = []
     if settings.exact:
         edges.append(exact_edges(df).withColumn("kind", F.lit("exact")))
+    candidates = []  # image and caption pairs, confirmed on thumbnails together
     if settings.images:
-        from capfilt.pipelines.image_dedup import image_pairs
-        pairs = image_pairs(df, settings, seed, images)
-        edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("image").alias("kind")))
+        from capfilt.pipelines.image_dedup import candidate_pairs
+        candidates.append(candidate_pairs(df, settings, seed).withColumn("kind", F.lit("image")))
     clusters = None
     if settings.captions:
         clusters = caption_clusters(df, settings).localCheckpoint()
-        pairs = caption_image_pairs(df, clusters, settings)
-        edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), F.lit("caption").alias("kind")))
+        candidates.append(caption_image_pairs(df, clusters, settings).withColumn("kind", F.lit("caption")))
+    if candidates:
+        from capfilt.pipelines.image_dedup import confirm
+        pairs = candidates[0] if len(candidates) == 1 else candidates[0].unionByName(candidates[1])
+        pairs = pairs.localCheckpoint()  # the searches run once
+        if settings.image_verify != "none":
+            pairs = confirm(df if images is None else images, pairs, settings)
+        edges.append(pairs.select(F.col("uid_a").alias("src"), F.col("uid_b").alias("dst"), "kind"))
     if not edges:
         spark = df.sparkSession
         return (spark.createDataFrame([], "uid string, group string, kinds array<string>"), clusters)
@@ -258,9 +268,8 @@ def _inherit(kept, dropped):
     texts the survivor already has (compared lower-cased, whitespace collapsed)."""
     from pyspark.sql import functions as F
     gifts = (dropped.select("survivor", F.explode("candidates").alias("c")).filter(F.col("c.kept"))
-             .select("survivor", F.struct(F.col("c.text").alias("text"),
-                                          F.concat(F.lit("inherited_"), F.col("c.source")).alias("source"),
-                                          F.col("c.score").alias("score"), F.col("c.kept").alias("kept")).alias("c"))
+             .select("survivor", F.col("c").withField("source", F.concat(F.lit("inherited_"), F.col("c.source")))
+                     .alias("c"))
              .groupBy("survivor").agg(F.array_sort(F.collect_list("c")).alias("gifts")))
     joined = kept.join(gifts.withColumnRenamed("survivor", "uid"), "uid", "left")
     def key(text):

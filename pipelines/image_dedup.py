@@ -6,7 +6,8 @@
               and, near a boundary, to the second (capfilt.udfs.image_dedup.nearest_centroids), exact search
               within each partition.
     confirm   (image_verify: pixels) thumbnails of the rows in candidate pairs only, and pairs
-              kept when the thumbnails agree (capfilt.udfs.image_dedup.pixels_match).
+              kept when the thumbnails agree (capfilt.udfs.image_dedup.pixels_match); dedup's
+              caption pairs are confirmed here too.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def _centroids(rows, n: int, settings: DedupSettings, seed: int):
 
 
 def confirm(images, pairs, settings: DedupSettings):
-    """The candidate pairs whose 32x32 thumbnails agree. Thumbnails are made for the rows that
-    appear in some pair only (`images`: uid and image bytes, read where they lie)."""
+    """The candidate pairs (uid_a, uid_b and any other columns, kept) whose 32x32 thumbnails agree.
+    Thumbnails are made for the rows that appear in some pair only (`images`: uid and image bytes,
+    read where they lie). Dedup confirms its image and its caption pairs here, in one pass."""
     from pyspark.sql import functions as F
 
     members = pairs.select(F.col("uid_a").alias("uid")).union(pairs.select(F.col("uid_b").alias("uid"))).distinct()
@@ -99,9 +101,10 @@ def confirm(images, pairs, settings: DedupSettings):
             a = np.stack([np.frombuffer(t, np.uint8).reshape(shape) for t in frame["ta"]])
             b = np.stack([np.frombuffer(t, np.uint8).reshape(shape) for t in frame["tb"]])
             keep = pixels_match(a, b, tolerance, max_changed)
-            yield frame.loc[keep, ["uid_a", "uid_b", "cosine"]]
+            yield frame.loc[keep, columns]
 
-    return joined.mapInPandas(check, PAIRS_SCHEMA)
+    columns = pairs.columns
+    return joined.mapInPandas(check, pairs.schema)
 
 
 def image_pairs(df, settings: DedupSettings, seed: int = 0, images=None):

@@ -74,10 +74,15 @@ def planted(spark):
         # one template caption, different pictures: not duplicates
         _row("t1", green, "wallpaper hd free download shapes art", e["d"], 0.60),
         _row("t2", _picture(RED_CIRCLE, 9), "wallpaper hd free download shapes art", e["e"], 0.60),
-        # near-duplicate captions and similar (not near-identical) images: near_duplicate_caption
+        # near-duplicate captions, similar (not near-identical) embeddings, thumbnails that agree (a
+        # re-encoded, resized copy): near_duplicate_caption
         _row("c1", _picture(GREEN_CROSS, 4), "small green cross on a grey background, stock photo", e["f"], 0.75),
-        _row("c2", _picture(GREEN_CROSS, 5), "small green cross on a grey background, stock photo hd",
-             _toward(e["f"], e["g"], 0.93), 0.74),
+        _row("c2", _picture(GREEN_CROSS, 4, quality=60, side=80),
+             "small green cross on a grey background, stock photo hd", _toward(e["f"], e["g"], 0.93), 0.74,
+             size=(80, 80)),
+        # the same, but another render of the scene (objects moved a little): another picture, kept
+        _row("c3", _picture(GREEN_CROSS, 5), "small green cross on a grey background, stock photo hd",
+             _toward(e["f"], e["g"], 0.93), 0.73),
         # near-duplicate captions, different images: kept
         _row("d1", _picture(BLUE_SQUARE, 6), "small green cross on a grey background, stock image", e["h"], 0.50),
     ]
@@ -94,7 +99,7 @@ def test_each_piece_of_evidence_drops_with_its_reason_and_names_the_survivor(pla
         "exact_duplicate", "duplicate_image", "near_duplicate_image", "near_duplicate_caption"]
     assert rejects.loc[["x1", "x3", "n1", "c2"], "duplicate_of"].tolist() == ["x2", "x2", "n2", "c1"]
     assert set(rejects.stage) == {"dedup"}
-    assert set(curated.index) == {"x2", "n2", "t1", "t2", "c1", "d1"}
+    assert set(curated.index) == {"x2", "n2", "t1", "t2", "c1", "c3", "d1"}
     assert len(curated) + len(rejects) == len(rows)
 
 
@@ -198,3 +203,125 @@ def test_shapes_world_no_row_is_dropped_for_a_survivor_of_another_scene(shapes_w
     wrong = [(uid, r.duplicate_of, r.reason) for uid, r in rejects.iterrows()
              if json.loads(truth.scene[uid]) != json.loads(truth.scene[r.duplicate_of])]
     assert wrong == []
+
+
+# --- caption evidence is confirmed on the pixels: one caption under different pictures -------------------
+
+def _stored(data: bytes, download) -> bytes:
+    """Image bytes as the download stage stores them (its resizer and settings)."""
+    from capfilt.udfs.fetch import stored_form
+    image, *_, error = stored_form(download)(io.BytesIO(data))
+    assert image is not None, error
+    return image
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _skimage_picture(name: str) -> Image.Image:
+    """A real photo or drawing from scikit-image's package files (no download)."""
+    from importlib import resources
+    return Image.open(io.BytesIO((resources.files("skimage") / "data" / name).read_bytes())).convert("RGB")
+
+
+def _at_cosine(base, cosine: float, count: int, seed: int):
+    """`count` unit vectors at `cosine` from one another (each sqrt(cosine) from base)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(np.column_stack([base, rng.normal(size=(len(base), count))]))
+    return [np.sqrt(cosine) * base + np.sqrt(1 - cosine) * basis[:, k + 1] for k in range(count)]
+
+
+REAL_PICTURES = {"image": ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "coins.png"),
+                 "A flower.": ("horse.png", "logo.png", "moon.png", "retina.jpg")}
+
+
+@pytest.fixture(scope="module")
+def real_pictures():
+    """scikit-image's real pictures stored as the default download stores them, a generic caption per
+    set, and embeddings where the embedding check alone merges them (cosine 0.92 to one another, as
+    a CLIP can place two pictures of one subject: >= caption_image_threshold 0.9, < image_threshold
+    0.95, so only caption evidence can link them). One more row: chelsea re-encoded at JPEG 60 and resized to
+    half, under the same caption, at cosine 0.93 to chelsea."""
+    download = load_config(None, []).download
+    rows, base = [], _unit(50)
+    for caption, names in REAL_PICTURES.items():
+        for name, embedding in zip(names, _at_cosine(base, 0.92, len(names), seed=len(caption))):
+            rows.append(_row(name.split(".")[0], _stored(_jpeg(_skimage_picture(name), 95), download), caption,
+                             embedding, 0.5, size=(256, 256)))
+    chelsea = next(r for r in rows if r["uid"] == "chelsea")
+    picture = _skimage_picture("chelsea.png")
+    copy = _stored(_jpeg(picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BICUBIC), 60),
+                   download)
+    embedding = _toward(np.frombuffer(chelsea["image_embedding"], "<f2").astype(float), _unit(51), 0.93)
+    rows.append(_row("chelsea_copy", copy, "image", embedding / np.linalg.norm(embedding), 0.49, size=(256, 256)))
+    return rows
+
+
+@pytest.mark.parametrize("path", ["driver", "spark"])
+def test_different_real_pictures_under_one_generic_caption_are_kept_and_a_copy_of_one_goes(spark, real_pictures, path):
+    import dataclasses
+    settings = DedupSettings() if path == "driver" else DedupSettings(driver_max_rows=0)
+    curated, rejects = dedup(_scored(spark, real_pictures), settings, seed=0)
+    kept = sorted(r.uid for r in curated.collect())
+    dropped = {r.uid: (r.reason, r.duplicate_of) for r in rejects.collect()}
+    assert dropped == {"chelsea_copy": ("near_duplicate_caption", "chelsea")}
+    assert kept == sorted(r["uid"] for r in real_pictures if r["uid"] != "chelsea_copy")
+    # Without the thumbnails, the same rows are merged on caption evidence: the check is what keeps them.
+    _, unconfirmed = dedup(_scored(spark, real_pictures), dataclasses.replace(settings, image_verify="none"), seed=0)
+    assert {r.reason for r in unconfirmed.collect()} == {"near_duplicate_caption"}
+    assert unconfirmed.count() == len(real_pictures) - len(REAL_PICTURES)
+
+
+def _twins():
+    """(scene, the same scene with one object's shape changed): layouts drawn with one seed, so the
+    pictures differ only where that object is."""
+    from capfilt.world.scene import SceneObject
+    one = [("white", "yellow", "small", "circle", "cross"), ("white", "yellow", "small", "triangle", "cross"),
+           ("black", "red", "small", "circle", "triangle"), ("black", "red", "small", "square", "cross")]
+    pairs = [(Scene((SceneObject(c, a, s),), bg), Scene((SceneObject(c, b, s),), bg)) for bg, c, s, a, b in one]
+    left = SceneObject("blue", "square", "small")
+    for a, b in (("circle", "square"), ("cross", "triangle")):
+        pairs.append((Scene((left, SceneObject("green", a, "small")), "gray"),
+                      Scene((left, SceneObject("green", b, "small")), "gray")))
+    return pairs
+
+
+def test_shapes_world_scenes_differing_in_one_shape_under_one_caption_are_not_merged(spark):
+    """The shapes CLIP barely sees shape: it puts these twins at cosine >= caption_image_threshold, and
+    they share a caption; the thumbnails tell them apart. A re-encoded, resized copy of one still goes."""
+    import dataclasses
+
+    import torch
+
+    from capfilt.jobs.demo import shapes_world_settings
+    from capfilt.udfs.models import SHAPES_CLIP, load_clip
+    torch.set_num_threads(1)
+    cfg = shapes_world_settings(load_config(None, []))
+    clip = load_clip(SHAPES_CLIP, "cpu")
+    blobs, uids, captions = [], [], []
+    for k, (scene, twin) in enumerate(_twins()):
+        caption = f"stock photo of shapes number {k}"
+        for name, shown in (("a", scene), ("b", twin)):
+            blobs.append(_stored(encode_jpeg(render(shown, 64, np.random.default_rng(k)), 90), cfg.download))
+            uids.append(f"twin{k}{name}")
+            captions.append(caption)
+    original = render(_twins()[0][0], 64, np.random.default_rng(0))
+    blobs.append(_stored(encode_jpeg(original.resize((80, 80), Image.Resampling.BICUBIC), 60), cfg.download))
+    uids.append("twin0a_copy")
+    captions.append(captions[0])
+    embeddings = clip.encode_images([Image.open(io.BytesIO(b)).convert("RGB") for b in blobs])
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    twins = [float(embeddings[2 * k] @ embeddings[2 * k + 1]) for k in range(len(_twins()))]
+    assert min(twins) >= cfg.dedup.caption_image_threshold, twins  # the embedding alone would merge them
+    rows = [_row(uid, blob, caption, emb, 0.5 - i / 1000)
+            for i, (uid, blob, caption, emb) in enumerate(zip(uids, blobs, captions, embeddings))]
+    curated, rejects = dedup(_scored(spark, rows), cfg.dedup, seed=0)
+    dropped = {r.uid: r.duplicate_of for r in rejects.collect()}
+    assert dropped == {"twin0a_copy": "twin0a"}
+    assert curated.count() == len(rows) - 1
+    _, unconfirmed = dedup(_scored(spark, rows), dataclasses.replace(cfg.dedup, image_verify="none"), seed=0)
+    merged = {r.uid: r.duplicate_of for r in unconfirmed.collect()}
+    assert all(merged.get(f"twin{k}b") == f"twin{k}a" for k in range(len(_twins()))), merged  # without the check
