@@ -61,6 +61,8 @@ def check_models(cfg: Config, stages) -> None:
         check_reference(cfg.caption.model, "captioner")
     if "filter" in stages or "decontaminate" in stages:
         check_reference(cfg.filter.model, "clip")
+    if "filter" in stages and cfg.filter.scorer != "clip":
+        check_reference(cfg.filter.itm_model, "itm")
     if "heads" in stages:
         from capfilt.pipelines.heads import load_heads
         from capfilt.udfs.heads import check_embedding_model

@@ -1,8 +1,11 @@
 """`python -m capfilt.lab`: train the shapes-world models and measure them on held-out seeds.
 
     python -m capfilt.lab train clip --out models/shapes-clip --seed 0
+    python -m capfilt.lab train clip-web --out models/shapes-clip-web --seed 0
     python -m capfilt.lab train captioner --out models/shapes-captioner --seed 0
+    python -m capfilt.lab train itm --out models/shapes-itm --seed 0
     python -m capfilt.lab eval --clip models/shapes-clip --captioner models/shapes-captioner
+    python -m capfilt.lab eval --clip models/shapes-clip-web --itm models/shapes-itm
     python -m capfilt.lab train-head --kind watermark --out models/shapes-watermark-head
     python -m capfilt.lab eval-head --head models/shapes-watermark-head --seed 10000
 
@@ -24,7 +27,11 @@ from capfilt.lab.data import EVAL_SEED_BASE
 DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
     # bf16 autocast: 1.5-1.8x faster for BLIP on this CPU (AMX), slower for open_clip's CLIP (measured)
     "clip": {"steps": 1500, "n_train": 20000, "batch": 128, "lr": 1e-3, "bf16": False},
+    # clean and web phrasings, a token set with the web words: the fair filter-only baseline
+    "clip-web": {"steps": 1500, "n_train": 20000, "batch": 128, "lr": 1e-3, "bf16": False},
     "captioner": {"steps": 5000, "n_train": 20000, "batch": 64, "lr": 1e-3, "bf16": True},
+    # initialised from models/shapes-captioner (lab/train_itm.py)
+    "itm": {"steps": 2000, "n_train": 20000, "batch": 64, "lr": 5e-4, "bf16": True},
 }
 
 
@@ -50,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="measure a filter and/or a captioner on held-out seeds")
     ev.add_argument("--clip", help="CLIP reference (any the loader takes)")
     ev.add_argument("--captioner", help="captioner reference (any the loader takes)")
+    ev.add_argument("--itm", help="ITM reference (a BLIP ITM folder or hub id)")
     ev.add_argument("--seed", type=int, default=EVAL_SEED_BASE, help="held-out seed")
     ev.add_argument("--n-web", type=int, default=2000, help="web-corpus rows for the filter AUC")
     ev.add_argument("--n-pairs", type=int, default=1000, help="annotated images for the ranking checks")
@@ -103,12 +111,16 @@ def _train_head(args) -> int:
 
 
 def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000, n_pairs=1000, n_captions=500,
-             top_p=0.9) -> dict:
-    from capfilt.lab.evaluate import captioner_metrics, clip_metrics
-    from capfilt.udfs.models import load_captioner, load_clip
+             top_p=0.9, itm_ref=None) -> dict:
+    from capfilt.lab.evaluate import attribute_table, captioner_metrics, clip_metrics, itm_metrics
+    from capfilt.udfs.models import load_captioner, load_clip, load_itm
     report = {}
     if clip_ref:
         report["clip"] = {"reference": clip_ref, **clip_metrics(load_clip(clip_ref), n_web, n_pairs, seed)}
+    if itm_ref:
+        report["itm"] = {"reference": itm_ref, **itm_metrics(load_itm(itm_ref), n_web, n_pairs, seed)}
+    if clip_ref and itm_ref:  # side by side, as docs/models.md shows them
+        report["attribute_auc"] = attribute_table(report)
     if captioner_ref:
         report["captioner"] = {"reference": captioner_ref,
                                **captioner_metrics(load_captioner(captioner_ref), n_captions, seed, top_p)}
@@ -139,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("steps", "n_train", "batch", "lr", "bf16"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
-        if args.model == "clip":
+        if args.model in ("clip", "clip-web"):
             from capfilt.lab.train_clip import train
+            settings["web"] = args.model == "clip-web"
+        elif args.model == "itm":
+            from capfilt.lab.train_itm import train
         else:
             from capfilt.lab.train_captioner import train
         # Train and measure in a sibling folder, then swap it in: a committed checkpoint is never
@@ -157,27 +172,28 @@ def main(argv: list[str] | None = None) -> int:
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         if not args.no_eval:
             torch.set_num_threads(args.threads or 1)
-            refs = {"clip_ref": str(partial)} if args.model == "clip" else {"captioner_ref": str(partial)}
-            report = evaluate(**refs)
-            metrics = report["clip" if args.model == "clip" else "captioner"]
-            _update_card(partial, metrics, f"python -m capfilt.lab eval --{args.model} {args.out}")
+            kind = "clip" if args.model.startswith("clip") else args.model
+            report = evaluate(**{f"{kind}_ref": str(partial)})
+            metrics = report[kind]
+            _update_card(partial, metrics, f"python -m capfilt.lab eval --{kind} {args.out}")
             print(json.dumps(metrics, indent=2))
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
         return 0
-    if not (args.clip or args.captioner):
-        print("eval: give --clip and/or --captioner", file=sys.stderr)
+    if not (args.clip or args.captioner or args.itm):
+        print("eval: give --clip, --itm and/or --captioner", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    report = evaluate(args.clip, args.captioner, args.seed, args.n_web, args.n_pairs, args.n_captions, args.top_p)
+    report = evaluate(args.clip, args.captioner, args.seed, args.n_web, args.n_pairs, args.n_captions, args.top_p,
+                      args.itm)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
     if args.update_card:
         command = "python -m capfilt.lab " + " ".join(argv if argv is not None else sys.argv[1:])
-        for key, ref in (("clip", args.clip), ("captioner", args.captioner)):
+        for key, ref in (("clip", args.clip), ("captioner", args.captioner), ("itm", args.itm)):
             if ref and key in report:
                 _update_card(ref, report[key], command)
     return 0

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import io
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from capfilt.world.captions import N_PHRASINGS, describe
+from capfilt.world.captions import N_PHRASINGS, describe, web_phrasing
 from capfilt.world.corpus import make_annotated, make_web_corpus
-from capfilt.world.scene import Scene, change_one_attribute
+from capfilt.world.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, change_one_attribute
 
 # Held-out seeds: training uses seeds below EVAL_SEED_BASE, evaluation seeds from it up.
 EVAL_SEED_BASE = 10_000
@@ -53,6 +53,34 @@ def wrong_attribute_captions(scenes: list[Scene], rng: np.random.Generator) -> l
     """For each scene a clean caption (random phrasing) of the scene with one attribute changed:
     the hard negatives the filter must rank below the truth."""
     return [describe(change_one_attribute(s, rng), int(rng.integers(N_PHRASINGS))) for s in scenes]
+
+
+ATTRIBUTES = ("colour", "shape", "size", "order", "background")
+
+
+def with_attribute_changed(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene:
+    """The scene with exactly `attribute` changed (for colour, shape and size: of one object drawn at
+    random). `order` needs two different objects."""
+    if attribute == "order":
+        if len(scene.objects) != 2 or scene.objects[0] == scene.objects[1]:
+            raise ValueError("order needs two different objects")
+        return Scene(scene.objects[::-1], scene.background)
+    if attribute == "background":
+        others = [b for b in BACKGROUNDS if b != scene.background]
+        return Scene(scene.objects, others[int(rng.integers(len(others)))])
+    values = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}[attribute]
+    objects = list(scene.objects)
+    i = int(rng.integers(len(objects)))
+    options = [v for v in values if v != getattr(objects[i], attribute)]
+    objects[i] = replace(objects[i], **{attribute: options[int(rng.integers(len(options)))]})
+    return Scene(tuple(objects), scene.background)
+
+
+def wrong_attribute_phrasings(scenes: list[Scene], rng: np.random.Generator) -> list[str]:
+    """As `wrong_attribute_captions`, phrased in web style half of the time."""
+    changed = [change_one_attribute(s, rng) for s in scenes]
+    return [web_phrasing(s, rng) if rng.random() < 0.5 else describe(s, int(rng.integers(N_PHRASINGS)))
+            for s in changed]
 
 
 @dataclass

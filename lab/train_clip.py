@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.lab.common import Budget, command_line, environment, fp16_state_dict, lr_at, seed_everything, set_threads, write_card
-from capfilt.lab.data import annotated, wrong_attribute_captions
+from capfilt.lab.data import annotated, wrong_attribute_captions, wrong_attribute_phrasings
 from capfilt.lab.tokens import save_clip_tokenizer
+from capfilt.world.captions import web_phrasing
 
 IMAGE_SIZE = 64
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults (OpenAI's), kept for familiarity
@@ -58,7 +59,9 @@ def _encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
 
 def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 20.0, n_train: int = 20000,
           batch: int = 128, lr: float = 1e-3, hard_negatives: bool = True, threads: int | None = None,
-          bf16: bool = True, log_every: int = 100, log=print) -> dict:
+          bf16: bool = True, web: bool = False, log_every: int = 100, log=print) -> dict:
+    """web=True trains on clean and web phrasings with a token set that covers the web words
+    (`tokens.web_words`): a filter that can judge alt-text in web style fairly."""
     import open_clip
     from transformers import PreTrainedTokenizerFast
 
@@ -67,7 +70,7 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
     seed_everything(seed)
     threads = set_threads(threads)
     t0 = time.perf_counter()
-    vocab_size = save_clip_tokenizer(out, context_length=32)
+    vocab_size = save_clip_tokenizer(out, context_length=32, web=web)
     cfg = model_config(vocab_size)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out))
 
@@ -79,15 +82,21 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8, N x 3 x H x W
     scene_index: dict[str, int] = {}
     scene_ids = torch.tensor([scene_index.setdefault(s.to_json(), len(scene_index)) for s in data.scenes])
+    captions = [list(caps) for caps in data.captions]
+    negatives = wrong_attribute_captions
+    if web:
+        phrasing_rng = np.random.default_rng([seed, 11])
+        captions = [caps + [web_phrasing(s, phrasing_rng) for _ in caps] for caps, s in zip(captions, data.scenes)]
+        negatives = wrong_attribute_phrasings
     data_seconds = time.perf_counter() - t0
     log(f"data: {len(data)} images, {len(scene_index)} distinct scenes, {data_seconds:.1f}s")
 
     model = open_clip.model.CLIP(**cfg)
     n_params = sum(p.numel() for p in model.parameters())
     history, budget = fit(
-        model, images, [list(caps) for caps in data.captions], tokenize, steps=steps, batch=batch, lr=lr,
+        model, images, captions, tokenize, steps=steps, batch=batch, lr=lr,
         seed=seed, minutes=minutes, bf16=bf16, groups=scene_ids, log_every=log_every, log=log,
-        negatives=(lambda idx, rng: wrong_attribute_captions([data.scenes[i] for i in idx], rng))
+        negatives=(lambda idx, rng: negatives([data.scenes[i] for i in idx], rng))
         if hard_negatives else None)
     warmup = max(1, steps // 20)  # as fit's schedule
     trained_steps = budget.stopped_early_at if budget.stopped_early_at is not None else steps
@@ -98,7 +107,7 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
     (out / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": cfg, "preprocess_cfg": preprocess_config()}, indent=2) + "\n")
     card = {
-        "name": "shapes-clip",
+        "name": "shapes-clip-web" if web else "shapes-clip",
         "family": "open_clip CLIP",
         "reference": str(out),
         "purpose": "CapFilt filter for the shapes world (tests, demo, benchmarks); not a general model",
@@ -106,10 +115,14 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
         "weights": "open_clip_model.safetensors (fp16)",
         "config": cfg,
         "preprocess": preprocess_config(),
-        "tokenizer": "word-level over capfilt.world.captions.VOCABULARY; [EOT] has the largest id (argmax pooling)",
+        "tokenizer": "word-level over capfilt.world.captions.VOCABULARY" + (
+            " and the web phrasings' words (capfilt.lab.tokens.web_words)" if web else "")
+        + "; [EOT] has the largest id (argmax pooling)",
         "training": {
-            "data": f"capfilt.world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, all phrasings",
-            "objective": "symmetric InfoNCE" + (" + one wrong-attribute hard negative per image" if hard_negatives else ""),
+            "data": f"capfilt.world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, all phrasings"
+                    + (", and as many web phrasings (capfilt.world.captions.web_phrasing)" if web else ""),
+            "objective": "symmetric InfoNCE" + (" + one wrong-attribute hard negative per image" if hard_negatives else "")
+            + (" (clean or web phrasing, half each)" if web and hard_negatives else ""),
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
             "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,

@@ -145,6 +145,18 @@ class FilterSettings(ModelRuntime):
     percentile: float = _opt(0.7, "quantile of web-caption scores below which captions drop (rule "
                                   "percentile; 0.7 keeps the top 30%)", min=0, max=1)
     batch_size: int = _opt(64, "images per model call", min=1)
+    # BLIP's CapFilt filtered with an image-text matching head (docs/filters.md#itm).
+    scorer: Literal["clip", "itm", "two_step"] = _opt(
+        "clip", "clip: the rule works on the CLIP cosine; itm: on BLIP's image-text matching probability "
+                "(every candidate, CLIP still embeds the image); two_step: CLIP scores every candidate, the "
+                "ITM rescores those at or above clip_floor and the rule works on the ITM score")
+    itm_model: str = _opt("Salesforce/blip-itm-large-coco",
+                          "ITM model (scorer itm, two_step): a BLIP BlipForImageTextRetrieval hub id or local folder")
+    itm_threshold: float = _opt(0.5, "match probability threshold (rules threshold and the topk floor, scorer itm "
+                                     "and two_step)", min=0, max=1)
+    clip_floor: float = _opt(0.2, "two_step: candidates whose CLIP cosine is below this are dropped without an "
+                                  "ITM score", min=-1, max=1)
+    itm_batch_size: int = _opt(256, "captions per ITM call", min=1)
 
 
 @dataclass

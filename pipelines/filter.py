@@ -1,6 +1,11 @@
-"""The filter stage: captioned -> scored (+ rejects). One CLIP score per caption, then a rule.
+"""The filter stage: captioned -> scored (+ rejects). A score per caption, then a rule.
 
-    score      (DataFrame -> DataFrame) image embedding + a score for the web and each synthetic caption
+The scorer (`filter.scorer`): `clip`, the CLIP cosine; `itm`, BLIP's image-text matching probability
+(a cross-encoder); `two_step`, CLIP on every caption and the ITM on those at or above `clip_floor`.
+CLIP always embeds the image (dedup, decontamination and heads read that embedding), so every
+candidate keeps its CLIP score, and its ITM score when the ITM ran.
+
+    score      (DataFrame -> DataFrame) image embedding + scores for the web and each synthetic caption
     select     (DataFrame -> DataFrame) candidates with `kept` by the configured rule, best_score,
                caption_primary; needs the global cutoff for the percentile rule (`percentile_cutoff`)
     split      scored records (some kept caption) and rejects (`no_aligned_caption`, with the best score)
@@ -24,41 +29,66 @@ REASONS = {
 }
 # What the scores depend on: a change needs a new CLIP pass. The selection settings (rule, threshold,
 # top_k, percentile) do not: a rerun that changes only them re-selects from the stored scores.
-KEYS = ("filter.model", "filter.device")
+KEYS = ("filter.model", "filter.device", "filter.scorer", "filter.itm_model", "filter.clip_floor")
 
 
 def _fields():
     from pyspark.sql import types as T
     return [T.StructField("embedding", T.BinaryType(), True),
-            T.StructField("scores", T.ArrayType(T.FloatType()), True)]
+            T.StructField("scores", T.ArrayType(T.FloatType()), True),
+            T.StructField("itm_scores", T.ArrayType(T.FloatType()), True),
+            # the batch's model seconds, an equal share per row: the sum is each step's cost
+            T.StructField("seconds", T.StructType([T.StructField("clip", T.DoubleType(), True),
+                                                   T.StructField("itm", T.DoubleType(), True)]), True)]
+
+
+def _nulls(rows):
+    """float32 arrays -> lists with NaN (a blank web caption, a candidate not scored) as null."""
+    import numpy as np
+    return [None if sc is None else [None if np.isnan(v) else float(v) for v in sc] for sc in rows]
 
 
 class ScoreBatch:
-    """The CLIP part of a model pass: an embedding per image, a score per candidate caption."""
+    """The filter's part of a model pass: a CLIP embedding per image, a CLIP score per candidate
+    caption, and with scorer itm or two_step an ITM score per candidate it rescores."""
 
     def __init__(self, settings: FilterSettings):
         self.settings = settings
 
     def __call__(self, frame, images) -> dict:
-        import numpy as np
+        import time
 
         from capfilt.pipelines.inference import worker_model
         from capfilt.udfs.clip_scores import clip_scores, embedding_bytes
-        from capfilt.udfs.models import cached_clip
+        from capfilt.udfs.itm_scores import itm_scores
+        from capfilt.udfs.models import cached_clip, cached_itm
 
         s = self.settings
         clip = worker_model(s, cached_clip)
+        itm = cached_itm(s.itm_model, None if s.device == "auto" else s.device) if s.scorer != "clip" else None
         synthetic = [list(x) if x is not None else [] for x in frame["synthetic_captions"].tolist()]
-        embeddings, scores = clip_scores(clip, images, frame["caption"].tolist(), synthetic, s.batch_size)
+        web = frame["caption"].tolist()
+        started = time.perf_counter()
+        embeddings, scores = clip_scores(clip, images, web, synthetic, s.batch_size)
+        clip_seconds = time.perf_counter() - started
+        matched, itm_seconds = [None] * len(images), None
+        if itm is not None:
+            started = time.perf_counter()
+            matched, _ = itm_scores(itm, images, web, synthetic, scores,
+                                    s.clip_floor if s.scorer == "two_step" else None, s.batch_size, s.itm_batch_size)
+            itm_seconds = time.perf_counter() - started
+        share = 1 / max(len(images), 1)
         return {
             "embedding": [None if image is None else embedding_bytes(embeddings[i]) for i, image in enumerate(images)],
-            # NaN (blank web caption) travels as null
-            "scores": [None if sc is None else [None if np.isnan(v) else float(v) for v in sc] for sc in scores]}
+            "scores": _nulls(scores), "itm_scores": _nulls(matched),
+            "seconds": [{"clip": clip_seconds * share,
+                         "itm": None if itm_seconds is None else itm_seconds * share}] * len(images)}
 
 
 CLIP = ModelPass(role="clip", reads=("caption", "synthetic_captions"), fields=_fields,
                  batch=lambda cfg: ScoreBatch(cfg.filter), settings=lambda cfg: cfg.filter, keys=KEYS,
-                 reference=lambda cfg: cfg.filter.model)
+                 reference=lambda cfg: cfg.filter.model,
+                 more_models=lambda cfg: {"itm": cfg.filter.itm_model} if cfg.filter.scorer != "clip" else {})
 
 
 def score(df, settings: FilterSettings):
@@ -69,10 +99,19 @@ def score(df, settings: FilterSettings):
     return infer(df, SimpleNamespace(filter=settings), [CLIP], df.sparkSession.sparkContext.accumulator(0))
 
 
-def percentile_cutoff(scored, quantile: float) -> float | None:
+def rule_scores(settings: FilterSettings) -> str:
+    """The pass field holding the scores the selection rule works on."""
+    return "scores" if settings.scorer == "clip" else "itm_scores"
+
+
+def rule_threshold(settings: FilterSettings) -> float:
+    return settings.threshold if settings.scorer == "clip" else settings.itm_threshold
+
+
+def percentile_cutoff(scored, quantile: float, field: str = "scores") -> float | None:
     """The global quantile of web-caption scores, computed on the cluster (approxQuantile)."""
     from pyspark.sql import functions as F
-    web = scored.filter(F.col(f"{OUT}.error").isNull()).select(F.col(f"{OUT}.scores")[0].alias("s")).dropna()
+    web = scored.filter(F.col(f"{OUT}.error").isNull()).select(F.col(f"{OUT}.{field}")[0].alias("s")).dropna()
     values = web.approxQuantile("s", [quantile], 1e-4)
     return values[0] if values else None
 
@@ -81,12 +120,17 @@ def select(scored, settings: FilterSettings, cutoff: float | None = None):
     """Candidates (web first, then synthetic) with scores and `kept`, best_score, caption_primary."""
     from pyspark.sql import functions as F
 
-    scores = F.col(f"{OUT}.scores")
+    present = scored.schema[OUT].dataType.fieldNames()  # a pass made before the ITM existed has no itm_scores
+    clip = F.col(f"{OUT}.scores")
+    itm = F.col(f"{OUT}.itm_scores") if "itm_scores" in present else F.lit(None).cast("array<float>")
+    scores = clip if settings.scorer == "clip" else itm
+
+    def candidate(text, source, i):
+        return F.struct(text.alias("text"), F.lit(source).alias("source"), scores[i].alias("score"),
+                        clip[i].alias("clip_score"), itm[i].alias("itm_score"))
     web = F.when(F.col("caption").isNotNull() & (F.trim(F.col("caption")) != ""),
-                 F.array(F.struct(F.col("caption").alias("text"), F.lit("web").alias("source"),
-                                  scores[0].alias("score")))).otherwise(F.array())
-    synthetic = F.transform(F.col("synthetic_captions"), lambda t, i: F.struct(
-        t.alias("text"), F.lit("synthetic").alias("source"), scores[i + 1].alias("score")))
+                 F.array(candidate(F.col("caption"), "web", 0))).otherwise(F.array())
+    synthetic = F.transform(F.col("synthetic_captions"), lambda t, i: candidate(t, "synthetic", i + 1))
     # A column of its own: the rules' lambdas read it many times per row, and an inlined concat would be
     # rebuilt at each read (topk on 9,705 rows: 5 s of interpreted lambdas per write).
     scored = scored.withColumn("_candidates", F.concat(web, synthetic))
@@ -96,9 +140,9 @@ def select(scored, settings: FilterSettings, cutoff: float | None = None):
         def kept(c, i):
             better = F.size(F.filter(F.sequence(F.lit(0), F.size(candidates) - 1), lambda j: (
                 candidates[j]["score"] > c["score"]) | ((candidates[j]["score"] == c["score"]) & (j < i))))
-            return (better < settings.top_k) & (c["score"] >= settings.threshold)
+            return (better < settings.top_k) & (c["score"] >= rule_threshold(settings))
     else:
-        floor = settings.threshold if settings.rule == "threshold" else cutoff
+        floor = rule_threshold(settings) if settings.rule == "threshold" else cutoff
         if floor is None:
             raise ValueError("the percentile rule needs the cutoff from percentile_cutoff()")
 
@@ -106,13 +150,33 @@ def select(scored, settings: FilterSettings, cutoff: float | None = None):
             return c["score"] >= F.lit(float(floor))
     marked = F.transform(candidates, lambda c, i: F.struct(
         c["text"].alias("text"), c["source"].alias("source"), c["score"].cast("float").alias("score"),
-        F.coalesce(kept(c, i), F.lit(False)).alias("kept")))
+        F.coalesce(kept(c, i), F.lit(False)).alias("kept"), c["clip_score"].cast("float").alias("clip_score"),
+        c["itm_score"].cast("float").alias("itm_score")))
     kept_sorted = F.array_sort(F.filter(F.col("candidates"), lambda c: c["kept"]),
                                lambda a, b: F.when(a["score"] > b["score"], -1).when(a["score"] < b["score"], 1)
                                .otherwise(0))
     return (scored.withColumn("candidates", marked).drop("_candidates")
             .withColumn("best_score", F.array_max(F.transform("candidates", lambda c: c["score"])).cast("float"))
             .withColumn("caption_primary", F.get(kept_sorted, 0)["text"]))  # null: no kept caption
+
+
+def scoring_costs(marked) -> dict:
+    """Each scoring step's cost as the model pass measured it: pairs scored and model seconds."""
+    from pyspark.sql import functions as F
+    pairs = lambda field: F.sum(F.size(F.filter(F.coalesce(F.col(f"{OUT}.{field}"), F.array()),  # noqa: E731
+                                                lambda v: v.isNotNull())))
+    if "seconds" not in marked.schema[OUT].dataType.fieldNames():
+        return {}
+    row = marked.agg(pairs("scores").alias("clip_pairs"), pairs("itm_scores").alias("itm_pairs"),
+                     F.sum(f"{OUT}.seconds.clip").alias("clip_seconds"),
+                     F.sum(f"{OUT}.seconds.itm").alias("itm_seconds")).first()
+    costs = {}
+    for step in ("clip", "itm"):
+        n, seconds = row[f"{step}_pairs"] or 0, row[f"{step}_seconds"]
+        if seconds is not None:
+            costs[step] = {"pairs": n, "seconds": round(seconds, 3),
+                           "ms_per_pair": round(1000 * seconds / n, 4) if n else None}
+    return costs
 
 
 def split_scored(selected):
@@ -134,8 +198,10 @@ def split(marked, cfg, facts: dict):
     """The stage's split: the selection rule over every row's stored scores (the percentile cutoff is
     global), then records and rejects."""
     settings = cfg.filter
-    cutoff = percentile_cutoff(marked, settings.percentile) if settings.rule == "percentile" else None
+    cutoff = (percentile_cutoff(marked, settings.percentile, rule_scores(settings))
+              if settings.rule == "percentile" else None)
     facts["models"]["percentile_cutoff"] = cutoff
+    facts["models"]["scoring"] = scoring_costs(marked)
     # Computed once: the records and the rejects are two writes of it.
     return split_scored(select(marked, settings, cutoff).localCheckpoint())
 
@@ -144,4 +210,5 @@ DEFINITION = Stage(
     name=STAGE, reads=CAPTIONED, reasons=REASONS, split=split, model=CLIP, keeps_scores=True,
     adds=(*(SCORED.field(n) for n in ("candidates", "best_score")), CURATED.field("caption_primary")),
     from_model={"image_embedding": "embedding"},  # stored once, with every row's scores
-    models=lambda cfg: {"clip": cfg.filter.model, "rule": cfg.filter.rule})
+    models=lambda cfg: {"clip": cfg.filter.model, "rule": cfg.filter.rule, "scorer": cfg.filter.scorer,
+                        **({"itm": cfg.filter.itm_model} if cfg.filter.scorer != "clip" else {})})

@@ -42,6 +42,7 @@ class ModelPass:
     settings: Callable              # cfg -> its ModelRuntime settings (device, gpus_per_task, rows_per_part)
     keys: tuple[str, ...]           # dotted config keys its output depends on: a change needs a new pass
     reference: Callable = lambda cfg: None   # cfg -> the model reference it loads (None: no model)
+    more_models: Callable = lambda cfg: {}   # cfg -> {role: reference} of other models its batch loads
     feeds: dict = field(default_factory=dict)  # {output field: view column} for a pass fused after it
 
 
@@ -402,6 +403,8 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
             ref = p.reference(cfg)
             if ref:
                 check_reference(ref, p.role)
+            for role, other in p.more_models(cfg).items():
+                check_reference(other, role)
     started, done = time.time(), 0
     for n, i in enumerate(todo):
         rows = chain.parts[i]["rows"]

@@ -28,8 +28,11 @@ CAPTIONED = DOWNLOADED.extend("captioned", (
 CANDIDATE = struct_of(
     Field("text", STRING, False, "caption text"),
     Field("source", STRING, False, "'web' or 'synthetic'"),
-    Field("score", FLOAT32, True, "cosine similarity of image and text embeddings"),
+    Field("score", FLOAT32, True, "the score the selection rule used: clip_score, or itm_score when the "
+                                  "filter's scorer is itm or two_step"),
     Field("kept", BOOL, False, "whether the selection rule kept this caption"),
+    Field("clip_score", FLOAT32, True, "cosine similarity of the CLIP image and text embeddings"),
+    Field("itm_score", FLOAT32, True, "ITM match probability (null: the ITM did not score it)"),
 )
 
 SCORED = CAPTIONED.extend("scored", (

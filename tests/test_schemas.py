@@ -39,7 +39,7 @@ def test_extra_columns_ride_along_except_in_rejects():
 def test_spark_dataframe_written_and_read_back_by_arrow_still_matches(spark, tmp_path):
     import pyarrow.parquet as pq
     row = ("u1", "http://x/a.jpg", "a red circle", b"\xff\xd8", 64, 64, 100, 80, "ab" * 32,
-           ["a circle"], [("a red circle", "web", 0.3, True)], 0.3, b"\x00\x3c" * 4)
+           ["a circle"], [("a red circle", "web", 0.3, True, 0.3, None)], 0.3, b"\x00\x3c" * 4)
     df = spark.createDataFrame([row], SCORED.spark_schema())
     SCORED.validate(df)
     df.write.parquet(str(tmp_path / "p"))

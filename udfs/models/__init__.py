@@ -11,7 +11,8 @@ A reference names a CLIP filter or a captioner wherever its weights live:
                                         transformers save_pretrained folder (config.json + weights)
     /path/to/folder/weights.safetensors a weights file beside an open_clip_config.json
 
-`load_clip` returns a `ClipModel`, `load_captioner` a `Captioner`: model, preprocessing and
+`load_clip` returns a `ClipModel`, `load_captioner` a `Captioner`, `load_itm` an `ItmModel` (a BLIP
+ITM model: a hub id such as Salesforce/blip-itm-base-coco, or a local folder): model, preprocessing and
 tokenizer, on CUDA in half precision when there is a GPU, on CPU in fp32 otherwise.
 
 Safety: weights load from safetensors, or with `torch.load(weights_only=True)`, and
@@ -34,11 +35,12 @@ One concern per module; this package re-exports the names callers use:
     device.py      pick_device: device and precision
     safety.py      refusing weights files that need code to unpickle; weights_only loading
     clip.py        ClipModel and load_clip (every open_clip reference)
+    itm.py         ItmModel and load_itm: BLIP's image-text matching head (BlipForImageTextRetrieval)
     captioner.py   Captioner, its seeded nucleus sampling, and load_captioner
     blip.py        the BLIP family (transformers): loading and decoding
     coca.py        the CoCa family (open_clip): loading and decoding
     check.py       check_reference: a reference checked on the driver before any work
-    cache.py       the per-worker cache: cached_clip, cached_captioner, clear_cache
+    cache.py       the per-worker cache: cached_clip, cached_captioner, cached_itm, clear_cache
 
 A name is looked up in the module that defines it: to monkeypatch a loader's helper, patch it
 there (e.g. capfilt.udfs.models.hub._hub_reachable), not on this package.
@@ -46,25 +48,27 @@ there (e.g. capfilt.udfs.models.hub._hub_reachable), not on this package.
 
 from __future__ import annotations
 
-from .cache import cached_captioner, cached_clip, clear_cache
+from .cache import cached_captioner, cached_clip, cached_itm, clear_cache
 from .captioner import Captioner, _NucleusSampler, load_captioner
 from .check import check_reference
 from .clip import CHARS_PER_TOKEN_BOUND, ClipModel, load_clip
 from .constants import (
-    BLIP_CAPTIONER, DEFAULT_CAPTIONER, DEFAULT_CLIP, HF_CONFIG, HF_WEIGHTS, MODELS_DIR, OPEN_CLIP_CONFIG,
-    OPEN_CLIP_WEIGHTS, SHAPES_CAPTIONER, SHAPES_CLIP, WEIGHT_SUFFIXES,
+    BLIP_CAPTIONER, BLIP_ITM, DEFAULT_CAPTIONER, DEFAULT_CLIP, HF_CONFIG, HF_WEIGHTS, MODELS_DIR, OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS, SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_CLIP_WEB, SHAPES_ITM, WEIGHT_SUFFIXES,
 )
 from .device import pick_device
 from .errors import ModelNotAvailable, UnsafeCheckpoint
 from .hub import HUB_PROBE_TIMEOUT_S
+from .itm import ItmModel, load_itm
 from .refs import Reference, parse_reference
 
 __all__ = [
-    "BLIP_CAPTIONER", "CHARS_PER_TOKEN_BOUND", "DEFAULT_CAPTIONER", "DEFAULT_CLIP", "HF_CONFIG", "HF_WEIGHTS",
+    "BLIP_CAPTIONER", "BLIP_ITM", "CHARS_PER_TOKEN_BOUND", "DEFAULT_CAPTIONER", "DEFAULT_CLIP", "HF_CONFIG", "HF_WEIGHTS",
     "HUB_PROBE_TIMEOUT_S", "MODELS_DIR", "OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "SHAPES_CAPTIONER",
-    "SHAPES_CLIP", "WEIGHT_SUFFIXES",
-    "Captioner", "ClipModel", "ModelNotAvailable", "Reference", "UnsafeCheckpoint",
-    "cached_captioner", "cached_clip", "check_reference", "clear_cache", "load_captioner", "load_clip",
+    "SHAPES_CLIP", "SHAPES_CLIP_WEB", "SHAPES_ITM", "WEIGHT_SUFFIXES",
+    "Captioner", "ClipModel", "ItmModel", "ModelNotAvailable", "Reference", "UnsafeCheckpoint",
+    "cached_captioner", "cached_clip", "cached_itm", "check_reference", "clear_cache", "load_captioner",
+    "load_clip", "load_itm",
     "parse_reference", "pick_device",
     "_NucleusSampler",  # tests drive the sampler directly
 ]

@@ -14,6 +14,7 @@ from .captioner import Captioner, load_captioner
 from .clip import ClipModel, load_clip
 from .constants import DEFAULT_CAPTIONER, DEFAULT_CLIP
 from .device import pick_device
+from .itm import ItmModel, load_itm
 
 _CACHE: dict[tuple, Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -41,6 +42,15 @@ def cached_captioner(ref: str = DEFAULT_CAPTIONER, device: str | None = None,
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = load_captioner(ref, key[2], key[3])
+        return _CACHE[key]
+
+
+def cached_itm(ref: str, device: str | None = None, precision: str | None = None) -> ItmModel:
+    """load_itm, once per process for each (reference, device, precision)."""
+    key = _cache_key("itm", ref, device, precision)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_itm(ref, key[2], key[3])
         return _CACHE[key]
 
 

@@ -13,17 +13,27 @@ from .safety import _has_weights, _load_tensors_only, _refuse_pickles
 
 
 def check_reference(ref: str, role: str) -> None:
-    """Check on the driver, before any data is touched, that `ref` can be loaded as `role` ('clip' or
-    'captioner') without building the model: it parses, its files exist (or are cached, or the hub may
+    """Check on the driver, before any data is touched, that `ref` can be loaded as `role` ('clip',
+    'captioner' or 'itm') without building the model: it parses, its files exist (or are cached, or the hub may
     be asked), it is of a family that can play the role, and no weights file needs code to unpickle.
     Raises what the workers' loader would raise hours later: ModelNotAvailable, UnsafeCheckpoint or
     ValueError, each with one line."""
-    if role not in ("clip", "captioner"):
+    if role not in ("clip", "captioner", "itm"):
         raise ValueError(f"unknown model role {role!r}")
     parsed = parse_reference(ref)
-    for weights in _weight_files(parsed, role):
+    for weights in (_itm_weight_files(ref) if role == "itm" else _weight_files(parsed, role)):
         if not weights.endswith(".safetensors"):
             _refuse_pickles(parsed, lambda: _load_tensors_only(weights))
+
+
+def _itm_weight_files(ref: str) -> list[str]:
+    from .itm import check_itm_folder, itm_folder
+    parsed, folder = itm_folder(ref)
+    if folder is None:
+        _require_hub(parsed, parsed.source)
+        return []
+    check_itm_folder(parsed, folder)
+    return _weights_in(folder)
 
 
 def _weights_in(folder: Path) -> list[str]:
