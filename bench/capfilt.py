@@ -6,10 +6,14 @@ already in memory, nothing else, laid out two ways: one process with W*T threads
 layout of the figures in the issue that set the goals), and W processes with T threads each over a
 contiguous slice (`processes`, Spark's own layout: on a small CPU it is the stronger floor, as torch's
 threads gain little on tiny models). Prints rows/s of each and the ratio stage / raw (goal >= 0.90).
-Three comparisons (--which): `filter` (the `capfilt filter` command vs decode + CLIP over the web and
-synthetic captions), `caption` (`capfilt caption` vs decode + generate) and `fused` (what curate runs:
-the caption stage with the filter's CLIP in the same pass, vs one loop that decodes once, generates
-and scores).
+Four comparisons (--which): `filter` (the `capfilt filter` command vs decode + CLIP over the web and
+synthetic captions), `itm` (`capfilt filter` with filter.scorer=itm vs the same loop with BLIP's ITM
+after CLIP: `ItmModel.embed` on the batch's images, `ItmModel.match` on every image-caption pair),
+`caption` (`capfilt caption` vs decode + generate) and `fused` (what curate runs: the caption stage
+with the filter's CLIP in the same pass, vs one loop that decodes once, generates and scores).
+The raw filter loop times its CLIP part (and with `itm` its ITM part) apart, on the same images, and
+prints each one's ms per (image, caption) pair beside the stage's own figures from its manifest
+(models.scoring: each step's model seconds summed over the workers).
 
 What each side times. Stage: the whole `capfilt filter` / `capfilt caption` command run in this
 process's Spark session: config and manifests, the input view (download files joined with earlier
@@ -30,9 +34,9 @@ raw loop's multi-threaded torch loses far more than the stage's single-threaded 
 ratio says nothing (at load average 11 on 2 cores the raw caption loop took 455 s for 1,000 rows,
 an idle machine about 9 s).
 
-    .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,caption,fused]
+    .venv/bin/python bench/capfilt.py [--rows 2000] [--workers 2] [--threads 1] [--which filter,itm,caption,fused]
                                       [--raw-layout threads|processes|both]
-                                      [--clip vit-b-32] [--captioner blip-base]
+                                      [--clip vit-b-32] [--captioner blip-base] [--itm PATH]
 """
 from __future__ import annotations
 
@@ -94,14 +98,26 @@ def random_blip_base(folder: Path) -> str:
     return str(folder)
 
 
-def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[str]], clip, batch: int) -> None:
+def raw_filter(images: list[bytes], captions: list[str], synthetic: list[list[str]], clip, batch: int,
+               itm=None, itm_batch: int = 256) -> dict:
+    """Decode + CLIP over each image's web and synthetic captions; with `itm`, BLIP's ITM on every
+    (image, caption) pair too. Returns each step's model seconds, timed apart on the same images."""
     import torch
     from PIL import Image
 
+    seconds = {"clip": 0.0, **({"itm": 0.0} if itm is not None else {})}
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch]]
-            clip_scores(clip, pil, [[captions[i], *synthetic[i]] for i in range(start, start + len(pil))])
+            texts = [[captions[i], *synthetic[i]] for i in range(start, start + len(pil))]
+            started = time.perf_counter()
+            clip_scores(clip, pil, texts)
+            seconds["clip"] += time.perf_counter() - started
+            if itm is not None:
+                started = time.perf_counter()
+                itm_match(itm, pil, texts, batch, itm_batch)
+                seconds["itm"] += time.perf_counter() - started
+    return seconds
 
 
 def clip_scores(clip, pil: list, texts: list[list[str]]):
@@ -110,6 +126,13 @@ def clip_scores(clip, pil: list, texts: list[list[str]]):
     img = clip.model.encode_image(torch.stack([clip.preprocess(p) for p in pil]), normalize=True)
     txt = clip.model.encode_text(clip.tokenizer([t for row in texts for t in row]), normalize=True)
     return txt.view(len(pil), -1, txt.shape[-1]) @ img[:, :, None]
+
+
+def itm_match(itm, pil: list, texts: list[list[str]], batch: int, itm_batch: int):
+    """Each image's match probability with each of its texts: the vision tower once per image, the
+    text encoder on every pair."""
+    rows = [i for i, row in enumerate(texts) for _ in row]
+    return itm.match(itm.embed(pil, batch_size=batch), rows, [t for row in texts for t in row], batch_size=itm_batch)
 
 
 def raw_caption(images: list[bytes], captioner, k: int, batch: int, max_new_tokens: int, offset: int = 0) -> None:
@@ -141,29 +164,38 @@ def raw_fused(images: list[bytes], captions: list[str], captioner, clip, k: int,
 _RAW: dict = {}
 
 
-def _raw_worker_init(which: str, clip_ref: str, cap_ref: str, threads: int, data: dict) -> None:
+def load_models(which: str, refs: dict) -> dict:
+    """The models the raw loop of `which` holds, on the CPU."""
+    from capfilt.udfs.models import load_captioner, load_clip, load_itm
+    return {"clip": load_clip(refs["clip"], "cpu") if which in ("filter", "itm", "fused") else None,
+            "captioner": load_captioner(refs["captioner"], "cpu") if which in ("caption", "fused") else None,
+            "itm": load_itm(refs["itm"], "cpu") if which == "itm" else None}
+
+
+def _raw_worker_init(which: str, refs: dict, threads: int, data: dict) -> None:
     import torch
-
-    from capfilt.udfs.models import load_captioner, load_clip
     torch.set_num_threads(threads)
-    _RAW.update(data, which=which,
-                clip=load_clip(clip_ref, "cpu") if which in ("filter", "fused") else None,
-                captioner=load_captioner(cap_ref, "cpu") if which in ("caption", "fused") else None)
+    _RAW.update(data, which=which, models=load_models(which, refs))
 
 
-def _raw_slice(start: int, stop: int) -> None:
-    run_raw(_RAW["which"], _RAW, _RAW["clip"], _RAW["captioner"], start, stop)
+def _raw_slice(start: int, stop: int) -> dict | None:
+    return run_raw(_RAW["which"], _RAW, _RAW["models"], start, stop)
 
 
-def run_raw(which: str, data: dict, clip, captioner, start: int, stop: int) -> None:
+def run_raw(which: str, data: dict, models: dict, start: int, stop: int) -> dict | None:
+    """The raw loop over rows [start, stop); filter and itm return each step's model seconds."""
     images, captions, synthetic, k = data["images"][start:stop], data["captions"][start:stop], \
         data["synthetic"][start:stop], data["k"]
-    if which == "filter":
-        raw_filter(images, captions, synthetic, clip, 64)
-    elif which == "caption":
-        raw_caption(images, captioner, k, 32, 30, start)
+    if which in ("filter", "itm"):
+        from capfilt.pipelines.config import FilterSettings
+        batches = FilterSettings()  # the stage's default batch sizes
+        return raw_filter(images, captions, synthetic, models["clip"], batches.batch_size, models["itm"],
+                          batches.itm_batch_size)
+    if which == "caption":
+        raw_caption(images, models["captioner"], k, 32, 30, start)
     else:
-        raw_fused(images, captions, captioner, clip, k, 32, 30, start)
+        raw_fused(images, captions, models["captioner"], models["clip"], k, 32, 30, start)
+    return None
 
 
 def main() -> None:
@@ -172,7 +204,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per Spark worker")
     ap.add_argument("--which", default="filter,caption,fused",
-                    help="fused: the caption stage with the filter's CLIP in its pass, as curate runs it")
+                    help="fused: the caption stage with the filter's CLIP in its pass, as curate runs it; itm: the "
+                         "filter stage with filter.scorer=itm (CLIP, then BLIP's ITM on every caption)")
     ap.add_argument("--raw-layout", choices=("threads", "processes", "both"), default="both",
                     help="threads: 1 process x workers*threads torch threads; processes: workers processes x "
                          "threads (Spark's layout)")
@@ -180,6 +213,7 @@ def main() -> None:
                                                  "default architecture, random weights")
     ap.add_argument("--captioner", default=None, help="default: the shapes-world captioner in models/; 'blip-base': "
                                                       "BLIP-base's size with random weights")
+    ap.add_argument("--itm", default=None, help="ITM model (--which itm); default: the shapes-world ITM in models/")
     ap.add_argument("--captions", type=int, default=5, help="synthetic captions per image")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
@@ -190,9 +224,10 @@ def main() -> None:
     from capfilt.jobs.caption import main as caption_main
     from capfilt.jobs.filter import main as filter_main
     from capfilt.pipelines.config import SparkSettings, load_config
+    from capfilt.pipelines.output import read_manifest
     from capfilt.pipelines.session import spark_session
     from capfilt.pipelines.stage import definition, run_stage
-    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, load_captioner, load_clip
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_ITM
     from capfilt.world.captions import describe
     from capfilt.world.corpus import make_annotated
     from capfilt.world.scene import Scene
@@ -214,12 +249,17 @@ def main() -> None:
     rows = [(f"r{i}", f"http://h/{i}", captions[i], images[i], 64, 64, 64, 64, "0" * 64, synthetic[i])
             for i in range(args.rows)]
     write_inputs(spark, work, rows, args.workers)
-    sources = {"filter": work / "captioned", "caption": work / "downloaded", "fused": work / "downloaded"}
+    sources = {"filter": work / "captioned", "itm": work / "captioned", "caption": work / "downloaded",
+               "fused": work / "downloaded"}
 
     common = ["--set", f"spark.master=local[{args.workers}]"]
     settings = {"filter": {"model": clip_ref, "torch_threads": args.threads, "threshold": -1, "device": "cpu"},
                 "caption": {"model": cap_ref, "torch_threads": args.threads, "num_captions": args.captions,
                             "device": "cpu"}}
+    refs = {"clip": clip_ref, "captioner": cap_ref, "itm": args.itm or SHAPES_ITM}
+    # itm: the filter with BLIP's ITM on every caption; threshold 0 keeps every row, as -1 does for CLIP
+    itm_settings = {**settings, "filter": {**settings["filter"], "scorer": "itm", "itm_model": refs["itm"],
+                                           "itm_threshold": 0}}
     data = {"images": images, "captions": captions, "synthetic": synthetic, "k": args.captions}
     layouts = ["threads", "processes"] if args.raw_layout == "both" else [args.raw_layout]
     print(f"rows={args.rows}  stage: local[{args.workers}] x {args.threads} torch thread(s);  raw loop: "
@@ -227,39 +267,42 @@ def main() -> None:
                           "processes": f"{args.workers} processes x {args.threads} thread(s)"}[x] for x in layouts)
           + f";  load average before start {load_before:.1f} ({os.cpu_count()} cores)", flush=True)
     for which in args.which.split(","):
+        sections = itm_settings if which == "itm" else settings
         torch.set_num_threads(args.workers * args.threads)
-        clip = load_clip(clip_ref, "cpu") if which in ("filter", "fused") else None
-        captioner = load_captioner(cap_ref, "cpu") if which in ("caption", "fused") else None
+        models = load_models(which, refs)
         pool = ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_raw_worker_init,
-                                   initargs=(which, clip_ref, cap_ref, args.threads, data)) \
+                                   initargs=(which, refs, args.threads, data)) \
             if "processes" in layouts else None
         chunks = [(args.rows * w // args.workers, args.rows * (w + 1) // args.workers) for w in range(args.workers)]
+        steps = {}  # layout -> each model step's seconds in the measured raw run, summed over its processes
 
         def raw(layout):
             start = time.perf_counter()
             if layout == "threads":
-                run_raw(which, data, clip, captioner, 0, args.rows)
+                seconds = [run_raw(which, data, models, 0, args.rows)]
             else:
-                for done in [pool.submit(_raw_slice, *c) for c in chunks]:
-                    done.result()
+                seconds = [done.result() for done in [pool.submit(_raw_slice, *c) for c in chunks]]
+            if seconds[0] is not None:
+                steps[layout] = {k: sum(s[k] for s in seconds) for k in seconds[0]}
             return time.perf_counter() - start
 
         def stage(attempt):
             start = time.perf_counter()
             out = str(work / f"{which}-{attempt}")
-            sets = [f"{name}.{key}={value}" for name, values in settings.items() for key, value in values.items()]
+            sets = [f"{name}.{key}={value}" for name, values in sections.items() for key, value in values.items()]
             if which == "fused":  # what curate runs: the caption stage with the filter's pass fused in
                 cfg = load_config(None, [f"spark.master=local[{args.workers}]", *sets])
                 run_stage(definition("caption"), cfg, str(work / "downloaded"), out, fuse=[definition("filter").model])
             else:
-                job = filter_main if which == "filter" else caption_main
-                job(["--input", str(sources[which]), "--output", out, *common,
-                     *[a for key, value in settings[which].items() for a in ("--set", f"{which}.{key}={value}")]])
+                name = STAGE_OF[which]
+                (filter_main if name == "filter" else caption_main)(
+                    ["--input", str(sources[which]), "--output", out, *common,
+                     *[a for key, value in sections[name].items() for a in ("--set", f"{name}.{key}={value}")]])
             return time.perf_counter() - start
 
         def model_pass():
             start = time.perf_counter()
-            run_model_pass(spark, which, sources[which], settings)
+            run_model_pass(spark, which, sources[which], sections)
             return time.perf_counter() - start
 
         t = {f"raw {x} warm-up": raw(x) for x in layouts}
@@ -278,6 +321,29 @@ def main() -> None:
         print(f"{'':<8} the stage's other work (model output write, split, writes, counts, commit) "
               f"{t['stage'] - t['model pass']:.2f}s of {t['stage']:.2f}s;  load average {os.getloadavg()[0]:.1f}",
               flush=True)
+        if steps:
+            print_pair_costs(steps, args, read_manifest(str(work / f"{which}-measured"))["models"].get("scoring", {}))
+
+
+STAGE_OF = {"filter": "filter", "itm": "filter", "caption": "caption", "fused": "caption"}
+
+
+def print_pair_costs(steps: dict, args, stage_scoring: dict) -> None:
+    """ms per (image, caption) pair of the raw loop's CLIP part (and ITM part), timed apart on the same
+    images, per layout; and the stage's own figures from its manifest (summed model seconds per step)."""
+    pairs = args.rows * (1 + args.captions)  # the web caption and every synthetic one
+    where = {"threads": f"1 process x {args.workers * args.threads} threads",
+             "processes": f"seconds summed over {args.workers} processes x {args.threads} thread(s)"}
+    for layout, seconds in steps.items():
+        ms = {k: 1000 * v / pairs for k, v in seconds.items()}
+        print(f"{'':<8} per pair, raw {layout} ({where[layout]}): "
+              + ", ".join(f"{k.upper()} {v:.3f} ms ({seconds[k]:.2f}s)" for k, v in ms.items())
+              + (f" = ITM {ms['itm'] / ms['clip']:.1f}x CLIP" if "itm" in ms else "") + f";  {pairs} pairs",
+              flush=True)
+    if stage_scoring:
+        print(f"{'':<8} per pair, stage manifest (model seconds summed over workers): "
+              + ", ".join(f"{k.upper()} {v['ms_per_pair']} ms ({v['pairs']} pairs, {v['seconds']}s)"
+                          for k, v in stage_scoring.items()), flush=True)
 
 
 def write_inputs(spark, work: Path, rows: list[tuple], workers: int) -> None:
@@ -316,7 +382,7 @@ def run_model_pass(spark, which: str, source: Path, settings: dict) -> None:
     from capfilt.pipelines.stage import Chain, definition, infer, view
 
     cfg = Config(caption=CaptionSettings(**settings["caption"]), filter=FilterSettings(**settings["filter"]))
-    passes = [definition("caption" if which != "filter" else "filter").model] + \
+    passes = [definition(STAGE_OF[which]).model] + \
         ([definition("filter").model] if which == "fused" else [])
     chain = Chain.of(str(source), read_manifest(str(source)), 50_000)
     decoded = spark.sparkContext.accumulator(0)
