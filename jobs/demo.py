@@ -63,10 +63,12 @@ def main(argv=None) -> int:
 def shapes_world_settings(cfg):
     """The settings for a shapes-world corpus: 64-px images and the project's own small models
     (models/, trained on the shapes world by lab/): no hub here."""
-    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_ITM
     cfg.download.image_size = 64
-    cfg.caption.model, cfg.filter.model = SHAPES_CAPTIONER, SHAPES_CLIP
+    cfg.caption.model, cfg.filter.model, cfg.filter.itm_model = SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_ITM
     cfg.filter.threshold = _card_threshold(SHAPES_CLIP, cfg.filter.threshold)
+    cfg.filter.itm_threshold = _card_threshold(SHAPES_ITM, cfg.filter.itm_threshold)  # filter.scorer itm, two_step
+    cfg.filter.clip_floor = _card_threshold(SHAPES_CLIP, cfg.filter.clip_floor, "floor_keeping_99pct")
     for key, value in DEMO_DEDUP.items():
         setattr(cfg.dedup, key, value)
     return cfg
@@ -76,12 +78,12 @@ def shapes_world_settings(cfg):
 DEMO_DEDUP = {"image_threshold": 0.99, "pixel_max_changed": 0.002}
 
 
-def _card_threshold(model_dir: str, default: float) -> float:
-    """A small model's cosine scale is its own: its model card states the threshold measured for it."""
+def _card_threshold(model_dir: str, default: float, metric: str = "recommended_threshold") -> float:
+    """A small model's score scale is its own: its model card states the threshold measured for it."""
     import json
     card = Path(model_dir) / "model_card.json"
     if card.exists():
-        return float(json.loads(card.read_text()).get("metrics", {}).get("recommended_threshold", default))
+        return float(json.loads(card.read_text()).get("metrics", {}).get(metric, default))
     return default
 
 

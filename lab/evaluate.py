@@ -76,6 +76,9 @@ def filter_metrics(score, n_web: int, seed: int) -> dict:
         # each model's score scale is its own (LAION's 0.28 is for ViT-B/32): the cut that best
         # separates clean from noisy captions here (max TPR - FPR), for the threshold rule
         "recommended_threshold": best_cut(clean, scores[noisy]),
+        # the score 99% of clean and of web-phrased captions reach: a first step's floor that leaves
+        # the decision to a second scorer (filter.scorer two_step, filter.clip_floor)
+        "floor_keeping_99pct": round(float(np.quantile(scores[np.isin(kinds, ("clean", "web_phrasing"))], 0.01)), 4),
     }
 
 
