@@ -179,17 +179,23 @@ def scoring_costs(marked) -> dict:
     return costs
 
 
-def split_scored(selected):
+def split_scored(selected, scorer: str = "clip"):
     """(scored records, rejects): a row is kept when some candidate is."""
     from pyspark.sql import functions as F
+
+    def number(column):
+        return F.format_number(F.coalesce(column, F.lit(float("nan"))), 4)
 
     error = F.col(f"{OUT}.error")
     any_kept = F.exists("candidates", lambda c: c["kept"])
     scored = (selected.filter(error.isNull() & any_kept)
               .withColumn("image_embedding", F.col(f"{OUT}.embedding")).drop(OUT))
     reason = F.when(error.isNotNull(), F.substring_index(error, ":", 1)).otherwise(F.lit(NO_ALIGNED_CAPTION))
-    detail = F.when(error.isNotNull(), error).otherwise(
-        F.concat(F.lit("best score "), F.format_number(F.coalesce("best_score", F.lit(float("nan"))), 4)))
+    why = [F.lit("best score "), number(F.col("best_score"))]
+    if scorer != "clip":  # the ITM's verdict, and how far the CLIP got (two_step: under the floor, no ITM score)
+        why += [F.lit(" (ITM), best CLIP score "),
+                number(F.array_max(F.transform("candidates", lambda c: c["clip_score"])))]
+    detail = F.when(error.isNotNull(), error).otherwise(F.concat(*why))
     rejects = reject_rows(selected.filter(error.isNotNull() | ~any_kept), STAGE, reason, detail)
     return scored, rejects
 
@@ -203,7 +209,7 @@ def split(marked, cfg, facts: dict):
     facts["models"]["percentile_cutoff"] = cutoff
     facts["models"]["scoring"] = scoring_costs(marked)
     # Computed once: the records and the rejects are two writes of it.
-    return split_scored(select(marked, settings, cutoff).localCheckpoint())
+    return split_scored(select(marked, settings, cutoff).localCheckpoint(), settings.scorer)
 
 
 DEFINITION = Stage(

@@ -151,3 +151,114 @@ def test_bad_images_become_named_rejects_not_crashes(spark, tiny_clip):
     scored, rejects = split_scored(select(score(_captioned(spark, rows), settings), settings))
     assert sorted(r.uid for r in scored.collect()) == ["cmyk", "ok"]
     assert {r.uid: r.reason for r in rejects.collect()} == {"empty": "undecodable_image", "cut": "undecodable_image"}
+
+
+# --- the ITM scorer (filter.scorer itm | two_step) -------------------------------------------------
+
+def _direct_itm(ref: str, image: bytes, texts: list[str]) -> np.ndarray:
+    """Match probabilities straight from transformers: BlipForImageTextRetrieval(use_itm_head=True)."""
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+    model = BlipForImageTextRetrieval.from_pretrained(ref, torch_dtype=torch.float32).eval()
+    processor = BlipProcessor.from_pretrained(ref)
+    pil = Image.open(io.BytesIO(image)).convert("RGB")
+    inputs = processor(images=[pil] * len(texts), text=texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs, use_itm_head=True).itm_score
+    return torch.softmax(logits, dim=-1)[:, 1].numpy()
+
+
+@pytest.mark.parametrize("scorer", ["itm", "two_step"])
+def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
+    from capfilt.udfs.models import SHAPES_CLIP, SHAPES_ITM
+    from capfilt.world.scene import Scene, SceneObject, render
+    scenes = [Scene((SceneObject("red", "square", "large"),), "white"),
+              Scene((SceneObject("blue", "circle", "small"), SceneObject("green", "cross", "large")), "black")]
+    images = [_jpeg_of(render(s, 64, np.random.default_rng(i))) for i, s in enumerate(scenes)]
+    rows = [("u0", "a large red square on a white background", images[0],
+             ["a large red circle on a white background", "a large red square, white background", "image"]),
+            ("u1", "   ", images[1], ["a small blue circle left of a large green cross on a black background",
+                                      "Stock photo of a tiny navy ball and a big emerald plus | hd wallpaper"]),
+            ("u2", "x" * 10_000, images[0], [])]
+    clip_only = {r.uid: r[OUT] for r in score(_captioned(spark, rows), FilterSettings(
+        model=SHAPES_CLIP, device="cpu")).select("uid", OUT).collect()}
+    floor = float(np.median([v for r in clip_only.values() for v in r["scores"] if v is not None]))
+    settings = FilterSettings(model=SHAPES_CLIP, device="cpu", scorer=scorer, itm_model=SHAPES_ITM, clip_floor=floor)
+    got = {r.uid: r[OUT] for r in score(_captioned(spark, rows), settings).select("uid", OUT).collect()}
+    rescored = skipped = 0
+    for uid, caption, image, synthetic in rows:
+        assert got[uid]["scores"] == clip_only[uid]["scores"], "the CLIP step is the same in every scorer"
+        texts = [caption if caption.strip() else None] + synthetic
+        expected = _direct_itm(SHAPES_ITM, image, [t if t is not None else "" for t in texts])
+        for text, clip_score, itm_score, want in zip(texts, got[uid]["scores"], got[uid]["itm_scores"], expected):
+            if text is None or scorer == "two_step" and clip_score < floor:
+                assert itm_score is None
+                skipped += text is not None
+            else:
+                assert itm_score == pytest.approx(float(want), abs=1e-5)
+                rescored += 1
+    assert rescored >= 3 and (skipped >= 2 if scorer == "two_step" else skipped == 0)
+    assert all(r["seconds"]["itm"] is not None for r in got.values())
+
+
+def _jpeg_of(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _itm_scored(spark, rows):
+    """A DataFrame as `score` returns it with the ITM on: (uid, web caption, synthetic, clip, itm)."""
+    from pyspark.sql import functions as F
+    df = _captioned(spark, [(u, c, b"", s) for u, c, s, _, _ in rows])
+    scores = spark.createDataFrame([(u, cs, its) for u, _, _, cs, its in rows],
+                                   "uid string, scores array<float>, itm_scores array<float>")
+    return df.join(scores, "uid").withColumn(OUT, F.struct(
+        F.lit(b"\x00\x3c").alias("embedding"), "scores", "itm_scores", F.lit(None).cast("string").alias("error"))
+    ).drop("scores", "itm_scores")
+
+
+# clip scores would keep "web a" and "s1" at 0.28; the ITM disagrees
+ITM_ROWS = [("a", "web a", ["s1", "s2"], [0.30, 0.35, 0.10], [0.20, 0.90, 0.60]),
+            ("b", "web b", ["s1"], [0.40, 0.50], [0.10, 0.30]),
+            ("c", None, ["s1"], [None, 0.31], [None, None])]  # two_step: s1 under the CLIP floor
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("threshold", {"a": ["s1", "s2"]}),
+    ("topk", {"a": ["s1"]}),
+])
+def test_selection_rules_work_on_the_itm_score_and_keep_both_scores(spark, rule, expected):
+    settings = FilterSettings(rule=rule, top_k=1, threshold=0.28, scorer="two_step", itm_threshold=0.5)
+    selected = select(_itm_scored(spark, ITM_ROWS), settings)
+    scored, rejects = split_scored(selected, settings.scorer)
+    SCORED.validate(scored)
+    rows = {r.uid: r for r in scored.collect()}
+    assert {u: [c.text for c in r.candidates if c.kept] for u, r in rows.items()} == expected
+    a = {c.text: c for c in rows["a"].candidates}
+    assert (a["s1"].score, a["s1"].clip_score, a["s1"].itm_score) == pytest.approx((0.90, 0.35, 0.90))
+    assert rows["a"].best_score == pytest.approx(0.90) and rows["a"].caption_primary == "s1"
+    assert {r.uid: r.detail for r in rejects.collect()} == {
+        "b": "best score 0.3000 (ITM), best CLIP score 0.5000", "c": "best score NaN (ITM), best CLIP score 0.3100"}
+
+
+def test_percentile_rule_on_the_itm_score_uses_the_itm_web_scores(spark):
+    from capfilt.pipelines.filter import percentile_cutoff
+    assert percentile_cutoff(_itm_scored(spark, ITM_ROWS), 0.5, "itm_scores") == pytest.approx(0.10, abs=1e-6)
+
+
+def test_the_itm_reference_is_checked_before_any_work(tmp_path):
+    from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_ITM, ModelNotAvailable, check_reference
+    check_reference(SHAPES_ITM, "itm")
+    with pytest.raises(ValueError, match="BlipForConditionalGeneration model, not a BLIP BlipForImageTextRetrieval"):
+        check_reference(SHAPES_CAPTIONER, "itm")
+    with pytest.raises(ValueError, match="has no config.json"):
+        check_reference(SHAPES_CLIP, "itm")
+    with pytest.raises(ValueError, match="not an open_clip reference"):
+        check_reference("ViT-B-32:laion2b_s34b_b79k", "itm")
+    with pytest.raises(ModelNotAvailable):
+        check_reference(str(tmp_path / "no-such-itm"), "itm")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(
+        {"model_type": "blip", "architectures": ["BlipForImageTextRetrieval"]}))
+    with pytest.raises(ModelNotAvailable, match="no weights"):
+        check_reference(str(tmp_path / "empty"), "itm")

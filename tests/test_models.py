@@ -433,6 +433,38 @@ def test_training_writes_checkpoints_the_loader_reads(tmp_path):
     assert len(load_captioner(str(tmp_path / "cap")).generate([annotated(1, 1).pil(0)], max_new_tokens=4)[0]) == 1
 
 
+def test_itm_training_writes_a_checkpoint_the_loader_reads(tmp_path):
+    from capfilt.lab.train_itm import train as train_itm
+    from capfilt.udfs.models import load_itm
+    card = train_itm(tmp_path / "itm", seed=1, steps=2, minutes=None, n_train=64, batch=8, threads=1, log=lambda m: None)
+    assert card["training"]["trained_steps"] == 2 and "vision tower and text layers" in card["training"]["initialised_from"]
+    itm = load_itm(str(tmp_path / "itm"))
+    data = annotated(2, 1)
+    scores = itm.score([data.pil(0), data.pil(1)], ["a crimson ball on a snowy background", data.captions[1][0]])
+    assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all()
+    assert itm.tokenizer.unk_token_id not in itm.tokenizer("a crimson ball | hd wallpaper").input_ids
+
+
+def test_a_changed_attribute_is_exactly_that_attribute():
+    from capfilt.lab.data import ATTRIBUTES, with_attribute_changed
+    from capfilt.world.scene import Scene, SceneObject, attribute_differences
+    scene = Scene((SceneObject("red", "circle", "small"), SceneObject("blue", "square", "large")), "white")
+    rng = np.random.default_rng(0)
+    for attribute in ATTRIBUTES:
+        for _ in range(10):
+            changed = with_attribute_changed(scene, attribute, rng)
+            assert attribute_differences(scene, changed) == 1
+            if attribute in ("colour", "shape", "size"):
+                assert sum(getattr(a, attribute) != getattr(b, attribute)
+                           for a, b in zip(scene.objects, changed.objects)) == 1
+            elif attribute == "background":
+                assert changed.objects == scene.objects
+            else:
+                assert changed.objects == scene.objects[::-1]
+    with pytest.raises(ValueError, match="order needs two different objects"):
+        with_attribute_changed(Scene((SceneObject("red", "circle", "small"),), "white"), "order", rng)
+
+
 def test_fit_learns_the_pairs_it_is_given_and_refuses_images_without_captions(tmp_path):
     import open_clip
     from transformers import PreTrainedTokenizerFast
