@@ -2,19 +2,22 @@
 
 1. Curation. A noisy web corpus on a held-out seed (default 10,000 rows, 45% of the image rows'
    captions wrong, 6% planted duplicates, 4% faults of every kind) is served on 127.0.0.1 and goes
-   through `capfilt curate` (Spark local mode, the project's small models) once per selection rule,
-   and once filter-only (`caption.num_captions=0`); the later runs reuse the first run's committed
-   download (and caption) stages. Each output is joined with the ground-truth sidecar
-   (truth.parquet, which only benchmarks read): noise rate before and after, clean pairs kept,
-   kept fraction per kind, synthetic caption accuracy, duplicates removed (precision, recall).
-2. Downstream, in the DataComp spirit: fresh small CLIPs (the shapes CLIP's architecture, the same
-   steps and batch for every arm) trained on (a) the raw downloaded pairs, (b) the filter-only
-   output, (c) the full CapFilt output, (d) the downloaded images with true captions (oracle), one
-   caption per image as the exports give it; R@1 among 100 and among 1000 on held-out annotated
-   images, for several seeds.
+   through `capfilt curate` (Spark local mode, the project's small models) once per scorer (the
+   filter's `scorer`: clip, itm, two_step; the threshold rule), each once with the captioner (CapFilt)
+   and once filter-only (`caption.num_captions=0`). Every run's CLIP is the fair one,
+   models/shapes-clip-web (its token set covers the web phrasings), so filter-only is not handicapped
+   by words its filter cannot read. The later runs reuse the first run's committed download (and
+   caption) stages. Each output is joined with the ground-truth sidecar (truth.parquet, which only
+   benchmarks read): noise rate before and after, clean pairs kept, kept fraction per kind, synthetic
+   caption accuracy, duplicates removed (precision, recall).
+2. Downstream, in the DataComp spirit: fresh small CLIPs (the shapes CLIP's architecture with the web
+   token set, the same steps and batch for every arm) trained on the raw downloaded pairs, each run's
+   output, and the downloaded images with true captions (oracle), one caption per image as the
+   exports give it; R@1 among 100 and among 1000 on held-out annotated images, for several seeds.
 
     .venv/bin/python bench/quality.py [--n 10000] [--seeds 0 1 2] [--steps 600] [--jobs 2]
-        [--work /tmp/capfilt-bench-quality] [--json docs/quality.json] [--svg docs/quality.svg]
+        [--runs clip clip_filter_only itm ...] [--work /tmp/capfilt-bench-quality]
+        [--json docs/quality.json] [--svg docs/quality.svg]
 
 Committed curate outputs and trained models' figures under --work are reused by a rerun with the
 same settings; delete --work to start over.
@@ -42,13 +45,28 @@ sys.path.insert(0, str(ROOT))
 
 CORPUS_SEED = 10_001  # held out: the models train on seeds below 10,000, `lab eval` uses 10,000
 RETRIEVAL_SEED = 10_002
-RULES = {  # name -> config overrides on top of the shapes-world settings
-    "threshold": [],  # the model card's threshold (the demo's rule)
-    "topk": ["filter.rule=topk", "filter.top_k=2"],  # the card's threshold as the floor
-    "percentile": ["filter.rule=percentile", "filter.percentile=0.7"],
-    "filter_only": ["caption.num_captions=0"],  # threshold rule on web captions only
-}
-ARMS = ("raw", "filter_only", "capfilt", "oracle")
+SCORERS = ("clip", "itm", "two_step")
+FIRST = "clip"  # the run whose download and caption stages the others reuse
+
+
+def run_overrides() -> dict[str, list[str]]:
+    """run name -> config overrides on top of the shapes-world settings (the threshold rule)."""
+    from capfilt.jobs.demo import _card_threshold
+    from capfilt.udfs.models import SHAPES_CLIP_WEB, SHAPES_ITM
+    clip = [f"filter.model={SHAPES_CLIP_WEB}", f"filter.threshold={_card_threshold(SHAPES_CLIP_WEB, 0.0)}"]
+    itm = [f"filter.itm_model={SHAPES_ITM}", f"filter.itm_threshold={_card_threshold(SHAPES_ITM, 0.5)}"]
+    runs = {"clip": clip, "itm": clip + ["filter.scorer=itm"] + itm,
+            "two_step": clip + ["filter.scorer=two_step", "filter.clip_floor="
+                                f"{_card_threshold(SHAPES_CLIP_WEB, 0.0, 'floor_keeping_99pct')}"] + itm}
+    for scorer in SCORERS:
+        runs[f"{scorer}_filter_only"] = runs[scorer] + ["caption.num_captions=0"]
+    return runs
+
+
+def arms(runs, raw: bool = False) -> tuple[str, ...]:
+    return (*(("raw",) if raw else ()), *runs, "oracle")
+
+
 PLANTED_DUPLICATES = ("duplicate_image", "near_duplicate_image")
 
 
@@ -217,13 +235,13 @@ def arm_data(runs: dict[str, Path], truth, seed: int) -> dict[str, tuple]:
     rng = np.random.default_rng(seed)
     # Sorted by uid: the download stage writes rows in the order its threads finish, and the order
     # sets the batches, so without it a rerun trains on other batches.
-    downloaded = ds.dataset(runs["threshold"] / "stages" / "download" / "data").to_table(
+    downloaded = ds.dataset(runs[FIRST] / "stages" / "download" / "data").to_table(
         columns=["uid", "caption", "image"]).sort_by("uid").to_pylist()
     images = np.stack([_decode(r["image"]) for r in downloaded])
-    data = {"raw": (images, [r["caption"] for r in downloaded]),
+    data = {"raw": (images, [r["caption"] for r in downloaded]),  # trained with --raw
             "oracle": (images, [describe(truth.scene_obj[r["uid"]], int(rng.integers(N_PHRASINGS)))
                                 for r in downloaded])}
-    for arm, run in (("filter_only", runs["filter_only"]), ("capfilt", runs["threshold"])):
+    for arm, run in runs.items():
         rows = ds.dataset(run / "curated").to_table(columns=["uid", "image", "caption_primary"]).sort_by(
             "uid").to_pylist()
         data[arm] = (np.stack([_decode(r["image"]) for r in rows]), [r["caption_primary"] for r in rows])
@@ -258,7 +276,7 @@ def train_and_measure(task: tuple) -> dict:
         images, captions = f[f"{arm}_images"], [str(c) for c in f[f"{arm}_captions"]]
         eval_images, eval_texts, eval_keys = f["eval_images"], [str(t) for t in f["eval_texts"]], f["eval_keys"]
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = save_clip_tokenizer(Path(tmp), context_length=32)
+        vocab = save_clip_tokenizer(Path(tmp), context_length=32, web=True)  # no arm's words are [UNK]
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp)
 
     def tokenize(texts):
@@ -288,15 +306,17 @@ def train_and_measure(task: tuple) -> dict:
     return result
 
 
-def summarise(results: list[dict]) -> dict:
+def summarise(results: list[dict], names) -> dict:
     import numpy as np
     summary = {}
-    for arm in ARMS:
+    for arm in names:
         rows = [r for r in results if r["arm"] == arm]
+        rows = sorted(rows, key=lambda r: r["seed"])
         summary[arm] = {f"r1_{p}": {"mean": round(float(np.mean([r[f"r1_{p}"] for r in rows])), 4),
                                     "std": round(float(np.std([r[f"r1_{p}"] for r in rows], ddof=1)), 4)
                                     if len(rows) > 1 else 0.0,
-                                    "min": min(r[f"r1_{p}"] for r in rows), "max": max(r[f"r1_{p}"] for r in rows)}
+                                    "min": min(r[f"r1_{p}"] for r in rows), "max": max(r[f"r1_{p}"] for r in rows),
+                                    "by_seed": [r[f"r1_{p}"] for r in rows]}
                         for p in (100, 1000)}
         summary[arm]["train_images"] = rows[0]["train_images"]
     return summary
@@ -305,14 +325,21 @@ def summarise(results: list[dict]) -> dict:
 # --- the plot (a hand-written SVG: no plotting dependency) ----------------------------------------------
 
 def svg(report: dict) -> str:
-    width, height, left, top, bar = 760, 330, 60, 40, 36
-    colours = {"raw": "#b0b0b0", "filter_only": "#7fa7d9", "capfilt": "#2f6fba", "oracle": "#5a9e5a"}
+    names = list(report["downstream"])
+    bar, gap = 22, 6
+    group_w = len(names) * (bar + gap) + 40
+    left, top = 60, 40
+    width, height = left + 2 * group_w + 20, 360
+    palette = {"raw": "#b0b0b0", "oracle": "#5a9e5a"}
+    blues = ["#2f6fba", "#7fa7d9", "#b8432f", "#e49a8c", "#6a3d9a", "#b9a2d6"]
+    colours = {n: palette.get(n) or blues[i % len(blues)] for i, n in enumerate(x for x in names if x not in palette)}
+    colours |= {n: palette[n] for n in palette if n in names}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{left}" y="20" font-size="14">Held-out R@1, small CLIPs with one budget '
+             'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="20" font-size="13">Held-out R@1, small CLIPs with one budget '
              f'({report["settings"]["steps"]} steps x {report["settings"]["batch"]}): mean and range of '
              f'{len(report["settings"]["seeds"])} seeds</text>']
-    plot_h = height - top - 60
+    plot_h = height - top - 90
 
     def y(v):
         return top + plot_h * (1 - v)
@@ -320,23 +347,23 @@ def svg(report: dict) -> str:
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#e5e5e5"/>'
                      f'<text x="{left - 8}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-    group_w = (width - left - 40) / 2
     for g, pool in enumerate((100, 1000)):
-        x0 = left + g * group_w + 30
-        for i, arm in enumerate(ARMS):
+        x0 = left + g * group_w + 20
+        for i, arm in enumerate(names):
             stats = report["downstream"][arm][f"r1_{pool}"]
-            x = x0 + i * (bar + 16)
+            x = x0 + i * (bar + gap)
             parts.append(f'<rect x="{x:.1f}" y="{y(stats["mean"]):.1f}" width="{bar}" '
                          f'height="{plot_h * stats["mean"]:.1f}" fill="{colours[arm]}"/>'
                          f'<line x1="{x + bar / 2:.1f}" x2="{x + bar / 2:.1f}" y1="{y(stats["min"]):.1f}" '
                          f'y2="{y(stats["max"]):.1f}" stroke="black" stroke-width="1.5"/>'
-                         f'<text x="{x + bar / 2:.1f}" y="{y(stats["mean"]) - 6:.1f}" text-anchor="middle">'
-                         f'{stats["mean"]:.3f}</text>')
-        parts.append(f'<text x="{x0 + 2 * (bar + 16) - 8:.1f}" y="{height - 38}" text-anchor="middle" '
-                     f'font-size="13">R@1 among {pool}</text>')
-    for i, arm in enumerate(ARMS):
-        parts.append(f'<rect x="{left + i * 170}" y="{height - 22}" width="12" height="12" fill="{colours[arm]}"/>'
-                     f'<text x="{left + i * 170 + 18}" y="{height - 12}">{arm.replace("_", "-")}</text>')
+                         f'<text x="{x + bar / 2:.1f}" y="{y(stats["mean"]) - 6:.1f}" text-anchor="middle" '
+                         f'font-size="9">{stats["mean"]:.3f}</text>')
+        parts.append(f'<text x="{x0 + len(names) * (bar + gap) / 2:.1f}" y="{top + plot_h + 18}" '
+                     f'text-anchor="middle" font-size="13">R@1 among {pool}</text>')
+    for i, arm in enumerate(names):
+        x, row = left + (i % 4) * 150, height - 42 + (i // 4) * 18
+        parts.append(f'<rect x="{x}" y="{row}" width="12" height="12" fill="{colours[arm]}"/>'
+                     f'<text x="{x + 18}" y="{row + 10}">{arm}</text>')
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 
@@ -344,10 +371,35 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def goals(curation: dict, downstream: dict | None) -> list[dict]:
+    """The goals of docs/quality.md, for each scorer's CapFilt run (and its filter-only arm)."""
+    rows = []
+    for scorer in SCORERS:
+        if scorer not in curation:
+            continue
+        m = curation[scorer]
+        checks = [("wrong primary captions <= 0.01", m["noise_after"], m["noise_after"] <= 0.01),
+                  ("clean pairs kept >= 0.95", m["clean_kept"], m["clean_kept"] >= 0.95),
+                  ("dedup precision >= 0.99", m["dedup"]["precision"], m["dedup"]["precision"] >= 0.99),
+                  ("dedup recall >= 0.99", m["dedup"]["recall"], m["dedup"]["recall"] >= 0.99)]
+        if downstream and scorer in downstream:
+            gap = downstream["oracle"]["r1_1000"]["mean"] - downstream[scorer]["r1_1000"]["mean"]
+            checks.append(("R@1/1000 within 0.01 of the oracle", round(-gap, 4), gap <= 0.01))
+            only = f"{scorer}_filter_only"
+            if only in downstream:
+                leads = [a - b for a, b in zip(downstream[scorer]["r1_1000"]["by_seed"],
+                                               downstream[only]["r1_1000"]["by_seed"])]
+                checks.append(("CapFilt > filter-only R@1/1000, every seed", [round(v, 4) for v in leads],
+                               min(leads) > 0))
+        rows += [{"scorer": scorer, "goal": g, "measured": v, "met": bool(ok)} for g, v, ok in checks]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000, help="rows in the web corpus")
     ap.add_argument("--noise", type=float, default=0.45, help="share of plain rows with a wrong caption")
+    ap.add_argument("--runs", nargs="+", help="curate runs (default: every scorer, CapFilt and filter-only)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per arm")
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per model (the shared budget)")
     ap.add_argument("--batch", type=int, default=128)
@@ -358,6 +410,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the report here too")
     ap.add_argument("--svg", help="write the plot here")
     ap.add_argument("--skip-downstream", action="store_true", help="curation figures only")
+    ap.add_argument("--raw", action="store_true", help="also train on the raw downloaded pairs")
     args = ap.parse_args()
 
     import numpy as np
@@ -365,6 +418,10 @@ def main() -> None:
     from capfilt.world.corpus import make_web_corpus, write_metadata
     from capfilt.world.server import serve
 
+    overrides = run_overrides()
+    names = args.runs or list(overrides)
+    if FIRST not in names:
+        names.insert(0, FIRST)
     work = Path(args.work)
     corpus = work / f"world-{args.n}-{args.noise}"
     if not (corpus / "truth.parquet").exists():
@@ -372,38 +429,42 @@ def main() -> None:
     summary = json.loads((corpus / "corpus.json").read_text())
     print(f"[quality] corpus: {args.n} rows (seed {CORPUS_SEED}), noise {summary['noise_share']:.1%} of "
           f"{summary['image_rows']} image rows, {sum(summary['faults'].values())} fault rows -> {corpus}", flush=True)
-    runs = {rule: work / f"out-{args.n}-{args.noise}-{rule}" for rule in RULES}
-    seconds = {}
+    runs = {name: work / f"out-{args.n}-{args.noise}-{name}" for name in names}
+    seconds, costs = {}, {}
     with serve(corpus / "site") as server:
         metadata = write_metadata(corpus, server.base_url)
-        for rule, overrides in RULES.items():
-            reuse = None if rule == "threshold" else (
-                runs["threshold"], ["download"] if rule == "filter_only" else ["download", "caption"])
-            seconds[rule] = round(curate(metadata, runs[rule], server.port, overrides, reuse), 1)
+        for name in names:
+            reuse = None if name == FIRST else (
+                runs[FIRST], ["download"] if name.endswith("filter_only") else ["download", "caption"])
+            seconds[name] = round(curate(metadata, runs[name], server.port, overrides[name], reuse), 1)
+            filter_manifest = json.loads((runs[name] / "stages" / "filter" / "manifest.json").read_text())
+            costs[name] = filter_manifest["models"].get("scoring")
     truth = load_truth(corpus)
-    curation = {rule: curation_metrics(run, truth) for rule, run in runs.items()}
-    report = {"corpus": summary, "curate_seconds": seconds, "curation": curation,
+    curation = {name: curation_metrics(run, truth) for name, run in runs.items()}
+    report = {"corpus": summary, "runs": {n: overrides[n] for n in names}, "curate_seconds": seconds,
+              "scoring_costs": costs, "curation": curation,
               "settings": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seeds": args.seeds,
                            "eval_n": args.eval_n, "retrieval_seed": RETRIEVAL_SEED, "corpus_seed": CORPUS_SEED}}
-    print(f"\n{'rule':<12} {'curated':>7} {'noise before':>12} {'after':>6} {'pair noise':>10} {'clean kept':>10} "
+    print(f"\n{'run':<20} {'curated':>7} {'noise before':>12} {'after':>6} {'pair noise':>10} {'clean kept':>10} "
           f"{'synth. exact':>12} {'dup prec.':>9} {'dup rec.':>8}")
-    for rule, m in curation.items():
-        print(f"{rule:<12} {m['curated']:>7} {m['noise_before']:>12.3f} {m['noise_after']:>6.3f} "
+    for name, m in curation.items():
+        print(f"{name:<20} {m['curated']:>7} {m['noise_before']:>12.3f} {m['noise_after']:>6.3f} "
               f"{m['pair_noise_after']:>10.3f} {m['clean_kept']:>10.3f} {_fmt(m['synthetic_exact_kept']):>12} "
               f"{m['dedup']['precision']:>9.3f} {m['dedup']['recall']:>8.3f}")
-    print("\nwrong primary captions (threshold rule), by source and what is wrong:",
-          ", ".join(f"{k} {v}" for k, v in curation["threshold"]["wrong_primary"].items()))
-    print("\nper kind (threshold rule): downloaded, image kept, web caption kept, leaves with a right caption")
-    for kind, k in curation["threshold"]["kinds"].items():
-        print(f"  {kind:<24} {k['downloaded']:>6}  {k['image_kept']:.3f}  {k['web_caption_kept']:.3f}  "
-              f"{k['leaves_right']:.3f}")
+    for name, cost in costs.items():
+        print(f"scoring cost {name}: {cost}")
+    for name in (n for n in SCORERS if n in curation):
+        print(f"\nwrong primary captions ({name}), by source and what is wrong:",
+              ", ".join(f"{k} {v}" for k, v in curation[name]["wrong_primary"].items()))
 
+    downstream = None
     if not args.skip_downstream:
         # Each finished model's figures are kept under WORK/downstream: a rerun trains only what is missing.
         data_file, cache = work / "arms.npz", work / "downstream"
         cache.mkdir(exist_ok=True)
-        tasks = {cache / f"{arm}-seed{seed}-{args.steps}x{args.batch}-lr{args.lr}-eval{args.eval_n}.json":
-                 (arm, seed, args.steps, args.batch, args.lr, str(data_file)) for seed in args.seeds for arm in ARMS}
+        tasks = {cache / f"{arm}-seed{seed}-{args.steps}x{args.batch}-lr{args.lr}-eval{args.eval_n}-web.json":
+                 (arm, seed, args.steps, args.batch, args.lr, str(data_file))
+                 for seed in args.seeds for arm in arms(runs, args.raw)}
         todo = [path for path in tasks if not path.exists()]
         if todo:
             data = arm_data(runs, truth, seed=0)
@@ -416,28 +477,19 @@ def main() -> None:
                     path.write_text(json.dumps(result) + "\n")
         results = [json.loads(path.read_text()) for path in tasks]
         report["downstream_runs"] = results
-        report["downstream"] = summarise(results)
+        downstream = report["downstream"] = summarise(results, arms(runs, args.raw))
         report["train_seconds_total"] = round(sum(r["train_seconds"] for r in results), 1)
-        print(f"\n{'arm':<12} {'images':>6} {'R@1/100 mean (min-max)':>24} {'R@1/1000 mean (min-max)':>25}")
-        for arm, s in report["downstream"].items():
+        print(f"\n{'arm':<20} {'images':>6} {'R@1/100 mean (min-max)':>24} {'R@1/1000 mean (min-max)':>25}")
+        for arm, s in downstream.items():
             a, b = s["r1_100"], s["r1_1000"]
-            print(f"{arm:<12} {s['train_images']:>6} {a['mean']:>10.3f} ({a['min']:.3f}-{a['max']:.3f})"
+            print(f"{arm:<20} {s['train_images']:>6} {a['mean']:>10.3f} ({a['min']:.3f}-{a['max']:.3f})"
                   f"{b['mean']:>13.3f} ({b['min']:.3f}-{b['max']:.3f})")
         if args.svg:
             Path(args.svg).write_text(svg(report))
-    m, d = curation["threshold"], report.get("downstream")
-    goals = [("noise after <= 0.05", m["noise_after"], m["noise_after"] <= 0.05),
-             ("clean pairs kept >= 0.90", m["clean_kept"], m["clean_kept"] >= 0.90)]
-    if d:
-        gain = d["capfilt"]["r1_100"]["mean"] - d["raw"]["r1_100"]["mean"]
-        goals += [("CapFilt - raw R@1/100 >= 0.10", round(gain, 4), gain >= 0.10),
-                  ("CapFilt > filter-only R@1/100", round(d["capfilt"]["r1_100"]["mean"]
-                                                         - d["filter_only"]["r1_100"]["mean"], 4),
-                   d["capfilt"]["r1_100"]["mean"] > d["filter_only"]["r1_100"]["mean"])]
-    report["goals"] = [{"goal": g, "measured": v, "met": bool(ok)} for g, v, ok in goals]
-    print("\ngoals (threshold rule):")
-    for g, v, ok in goals:
-        print(f"  {g:<32} {v:>8}  {'met' if ok else 'MISSED'}")
+    report["goals"] = goals(curation, downstream)
+    print("\ngoals:")
+    for g in report["goals"]:
+        print(f"  {g['scorer']:<9} {g['goal']:<46} {str(g['measured']):>24}  {'met' if g['met'] else 'MISSED'}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
 

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="bfloat16 autocast, fp32 master weights (default for the captioner)")
     precision.add_argument("--fp32", dest="bf16", action="store_false", help="plain fp32 (default for clip)")
     train.add_argument("--no-eval", action="store_true", help="skip measuring the fresh model")
+    train.add_argument("--resume", help="itm: go on training this ITM folder (its card becomes the first phase)")
+    train.add_argument("--weights", type=lambda t: {k: float(v) for k, v in (kv.split("=") for kv in t.split(","))},
+                       metavar="ATTR=ODDS,...", help="itm: the hard negatives' attribute odds, e.g. shape=3,size=0.5")
     ev = commands.add_parser("eval", help="measure a filter and/or a captioner on held-out seeds")
     ev.add_argument("--clip", help="CLIP reference (any the loader takes)")
     ev.add_argument("--captioner", help="captioner reference (any the loader takes)")
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             settings["web"] = args.model == "clip-web"
         elif args.model == "itm":
             from capfilt.lab.train_itm import train
+            settings.update(resume=args.resume, weights=args.weights)
         else:
             from capfilt.lab.train_captioner import train
         # Train and measure in a sibling folder, then swap it in: a committed checkpoint is never

@@ -14,6 +14,7 @@ embeddings start fresh (the ITM's token set adds the web words).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -56,14 +57,16 @@ def caption_of(scene, style: str, rng: np.random.Generator) -> str:
     return web_phrasing(scene, rng) if style == "web" else describe(scene, int(rng.integers(N_PHRASINGS)))
 
 
-def step_captions(scenes, rng: np.random.Generator) -> tuple[list[str], list[str], list[str]]:
-    """(positives, hard negatives, easy negatives) for one batch of scenes."""
+def step_captions(scenes, rng: np.random.Generator, weights: dict | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(positives, hard negatives, easy negatives) for one batch of scenes; `weights` draws the hard
+    negatives' attribute (even by default)."""
     positives, hard, easy = [], [], []
     for i, scene in enumerate(scenes):
         style = "web" if rng.random() < 0.5 else "clean"
         positives.append(caption_of(scene, style, rng))
         options = [a for a in ATTRIBUTES if a != "order" or len(scene.objects) == 2 and scene.objects[0] != scene.objects[1]]
-        changed = with_attribute_changed(scene, options[int(rng.integers(len(options)))], rng)
+        odds = np.array([(weights or {}).get(a, 1.0) for a in options])
+        changed = with_attribute_changed(scene, options[int(rng.choice(len(options), p=odds / odds.sum()))], rng)
         hard.append(caption_of(changed, "web" if rng.random() < 0.5 else "clean", rng))
         draw = rng.random()
         if draw < 0.6:
@@ -79,7 +82,10 @@ def step_captions(scenes, rng: np.random.Generator) -> tuple[list[str], list[str
 
 def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 30.0, n_train: int = 20000,
           batch: int = 64, lr: float = 5e-4, threads: int | None = None, bf16: bool = True,
-          captioner: str | None = None, log_every: int = 100, log=print) -> dict:
+          captioner: str | None = None, resume: str | None = None, weights: dict | None = None,
+          log_every: int = 100, log=print) -> dict:
+    """resume: an ITM folder to go on training (its card's training becomes the first phase of this
+    card's); weights: the hard negatives' attribute odds, e.g. {"shape": 3} (even by default)."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor
 
     from capfilt.udfs.models import SHAPES_CAPTIONER
@@ -103,8 +109,16 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
     data_seconds = time.perf_counter() - t0
     log(f"data: {len(data)} images, {data_seconds:.1f}s")
 
-    model = BlipForImageTextRetrieval(itm_config(source.config, len(tokenizer)))
-    copied = init_from_captioner(model, source)
+    if resume:
+        model = BlipForImageTextRetrieval.from_pretrained(resume, torch_dtype=torch.float32)
+        if model.config.text_config.vocab_size != len(tokenizer):
+            raise ValueError(f"{resume} has another token set ({model.config.text_config.vocab_size} tokens)")
+        before = json.loads((Path(resume) / "model_card.json").read_text())["training"]
+        copied = []
+    else:
+        model = BlipForImageTextRetrieval(itm_config(source.config, len(tokenizer)))
+        copied = init_from_captioner(model, source)
+        before = None
     del source
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -125,7 +139,7 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
             group["lr"] = lr_at(step, steps, lr, warmup)
         idx = rng.choice(len(data), batch, replace=False)
         x = (images[torch.from_numpy(idx)].float() / 255 - mean) / std
-        positives, hard, easy = step_captions([data.scenes[i] for i in idx], rng)
+        positives, hard, easy = step_captions([data.scenes[i] for i in idx], rng, weights)
         tokens = tokenizer(positives + hard + easy, padding="longest", truncation=True, max_length=MAX_TOKENS,
                            return_tensors="pt")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -168,7 +182,9 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
             "objective": "ITM cross-entropy; per image its caption, a one-attribute hard negative (attribute "
                          "drawn evenly from colour, shape, size, order, background) and an easy negative "
                          "(another image's caption 60%, generic 20%, spam 20%)",
-            "initialised_from": f"{captioner} (vision tower and text layers: {len(copied)} tensors)",
+            "initialised_from": resume or f"{captioner} (vision tower and text layers: {len(copied)} tensors)",
+            "hard_negative_attribute_odds": weights or "even",
+            **({"previous_phase": before} if before else {}),
             "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
             "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
             "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,

@@ -163,8 +163,9 @@ def select(scored, settings: FilterSettings, cutoff: float | None = None):
 def scoring_costs(marked) -> dict:
     """Each scoring step's cost as the model pass measured it: pairs scored and model seconds."""
     from pyspark.sql import functions as F
-    pairs = lambda field: F.sum(F.size(F.filter(F.coalesce(F.col(f"{OUT}.{field}"), F.array()),  # noqa: E731
-                                                lambda v: v.isNotNull())))
+
+    def pairs(field):
+        return F.sum(F.size(F.filter(F.coalesce(F.col(f"{OUT}.{field}"), F.array()), lambda v: v.isNotNull())))
     if "seconds" not in marked.schema[OUT].dataType.fieldNames():
         return {}
     row = marked.agg(pairs("scores").alias("clip_pairs"), pairs("itm_scores").alias("itm_pairs"),

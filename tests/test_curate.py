@@ -350,6 +350,44 @@ def test_stage_commands_run_apart_score_as_the_fused_pass_and_reselect_from_thei
     assert _scores(stages / "filter" / "data").items() <= apart.items()  # the same stored scores
 
 
+def _candidates(data) -> list[dict]:
+    import pyarrow.dataset as ds
+    table = ds.dataset(data, partitioning="hive").to_table(columns=["candidates"]).to_pylist()
+    return [c for r in table for c in r["candidates"]]
+
+
+def test_the_two_step_scorer_keeps_both_scores_reports_each_step_and_reselects_without_a_model(curated_out, tmp_path):
+    """filter.scorer=two_step on a committed caption stage: CLIP scores every candidate, the ITM only
+    those at or above clip_floor; the rule works on the ITM score; the manifest gives each step's
+    pairs and seconds; another itm_threshold re-selects from the stored scores with no model."""
+    from capfilt.udfs.models import SHAPES_ITM
+    fused, out, config = curated_out / "stages", tmp_path / "filter", tmp_path / "config.yaml"
+    used = read_manifest(fused / "filter")["config"]
+    floor = used["filter"]["threshold"]
+    settings = {**used, "filter": {**used["filter"], "scorer": "two_step", "itm_model": SHAPES_ITM,
+                                   "itm_threshold": 0.5, "clip_floor": floor}}
+    config.write_text(json.dumps(settings))
+    assert cli(["filter", "--input", str(fused / "caption"), "--output", str(out), "--config", str(config)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["figures"]["model_passes"] == {"clip": manifest["counts"]["input"]}
+    assert manifest["models"]["scorer"] == "two_step" and manifest["models"]["itm"] == SHAPES_ITM
+    steps = manifest["models"]["scoring"]
+    candidates = _candidates(out / "data")
+    rescored = [c for c in candidates if c["itm_score"] is not None]
+    assert 0 < steps["itm"]["pairs"] < steps["clip"]["pairs"] and steps["itm"]["seconds"] > 0
+    assert all((c["itm_score"] is not None) == (c["clip_score"] >= floor) for c in candidates)
+    assert all(c["score"] == c["itm_score"] and c["kept"] == (c["itm_score"] >= 0.5) for c in rescored)
+    assert any(c["kept"] for c in rescored) and any(not c["kept"] for c in rescored)
+
+    config.write_text(json.dumps({**settings, "filter": {**settings["filter"], "itm_threshold": 0.9}}))
+    assert cli(["filter", "--input", str(fused / "caption"), "--output", str(out), "--config", str(config)]) == 0
+    again = read_manifest(out)
+    assert again["figures"]["model_passes"] == {"clip": 0} and again["figures"]["decoded_images"] == 0
+    after = _candidates(out / "data")
+    assert {(c["text"], c["itm_score"]) for c in after} <= {(c["text"], c["itm_score"]) for c in candidates}
+    assert all(c["kept"] == (c["itm_score"] is not None and c["itm_score"] >= 0.9) for c in after)
+
+
 def _scores(data) -> dict:
     """(uid, candidate text) -> score from a filter stage's data."""
     import pyarrow.dataset as ds
