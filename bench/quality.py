@@ -431,8 +431,13 @@ def main() -> None:
           f"{summary['image_rows']} image rows, {sum(summary['faults'].values())} fault rows -> {corpus}", flush=True)
     runs = {name: work / f"out-{args.n}-{args.noise}-{name}" for name in names}
     seconds, costs = {}, {}
-    with serve(corpus / "site") as server:
-        metadata = write_metadata(corpus, server.base_url)
+    # One port and one metadata file for every invocation: a later invocation's runs reuse the first
+    # run's download, which is checked against the input file (its URLs, size and modification time).
+    port_file, metadata = work / "port", corpus / "metadata.parquet"
+    with serve(corpus / "site", port=int(port_file.read_text()) if port_file.exists() else 0) as server:
+        if not (port_file.exists() and metadata.exists()):
+            port_file.write_text(str(server.port))
+            metadata = write_metadata(corpus, server.base_url)
         for name in names:
             reuse = None if name == FIRST else (
                 runs[FIRST], ["download"] if name.endswith("filter_only") else ["download", "caption"])
