@@ -55,6 +55,43 @@ class Budget:
         return False
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.98, eps 1e-6) with weight decay on weight matrices only: not on embeddings,
+    biases or norms."""
+    def decays(name, p):
+        return p.ndim >= 2 and "embedding" not in name
+    params = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+                              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def budget_figures(seed: int, steps: int, budget: "Budget", batch: int, lr: float, threads: int,
+                   bf16: bool, data_seconds: float, started: float, history: list) -> dict:
+    """The model card's record of a training run's budget, time and provenance."""
+    return {"seed": seed, "steps": steps,
+            "trained_steps": budget.stopped_early_at if budget.stopped_early_at is not None else steps,
+            "batch": batch, "peak_lr": lr, "warmup_steps": max(1, steps // 20),  # as scheduled_steps
+            "minutes_cap": budget.minutes, "threads": threads,
+            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
+            "data_seconds": round(data_seconds, 1), "train_seconds": round(budget.elapsed(), 1),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "command": command_line(), "environment": environment(), "loss_history": history}
+
+
+def scheduled_steps(optimizer, steps: int, lr: float, budget: Budget, log=print):
+    """The step numbers, each with its learning rate set (`lr_at`: warm-up over the first 5%); stops
+    early, and says so, when the budget's wall-clock cap is reached."""
+    warmup = max(1, steps // 20)
+    for step in range(steps):
+        if budget.over(step):
+            log(f"wall-clock cap of {budget.minutes} min reached at step {step}")
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        yield step
+
+
 def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Floating tensors as fp16, contiguous and unshared (safetensors refuses shared storage)."""
     out = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capfilt.lab.common import Budget, command_line, environment, lr_at, seed_everything, set_threads, write_card
+from capfilt.lab.common import Budget, adamw, budget_figures, scheduled_steps, seed_everything, set_threads, write_card
 from capfilt.lab.data import annotated
 from capfilt.lab.tokens import save_blip_processor
 from capfilt.world.captions import N_PHRASINGS
@@ -69,21 +69,12 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
     config = blip_config(tokenizer, width, vision_layers, text_layers)
     model = BlipForConditionalGeneration(config)
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = adamw(model, lr, 0.05)
     rng = np.random.default_rng([seed, 7])
     budget = Budget(steps, minutes)
-    warmup = max(1, steps // 20)
     model.train()
     history = []
-    for step in range(steps):
-        if budget.over(step):
-            log(f"wall-clock cap of {minutes} min reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+    for step in scheduled_steps(optimizer, steps, lr, budget, log):
         idx = torch.from_numpy(rng.choice(len(data), batch, replace=False))
         phrasing = torch.from_numpy(rng.integers(N_PHRASINGS, size=batch))
         x = (images[idx].float() / 255 - mean) / std
@@ -101,8 +92,6 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(budget.elapsed(), 1)})
             log(f"step {step} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {budget.elapsed():.0f}s")
-    trained_steps = budget.stopped_early_at if budget.stopped_early_at is not None else steps
-    train_seconds = budget.elapsed()
 
     model.half().save_pretrained(str(out), safe_serialization=True)
     card = {
@@ -119,12 +108,7 @@ def train(out: Path, seed: int = 0, steps: int = 4000, minutes: float | None = 2
         "training": {
             "data": f"capfilt.world.corpus.make_annotated(n={n_train}, seed={seed}): clean captions, a random phrasing per step",
             "objective": "captioning language-model loss (BLIP's LM objective)",
-            "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
-            "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
-            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
-            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "command": command_line(), "environment": environment(), "loss_history": history,
+            **budget_figures(seed, steps, budget, batch, lr, threads, bf16, data_seconds, t0, history),
         },
     }
     write_card(out, card)

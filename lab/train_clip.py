@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capfilt.lab.common import Budget, command_line, environment, fp16_state_dict, lr_at, seed_everything, set_threads, write_card
+from capfilt.lab.common import (
+    Budget, adamw, budget_figures, fp16_state_dict, scheduled_steps, seed_everything, set_threads, write_card,
+)
 from capfilt.lab.data import annotated, wrong_attribute_captions, wrong_attribute_phrasings
 from capfilt.lab.tokens import save_clip_tokenizer
 from capfilt.world.captions import web_phrasing
@@ -98,9 +100,6 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
         seed=seed, minutes=minutes, bf16=bf16, groups=scene_ids, log_every=log_every, log=log,
         negatives=(lambda idx, rng: negatives([data.scenes[i] for i in idx], rng))
         if hard_negatives else None)
-    warmup = max(1, steps // 20)  # as fit's schedule
-    trained_steps = budget.stopped_early_at if budget.stopped_early_at is not None else steps
-    train_seconds = budget.elapsed()
 
     from safetensors.torch import save_file
     save_file(fp16_state_dict(model), str(out / "open_clip_model.safetensors"))
@@ -123,12 +122,7 @@ def train(out: Path, seed: int = 0, steps: int = 3000, minutes: float | None = 2
                     + (", and as many web phrasings (capfilt.world.captions.web_phrasing)" if web else ""),
             "objective": "symmetric InfoNCE" + (" + one wrong-attribute hard negative per image" if hard_negatives else "")
             + (" (clean or web phrasing, half each)" if web and hard_negatives else ""),
-            "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
-            "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
-            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
-            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "command": command_line(), "environment": environment(), "loss_history": history,
+            **budget_figures(seed, steps, budget, batch, lr, threads, bf16, data_seconds, t0, history),
         },
     }
     write_card(out, card)
@@ -153,21 +147,12 @@ def fit(model, images: torch.Tensor, captions: list[list[str]], tokenize, steps:
     first = torch.cumsum(counts, 0) - counts  # row of each image's first caption in tokens
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = adamw(model, lr, 0.1)
     rng = np.random.default_rng([seed, 7])
     budget = Budget(steps, minutes)
-    warmup = max(1, steps // 20)
     model.train()
     history = []
-    for step in range(steps):
-        if budget.over(step):
-            log(f"wall-clock cap of {minutes} min reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+    for step in scheduled_steps(optimizer, steps, lr, budget, log):
         idx = torch.from_numpy(rng.choice(len(images), batch, replace=False))
         pick = torch.from_numpy(rng.integers(counts[idx].numpy()))
         x = (images[idx].float() / 255 - mean) / std

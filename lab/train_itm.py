@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capfilt.lab.common import Budget, command_line, environment, lr_at, seed_everything, set_threads, write_card
+from capfilt.lab.common import Budget, adamw, budget_figures, scheduled_steps, seed_everything, set_threads, write_card
 from capfilt.lab.data import ATTRIBUTES, annotated, with_attribute_changed
 from capfilt.lab.tokens import save_blip_processor, web_words
 from capfilt.world.captions import N_PHRASINGS, describe, web_phrasing
@@ -121,22 +121,13 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
         before = None
     del source
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = adamw(model, lr, 0.05)
     rng = np.random.default_rng([seed, 13])
     budget = Budget(steps, minutes)
-    warmup = max(1, steps // 20)
     labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
     model.train()
     history = []
-    for step in range(steps):
-        if budget.over(step):
-            log(f"wall-clock cap of {minutes} min reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+    for step in scheduled_steps(optimizer, steps, lr, budget, log):
         idx = rng.choice(len(data), batch, replace=False)
         x = (images[torch.from_numpy(idx)].float() / 255 - mean) / std
         positives, hard, easy = step_captions([data.scenes[i] for i in idx], rng, weights)
@@ -159,8 +150,6 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
                             "seconds": round(budget.elapsed(), 1)})
             log(f"step {step} loss {loss.item():.4f} acc {accuracy:.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"{budget.elapsed():.0f}s")
-    trained_steps = budget.stopped_early_at if budget.stopped_early_at is not None else steps
-    train_seconds = budget.elapsed()
 
     model.half().save_pretrained(str(out), safe_serialization=True)
     card = {
@@ -185,12 +174,7 @@ def train(out: Path, seed: int = 0, steps: int = 2000, minutes: float | None = 3
             "initialised_from": resume or f"{captioner} (vision tower and text layers: {len(copied)} tensors)",
             "hard_negative_attribute_odds": weights or "even",
             **({"previous_phase": before} if before else {}),
-            "seed": seed, "steps": steps, "trained_steps": trained_steps, "batch": batch, "peak_lr": lr,
-            "warmup_steps": warmup, "minutes_cap": minutes, "threads": threads,
-            "autocast": "bfloat16 (CPU, fp32 master weights)" if bf16 else None,
-            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "command": command_line(), "environment": environment(), "loss_history": history,
+            **budget_figures(seed, steps, budget, batch, lr, threads, bf16, data_seconds, t0, history),
         },
     }
     write_card(out, card)
