@@ -234,7 +234,8 @@ class PrefilterSettings:
     min_language_score: float = _opt(0.5, "a caption leaves for its language only when the detector is at "
                                           "least this confident", min=0, max=1)
     blocklist: list[str] = _opt(list, "words or phrases (case-insensitive, whole words) whose captions leave")
-    blocklist_patterns: list[str] = _opt(list, "regular expressions (case-insensitive) whose captions leave")
+    blocklist_patterns: list[str] = _opt(list, "regular expressions (case-insensitive; RE2 syntax: no backreferences "
+                                               "or lookaround) whose captions leave")
     columns: dict[str, str] = _opt(lambda: {"punsafe": "punsafe", "pwatermark": "pwatermark",
                                             "similarity": "similarity", "width": "WIDTH", "height": "HEIGHT"},
                                    "the input column of each metadata rule (LAION's names by default)")

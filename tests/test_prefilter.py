@@ -109,7 +109,8 @@ def test_prefilter_is_a_step_of_the_curate_funnel(laion_site, tmp_path):
 
 
 @pytest.mark.parametrize("rule, says", [("prefilter.languages=[english]", "'english' is not a language code"),
-                                        ("prefilter.blocklist_patterns=['(unclosed']", "(unclosed")])
+                                        ("prefilter.blocklist_patterns=['(unclosed']", "(unclosed"),
+                                        ("prefilter.blocklist_patterns=['(?<=a)b']", "needs a backtracking")])
 def test_bad_prefilter_settings_are_one_line_before_spark(laion_site, tmp_path, capsys, rule, says):
     from capfilt.jobs.common import run
     root, server, _, _ = laion_site

@@ -256,6 +256,26 @@ def test_a_bad_pattern_fails_when_the_rules_are_made_naming_it():
         active_rules(Settings(blocklist_patterns=["ok", "(unclosed"]), {"caption"}, LAION_COLUMNS)
 
 
+def test_a_pattern_that_backtracks_in_python_matches_in_linear_time():
+    # (a+)+$ against a run of a's that does not end the caption: 2**n paths for Python's re (2 s at 24
+    # characters, minutes at 35), one pass for RE2. A pattern must never hold a worker.
+    frame = laion([{"caption": "a" * 40 + "!"}, {"caption": "x" + "a" * 10_000}, {"caption": "AAAA"}])
+    started = time.perf_counter()
+    reason, detail = run(frame, blocklist_patterns=["(a+)+$", r"(x+x+)+y"])
+    assert time.perf_counter() - started < 2.0
+    assert reason == [None, "blocklist", "blocklist"] and detail[2] == 'blocklist pattern: "(a+)+$"'
+
+
+@pytest.mark.parametrize("pattern, says", [(r"(a)\1", "needs a backtracking regex engine"),
+                                           (r"(?<=buy )now", "needs a backtracking regex engine"),
+                                           (r"(?!x)y", "needs a backtracking regex engine"),
+                                           ("(unclosed", "is not a regular expression")])
+def test_a_pattern_re2_cannot_run_is_refused_naming_it(pattern, says):
+    with pytest.raises(ValueError, match="blocklist_patterns: ") as e:
+        active_rules(Settings(blocklist_patterns=["ok", pattern]), {"caption"}, LAION_COLUMNS)
+    assert says in str(e.value) and repr(pattern) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_long_blocklist_is_one_trie_regex_and_stays_fast():
     rng = np.random.default_rng(0)
     entries = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 7)) for _ in range(5000)] + ["bad word"]

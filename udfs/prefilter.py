@@ -29,8 +29,9 @@ What each rule means for odd values:
   hat" but not "class"; fullwidth "ｆｏｏ" is "foo"); a phrase's spaces match any whitespace. A word
   boundary is any character that is not a letter, digit, underscore or combining mark (so a Devanagari
   vowel sign continues a word). Chinese and Japanese entries match anywhere: those scripts write no
-  spaces between words. Patterns are Python regular expressions, case-insensitive, searched in the
-  NFKC form of the caption. Blank entries are ignored.
+  spaces between words. Patterns are regular expressions in RE2's syntax (Python's, less backreferences
+  and lookaround), case-insensitive, searched in the NFKC form of the caption in linear time; as in RE2,
+  \\w, \\d, \\s and \\b are ASCII (\\pL is any letter). Blank entries are ignored.
 """
 from __future__ import annotations
 
@@ -188,6 +189,7 @@ def _fold(text: str) -> str:
 
 
 _SPACE = re.compile(r"\s+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,13 +248,28 @@ def _blocklist_regex(entries: tuple[str, ...]) -> tuple[re.Pattern, dict[str, st
 
 
 @functools.lru_cache(maxsize=16)
-def _patterns(entries: tuple[str, ...]) -> tuple[tuple[str, re.Pattern], ...]:
+def _patterns(entries: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    """Each pattern compiled by RE2, which matches in time linear in the caption: Python's `re` backtracks,
+    and one pattern such as (a+)+$ held a worker for seconds per caption (minutes at 40 characters)."""
+    import re2
+    options = re2.Options()
+    options.case_sensitive = False
+    options.never_capture = True   # only whether it matches is used
+    options.log_errors = False     # the error is raised (below), not also printed by RE2's logger
     compiled = []
     for pattern in entries:
         try:
-            compiled.append((pattern, re.compile(pattern, re.IGNORECASE)))
-        except re.error as e:
-            raise ValueError(f"prefilter.blocklist_patterns: {pattern!r} is not a regular expression: {e}") from e
+            compiled.append((pattern, re2.compile(pattern, options)))
+        except re2.error as e:
+            why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            try:
+                re.compile(pattern)
+            except re.error as python_error:
+                raise ValueError(f"prefilter.blocklist_patterns: {pattern!r} is not a regular expression: "
+                                 f"{python_error}") from None
+            raise ValueError(f"prefilter.blocklist_patterns: {pattern!r} needs a backtracking regex engine ({why}); "
+                             f"patterns are matched by RE2 in linear time, without backreferences or lookaround "
+                             f"(docs/filters.md)") from None
     return tuple(compiled)
 
 
@@ -411,6 +428,8 @@ def _blocklist_patterns(data, bound, limit, settings, left):
     for i in np.flatnonzero(left):
         if captions[i] is not None:
             text = unicodedata.normalize("NFKC", captions[i])
+            if _LONE_SURROGATE.search(text):  # RE2 reads UTF-8, which has no lone surrogates
+                text = _LONE_SURROGATE.sub("\ufffd", text)
             found[i] = next((p for p, rx in compiled if rx.search(text)), None)
     return _found(found), lambda i: f'blocklist pattern: "{found[i]}"'
 
