@@ -53,24 +53,15 @@ def reuse_committed(out, cfg: Config, stage: str, source: dict | None = None) ->
     return True
 
 
-def check_models(cfg: Config, stages) -> None:
-    """Resolve every model reference the given stages will load, on the driver, before any work: a
-    missing path or an unsafe checkpoint is one line now, not executor tracebacks hours later."""
-    from capfilt.udfs.models import check_reference
-    if "caption" in stages and cfg.caption.num_captions:
-        check_reference(cfg.caption.model, "captioner")
-    if "filter" in stages or "decontaminate" in stages:
-        check_reference(cfg.filter.model, "clip")
-    if "filter" in stages and cfg.filter.scorer != "clip":
-        check_reference(cfg.filter.itm_model, "itm")
-    if "heads" in stages:
-        from capfilt.pipelines.heads import load_heads
-        from capfilt.udfs.heads import check_embedding_model
-        for head, _ in load_heads(cfg):
-            check_embedding_model(head, cfg.filter.model)
-    if "decontaminate" in stages:
-        from capfilt.pipelines.decontaminate import check_eval_sets
-        check_eval_sets(cfg.dedup.eval_sets)
+def check_models(cfg: Config, stages, input_root: str | None = None, reselect=()) -> None:
+    """Check every model, head and evaluation-set reference the given stages will read, on the driver
+    before Spark starts (each stage declares what it reads: Stage.check_inputs): a missing path, a broken
+    file or an unsafe checkpoint is one line now, not executor tracebacks hours later. `input_root`: the
+    stage command's input (None in curate); `reselect`: stages recomputed from stored scores (no model pass)."""
+    from capfilt.pipelines.stage import definition
+    for name in [*stages, *reselect]:
+        if name != "download":  # no Stage object: jobs/download.py checks its inputs
+            definition(name).check_inputs(cfg, input_root, model=name not in reselect)
 
 
 def check_output_path(root: str, input: str | None = None, replaced: tuple[str, ...] = ("",)) -> None:
@@ -127,7 +118,6 @@ def run_stage_job(name: str, doc: str, argv=None) -> int:
     args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
     cfg = config_from_args(args)
     check_output_path(args.output, args.input)
-    if name in ("decontaminate", "heads"):  # their inputs, before Spark starts (the model stages check theirs)
-        check_models(cfg, [name])
+    check_models(cfg, [name], args.input)  # before Spark starts, as curate does
     run_stage(definition(name), cfg, args.input, args.output)
     return 0

@@ -93,7 +93,8 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
     with OutputLock(out):
         actions = plan(out, cfg, input_source(spec), retry_failed)
         fuse = cfg.caption.fuse_filter and actions["caption"] == RUN and actions["filter"] == RUN
-        check_models(cfg, [stage for stage, action in actions.items() if action == RUN])
+        check_models(cfg, [stage for stage, action in actions.items() if action == RUN],
+                     reselect=[stage for stage, action in actions.items() if action == RESELECT])
         spark = spark_session(cfg.spark)
         print(f"[curate] Spark {spark.version}, master {spark.sparkContext.master}, UI {spark.sparkContext.uiWebUrl}",
               flush=True)

@@ -35,30 +35,111 @@ def set_name(path: str) -> str:
     return re.sub(r"\.(parquet|pq)$", "", name) or "eval"
 
 
+def check(cfg, input_root: str | None = None) -> None:
+    """On the driver, before Spark: the rows' embeddings come from this run's CLIP, that CLIP loads, and
+    every evaluation set can be read (a curate run reaches this stage after download, caption and filter)."""
+    from capfilt.pipelines.heads import clip_of_input
+    from capfilt.udfs.models import check_reference
+    if not cfg.dedup.eval_sets:
+        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
+    same_clip(clip_of_input(input_root) if input_root else None, cfg)
+    check_reference(cfg.filter.model, "clip")
+    check_eval_sets(cfg.dedup.eval_sets)
+
+
+def same_clip(clip: str | None, cfg) -> None:
+    from capfilt.udfs.heads import same_reference
+    if clip is not None and not same_reference(clip, cfg.filter.model):
+        raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
+                         f"is {cfg.filter.model}: evaluation images must be embedded by the same model")
+
+
+def set_files(fs, root: str, path: str) -> tuple[str, list[str]]:
+    """(kind, files) of one evaluation set, the files Spark reads: 'parquet' (a Parquet file, or a folder's
+    *.parquet), 'tar' (WebDataset tars) or 'images' (image files). Names starting with . or _ are left out
+    below a folder, as Spark leaves them out."""
+    if fs.isfile(root):
+        files = [root]
+    else:
+        base = root.rstrip("/")
+        files = [f for f in sorted(fs.find(base)) if not any(
+            p.startswith((".", "_")) for p in f[len(base):].strip("/").split("/"))]
+    tables = [f for f in files if f.endswith(".parquet") or f == root and f.endswith(".pq")]
+    if tables:
+        return "parquet", tables
+    tars = [f for f in files if f.endswith(".tar")]
+    if tars:
+        return "tar", tars
+    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    if images:
+        return "images", images
+    raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet (*.parquet) or WebDataset tars (*.tar)")
+
+
 def check_eval_sets(paths) -> None:
-    """Each evaluation set can be read, checked on the driver before any work (a curate run reaches this
-    stage after download, caption and filter): it exists, and holds images, WebDataset tars, or Parquet
-    with an image column."""
+    """Each evaluation set can be read, checked on the driver before any work: it exists; every Parquet
+    file's footer reads, with an image bytes column, and the set has rows; every tar's index opens, whole,
+    with image members."""
     import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     for path in paths:
         fs, root = fsspec.core.url_to_fs(path)
         if not fs.exists(root):
             raise ValueError(f"dedup.eval_sets: {path} does not exist")
-        files = [root] if fs.isfile(root) else fs.find(root)
-        tables = [f for f in files if f.endswith((".parquet", ".pq"))]
-        if tables:
-            with fs.open(tables[0], "rb") as f:
-                schema = pq.read_schema(f)
-            image = next((n for n in schema.names if n.lower() in _IMAGE_COLUMNS), None)
-            kind = schema.field(image).type if image else None
-            if kind is None or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (
-                    pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
-                raise ValueError(f"dedup.eval_sets: {tables[0]} has no image bytes column ({', '.join(_IMAGE_COLUMNS)}: "
-                                 f"binary, or a struct with bytes); it has {', '.join(schema.names)}")
-        elif not any(f.endswith(".tar") or f.lower().endswith(IMAGE_SUFFIXES) for f in files):
-            raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet or WebDataset tars")
+        kind, files = set_files(fs, root, path)
+        if kind == "parquet":
+            if not sum(_check_table(fs, f) for f in files):
+                raise ValueError(f"dedup.eval_sets: {path} holds no rows")
+        elif kind == "tar":
+            for f in files:
+                _check_tar(fs, f)
+
+
+def _check_table(fs, path: str) -> int:
+    """Rows of one Parquet file of an evaluation set, after checking its footer and image column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f)
+            schema, rows = meta.schema_arrow, meta.metadata.num_rows
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ValueError(f"dedup.eval_sets: {path} is not readable Parquet ({_first_line(e)})") from None
+    image = next((n for n in schema.names if n.lower() in _IMAGE_COLUMNS), None)
+    kind = schema.field(image).type if image else None
+    if kind is None or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (
+            pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+        raise ValueError(f"dedup.eval_sets: {path} has no image bytes column ({', '.join(_IMAGE_COLUMNS)}: "
+                         f"binary, or a struct with bytes); it has {', '.join(schema.names)}")
+    return rows
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(":")
+
+
+def _check_tar(fs, path: str) -> None:
+    """A tar's index: it opens (plain or compressed), no member runs past the end of the file, and it
+    holds image members (what the workers read)."""
+    import tarfile
+    try:
+        with fs.open(path, "rb") as f:
+            size = fs.size(path)
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:  # plain: the index is read by seeking
+                    members = tar.getmembers()
+                cut = next((m for m in members if m.offset_data + m.size > size), None)
+                if cut is not None:
+                    raise ValueError(f"dedup.eval_sets: {path} is truncated (member {cut.name} runs past the end)")
+            except tarfile.ReadError:
+                f.seek(0)
+                with tarfile.open(fileobj=f, mode="r:*") as tar:  # compressed: read through
+                    members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        why = "neither a plain nor a compressed tar" if "could not be opened" in str(e) else _first_line(e)
+        raise ValueError(f"dedup.eval_sets: {path} is not a readable tar ({why})") from None
+    if not any(m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES) for m in members):
+        raise ValueError(f"dedup.eval_sets: {path} holds no images ({len(members)} members, none named "
+                         f"{', '.join(IMAGE_SUFFIXES)})")
 
 
 def eval_images(spark, path: str):
@@ -72,8 +153,8 @@ def eval_images(spark, path: str):
     if not fs.exists(root):
         raise ValueError(f"dedup.eval_sets: {path} does not exist")
     prefix = F.lit(f"{set_name(path)}/")
-    files = [root] if fs.isfile(root) else fs.find(root)
-    if any(f.endswith((".parquet", ".pq")) for f in files):
+    kind, files = set_files(fs, root, path)
+    if kind == "parquet":
         df = spark.read.option("pathGlobFilter", "*.parquet").parquet(path) if fs.isdir(root) else spark.read.parquet(path)
         names = {c.lower(): c for c in df.columns}
         image = next((names[c] for c in _IMAGE_COLUMNS if c in names), None)
@@ -90,16 +171,12 @@ def eval_images(spark, path: str):
         key = next((names[c] for c in _ID_COLUMNS if c in names), None)
         ids = F.col(f"`{key}`").cast("string") if key else F.sha2(bytes_col, 256)
         return df.select(F.concat(prefix, ids).alias("eval_id"), bytes_col.alias("image"))
-    tars = sorted(f for f in files if f.endswith(".tar"))
-    if tars:
+    if kind == "tar":
         proto = path.split("://")[0] + "://" if "://" in path else ""
-        listing = spark.createDataFrame([(f"{proto}{t}",) for t in tars], "tar string").repartition(
-            min(len(tars), spark.sparkContext.defaultParallelism))
+        listing = spark.createDataFrame([(f"{proto}{t}",) for t in files], "tar string").repartition(
+            min(len(files), spark.sparkContext.defaultParallelism))
         schema = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("image", T.BinaryType())])
         return listing.mapInPandas(_TarImages(f"{set_name(path)}/"), schema)
-    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not images:
-        raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet or WebDataset tars")
     df = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
     df = df.filter(F.lower("path").rlike(r"\.(" + "|".join(s[1:] for s in IMAGE_SUFFIXES) + r")$"))
     relative = F.regexp_replace("path", "^.*?" + re.escape(root) + "/", "")
@@ -156,10 +233,7 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
 
     from capfilt.pipelines.inference import apply_batches
     from capfilt.udfs.decontaminate import EvalEmbedder
-    from capfilt.udfs.models import check_reference
-    check_reference(cfg.filter.model, "clip")
-    if not cfg.dedup.eval_sets:
-        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
+    check(cfg)
     items = None
     for path in cfg.dedup.eval_sets:
         df = eval_images(spark, path)
@@ -179,6 +253,9 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     if duplicated:
         raise ValueError(f"dedup.eval_sets: evaluation ids must be unique, {', '.join(r['eval_id'] for r in duplicated)} "
                          f"repeat (two sets with one folder name?)")
+    if not counts.get(True):  # decontaminating against nothing would pass every copy through
+        raise ValueError(f"dedup.eval_sets: none of the {counts.get(False, 0)} evaluation images decodes as an "
+                         f"image ({', '.join(map(str, cfg.dedup.eval_sets))}): nothing to decontaminate against")
     return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0), "embed_seconds": seconds}
 
 
@@ -186,11 +263,7 @@ def split(rows, cfg, facts: dict):
     from pyspark.sql import functions as F
 
     from capfilt.pipelines.heads import clip_of
-    from capfilt.udfs.heads import same_reference
-    clip = clip_of(facts["chain"])
-    if clip is not None and not same_reference(clip, cfg.filter.model):
-        raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
-                         f"is {cfg.filter.model}: evaluation images must be embedded by the same model")
+    same_clip(clip_of(facts["chain"]), cfg)
     spark = rows.sparkSession
     folder = f"{facts['workdir']}/eval"
     facts["models"]["eval_sets"] = {"sets": list(cfg.dedup.eval_sets), "threshold": cfg.dedup.eval_threshold,
@@ -235,6 +308,6 @@ def split(rows, cfg, facts: dict):
     return kept, reject_rows(marked.filter(hit), STAGE, EVAL_CONTAMINATED, detail)
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split,
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split, check=check,
                    enabled=lambda cfg: bool(cfg.dedup.eval_sets),
                    models=lambda cfg: {"clip": cfg.filter.model})

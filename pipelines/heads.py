@@ -41,6 +41,25 @@ def load_heads(cfg) -> list[tuple[object, str]]:
     return heads
 
 
+def check(cfg, input_root: str | None = None) -> None:
+    """On the driver, before Spark: every head loads, and each was made for the CLIP whose embeddings it
+    will read (the input's filter stage's; in curate, this run's filter.model)."""
+    from capfilt.udfs.heads import check_embedding_model
+    clip = (clip_of_input(input_root) if input_root else None) or cfg.filter.model
+    for head, _ in load_heads(cfg):
+        check_embedding_model(head, clip)
+
+
+def clip_of_input(input_root: str) -> str | None:
+    """The CLIP of the filter stage in the chain of a committed stage output (None: no filter in it)."""
+    from capfilt.pipelines.output import read_manifest
+    from capfilt.pipelines.stage import Chain
+    manifest = read_manifest(input_root)
+    if manifest.get("stage") == "download" or "chain" not in manifest:
+        return None
+    return clip_of(Chain.of(input_root, manifest, 0))
+
+
 def clip_of(chain) -> str | None:
     """The CLIP reference the filter stage of this chain ran with (its embeddings are the heads' input)."""
     from capfilt.pipelines.output import read_manifest
@@ -61,8 +80,28 @@ def score_column(heads):
         if x.shape[1] == 0:
             return pd.Series([[None] * len(heads)] * len(x))
         table = np.stack([h.scores(x) for h in heads], axis=1)
-        return pd.Series([[None if np.isnan(v) else float(v) for v in row] for row in table])
+        # NaN and infinity stay what they are: the driver refuses them (unscored), they never pass as null
+        return pd.Series([[float(v) for v in row] for row in table])
     return F.pandas_udf(scores, T.ArrayType(T.FloatType()))
+
+
+def refuse_unscored(marked, heads) -> None:
+    """Every row must have a finite score from every head: a NaN, an infinity or a missing score (broken
+    weights, a broken stored embedding) is an error naming the head, not a row that no head flags."""
+    from pyspark.sql import functions as F
+
+    from capfilt.udfs.heads import HeadError
+
+    def unscored(i):
+        s = F.col("_scores")[i]
+        return s.isNull() | F.isnan(s) | (F.abs(s) == float("inf"))
+    counts = marked.select(*[F.sum(unscored(i).cast("int")).alias(str(i)) for i in range(len(heads))]).first()
+    for i, head in enumerate(heads):
+        if counts and counts[str(i)]:
+            example = marked.filter(unscored(i)).select("uid", F.col("_scores")[i].alias("s")).first()
+            raise HeadError(f"head {head.name} gave no finite score to {counts[str(i)]} rows (uid {example['uid']}: "
+                            f"{example['s']}): its weights or the stored image embeddings are broken; nothing was "
+                            f"written")
 
 
 def split(rows, cfg, facts: dict):
@@ -96,10 +135,11 @@ def split(rows, cfg, facts: dict):
         detail = F.when(hit, F.concat(F.lit(f"{h.name} score "), F.format_number(s, 4),
                                       F.lit(f" {'>' if h.direction == 'above' else '<'} {h.threshold:g}"))).otherwise(detail)
     marked = scored.withColumn("_reason", reason).withColumn("_detail", detail).localCheckpoint()
+    refuse_unscored(marked, [h for h, _ in heads])
     kept = marked.filter(F.col("_reason").isNull())
     return kept, reject_rows(marked.filter(F.col("_reason").isNotNull()), STAGE, F.col("_reason"), F.col("_detail"))
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(HEAD_SCORES,), reasons={}, split=split,
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(HEAD_SCORES,), reasons={}, split=split, check=check,
                    enabled=lambda cfg: bool(cfg.heads.drop or cfg.heads.flag),
                    models=lambda cfg: {"heads": {"drop": list(cfg.heads.drop), "flag": list(cfg.heads.flag)}})

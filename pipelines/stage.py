@@ -59,6 +59,19 @@ class Stage:
     images: bool = False            # split needs image bytes (the view then reads them)
     models: Callable = lambda cfg: {}  # cfg -> the manifest's "models" entry
     enabled: Callable = lambda cfg: True  # cfg -> whether `capfilt curate` runs it (off: not in the chain)
+    # (cfg, input root or None in curate) -> raises one line when what the split reads besides the rows
+    # (heads, evaluation sets, a model outside the pass) cannot be used; on the driver, before Spark
+    check: Callable = lambda cfg, input_root: None
+
+    def check_inputs(self, cfg, input_root: str | None = None, model: bool = True) -> None:
+        """Everything the stage will load, checked on the driver before Spark starts: the references of
+        its model pass (unless `model` is false: stored scores are reused) and its own `check`."""
+        from capfilt.udfs.models import check_reference
+        if model and self.model:
+            for role, ref in {self.model.role: self.model.reference(cfg), **self.model.more_models(cfg)}.items():
+                if ref:
+                    check_reference(ref, role)
+        self.check(cfg, input_root)
 
     def schema(self):
         """Spark schema of what the stage writes."""

@@ -149,3 +149,25 @@ def guarded_worker(loopback_only):
     finally:
         fetch._installed = None
         urllib.request.install_opener(None)
+
+
+@pytest.fixture
+def refused_before_spark(monkeypatch, capsys):
+    """refused(main, argv, folder) -> the error line: asserts that the job exits 2 with one line
+    `capfilt: error: ...`, that it never asked for a SparkSession (the tests' session exists already: a
+    refusal that came after Spark started fails here), and that `folder` holds no hidden folder or lock."""
+    from capfilt.jobs.common import run
+    from capfilt.pipelines import session
+
+    def no_spark(*args, **kwargs):
+        raise AssertionError("the job asked for a SparkSession before refusing")
+
+    def refused(main, argv, folder):
+        with monkeypatch.context() as patched:
+            patched.setattr(session, "spark_session", no_spark)
+            assert run(main, [str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("capfilt: error: ") and err.count("\n") == 1, err
+        assert not [p.name for p in Path(folder).iterdir() if p.name.startswith(".")]
+        return err
+    return refused

@@ -141,3 +141,98 @@ def test_missing_or_empty_evaluation_sets_are_one_line(curated_out, tmp_path, ca
     assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'captions.parquet'}]"]) == 2
     assert "no image bytes column" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+# --- evaluation sets that cannot be read: refused on the driver, before Spark -----------------------
+
+def _jpeg() -> bytes:
+    import numpy as np
+    return encode_jpeg(render(sample_scene(np.random.default_rng(0)), 64), 90)
+
+
+def _tar(path, members) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _random_bytes_tar(folder):
+    (folder / "000.tar").write_bytes(bytes(range(256)) * 40)
+
+
+def _truncated_tar(folder):
+    _tar(folder / "000.tar", [("a.jpg", _jpeg() * 4), ("b.jpg", _jpeg())])
+    (folder / "000.tar").write_bytes((folder / "000.tar").read_bytes()[:1500])
+
+
+def _corrupt_parquet(folder):
+    pq.write_table(pa.table({"key": ["a"], "image": [_jpeg()]}), folder / "a.parquet")
+    (folder / "a.parquet").write_bytes((folder / "a.parquet").read_bytes()[:-40])
+
+
+BROKEN_SETS = {
+    # item 14 of issue 32: random bytes named .tar failed after the model stages with a 327-line traceback
+    "random_bytes_tar": (_random_bytes_tar, "000.tar is not a readable tar"),
+    "empty_file_tar": (lambda f: (f / "000.tar").write_bytes(b""), "000.tar is not a readable tar"),
+    "tar_without_members": (lambda f: _tar(f / "000.tar", []), "000.tar holds no images (0 members"),
+    "tar_without_images": (lambda f: _tar(f / "000.tar", [("a.txt", b"a caption")]), "000.tar holds no images"),
+    "truncated_tar": (_truncated_tar, "000.tar is not a readable tar"),
+    "corrupt_parquet": (_corrupt_parquet, "a.parquet is not readable Parquet"),
+    "parquet_without_rows": (lambda f: pq.write_table(pa.table({"key": pa.array([], pa.string()),
+                                                                "image": pa.array([], pa.binary())}), f / "a.parquet"),
+                             "holds no rows"),
+    "only_files_spark_skips": (lambda f: [(f / ".hidden.jpg").write_bytes(_jpeg()), (f / "_tmp").mkdir(),
+                                          (f / "_tmp" / "a.jpg").write_bytes(_jpeg())], "holds no images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_SETS))
+def test_unreadable_evaluation_sets_are_refused_before_spark_starts(curated_out, tmp_path, refused_before_spark,
+                                                                    case):
+    from capfilt.jobs.decontaminate import main
+    build, says = BROKEN_SETS[case]
+    folder = tmp_path / "evals"
+    folder.mkdir()
+    build(folder)
+    err = refused_before_spark(main, ["--input", curated_out / "stages" / "filter", "--output", tmp_path / "o",
+                                      "--set", f"dedup.eval_sets=[{folder}]", "--set", f"filter.model={SHAPES_CLIP}"],
+                               tmp_path)
+    assert err.startswith("capfilt: error: dedup.eval_sets: ") and says in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_curate_refuses_an_unreadable_evaluation_set_before_downloading(curate_args, tmp_path, refused_before_spark):
+    """curate used to download, caption and filter first, then fail with a traceback and an .inprogress."""
+    from capfilt.jobs.curate import main
+    folder = tmp_path / "evals"
+    folder.mkdir()
+    _random_bytes_tar(folder)
+    out = tmp_path / "out"
+    err = refused_before_spark(main, [*curate_args, "--output", out, "--set", f"dedup.eval_sets=[{folder}]"], tmp_path)
+    assert "000.tar is not a readable tar" in err and not (out / "stages").exists()
+
+
+def test_readable_tars_pass_the_driver_check_plain_and_compressed(tmp_path):
+    from capfilt.pipelines.decontaminate import check_eval_sets
+    _tar(tmp_path / "plain.tar", [("a.jpg", _jpeg()), ("a.txt", b"a caption")])
+    with tarfile.open(tmp_path / "gz.tar", "w:gz") as tar:
+        info = tarfile.TarInfo("b.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+    check_eval_sets([str(tmp_path)])
+
+
+def test_an_evaluation_set_where_no_image_decodes_is_an_error_not_a_silent_pass(tmp_path, spark):
+    """Files named .jpg that are not images pass the driver check (decoding them is the workers' job); with
+    nothing embedded, every copy would pass: the stage stops instead."""
+    from capfilt.pipelines.config import load_config
+    from capfilt.pipelines.decontaminate import embed_eval_sets
+    folder = tmp_path / "evals"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.jpg").write_bytes(b"not a picture")
+    cfg = load_config(None, [f"dedup.eval_sets=[{folder}]", f"filter.model={SHAPES_CLIP}", "download.image_size=64"])
+    with pytest.raises(ValueError, match="none of the 2 evaluation images decodes as an image"):
+        embed_eval_sets(spark, cfg, str(tmp_path / "embedded"), cfg.download)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from capfilt.udfs.heads import HeadError, check_embedding_model, embeddings_from_bytes, load_head, weights_sha256
-from capfilt.udfs.models import SHAPES_CLIP
+from capfilt.udfs.models import MODELS_DIR, SHAPES_CLIP
 
 CLIP_SHA = weights_sha256(f"{SHAPES_CLIP}/open_clip_model.safetensors")
 
@@ -171,3 +171,125 @@ def test_heads_stage_scores_stored_embeddings_drops_and_flags(curated_out, tmp_p
     from capfilt.jobs.common import run
     assert run(heads, [*args[:3], str(tmp_path / "h2"), "--set", f"heads.flag=[{tmp_path / 'wrong'}]",
                        "--set", f"filter.model={SHAPES_CLIP}"]) == 2
+
+
+# --- broken heads: refused on the driver, one line naming the head folder and the field ---------------
+
+WATERMARK = MODELS_DIR / "shapes-watermark-head"
+
+
+def _broken_head(tmp_path, name: str, weights=None, **card) -> "Path":
+    """A copy of the committed watermark head; `weights(folder)` replaces its weights, `card` its fields."""
+    folder = tmp_path / name
+    shutil.copytree(WATERMARK, folder)
+    if weights is not None:
+        (folder / "head.safetensors").unlink()
+        weights(folder)
+    if card:
+        fields = json.loads((folder / "card.json").read_text())
+        (folder / "card.json").write_text(json.dumps(fields | card))
+    return folder
+
+
+def _state(value):
+    return lambda folder: torch.save(value, folder / "head.pth")
+
+
+def _non_finite(value, as_pth: bool = False):
+    """The watermark head's weights with one non-finite value."""
+    def write(folder):
+        from safetensors.torch import load_file
+        state = load_file(str(WATERMARK / "head.safetensors"))
+        state["layers.2.weight"][0, 0] = value
+        if as_pth:
+            torch.save(state, folder / "head.pth")
+        else:
+            save_file(state, str(folder / "head.safetensors"))
+    return write
+
+
+@pytest.mark.parametrize("weights,says", [
+    (_non_finite(float("nan")), "head.safetensors: layers.2.weight holds non-finite values"),
+    (_non_finite(float("inf")), "head.safetensors: layers.2.weight holds non-finite values"),
+    (_non_finite(float("-inf"), as_pth=True), "head.pth: layers.2.weight holds non-finite values"),
+])
+def test_a_head_with_non_finite_weights_is_refused_naming_the_head_folder(tmp_path, weights, says):
+    folder = _broken_head(tmp_path, "h", weights)
+    with pytest.raises(HeadError) as error:
+        load_head(folder)
+    assert str(error.value).startswith(f"head {folder}: {says}") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("weights,card,says", [
+    (_state(torch.zeros(1, 64)), {}, "head.pth holds a Tensor, not a state dict"),
+    (_state(3), {}, "head.pth holds an int, not a state dict"),
+    (_state({"state_dict": [1]}), {}, "head.pth is not a state dict of tensors: its entry 'state_dict' is a list"),
+    (_state({"weight": 1, "bias": [0]}), {}, "head.pth is not a state dict of tensors: its entry 'weight' is an int"),
+    (lambda f: (f / "head.pth").write_bytes(b"PK\x03\x04" + bytes(200)), {}, "head.pth is not a readable PyTorch"),
+    (lambda f: (f / "head.pth").write_bytes(bytes(range(256))), {}, "head.pth is not a PyTorch checkpoint"),
+    (lambda f: (f / "head.safetensors").write_bytes((WATERMARK / "head.safetensors").read_bytes()[:-64]), {},
+     "head.safetensors is truncated"),
+    (lambda f: (f / "head.safetensors").mkdir(), {}, "head.safetensors is a folder, not a weights file"),
+    (None, {"threshold": [0.5]}, "card.json threshold must be a finite number, not [0.5]"),
+    (None, {"threshold": "abc"}, "card.json threshold must be a finite number, not 'abc'"),
+    (None, {"threshold": float("nan")}, "card.json threshold must be a finite number"),
+    (None, {"threshold": True}, "card.json threshold must be a finite number"),
+    (None, {"activation": ["relu"]}, "card.json activation must be a string"),
+    (None, {"direction": "up"}, "card.json direction 'up' is not one of above, below"),
+    (None, {"hidden": "384"}, "card.json hidden must be a list of positive integers"),
+    (None, {"input_dim": "64"}, "card.json input_dim must be a positive integer"),
+    (None, {"embedding_model": ["models/shapes-clip"]}, "card.json embedding_model must be a reference"),
+])
+def test_malformed_heads_are_one_line_naming_the_folder_and_the_field(tmp_path, weights, card, says):
+    folder = _broken_head(tmp_path, "h", weights, **card)
+    with pytest.raises(HeadError) as error:
+        load_head(folder)
+    assert str(error.value).startswith(f"head {folder}: {says}") and "\n" not in str(error.value)
+
+
+def test_a_card_that_is_not_an_object_is_one_line(tmp_path):
+    folder = _broken_head(tmp_path, "h")
+    (folder / "card.json").write_text("[]")
+    with pytest.raises(HeadError, match=r"card.json must hold an object, not a list"):
+        load_head(folder)
+
+
+def test_the_committed_head_loads_with_finite_weights():
+    head = load_head(WATERMARK)
+    assert head.name == "watermark" and all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in head.layers)
+
+
+@pytest.mark.parametrize("problem", ["nan_weights", "threshold_abc", "bare_tensor", "missing"])
+def test_the_heads_command_refuses_a_broken_head_before_spark_starts(curated_out, tmp_path, refused_before_spark,
+                                                                    problem):
+    """`capfilt heads` checks its heads before Spark (it used to start Spark first, 21-35 s): exit 2, one line
+    naming the head folder, no .heads.inprogress or lock left."""
+    from capfilt.jobs.heads import main
+    if problem == "missing":
+        folder = tmp_path / "no-such-head"
+    else:
+        folder = _broken_head(tmp_path, "h", *{
+            "nan_weights": (_non_finite(float("nan")),), "threshold_abc": (None,),
+            "bare_tensor": (_state(torch.zeros(1, 64)),)}[problem],
+            **({"threshold": "abc"} if problem == "threshold_abc" else {}))
+    out = tmp_path / "out"
+    err = refused_before_spark(main, ["--input", curated_out / "stages" / "filter", "--output", out,
+                                      "--set", f"heads.drop=[{folder}]", "--set", f"filter.model={SHAPES_CLIP}"],
+                               tmp_path)
+    assert f"head {folder}" in err and not out.exists()
+
+
+def test_a_non_finite_score_at_run_time_is_an_error_naming_the_head_not_a_null(curated_out, tmp_path, capsys):
+    """Finite weights that overflow (1e308 per weight, identity output): the stage used to write null scores
+    and drop nothing, exit 0. Now it stops, naming the head, and commits nothing."""
+    from capfilt.jobs.common import run
+    from capfilt.jobs.heads import main
+    huge = write_head(tmp_path / "huge", {"weight": torch.full((1, 64), 1e308, dtype=torch.float64),
+                                         "bias": torch.zeros(1, dtype=torch.float64)},
+                      name="overflow", output="identity")
+    out = tmp_path / "out"
+    assert run(main, ["--input", str(curated_out / "stages" / "filter"), "--output", str(out),
+                      "--set", f"heads.drop=[{huge}]", "--set", f"filter.model={SHAPES_CLIP}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt: error: head overflow gave no finite score to ") and err.count("\n") == 1, err
+    assert not (out / "manifest.json").exists()

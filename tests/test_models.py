@@ -17,7 +17,7 @@ import torch
 from capfilt.lab.data import EVAL_SEED_BASE, annotated, wrong_attribute_captions
 from capfilt.udfs import models
 from capfilt.udfs.models import (
-    BLIP_CAPTIONER, DEFAULT_CAPTIONER, DEFAULT_CLIP, SHAPES_CAPTIONER, SHAPES_CLIP, ModelNotAvailable,
+    BLIP_CAPTIONER, DEFAULT_CAPTIONER, DEFAULT_CLIP, SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_CLIP_WEB, ModelNotAvailable,
     UnsafeCheckpoint, cached_captioner, cached_clip, load_captioner, load_clip, parse_reference,
 )
 from capfilt.world.captions import parse
@@ -399,6 +399,154 @@ def test_references_that_name_no_weights_are_refused_with_a_reason(ref):
 def test_local_folders_are_read_as_local_even_when_they_look_like_hub_ids(monkeypatch):
     monkeypatch.chdir(models.MODELS_DIR.parent)
     assert parse_reference("models/shapes-clip").kind == "local_dir"
+
+
+# --- broken model folders: refused on the driver, one line naming the file ----------------------------
+
+def _truncate(name: str, cut: int = 100):
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:-cut])
+
+
+def _write(name: str, text):
+    return lambda folder: (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def _edit(name: str, **fields):
+    def edit(folder):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(config | fields))
+    return edit
+
+
+def _remove(*names):
+    return lambda folder: [(folder / n).unlink() for n in names]
+
+
+def _replace_weights(name: str, write):
+    """The folder's safetensors removed; `write(path)` writes `name` instead."""
+    def replace(folder):
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+        write(folder / name)
+    return replace
+
+
+SHAPES = {"clip": SHAPES_CLIP, "captioner": SHAPES_CAPTIONER, "itm": models.SHAPES_ITM}
+BROKEN_MODELS = {
+    # item 13 of issue 32: each of these passed the driver check or gave a traceback
+    "itm_config_a_list": ("itm", _write("config.json", "[]"), "config.json must hold a JSON object, not a list"),
+    "itm_config_not_json": ("itm", _write("config.json", "{nope"), "config.json is not valid JSON"),
+    "itm_architectures_a_string": ("itm", _edit("config.json", architectures="BlipForImageTextRetrievalX"),
+                                   "config.json: architectures must be a list of class names"),
+    "itm_truncated_weights": ("itm", _truncate("model.safetensors"), "model.safetensors is truncated"),
+    # the same file checks for every family the loader knows
+    "clip_truncated_weights": ("clip", _truncate("open_clip_model.safetensors"), "open_clip_model.safetensors is truncated"),
+    "clip_bytes_after_the_tensors": ("clip", lambda f: (f / "open_clip_model.safetensors").open("ab").write(b"x" * 8),
+                                     "open_clip_model.safetensors is corrupt: 8 bytes follow its last tensor"),
+    "clip_config_a_list": ("clip", _write("open_clip_config.json", "[]"), "open_clip_config.json must hold a JSON object"),
+    "clip_config_without_model_cfg": ("clip", _write("open_clip_config.json", '{"model_cfg": 3}'),
+                                      "open_clip_config.json needs a model_cfg object"),
+    "clip_tokenizer_missing": ("clip", _remove("tokenizer.json", "tokenizer_config.json"), "the tokenizer"),
+    "captioner_truncated_weights": ("captioner", _truncate("model.safetensors", 5000), "model.safetensors is truncated"),
+    "captioner_weights_not_safetensors": ("captioner", _write("model.safetensors", b"garbage" * 20),
+                                          "model.safetensors is not a safetensors file"),
+    "captioner_config_a_list": ("captioner", _write("config.json", "[1]"), "config.json must hold a JSON object"),
+    "captioner_vocab_missing": ("captioner", _remove("vocab.txt"), "the tokenizer and image processor"),
+    "itm_preprocessor_missing": ("itm", _remove("preprocessor_config.json"), "the tokenizer and image processor"),
+    "clip_pickle_of_a_bare_tensor": ("clip", _replace_weights("open_clip_pytorch_model.bin",
+                                                              lambda p: torch.save(torch.zeros(3), p)),
+                                     "open_clip_pytorch_model.bin holds a Tensor, not a state dict"),
+    "captioner_pickle_a_corrupt_zip": ("captioner", _replace_weights("pytorch_model.bin",
+                                                                     lambda p: p.write_bytes(b"PK\x03\x04" + bytes(64))),
+                                       "pytorch_model.bin is not a readable PyTorch checkpoint"),
+    "itm_weights_a_folder": ("itm", _replace_weights("model.safetensors", lambda p: p.mkdir()), "has config.json but no weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_MODELS))
+def test_broken_model_folders_are_refused_on_the_driver_naming_the_file(tmp_path, case):
+    role, corrupt, says = BROKEN_MODELS[case]
+    folder = tmp_path / case
+    shutil.copytree(SHAPES[role], folder)
+    corrupt(folder)
+    with pytest.raises((ValueError, ModelNotAvailable)) as error:
+        models.check_reference(str(folder), role)
+    message = str(error.value)
+    assert message.startswith(f"model {str(folder)!r}: ") and says in message and "\n" not in message, message
+
+
+def test_a_pickle_without_safetensors_is_refused_by_the_driver_check_without_running_it(tmp_path):
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "evil-itm"
+    shutil.copytree(models.SHAPES_ITM, folder)
+    _replace_weights("pytorch_model.bin", lambda p: torch.save({"state_dict": _Payload(marker)}, p))(folder)
+    with pytest.raises(UnsafeCheckpoint, match="needs code to unpickle"):
+        models.check_reference(str(folder), "itm")
+    assert not marker.exists()
+
+
+def test_a_weights_file_that_is_a_plain_state_dict_pickle_passes(tmp_path):
+    """A pickled state dict (weights_only) is what PyTorch checkpoints are: the check lets it through."""
+    from safetensors.torch import load_file
+    folder = tmp_path / "clip-bin"
+    shutil.copytree(SHAPES_CLIP, folder)
+    state = load_file(str(folder / "open_clip_model.safetensors"))
+    _replace_weights("open_clip_pytorch_model.bin", lambda p: torch.save(state, p))(folder)
+    models.check_reference(str(folder), "clip")
+
+
+def test_the_committed_models_and_a_model_card_that_is_a_list_pass_the_driver_check(tmp_path):
+    for role, source in SHAPES.items():
+        models.check_reference(source, role)
+    models.check_reference(SHAPES_CLIP_WEB, "clip")
+    folder = tmp_path / "card"
+    shutil.copytree(models.SHAPES_ITM, folder)
+    (folder / "model_card.json").write_text("[]")  # documentation: the loader never reads it
+    models.check_reference(str(folder), "itm")
+
+
+def test_safetensors_problem_reads_only_the_header_and_the_file_length(tmp_path):
+    from safetensors.torch import save_file
+
+    from capfilt.udfs.models.safety import safetensors_problem
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(5, dtype=torch.float16)}, str(path))
+    assert safetensors_problem(path) is None
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])
+    assert safetensors_problem(path).startswith("is truncated: its header describes 58 bytes of tensors")
+    path.write_bytes(whole[:5])
+    assert "shorter than its 8-byte header length" in safetensors_problem(path)
+    header = json.loads(whole[8:8 + int.from_bytes(whole[:8], "little")])
+    header["a"]["shape"] = [4, 4]  # the offsets still span 3 x 4 floats
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + whole[8 + int.from_bytes(whole[:8], "little"):])
+    assert safetensors_problem(path).startswith("is corrupt: tensor 'a' (F32 [4, 4]) needs 64 bytes")
+
+
+@pytest.mark.parametrize("command,stage_input,setting", [
+    ("filter", "caption", "itm"),        # filter.scorer=two_step: its ITM used to be checked after Spark started
+    ("filter", "caption", "clip"),
+    ("caption", "download", "captioner"),
+])
+def test_every_model_stage_command_checks_its_models_before_spark_starts(curated_out, tmp_path, refused_before_spark,
+                                                                         command, stage_input, setting):
+    """`capfilt filter --set filter.scorer=two_step` (and caption) check every model reference, and every
+    weights file, before Spark: exit 2, one line naming the file, no .X.inprogress or lock left."""
+    import importlib
+    role = setting
+    folder = tmp_path / "broken"
+    shutil.copytree(SHAPES[role], folder)
+    weights = next(folder.glob("*.safetensors"))
+    _truncate(weights.name)(folder)
+    key = {"itm": "filter.itm_model", "clip": "filter.model", "captioner": "caption.model"}[role]
+    out = tmp_path / "out"
+    main = importlib.import_module(f"capfilt.jobs.{command}").main
+    err = refused_before_spark(main, ["--input", curated_out / "stages" / stage_input, "--output", out,
+                                      "--set", "filter.scorer=two_step", "--set", f"filter.model={SHAPES_CLIP}",
+                                      "--set", f"filter.itm_model={models.SHAPES_ITM}", "--set", f"{key}={folder}"],
+                               tmp_path)
+    assert f"{weights} is truncated" in err and not out.exists()
 
 
 # --- tokenizer and cache ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,25 +79,42 @@ class Head:
 
 
 def _weights(folder: Path) -> dict:
+    """{key: float64 array} of the head's one weights file, checked as every model's weights are
+    (udfs/models/safety.py: whole, no code to unpickle, a state dict of tensors) and finite."""
+    import pickle
+
+    from capfilt.udfs.models.safety import read_state_dict, safetensors_problem
     files = sorted(folder.glob("*.safetensors")) or sorted([*folder.glob("*.pth"), *folder.glob("*.pt")])
     if not files:
         raise HeadError(f"head {folder}: no head.safetensors (or .pth state dict) in the folder")
     if len(files) > 1:
         raise HeadError(f"head {folder}: several weight files ({', '.join(f.name for f in files)}): keep one")
-    if files[0].suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return {k: v.astype(np.float64) for k, v in load_file(str(files[0])).items()}
-    import pickle
-
-    import torch
+    path = files[0]
+    if not path.is_file():
+        raise HeadError(f"head {folder}: {path.name} is {'a folder' if path.is_dir() else 'a broken link'}, not a "
+                        f"weights file")
     try:
-        state = torch.load(str(files[0]), map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+            if problem:
+                raise ValueError(problem)
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = read_state_dict(path)
     except pickle.UnpicklingError as e:
-        raise HeadError(f"head {folder}: refused {files[0].name}: it needs code to unpickle (torch.load("
+        raise HeadError(f"head {folder}: refused {path.name}: it needs code to unpickle (torch.load("
                         f"weights_only=True) said: {str(e).splitlines()[0]}). Convert it to safetensors") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k: v.detach().float().numpy().astype(np.float64) for k, v in state.items()}
+    except ValueError as e:
+        raise HeadError(f"head {folder}: {path.name} {e}") from None
+    out = {}
+    for key, tensor in state.items():
+        values = tensor.detach().to("cpu").double().numpy()
+        if not np.isfinite(values).all():
+            raise HeadError(f"head {folder}: {path.name}: {key} holds non-finite values (NaN or infinity); a head "
+                            f"with them scores nothing")
+        out[key] = values
+    return out
 
 
 def _linear_keys(architecture: str, card: dict, state: dict) -> list[str]:
@@ -108,32 +126,55 @@ def _linear_keys(architecture: str, card: dict, state: dict) -> list[str]:
     return [f"layers.{2 * i}." for i in range(n)]
 
 
-def load_head(path: str | Path) -> Head:
-    """The head in folder `path`, checked: its card, and weights of exactly its architecture's shape."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise HeadError(f"head {path}: not a folder (a head is a folder with head.safetensors and card.json)")
+def _card(path, folder: Path) -> dict:
+    """card.json, each field of the type it must have (one line naming the field otherwise)."""
     try:
         card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise HeadError(f"head {path}: no card.json (it names the architecture, the embedding model, the "
                         f"threshold and its direction)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise HeadError(f"head {path}: card.json is not valid JSON ({e})") from None
     if not isinstance(card, dict):
-        raise HeadError(f"head {path}: card.json must hold an object")
+        raise HeadError(f"head {path}: card.json must hold an object, not a {type(card).__name__}")
     missing = [k for k in ("name", "architecture", "threshold", "direction", "embedding_model") if k not in card]
     if missing:
         raise HeadError(f"head {path}: card.json lacks {', '.join(missing)}")
+
+    def wrong(key: str, want: str):
+        return HeadError(f"head {path}: card.json {key} must be {want}, not {card[key]!r}")
+    for key in ("name", "architecture", "direction", "output", "activation"):
+        if key in card and not isinstance(card[key], str):
+            raise wrong(key, "a string")
+    threshold = card["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise wrong("threshold", "a finite number")
+    if "input_dim" in card and (type(card["input_dim"]) is not int or card["input_dim"] < 1):
+        raise wrong("input_dim", "a positive integer")
+    if "hidden" in card and not (isinstance(card["hidden"], list)
+                                 and all(type(n) is int and n > 0 for n in card["hidden"])):
+        raise wrong("hidden", "a list of positive integers (the hidden layers' widths)")
+    model = card["embedding_model"]
+    if not (isinstance(model, str) and model or isinstance(model, dict) and isinstance(model.get("reference", ""), str)
+            and isinstance(model.get("sha256", ""), str) and (model.get("reference") or model.get("sha256"))):
+        raise wrong("embedding_model", 'a reference, or {"reference": ..., "sha256": ...} (strings)')
+    return card
+
+
+def load_head(path: str | Path) -> Head:
+    """The head in folder `path`, checked: its card, and finite weights of exactly its architecture's shape."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HeadError(f"head {path}: not a folder (a head is a folder with head.safetensors and card.json)")
+    card = _card(path, folder)
     arch, direction = card["architecture"], card["direction"]
     output = card.get("output", "sigmoid" if arch != "laion_aesthetic" else "identity")
     activation = card.get("activation", "relu") if arch == "mlp" else "none"
-    name = str(card["name"])
-    if arch not in ARCHITECTURES:
-        raise HeadError(f"head {path}: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    if direction not in ("above", "below") or output not in ("sigmoid", "identity") or activation not in _ACTIVATIONS:
-        raise HeadError(f"head {path}: direction must be above|below, output sigmoid|identity, activation "
-                        f"{'|'.join(_ACTIVATIONS)}")
+    name = card["name"]
+    for key, value, allowed in (("architecture", arch, ARCHITECTURES), ("direction", direction, ("above", "below")),
+                                ("output", output, ("sigmoid", "identity")), ("activation", activation, tuple(_ACTIVATIONS))):
+        if value not in allowed:
+            raise HeadError(f"head {path}: card.json {key} {value!r} is not one of {', '.join(allowed)}")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise HeadError(f"head {path}: name {name!r} must be letters, digits, - or _ (it becomes a reason code)")
     state = _weights(folder)
@@ -178,8 +219,8 @@ def check_embedding_model(head: Head, clip_reference: str) -> None:
     ref, sha = str(wanted.get("reference", "")), wanted.get("sha256")
     if sha:
         folder = Path(clip_reference)
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else \
-            ([folder] if folder.is_file() else [])
+        files = [f for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if f.is_file()] \
+            if folder.is_dir() else ([folder] if folder.is_file() else [])
         if any(weights_sha256(f) == sha for f in files):
             return
     if ref and same_reference(ref, clip_reference) and not (sha and Path(clip_reference).exists()):

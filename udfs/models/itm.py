@@ -10,13 +10,13 @@ as BlipForImageTextRetrieval(use_itm_head=True) computes it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .check import read_config
 from .clip import CHARS_PER_TOKEN_BOUND
 from .constants import HF_CONFIG, HF_WEIGHTS
 from .device import _torch_dtype, pick_device
@@ -99,9 +99,13 @@ def check_itm_folder(ref: Reference, folder: Path) -> None:
     if not (folder / HF_CONFIG).is_file():
         raise ValueError(f"model {ref.text!r}: {folder} has no {HF_CONFIG}; an ITM model is a transformers "
                          f"{ITM_ARCHITECTURE} folder (as Salesforce/blip-itm-base-coco)")
-    config = json.loads((folder / HF_CONFIG).read_text())
-    if config.get("model_type") != "blip" or ITM_ARCHITECTURE not in (config.get("architectures") or []):
-        found = ", ".join(config.get("architectures") or []) or config.get("model_type")
+    config = read_config(ref, folder / HF_CONFIG)
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f"model {ref.text!r}: {folder / HF_CONFIG}: architectures must be a list of class names "
+                         f"(e.g. [\"{ITM_ARCHITECTURE}\"]), not {architectures!r}")
+    if config.get("model_type") != "blip" or ITM_ARCHITECTURE not in architectures:
+        found = ", ".join(architectures) or config.get("model_type")
         raise ValueError(f"model {ref.text!r}: a {found} model, not a BLIP {ITM_ARCHITECTURE} (the ITM filter)")
     if not _has_weights(folder, HF_WEIGHTS):
         raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {HF_CONFIG} but no weights")
