@@ -460,6 +460,8 @@ BROKEN_MODELS = {
                                                                      lambda p: p.write_bytes(b"PK\x03\x04" + bytes(64))),
                                        "pytorch_model.bin is not a readable PyTorch checkpoint"),
     "itm_weights_a_folder": ("itm", _replace_weights("model.safetensors", lambda p: p.mkdir()), "has config.json but no weights"),
+    "itm_shard_missing": ("itm", _write("model.safetensors.index.json", json.dumps({"weight_map": {
+        "a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})), "model-00002-of-00002.safetensors does not exist"),
 }
 
 

@@ -33,13 +33,15 @@ One concern per module; this package re-exports the names callers use:
     refs.py        parse_reference and the Reference it returns
     hub.py         the local Hugging Face cache first, downloads, failing fast when offline or unreachable
     device.py      pick_device: device and precision
-    safety.py      refusing weights files that need code to unpickle; weights_only loading
+    safety.py      refusing weights files that need code to unpickle; weights_only loading; the driver's
+                   check of every weights file (safetensors header, state dict)
     clip.py        ClipModel and load_clip (every open_clip reference)
     itm.py         ItmModel and load_itm: BLIP's image-text matching head (BlipForImageTextRetrieval)
     captioner.py   Captioner, its seeded nucleus sampling, and load_captioner
     blip.py        the BLIP family (transformers): loading and decoding
     coca.py        the CoCa family (open_clip): loading and decoding
-    check.py       check_reference: a reference checked on the driver before any work
+    check.py       check_reference: a reference checked on the driver before any work (its config,
+                   tokenizer and preprocessing load, every weights file is whole)
     cache.py       the per-worker cache: cached_clip, cached_captioner, cached_itm, clear_cache
 
 A name is looked up in the module that defines it: to monkeypatch a loader's helper, patch it

@@ -104,18 +104,20 @@ def _itm_weight_files(ref: str) -> list[str]:
         return []
     check_itm_folder(parsed, folder)
     check_blip_loads(parsed, folder)
-    return _weights_in(folder)
+    return _weights_in(parsed, folder)
 
 
-def _weights_in(folder: Path) -> list[str]:
+def _weights_in(ref: Reference, folder: Path) -> list[str]:
     """Every weights file in a folder, and every file a sharded checkpoint's index names."""
     found = {str(p) for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith(".")}
     for index in (n for n in HF_WEIGHTS if n.endswith(".index.json")):
         if (folder / index).is_file():
-            shards = read_config(Reference(str(folder), "local_dir", source=str(folder)), folder / index)
+            shards = read_config(ref, folder / index)
             if not isinstance(shards.get("weight_map"), dict):
-                raise ValueError(f"model {str(folder)!r}: {folder / index} has no weight_map object")
-            found |= {str(folder / str(name)) for name in shards["weight_map"].values()}
+                raise ValueError(f"model {ref.text!r}: {folder / index} has no weight_map object")
+            named = {folder / str(name) for name in shards["weight_map"].values()}
+            # a hub snapshot may still fetch a shard it lacks; a local folder has what it has
+            found |= {str(p) for p in named if ref.kind != "hub" or p.exists()}
     return sorted(found)
 
 
@@ -135,13 +137,13 @@ def _weight_files(ref: Reference, role: str) -> list[str]:
                 return [ref.source]
             if not _has_weights(folder, OPEN_CLIP_WEIGHTS):
                 raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {OPEN_CLIP_CONFIG} but no weights file")
-            return _weights_in(folder)
+            return _weights_in(ref, folder)
         if role == "captioner" and ref.kind == "local_dir" and (folder / HF_CONFIG).is_file():
             config = read_config(ref, folder / HF_CONFIG)
             if config.get("model_type") != "blip":
                 raise not_a_captioner(f"a transformers {config.get('model_type')!r} model")
             check_blip_folder(ref, folder)
-            return _weights_in(folder)
+            return _weights_in(ref, folder)
         wanted = OPEN_CLIP_CONFIG if role == "clip" else f"{OPEN_CLIP_CONFIG} (CoCa) or {HF_CONFIG} (BLIP)"
         raise ValueError(f"model {ref.text!r}: {folder} has no {wanted}")
     if ref.kind in ("open_clip_file", "open_clip_tag"):
@@ -163,6 +165,6 @@ def _weight_files(ref: Reference, role: str) -> list[str]:
         if snapshot is not None:
             if config_name == HF_CONFIG:
                 check_blip_folder(ref, snapshot)
-            return _weights_in(snapshot)
+            return _weights_in(ref, snapshot)
     _require_hub(ref, ref.source)
     return []

@@ -1,6 +1,7 @@
 """Safe loading: weights load from safetensors, or with `torch.load(weights_only=True)`, and
 `trust_remote_code=False`; a checkpoint never runs code. A pickle that needs code becomes
-`UnsafeCheckpoint`."""
+`UnsafeCheckpoint`. `weights_problem`: what makes a weights file unloadable (truncated, not
+safetensors, no state dict), found on the driver for every family and for heads."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def weights_problem(path) -> str | None:
     if path.is_dir():
         return "is a folder, not a weights file"
     if not path.is_file():
-        return "does not exist (a broken link?)"
+        return "does not exist"
     if path.suffix == ".safetensors":
         return safetensors_problem(path)
     try:
