@@ -114,10 +114,13 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def run_stage_job(name: str, doc: str, argv=None) -> int:
     """A stage command: --input (a committed stage output) -> --output, by the stage runner."""
+    from capfilt.pipelines.output import check_replaceable, enclosing_lock
     from capfilt.pipelines.stage import definition, run_stage
     args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
     cfg = config_from_args(args)
     check_output_path(args.output, args.input)
+    check_replaceable(args.output, name)
     check_models(cfg, [name], args.input)  # before Spark starts, as curate does
-    run_stage(definition(name), cfg, args.input, args.output)
+    with enclosing_lock(args.output):  # a stage of a curate output: OUT is rewritten, and goes stale
+        run_stage(definition(name), cfg, args.input, args.output)
     return 0

@@ -37,7 +37,7 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
     selection, dedup). A committed stage made with other model settings or from another input is
     refused, naming what differs."""
     from capfilt.pipelines.output import StageOutput, read_manifest
-    from capfilt.pipelines.provenance import changed_keys, stale_reason
+    from capfilt.pipelines.provenance import changed_keys, source_of, stale_reason
     from capfilt.pipelines.publish import active_stages, stage_dir
     from capfilt.pipelines.stage import definition
     actions, redo, stale, previous = {}, cfg.output.overwrite, [], None
@@ -52,12 +52,16 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
             read = manifest.get("chain", [[None], [None]])[-2][0] if stage != "download" else None
             if why is None and read != previous:  # a stage was switched on or off before it
                 why = f"another chain (it read {read}, this run's stage before it is {previous})"
+            # The stage it read was committed again after it (a stage command into OUT/stages, a copy):
+            # what it computed came from the old rows, so it runs again, model included.
+            moved = stage != "download" and actions[previous] == REUSE and manifest.get("source") not in (
+                None, source_of(read_manifest(stage_dir(out_root, previous))))
             model = None if stage == "download" else definition(stage).model
-            if why is None:
+            if why is None and not moved:
                 actions[stage] = REUSE
-            elif stage != "download" and (model is None or (
+            elif why is None or stage != "download" and (model is None or (
                     definition(stage).keeps_scores and not changed_keys(manifest["config"], cfg.to_dict(), model.keys))):
-                actions[stage] = RESELECT
+                actions[stage] = RUN if moved else RESELECT
             else:
                 stale.append(f"{stage} under {out_root}/stages was made with {why} than this run's")
         redo = redo or actions.get(stage) in (RUN, RESELECT)
@@ -81,7 +85,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
     then the write step."""
     from capfilt.jobs.common import check_models
     from capfilt.jobs.download import check, run_download
-    from capfilt.pipelines.output import OutputLock
+    from capfilt.pipelines.output import OutputLock, check_out_replaceable
     from capfilt.pipelines.provenance import input_source
     from capfilt.pipelines.publish import publish, stage_dir
     from capfilt.pipelines.session import spark_session
@@ -90,6 +94,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
     started = time.time()
     out = str(output).rstrip("/")
     check(spec, out, cfg, retry=retry_failed, replaced=("stages", "curated", "rejects"))
+    check_out_replaceable(out)  # only capfilt's own stages/, curated/, rejects/ and manifest are replaced
     with OutputLock(out):
         actions = plan(out, cfg, input_source(spec), retry_failed)
         fuse = cfg.caption.fuse_filter and actions["caption"] == RUN and actions["filter"] == RUN

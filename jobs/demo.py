@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if rc:
         return rc
     from capfilt.jobs.report import main as inspect
-    report = out / "report.html"
+    report = out.with_name(f"{out.name}-report.html")  # beside OUT: --html never writes inside an output
     print()
     inspect([str(out), "--html", str(report)])
     print(f"\n[demo] done in {time.time() - started:.0f}s. Where things are:")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     print(f"  run manifest            {out / 'manifest.json'}")
     print(f"  each stage's output     {out / 'stages'}/<stage>/{{data,rejects,manifest.json}}")
     print(f"  report (open it)        {report}")
-    print(f"  export for training     capfilt export {out} --format webdataset --to {out / 'webdataset'}")
+    print(f"  export for training     capfilt export {out} --format webdataset --to {out}-webdataset")
     return 0
 
 

@@ -49,7 +49,10 @@ def main(argv=None) -> int:
     cfg.download.allow_hosts = [*cfg.download.allow_hosts, *args.allow_host]
     spec = input_spec(args)
     check(spec, args.output, cfg, retry=args.retry_failed)
-    run_download(cfg, spec, args.output, args.retry_failed, progress=not args.no_progress)
+    from capfilt.pipelines.output import check_replaceable, enclosing_lock
+    check_replaceable(args.output, "download")
+    with enclosing_lock(args.output):  # OUT/stages/download of a curate output: OUT goes stale
+        run_download(cfg, spec, args.output, args.retry_failed, progress=not args.no_progress)
     return 0
 
 

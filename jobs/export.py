@@ -26,14 +26,14 @@ def main(argv=None) -> int:
         raise ValueError("--samples-per-shard must be at least 1")
     cfg = config_from_args(args)
     from capfilt.pipelines.export import check_target, export
-    from capfilt.pipelines.output import read_manifest
-    read_manifest(args.out)  # refuses an unfinished OUT before starting Spark,
+    from capfilt.pipelines.output import check_current, read_manifest
+    check_current(args.out, read_manifest(args.out))  # refuses an unfinished or stale OUT before starting Spark,
     check_target(args.out, args.to, cfg.output.overwrite)  # and a target that is not safe to write
 
     from capfilt.pipelines.output import OutputLock
     from capfilt.pipelines.session import spark_session
     # Two exports into one folder would share its work folder; a curate rewriting OUT meanwhile would
-    # pull the files from under the export.
+    # pull the files from under the export. Both locks name the resolved folders (a link to OUT too).
     with OutputLock(args.to), OutputLock(args.out, shared=True):
         spark = spark_session(cfg.spark)
         summary = export(spark, args.out, args.format, args.to, args.samples_per_shard, cfg.output.overwrite)

@@ -62,6 +62,39 @@ def check_writable(file: Path, option: str) -> None:
         raise ValueError(f"{option} {file}: {file if file.exists() else folder} is not writable")
 
 
+def is_report(file: Path) -> bool:
+    """An earlier page of `capfilt inspect --html` (the only file --html replaces)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return head.startswith(b"<!doctype html>") and b"<title>capfilt report: " in head
+    return head.startswith(b"<!doctype html>") and b"<title>capfilt report: " in head
+
+
+def check_html_target(file: Path, out: str) -> None:
+    """Refuse, before any work, a page that would replace or sit among what capfilt reads: a file
+    inside OUT or inside any capfilt output (a folder with a capfilt manifest.json or export.json),
+    the input OUT was made from, or any existing file that is not an earlier report."""
+    from capfilt.pipelines.output import input_location, output_kind, recorded_input
+    page = file.resolve()  # a link to OUT/manifest.json is OUT/manifest.json
+    if "://" not in out:
+        root = Path(out).resolve()
+        if root == page or root in page.parents:
+            raise ValueError(f"--html {file} is inside the output {out}: write the report outside it")
+    for folder in page.parents:
+        if output_kind(str(folder)) is not None or (folder / "export.json").is_file():
+            raise ValueError(f"--html {file} is inside the capfilt output {folder}: write the report outside it")
+    spec = recorded_input(out)
+    made_from = input_location(spec) if spec else None
+    if made_from is not None and (page == made_from or made_from in page.parents):
+        raise ValueError(f"--html {file} is the input {spec} that {out} was made from, or inside it: "
+                         f"write the report elsewhere")
+    if page.exists() and not is_report(page):
+        raise ValueError(f"--html {file} exists and is not a capfilt report: name a new file (--html replaces "
+                         f"only an earlier report)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="capfilt inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,11 +113,14 @@ def main(argv=None) -> int:
         check_writable(Path(args.html), "--html")
     cfg = config_from_args(args)
 
-    from capfilt.pipelines.output import OutputLock, read_manifest
+    from capfilt.pipelines.output import OutputLock, check_current, read_manifest
     from capfilt.pipelines.report import build
     from capfilt.pipelines.report_html import render
     from capfilt.pipelines.session import spark_session
-    manifest = read_manifest(args.out)  # an unfinished OUT is refused before Spark starts
+    manifest = read_manifest(args.out)  # an unfinished OUT is refused before Spark starts,
+    check_current(args.out, manifest)  # and one whose stages changed after its curated rows were written
+    if args.html is not None:
+        check_html_target(Path(args.html), args.out)
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
     if manifest.get("stage") == "download":  # a crawl on its own: its funnel and failure map
         from capfilt.jobs.download import print_funnel

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -146,20 +147,41 @@ def _indexed(curated, samples_per_shard: int):
     return indexed, total
 
 
+# What an export writes in DIR: --overwrite replaces a folder that holds nothing else.
+EXPORT_NAMES = re.compile(r"^(export\.json|shards\.txt|shard-\d{5,}\.tar|images|train\.csv|annotations\.json)$")
+
+
+def _overlaps(target: Path, other: Path) -> bool:
+    return target == other or target in other.parents or other in target.parents
+
+
 def check_target(out_root: str, to: str, overwrite: bool) -> Path:
     """The resolved export folder, or ValueError: checked before any work (jobs/export.py calls it
-    before Spark starts). Never inside OUT, OUT itself or a folder holding OUT: --overwrite replaces
-    the target whole, and with it the curated data."""
+    before Spark starts). Never inside OUT, OUT itself or a folder holding OUT, nor the input OUT was
+    made from, around it or inside it: --overwrite replaces the target whole. A folder that is there
+    must be empty or an earlier export (its export.json, and nothing an export does not write)."""
+    from capfilt.pipelines.output import input_location, recorded_input
     target = Path(to).resolve()  # symlinks too: a link into OUT is inside OUT
     source = Path(out_root).resolve() if "://" not in str(out_root) else None
     if source is not None and (target == source or target in source.parents):
         raise ValueError(f"{target} holds the curated output {source}: export somewhere else")
     if source is not None and source in target.parents:
         raise ValueError(f"{target} is inside the curated output {source}: export somewhere else")
+    spec = recorded_input(str(out_root))
+    made_from = input_location(spec) if spec else None
+    if made_from is not None and _overlaps(target, made_from):
+        raise ValueError(f"{target} overlaps the input {spec} that {out_root} was made from: export somewhere else")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"{target} exists and is not empty: choose another folder or pass --overwrite")
+    entries = sorted(p.name for p in target.iterdir()) if target.exists() else []
+    foreign = [name for name in entries if not EXPORT_NAMES.match(name)]
+    if entries and (foreign or "export.json" not in entries):
+        shown = foreign or entries
+        raise ValueError(f"{target} is not empty and is not an earlier export (it holds {', '.join(shown[:3])}"
+                         f"{', ...' if len(shown) > 3 else ''}{'' if 'export.json' in entries else '; no export.json'}): "
+                         f"choose another folder; --overwrite replaces only an earlier export")
+    if entries and not overwrite:
+        raise ValueError(f"{target} exists and is not empty (an earlier export): choose another folder or pass --overwrite")
     parent = next(p for p in target.parents if p.exists())  # the work folder is made beside the target
     if not parent.is_dir():
         raise ValueError(f"cannot export to {target}: {parent} is not a folder")
@@ -192,7 +214,7 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
            overwrite: bool = False) -> dict:
     """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
     also written as DIR/export.json."""
-    from capfilt.pipelines.output import read_manifest
+    from capfilt.pipelines.output import check_current, read_manifest
     from capfilt.schemas import CURATED
 
     if fmt not in FORMATS:
@@ -200,6 +222,7 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
     if samples_per_shard < 1:
         raise ValueError("samples per shard must be at least 1")
     source = read_manifest(out_root)  # refuses an unfinished OUT
+    check_current(out_root, source)  # and one whose stages changed after its curated rows were written
     target = check_target(out_root, to, overwrite)
     work = target.parent / f".{target.name}.inprogress"
     if work.exists():

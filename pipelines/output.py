@@ -44,9 +44,11 @@ class OutputLock:
     an object store (s3://...) there is nothing to lock and the lock is a no-op."""
 
     def __init__(self, root: str, shared: bool = False):
-        root = str(root).rstrip("/")
+        root = str(root).rstrip("/") or "/"
         self.local = "://" not in root or root.startswith("file://")
-        path = PurePosixPath(root.split("://")[-1])
+        # The folder, not its spelling: a symlink, `..` or a relative path to the same OUT names the same
+        # lock (the parts that do not exist yet are kept as typed, below the resolved ones).
+        path = PurePosixPath(local_path(root) if self.local else root.split("://")[-1])
         self.root = str(path)
         self.path = str(path.parent / f".{path.name}.lock")
         self.shared = shared
@@ -137,6 +139,7 @@ class StageOutput:
     def begin(self, resume: bool = False, force: bool = False) -> bool:
         """Prepare to write. False when the output is already committed and neither overwrite nor
         force is set (skip). With resume, a killed run's in-progress directory is kept to continue."""
+        check_replaceable(self.root, self.stage)  # the commit replaces the folder whole: only ours
         if self.complete and not (self.overwrite or force):
             return False
         self.fs.makedirs(self._parent, exist_ok=True)
@@ -230,3 +233,194 @@ def build_manifest(out: StageOutput, config: dict, counts: Counts, **extra) -> d
         "counts": counts.to_dict(),
         **extra,
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# What capfilt may replace. A commit replaces a folder whole (move_into_place): capfilt replaces only
+# what it wrote there, recognised by its own manifest, never a folder that merely has the same name.
+
+def local_path(root: str) -> str:
+    """A local path or file:// URL as the absolute path of the folder it names, symlinks resolved (the
+    parts that do not exist yet are kept as typed below the resolved ones)."""
+    import os
+    text = str(root)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return os.path.realpath(os.path.expanduser(text))
+
+
+def enclosing_out(stage_root: str) -> str | None:
+    """The `capfilt curate` output a stage output belongs to: OUT for OUT/stages/<stage> (a local path
+    resolved first, so a link to the stage folder counts too), else None."""
+    text = str(stage_root).rstrip("/")
+    if "://" not in text or text.startswith("file://"):
+        path = PurePosixPath(local_path(text))
+        return str(path.parent.parent) if path.parent.name == "stages" and len(path.parts) > 3 else None
+    parts = text.rsplit("/", 2)
+    return parts[0] if len(parts) == 3 and parts[1] == "stages" and "/" in parts[0].split("://", 1)[1] else None
+
+
+def enclosing_lock(stage_root: str):
+    """For a stage command: the lock on the OUT its output lies in (OUT/stages/<stage>), held alone
+    while the stage runs, so that no curate, export or inspect uses OUT meanwhile; a no-op for a stage
+    output of its own. (curate holds OUT's lock itself and runs its stages inside it.)"""
+    from contextlib import nullcontext
+    out = enclosing_out(stage_root)
+    return OutputLock(out) if out else nullcontext()
+
+
+def output_kind(root: str) -> str | None:
+    """What capfilt wrote at root, from its manifest: a stage name, 'curate', or None (no manifest, or
+    one capfilt did not write)."""
+    fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+    try:
+        manifest = json.loads(fs.cat(f"{path}/{MANIFEST}"))
+    except (OSError, ValueError):  # missing, a folder, unreadable, not JSON
+        return None
+    stage = manifest.get("stage") if isinstance(manifest, dict) else None
+    return stage if isinstance(stage, str) else None
+
+
+def _described(kind: str) -> str:
+    return "a `capfilt curate` output" if kind == "curate" else f"the {kind} stage's output"
+
+
+def check_replaceable(root: str, stage: str) -> None:
+    """Refuse (ValueError) to commit `stage`'s output at root unless what is there is capfilt's to
+    replace: nothing, an empty folder, or a committed output of the same stage. Checked before any
+    work by the stage commands, and again when a stage begins."""
+    fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ValueError(f"output {root} is a file, not a folder; choose another output")
+    kind = output_kind(root)
+    if kind == stage:
+        return
+    entries = sorted(PurePosixPath(e).name for e in fs.ls(path, detail=False))
+    if not entries:
+        return
+    if kind is None:
+        raise ValueError(f"output {root} holds files capfilt did not write ({', '.join(entries[:3])}"
+                         f"{', ...' if len(entries) > 3 else ''}; no capfilt {MANIFEST}), and a stage replaces its "
+                         f"output folder whole: choose a new or empty folder")
+    raise ValueError(f"output {root} holds {_described(kind)}, not the {stage} stage's, and a stage replaces its "
+                     f"output folder whole: choose another output")
+
+
+def check_out_replaceable(root: str) -> None:
+    """Refuse (ValueError) a curate output folder where curate would replace something capfilt did not
+    write. Curate replaces OUT's manifest.json, curated/, rejects/ and stages/<stage>/ and leaves
+    anything else in OUT alone; so each of those that is there must be capfilt's: a curate manifest,
+    each stage folder its stage's output, and curated/ or rejects/ only beside a curate manifest or a
+    committed stage (a write step killed after it removed the manifest)."""
+    from capfilt.pipelines.publish import STAGES
+    fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+    if not fs.isdir(path):
+        return  # not there yet (a file is refused by the output path check)
+    kind = output_kind(root)
+    if fs.exists(f"{path}/{MANIFEST}") and kind != "curate":
+        what = _described(kind) if kind else f"a {MANIFEST} capfilt did not write"
+        raise ValueError(f"output {root} holds {what}, not a `capfilt curate` output, and curate would replace "
+                         f"it: choose another output")
+    committed = []
+    if fs.exists(f"{path}/stages"):
+        if not fs.isdir(f"{path}/stages"):
+            raise ValueError(f"output {root}: {root}/stages is a file capfilt did not write; choose another output")
+        for stage in STAGES:
+            if fs.exists(f"{path}/stages/{stage}"):
+                check_replaceable(f"{str(root).rstrip('/')}/stages/{stage}", stage)
+                committed += [stage] if output_kind(f"{str(root).rstrip('/')}/stages/{stage}") == stage else []
+    if kind != "curate" and not committed:
+        for name in ("curated", "rejects"):
+            if fs.exists(f"{path}/{name}"):
+                raise ValueError(f"output {root} holds {name}/, which capfilt did not write (no curate {MANIFEST}, "
+                                 f"no committed stage), and curate would replace it: choose another output")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A finished OUT is current while every stage folder under OUT/stages is the one its curated rows were
+# written from. The write step records a digest of each stage's manifest.json (`stage_manifests`); a
+# stage committed since (a stage command writing into OUT, a folder copied in by hand) has another one.
+
+class OutputStale(ValueError):
+    """OUT/curated was written from stage outputs that have been replaced since."""
+
+
+def manifest_digest(root: str) -> str | None:
+    """sha256 of root/manifest.json as stored; None when there is none."""
+    import hashlib
+    fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
+    try:
+        return hashlib.sha256(fs.cat(f"{path}/{MANIFEST}")).hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def changed_stages(out_root: str, manifest: dict) -> list[str]:
+    """The stages of a finished OUT whose committed output is not the one its curated rows came from. A
+    stage folder that is gone (removed to save space) is not one: nothing reads it in its place. An OUT
+    written before the digests were recorded is compared by each stage's finish time."""
+    root = str(out_root).rstrip("/")
+    recorded = manifest.get("stage_manifests")
+    changed = []
+    if isinstance(recorded, dict):
+        for stage, digest in recorded.items():
+            now = manifest_digest(f"{root}/stages/{stage}")
+            if now is not None and now != digest:
+                changed.append(stage)
+        return changed
+    for stage, figures in (manifest.get("stages") or {}).items():
+        finished = figures.get("finished_at") if isinstance(figures, dict) else None
+        if finished is None or stage in ("prefilter", "write"):
+            continue
+        try:
+            now = read_manifest(f"{root}/stages/{stage}").get("finished_at")
+        except (NotCommittedError, ValueError, OSError):
+            continue
+        if now != finished:
+            changed.append(stage)
+    return changed
+
+
+def recorded_input(out_root: str) -> str | None:
+    """The input the download of OUT (or of a download output) read, as its manifest records it."""
+    root = str(out_root).rstrip("/")
+    for where in (f"{root}/stages/download", root):
+        try:
+            spec = read_manifest(where).get("input")
+        except (NotCommittedError, ValueError, OSError):
+            continue
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            return spec["path"]
+    return None
+
+
+def input_location(spec: str):
+    """A local input as the file or folder it reads, resolved (a glob stands for the folder it
+    searches); None for a URL."""
+    from pathlib import Path
+    if "://" in spec and not spec.startswith("file://"):
+        return None
+    parts = Path(spec.removeprefix("file://")).parts
+    cut = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    return Path(*parts[:cut]).resolve() if cut else Path.cwd()
+
+
+def check_current(out_root: str, manifest: dict) -> None:
+    """Refuse (OutputStale) a finished OUT with a stage replaced after its curated rows were written,
+    naming the command that rebuilds it."""
+    import shlex
+    if manifest.get("stage") != "curate":
+        return
+    changed = changed_stages(out_root, manifest)
+    if not changed:
+        return
+    root = str(out_root).rstrip("/")
+    source = recorded_input(root)
+    command = f"capfilt curate --input {shlex.quote(source) if source else 'INPUT'} --output {shlex.quote(root)}"
+    raise OutputStale(
+        f"{root} is stale: {', '.join(f'stages/{s}' for s in changed)} changed after its curated rows were written "
+        f"(a stage command or a hand edit), so curated/ and {MANIFEST} no longer match its stages. Rebuild it: "
+        f"rerun `{command}` with the options and settings that made it (its {MANIFEST} has them); it recomputes "
+        f"what the change affects and writes curated/ and the manifest again")

@@ -18,7 +18,8 @@ import time
 
 import fsspec
 
-from capfilt.pipelines.output import MANIFEST, ConservationError, Counts, move_into_place, read_manifest, versions
+from capfilt.pipelines.output import (MANIFEST, ConservationError, Counts, manifest_digest, move_into_place,
+                                      read_manifest, versions)
 from capfilt.schemas import CURATED, REJECTS
 
 # Every stage in chain order; a stage whose `enabled(cfg)` is false is left out of a run's chain.
@@ -83,6 +84,8 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     proto = root.split("://")[0] + "://" if "://" in root else ""
     chain_stages = run_chain(root)
     manifests = {stage: read_manifest(stage_dir(root, stage)) for stage in chain_stages}
+    # What OUT is written from: a stage committed again later (a stage command, a copy) makes OUT stale.
+    digests = {stage: manifest_digest(stage_dir(root, stage)) for stage in chain_stages}
     check_chain(manifests)
     if fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")  # from here on, OUT is not finished until the new manifest lands
@@ -152,6 +155,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         "reasons": {stage: manifests[stage].get("reasons", {}) for stage in chain_stages} |
                    ({"prefilter": definition("prefilter").reasons} if "prefilter" in stages else {}),
         "curated_files": shards,
+        "stage_manifests": digests,
     }
     fs.pipe(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
     return manifest

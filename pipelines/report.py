@@ -24,7 +24,7 @@ import re
 
 import fsspec
 
-from capfilt.pipelines.output import NotCommittedError, read_manifest
+from capfilt.pipelines.output import NotCommittedError, check_current, read_manifest
 from capfilt.pipelines.publish import FUNNEL, stage_dir
 
 SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the order reports list them in
@@ -422,6 +422,7 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8, top_hosts: 
     manifest = read_manifest(root)
     if manifest.get("stage") != "curate":
         raise ValueError(f"{root} is a {manifest.get('stage')!r} stage output, not a `capfilt curate` output")
+    check_current(root, manifest)  # a stage committed after the curated rows: the numbers would mix two runs
     files = shards(root)
     if sum(f["rows"] for f in files) != manifest["counts"]["output"]:
         raise ReportMismatch(f"{root}/curated holds {sum(f['rows'] for f in files)} rows (Parquet footers), "

@@ -448,3 +448,103 @@ def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out
     log = capsys.readouterr().out
     assert "stage 4/4: dedup" in log and "recomputed" in log
     assert read_manifest(out)["counts"] == read_manifest(curated_out)["counts"]
+
+
+@pytest.fixture
+def no_spark(monkeypatch):
+    """Fails the test if a job starts Spark: what a job refuses, it refuses before any work."""
+    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
+                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
+
+
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_a_stage_command_into_a_finished_out_makes_it_stale_until_curate_rebuilds_it(
+        curated_out, curate_args, tmp_path, capsys):
+    """`capfilt filter --output OUT/stages/filter` with another threshold commits a new filter stage,
+    while curated/ keeps the rows of the old one: inspect and export refuse OUT in one line naming
+    the curate command that rebuilds it; that rerun (with the new threshold) reuses the new filter,
+    runs dedup again from it (it was made from the old filter rows) and makes OUT current."""
+    from capfilt.pipelines.output import changed_stages
+    out, config = tmp_path / "out", tmp_path / "config.yaml"
+    shutil.copytree(curated_out, out)
+    stages = out / "stages"
+    used = read_manifest(stages / "filter")["config"]
+    threshold = round(used["filter"]["threshold"] + 0.03, 4)
+    config.write_text(json.dumps({**used, "filter": {**used["filter"], "threshold": threshold}}))
+    assert cli(["filter", "--input", str(stages / "caption"), "--output", str(stages / "filter"),
+                "--config", str(config)]) == 0
+    kept_before, kept_now = (read_manifest(d / "stages" / "filter")["counts"]["output"] for d in (curated_out, out))
+    assert kept_now < kept_before  # the stage now disagrees with curated/
+    assert changed_stages(str(out), read_manifest(out)) == ["filter"]
+    capsys.readouterr()
+    for argv in (["inspect", str(out)], ["export", str(out), "--format", "json", "--to", str(tmp_path / "j")]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"capfilt: error: {out} is stale: stages/filter changed after") and err.count("\n") == 1
+        assert f"rerun `capfilt curate --input {curate_args[1]} --output {out}`" in err, err
+
+    assert curate([*curate_args, "--output", str(out), "--set", f"filter.threshold={threshold}"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("committed by an earlier run, reused") == 3  # download, caption, and the new filter
+    manifest = read_manifest(out)
+    assert not manifest["stages"]["dedup"]["reused"] and manifest["stages"]["filter"]["reused"]
+    assert read_manifest(stages / "dedup")["counts"]["input"] == kept_now
+    assert changed_stages(str(out), manifest) == []  # current again: inspect and export take it
+    assert _table(out / "curated").num_rows == manifest["counts"]["output"]
+
+
+def test_a_stage_command_inside_out_takes_outs_lock_also_through_a_link(curated_out, tmp_path, capsys, no_spark):
+    """While OUT is held (a curate, or an export reading it), a stage command writing OUT/stages/<stage>,
+    typed through a symlink or not, is refused in one line before Spark; the stage is untouched."""
+    import os
+
+    from capfilt.pipelines.output import OutputLock
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)
+    before = _tree(out / "stages" / "dedup")
+    for shared in (False, True):
+        with OutputLock(str(out), shared=shared):
+            for root in (out, tmp_path / "link"):
+                assert cli(["dedup", "--input", str(root / "stages" / "filter"), "--output",
+                            str(root / "stages" / "dedup"), "--overwrite"]) == 2
+                err = capsys.readouterr().err
+                assert err.startswith(f"capfilt: error: {out} is ") and err.count("\n") == 1, err
+                assert (f"in use by pid {os.getpid()}" if not shared else "being read by another") in err
+    assert _tree(out / "stages" / "dedup") == before
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith((".lock", ".inprogress"))]
+
+
+def test_curate_and_stage_commands_replace_only_what_capfilt_wrote(curated_out, curate_args, tmp_path, capsys,
+                                                                  no_spark):
+    """An output folder capfilt did not write, or wrote as something else, is refused before Spark with
+    or without --overwrite: curate over a folder with its own curated/ or a foreign stages/dedup, or
+    over a download output; a stage command over a folder of other files, a finished OUT, OUT's
+    curated/ (download, caption and dedup)."""
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    mine = tmp_path / "mine"
+    (mine / "curated").mkdir(parents=True)
+    (mine / "curated" / "model.ckpt").write_text("mine")
+    foreign_stage = tmp_path / "project"
+    (foreign_stage / "stages" / "dedup").mkdir(parents=True)
+    (foreign_stage / "stages" / "dedup" / "plan.txt").write_text("mine")
+    download = out / "stages" / "download"
+    cases = [(["curate", *curate_args, "--output", str(mine)], "holds curated/, which capfilt did not write"),
+             (["curate", *curate_args, "--output", str(foreign_stage)], "holds files capfilt did not write (plan.txt"),
+             (["curate", *curate_args, "--output", str(download)], "holds the download stage's output, not a `capfilt"),
+             (["download", *curate_args, "--output", str(out)], "holds a `capfilt curate` output, not the download"),
+             (["caption", "--input", str(download), "--output", str(mine / "curated")], "holds files capfilt did not"),
+             (["dedup", "--input", str(out / "stages" / "filter"), "--output", str(out / "curated")],
+              "holds files capfilt did not write")]
+    before = {folder: _tree(folder) for folder in (out, mine, foreign_stage)}
+    for argv, message in cases:
+        for overwrite in ([], ["--overwrite"]):
+            assert cli([*argv, *overwrite]) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith("capfilt: error: output ") and message in err and err.count("\n") == 1, err
+    assert {folder: _tree(folder) for folder in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

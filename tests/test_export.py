@@ -181,8 +181,9 @@ def test_export_refuses_an_unfinished_output_a_non_empty_target_and_its_own_sour
 
 def test_cli_overwrite_replaces_an_export_whole(out, tmp_path, capsys):
     target = tmp_path / "wds"
-    target.mkdir()
-    (target / "stale.txt").write_text("old")
+    target.mkdir()  # an earlier export with more shards: its old last shard must not survive
+    (target / "export.json").write_text("{}")
+    (target / "shard-00007.tar").write_text("old")
     assert cli(["export", str(out), "--format", "webdataset", "--to", str(target), "--samples-per-shard", "100",
                 "--overwrite"]) == 0
     assert f"--train-data {shlex.quote(f'{target}/shard-00000.tar')} --train-num-samples {N_ROWS}" in \
@@ -218,6 +219,59 @@ def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out,
             assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
     assert pq.read_table(source / "curated").num_rows == N_ROWS  # nothing touched
     assert sorted(os.listdir(source)) == sorted(os.listdir(out))
+
+
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_export_overwrite_replaces_only_an_earlier_export_never_the_input_or_another_output(
+        out, tmp_path, capsys, no_spark):
+    """--overwrite replaces DIR whole: the run's own input (the folder, a folder holding it, the glob's
+    folder), another finished OUT, a folder of other files, and an earlier export with a file the
+    export did not write are all refused in one line before Spark, untouched, nothing left behind."""
+    source, dump, other = tmp_path / "out", tmp_path / "dump", tmp_path / "other-out"
+    shutil.copytree(out, source)
+    shutil.copytree(out, other)
+    dump.mkdir()
+    (dump / "metadata.parquet").write_bytes(b"the input")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "old-export").mkdir()
+    (tmp_path / "old-export" / "export.json").write_text("{}")
+    (tmp_path / "old-export" / "train.py").write_text("mine")
+    (tmp_path / "dump-link").symlink_to(dump, target_is_directory=True)
+    refused = [(dump, "overlaps the input"), (tmp_path / "dump-link", "overlaps the input"),
+               (other, "is not an earlier export (it holds curated, manifest.json, rejects, ...; no export.json)"),
+               (tmp_path / "mine", "is not an earlier export (it holds notes.txt; no export.json)"),
+               (tmp_path / "old-export", "is not an earlier export (it holds train.py)")]
+    before = {folder: _tree(folder) for folder in (dump, other, tmp_path / "mine", tmp_path / "old-export")}
+    for spec in (str(dump / "metadata.parquet"), str(dump), str(dump / "*.parquet")):
+        manifest = source / "stages" / "download" / "manifest.json"
+        manifest.write_text(json.dumps({"stage": "download", "input": {"path": spec}}))  # as download records it
+        for target, message in refused:
+            assert cli(["export", str(source), "--format", "json", "--to", str(target), "--overwrite"]) == 2, target
+            err = capsys.readouterr().err
+            assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
+    assert cli(["export", str(source), "--format", "json", "--to", str(tmp_path), "--overwrite"]) == 2  # holds both
+    capsys.readouterr()
+    assert {folder: _tree(folder) for folder in before} == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no .DIR.inprogress, no lock
+
+
+def test_export_through_a_link_meets_the_lock_of_a_curate_rewriting_out(out, tmp_path, capsys, no_spark):
+    """The lock is the folder's, not the path's as typed: while a writer (curate) holds OUT, an export
+    of a symlink to OUT is refused in one line before Spark."""
+    from capfilt.pipelines.output import OutputLock
+    source = tmp_path / "out"
+    shutil.copytree(out, source)
+    (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    with OutputLock(str(source)):
+        assert cli(["export", str(tmp_path / "link"), "--format", "json", "--to", str(tmp_path / "json")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"capfilt: error: {source} is in use by pid {os.getpid()} on {os.uname().nodename} "
+                   f"(lock {tmp_path}/.out.lock); wait for it to finish or stop it\n")
+    assert not (tmp_path / "json").exists() and not [p for p in tmp_path.rglob(".*")]
 
 
 def test_printed_training_commands_quote_every_path(out, tmp_path, capsys):

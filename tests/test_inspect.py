@@ -161,7 +161,7 @@ def _make_out(root, rows, fates):
         _write(root / "stages" / stage / "data", rows, contracts[stage])
         _write(root / "stages" / stage / "rejects", rejects, REJECTS)
         (root / "stages" / stage / "manifest.json").write_text(json.dumps(
-            {"stage": stage, "finished_at": "2026-01-01T00:00:00Z", "counts": counts}))
+            {"stage": stage, "finished_at": "2026-01-01T00:00:01Z", "counts": counts}))  # as _figures copies it
         all_rejects += rejects
     half = len(rows) // 2
     _write(root / "curated", rows[:half], CURATED, "part-00000.zstd.parquet")
@@ -341,8 +341,64 @@ def test_bad_counts_and_html_paths_are_refused_in_one_line_before_spark(out, tmp
     assert capsys.readouterr().err == f"capfilt: error: {message.replace('{tmp}', str(tmp_path))}\n"
 
 
-def test_zero_gallery_samples_and_an_html_page_in_an_existing_folder(out, tmp_path, capsys):
+@pytest.fixture
+def no_spark(monkeypatch):
+    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
+                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
+
+
+def test_html_never_replaces_the_manifest_a_stage_file_the_input_or_a_model(out, tmp_path, capsys, no_spark):
+    """--html writes one file: never inside OUT (its manifest, a stage folder, a new name there),
+    inside another capfilt output, at or inside OUT's input, nor over any file that is not an earlier
+    report (a model's config); a link to any of them is the same. One line, before Spark, untouched."""
+    source, other = tmp_path / "out", tmp_path / "other"
+    shutil.copytree(out, source)
+    shutil.copytree(out, other)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "metadata.parquet").write_bytes(b"the input")
+    download = source / "stages" / "download" / "manifest.json"
+    download.write_text(json.dumps({**json.loads(download.read_text()), "input": {"path": str(dump)}}))
+    model = tmp_path / "models" / "open_clip_config.json"
+    model.parent.mkdir()
+    model.write_text('{"model_cfg": {}}')
+    (tmp_path / "link").symlink_to(source / "manifest.json")
+    refused = [(source / "manifest.json", "is inside the output"), (source / "report.html", "is inside the output"),
+               (source / "stages" / "dedup" / "manifest.json", "is inside the output"),
+               (tmp_path / "link", "is inside the output"),
+               (other / "stages" / "filter" / "r.html", f"is inside the capfilt output {other / 'stages' / 'filter'}"),
+               (dump / "metadata.parquet", "is the input"), (dump / "report.html", "is the input"),
+               (model, "exists and is not a capfilt report: name a new file")]
+    before = {p: p.read_bytes() for p in (source / "manifest.json", download, dump / "metadata.parquet", model)}
+    for page, message in refused:
+        assert cli(["inspect", str(source), "--html", str(page)]) == 2, page
+        err = capsys.readouterr().err
+        assert err.startswith(f"capfilt: error: --html {page} ") and message in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (source / "report.html").exists() and not (dump / "report.html").exists()
+    assert not [p for p in tmp_path.rglob(".*")]  # no lock left
+
+
+def test_an_out_whose_stage_was_replaced_after_the_write_is_refused_naming_the_fix(out, tmp_path, capsys, no_spark):
+    """A stage committed again after OUT/curated was written (here its manifest edited by hand; a stage
+    command does the same, tests/test_curate.py) makes OUT stale: inspect and export refuse it in one
+    line that names the curate command that rebuilds it, before Spark."""
+    source = tmp_path / "out"
+    shutil.copytree(out, source)
+    dedup = source / "stages" / "dedup" / "manifest.json"
+    dedup.write_text(json.dumps({**json.loads(dedup.read_text()), "finished_at": "2026-02-02T00:00:00Z"}))
+    for argv in (["inspect", str(source)], ["export", str(source), "--format", "json", "--to", str(tmp_path / "j")]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"capfilt: error: {source} is stale: stages/dedup changed after its curated rows were "
+                              f"written") and f"rerun `capfilt curate --input INPUT --output {source}`" in err, err
+        assert err.count("\n") == 1
+    assert not (tmp_path / "j").exists() and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_zero_gallery_samples_and_an_html_page_in_an_existing_folder(out, report, tmp_path, capsys):
     page = tmp_path / "report.html"
+    page.write_text(render(report), encoding="utf-8")  # an earlier report: --html replaces it
     assert cli(["inspect", str(out), "--samples", "0", "--per-reason", "0", "--html", str(page)]) == 0
     assert "class=\"card" not in page.read_text(encoding="utf-8")
     assert f"report: {page}" in capsys.readouterr().out

@@ -122,3 +122,66 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys):
 
     assert run(interrupted, []) == 130
     assert capsys.readouterr().err.strip() == "capfilt: interrupted: committed work is kept; rerun the same command to resume"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lock names the folder, and capfilt replaces only what it wrote.
+
+def test_the_lock_is_the_folders_not_the_spelling_of_its_path(tmp_path, monkeypatch):
+    """An export through a symlink to OUT, or OUT typed relative or with `..`, must meet a curate
+    rewriting OUT: one lock per folder, however its path is written (parents that do not exist yet
+    too)."""
+    from capfilt.pipelines.output import OutputInUse, OutputLock
+    real = tmp_path / "data" / "out"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    (tmp_path / "data-link").symlink_to(tmp_path / "data", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "data")
+    spellings = [str(tmp_path / "link"), str(tmp_path / "link") + "/", "out", "./out/",
+                 str(tmp_path / "data" / ".." / "link"), f"file://{tmp_path}/link"]
+    for spelling in spellings:
+        with OutputLock(str(real)):
+            with pytest.raises(OutputInUse, match=f"in use by pid {os.getpid()} "):
+                with OutputLock(spelling, shared=True):
+                    pass
+    new = tmp_path / "data" / "new"  # not there yet: curate creates it inside the lock
+    with OutputLock(str(tmp_path / "data-link" / "new")):
+        with pytest.raises(OutputInUse):
+            with OutputLock(str(new)):
+                pass
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["out"]  # no lock file left
+
+
+def _committed(folder, stage):
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage}))
+    (folder / "data").mkdir()
+
+
+def test_a_stage_commit_replaces_only_its_own_stage_output(tmp_path):
+    """A commit moves the new folder onto the old one: a folder of someone else's files, another
+    stage's output or a curate output under that name is refused before anything is written (with or
+    without --overwrite); an empty folder or the stage's own output is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "week-of-crawl.parquet").write_text("precious")
+    _committed(tmp_path / "filter", "filter")
+    _committed(tmp_path / "out", "curate")
+    for folder, message in ((mine, "holds files capfilt did not write"),
+                            (tmp_path / "filter", "holds the filter stage's output, not the dedup stage's"),
+                            (tmp_path / "out", "holds a `capfilt curate` output, not the dedup stage's")):
+        for overwrite in (False, True):
+            out = StageOutput(str(folder), "dedup", overwrite=overwrite)
+            with pytest.raises(ValueError, match=message):
+                out.begin()
+    assert (mine / "week-of-crawl.parquet").read_text() == "precious"
+    assert json.loads((tmp_path / "filter" / "manifest.json").read_text()) == {"stage": "filter"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing begun
+    (tmp_path / "empty").mkdir()
+    _committed(tmp_path / "dedup", "dedup")
+    for folder in (tmp_path / "empty", tmp_path / "dedup"):
+        out = StageOutput(str(folder), "dedup", overwrite=True)
+        assert out.begin()
+        out.commit(build_manifest(out, {}, Counts(input=1, output=1)))
+        assert read_manifest(folder)["stage"] == "dedup"
+
