@@ -46,6 +46,24 @@ def build_zip(target: Path) -> list[str]:
     return names
 
 
+def check_target(target: Path) -> None:
+    """The zip may replace only an earlier capfilt zip: refuse, before writing, a --out that is a file
+    (or under one), and a target that is a folder or a file capfilt did not write."""
+    folder = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--out {target.parent}: {folder} is a file, not a folder")
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder: not an earlier capfilt zip, choose another --out")
+    if target.exists():
+        try:
+            with zipfile.ZipFile(target) as zf:
+                ours = all(name.startswith("capfilt/") for name in zf.namelist())
+        except (OSError, zipfile.BadZipFile):
+            ours = False
+        if not ours:
+            raise ValueError(f"{target} exists and is not a capfilt zip: choose another --out")
+
+
 def main(argv=None) -> int:
     from importlib import metadata
     p = argparse.ArgumentParser(prog="capfilt package", description=__doc__,
@@ -54,6 +72,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     version = metadata.version("capfilt")
     target = Path(args.out) / f"capfilt-{version}-pyfiles.zip"
+    check_target(target)
     names = build_zip(target)
     print(f"{target}: {len(names)} files from {', '.join(PACKAGES)}")
     print(f"ship it with:  spark-submit --py-files {target} jobs/curate.py --input ... --output ...")
@@ -61,4 +80,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from capfilt.jobs.common import run
+    sys.exit(run(main))

@@ -139,8 +139,43 @@ def _update_card(folder: str, metrics: dict, command: str) -> None:
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
+REPORT_KEYS = {"clip", "itm", "captioner", "attribute_auc"}  # what `eval --json` writes
+
+
+def check_model_out(out: Path, card: str) -> None:
+    """--out is replaced whole once training ends: refuse, before training, anything there that is not
+    a folder lab wrote (its `card`), so that minutes of training never end in deleting a stranger."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a model folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / card).is_file():
+        raise ValueError(f"--out {out} holds files but no {card}: not a model folder lab wrote, and --out is "
+                         f"replaced whole; choose a new or empty folder")
+
+
+def check_report_out(file: Path) -> None:
+    """`eval --json FILE` replaces only an earlier eval report (never a model's config or a card)."""
+    if file.is_dir():
+        raise ValueError(f"--json {file} is a folder: name a file")
+    if not file.exists():
+        return
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if not (isinstance(report, dict) and report and set(report) <= REPORT_KEYS):
+        raise ValueError(f"--json {file} exists and is not an eval report: name a new file")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # what a run would replace, before any training (one line, as every capfilt refusal)
+        if args.command in ("train", "train-head"):
+            check_model_out(Path(args.out), "model_card.json" if args.command == "train" else "card.json")
+        elif args.command == "eval" and args.json:
+            check_report_out(Path(args.json))
+    except ValueError as e:
+        print(f"capfilt: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     if args.command == "train-head":

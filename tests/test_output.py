@@ -185,3 +185,81 @@ def test_a_stage_commit_replaces_only_its_own_stage_output(tmp_path):
         out.commit(build_manifest(out, {}, Counts(input=1, output=1)))
         assert read_manifest(folder)["stage"] == "dedup"
 
+
+def test_world_generate_overwrite_replaces_only_a_corpus(tmp_path, capsys):
+    """`--overwrite` removes OUT/site and OUT/metadata.*: a folder holding anything the world did not
+    write (say a web root with its own site/) is refused, before anything is removed."""
+    from capfilt.jobs.cli import main as capfilt
+    www = tmp_path / "www"
+    (www / "site").mkdir(parents=True)
+    (www / "site" / "index.html").write_text("mine")
+    (www / "notes.txt").write_text("mine")
+    assert capfilt(["world", "generate", "--out", str(www), "--n", "40", "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"capfilt world: error: --out {www} holds files the shapes world did not "
+                                       f"write (notes.txt): generate into a new or empty folder; --overwrite "
+                                       f"replaces only a corpus\n")
+    assert (www / "site" / "index.html").read_text() == "mine" and (www / "notes.txt").read_text() == "mine"
+
+
+def test_world_eval_set_overwrite_removes_only_the_sets_own_files(tmp_path, capsys):
+    """The old set's manifest lists what to remove: a name outside the folder, or other files beside
+    the set, are refused before any file is removed."""
+    from capfilt.jobs.cli import main as capfilt
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    evalset = tmp_path / "eval"
+    evalset.mkdir()
+    (evalset / "eval_set.json").write_text(json.dumps({"files": ["../victim.txt", "a.jpg"]}))
+    (evalset / "a.jpg").write_text("x")
+    assert capfilt(["world", "eval-set", "--out", str(evalset), "--n", "2", "--overwrite"]) == 2
+    assert "names files outside" in capsys.readouterr().err
+    (evalset / "eval_set.json").write_text(json.dumps({"files": ["a.jpg"]}))
+    (evalset / "mine.txt").write_text("mine")
+    assert capfilt(["world", "eval-set", "--out", str(evalset), "--n", "2", "--overwrite"]) == 2
+    assert "holds more than an evaluation set (mine.txt)" in capsys.readouterr().err
+    assert victim.read_text() == "mine" and (evalset / "a.jpg").exists() and (evalset / "mine.txt").exists()
+
+
+def test_lab_train_and_eval_replace_only_what_lab_wrote(tmp_path, capsys, monkeypatch):
+    """`lab train --out DIR` replaces DIR whole after minutes of training, `eval --json FILE` replaces
+    FILE: a folder without lab's card and a file that is not an eval report are refused before any
+    training or evaluation starts."""
+    import capfilt.lab.cli as lab
+    from capfilt.jobs.cli import main as capfilt
+    monkeypatch.setattr(lab, "evaluate", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    import capfilt.lab.train_clip as train_clip
+    import capfilt.lab.train_head as train_head
+    monkeypatch.setattr(train_head, "train_head", lambda *a, **k: pytest.fail("trained before the refusal"))
+    monkeypatch.setattr(train_clip, "train", lambda *a, **k: pytest.fail("trained before the refusal"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    config = tmp_path / "open_clip_config.json"
+    config.write_text('{"model_cfg": {}}')
+    for argv, message in ((["train", "clip", "--out", str(mine)], f"--out {mine} holds files but no model_card.json"),
+                          (["train-head", "--kind", "watermark", "--out", str(mine)], "holds files but no card.json"),
+                          (["train", "clip", "--out", str(mine / "thesis.tex")], "is a file, not a model folder"),
+                          (["eval", "--clip", "x", "--json", str(config)], "exists and is not an eval report")):
+        assert capfilt(["lab", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
+    assert (mine / "thesis.tex").read_text() == "mine" and config.read_text() == '{"model_cfg": {}}'
+
+
+def test_package_replaces_only_an_earlier_capfilt_zip(tmp_path, capsys):
+    from importlib import metadata
+
+    from capfilt.jobs.cli import main as capfilt
+    name = f"capfilt-{metadata.version('capfilt')}-pyfiles.zip"
+    (tmp_path / "a file").write_text("x")
+    (tmp_path / "dir" / name).mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / name).write_text("not a zip of ours")
+    for out, message in ((tmp_path / "a file", "is a file, not a folder"), (tmp_path / "dir", "is a folder"),
+                         (tmp_path / "other", "exists and is not a capfilt zip")):
+        assert capfilt(["package", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "other" / name).read_text() == "not a zip of ours"
+    assert capfilt(["package", "--out", str(tmp_path / "dist")]) == 0
+    assert capfilt(["package", "--out", str(tmp_path / "dist")]) == 0  # its own zip is replaced

@@ -13,6 +13,23 @@ from capfilt.world.evalset import EVAL_FORMATS, make_eval_set
 from capfilt.world.server import PortUnavailable, WorldServer, serve_until_interrupted
 
 
+def _world_names() -> set[str]:
+    """What `generate`, `serve` and `--annotated` write in a corpus folder."""
+    return {"site", "truth.parquet", "corpus.json", "annotated.parquet", *(f"metadata.{f}" for f in METADATA_FORMATS)}
+
+
+def _check_corpus_folder(out: Path) -> None:
+    """--out must be new, empty, or a corpus folder: --overwrite removes its site/ and metadata, so a
+    folder holding anything the world did not write is refused, with or without it."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _world_names())
+    if foreign:
+        raise ValueError(f"--out {out} holds files the shapes world did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): generate into a new or empty folder; "
+                         f"--overwrite replaces only a corpus")
+
+
 def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for option, value in (("--noise", args.noise), ("--duplicates", args.duplicates),
@@ -28,6 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
     jpeg_quality = _value_or_range("--jpeg-quality", args.jpeg_quality, 1, 100)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    _check_corpus_folder(out)
     if args.eval_set is not None and not Path(args.eval_set).exists():
         raise ValueError(f"--eval-set {args.eval_set} does not exist: write one with `eval-set --out DIR --n N`")
     try:

@@ -98,7 +98,16 @@ def make_eval_set(out_dir: str | Path, n: int, seed: int, fmt: str = "folder", i
     if manifest_path.is_file():
         if not overwrite:
             raise FileExistsError(f"{out_dir} already holds an evaluation set; pass overwrite=True to replace it")
-        for name in json.loads(manifest_path.read_text()).get("files", []):
+        listed = json.loads(manifest_path.read_text()).get("files", [])
+        # Only the set's own files, checked before any is removed: a hand-edited list could name
+        # ../anything, and a folder that also holds other files is not the set's to replace.
+        others = sorted({p.name for p in out_dir.iterdir()} - {MANIFEST, *listed})
+        if any(not isinstance(n, str) or Path(n).name != n or n in (".", "..") for n in listed):
+            raise ValueError(f"{manifest_path} names files outside {out_dir}: not an evaluation set to replace")
+        if others:
+            raise ValueError(f"{out_dir} holds more than an evaluation set ({', '.join(others[:3])}): write it to "
+                             f"a new folder")
+        for name in listed:
             (out_dir / name).unlink(missing_ok=True)
         manifest_path.unlink()
     if out_dir.is_dir() and any(out_dir.iterdir()):
