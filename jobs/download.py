@@ -123,11 +123,9 @@ def _fingerprint(spec, cfg) -> str:
 def download(spark, spec, out, cfg, progress=True):
     import fsspec
 
-    from pyspark.sql import functions as F
-
-    from capfilt.pipelines.download import (OPTED_OUT, STAGE, fetch, precheck, prechecked_rejects, robots_refusals,
+    from capfilt.pipelines.download import (fetch, precheck, prechecked_rejects, robots_refusals, robots_rejects,
                                             shard_size, to_fetch)
-    from capfilt.pipelines.stage import definition, reject_rows
+    from capfilt.pipelines.stage import definition
     from capfilt.pipelines.inputs import read_pairs
     from capfilt.pipelines.io import parquet_rows, write_stage
     from capfilt.pipelines.output import build_manifest
@@ -166,23 +164,31 @@ def download(spark, spec, out, cfg, progress=True):
             timer.lap("prefilter")
         parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
         limited = has_limited_hosts(todo, cfg.download)
-        if limited and cfg.download.robots_txt:
-            robots_refusals(todo, cfg.download, parallelism).write.mode("overwrite").parquet(out.path("robots"))
-            todo = todo.join(spark.read.parquet(out.path("robots")).select("uid"), "uid", "left_anti")
         # img2dataset shards each input file on its own: few large files, not one per Spark partition.
         files = max(1, math.ceil(n_input / (cfg.download.rows_per_shard * 10)))
+        # OUT/input (kept for --retry-failed) holds every row that may be fetched, robots.txt's refusals
+        # included: the rows of an unreachable robots.txt are retried. The fetch reads fetch_input.
         todo.coalesce(files).write.mode("overwrite").parquet(out.path("input"))
-        n_todo = parquet_rows(out.path("input"))
+        fetch_input = "input"
+        if limited and cfg.download.robots_txt:
+            robots_refusals(spark.read.parquet(out.path("input")), cfg.download, parallelism) \
+                .write.mode("overwrite").parquet(out.path("robots"))
+            fetch_input = "fetch_input"
+            spark.read.parquet(out.path("input")).join(spark.read.parquet(out.path("robots")).select("uid"), "uid",
+                                                       "left_anti").coalesce(files) \
+                .write.mode("overwrite").parquet(out.path(fetch_input))
+        n_todo = parquet_rows(out.path(fetch_input))
         rows = shard_size(n_todo, parallelism, cfg.download)
         prepared = {"fingerprint": fingerprint, "input_rows": n_input, "todo": n_todo, "rows_per_shard": rows,
-                    "robots": limited and cfg.download.robots_txt, "prefilter": prefiltered,
-                    "plan": planned(spark, out, "input", n_todo, rows, parallelism, cfg.download, limited)}
+                    "robots": limited and cfg.download.robots_txt, "prefilter": prefiltered, "fetch_input": fetch_input,
+                    "plan": planned(spark, out, fetch_input, n_todo, rows, parallelism, cfg.download, limited)}
         fs.pipe(prepared_file, json.dumps(prepared).encode())
     timer.lap("prepare")
-    todo = spark.read.parquet(out.path("input"))
+    fetch_input = prepared.get("fetch_input", "input")
+    todo = spark.read.parquet(out.path(fetch_input))
     extras = [c for c in todo.columns if c not in ("uid", "url", "caption")]
     if prepared["todo"]:
-        fetch(spark, out.path("input"), out.path("shards"), extras, cfg.download, prepared["rows_per_shard"],
+        fetch(spark, out.path(fetch_input), out.path("shards"), extras, cfg.download, prepared["rows_per_shard"],
               progress=progress, plan=prepared["plan"])
         results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
     else:
@@ -191,7 +197,7 @@ def download(spark, spec, out, cfg, progress=True):
     downloaded, failed = _classified(spark, results, todo, cfg, prepared["todo"], out.path("shards"))
     rejects = prechecked_rejects(spark.read.parquet(out.path("prechecked"))).unionByName(failed)
     if prepared["robots"]:
-        rejects = rejects.unionByName(reject_rows(spark.read.parquet(out.path("robots")), STAGE, OPTED_OUT, F.col("detail")))
+        rejects = rejects.unionByName(robots_rejects(spark.read.parquet(out.path("robots"))))
     if prepared.get("prefilter"):
         rejects = rejects.unionByName(spark.read.parquet(out.path("prefilter")))
     counts = write_stage(out, downloaded, rejects, prepared["input_rows"], cfg.output.compression)
@@ -200,15 +206,17 @@ def download(spark, spec, out, cfg, progress=True):
     manifest = build_manifest(out, cfg.to_dict(), counts, input=spec.__dict__, source=input_source(spec),
                               shards=shards, reasons=_reasons(), timings=timer.laps,
                               **({"prefilter": prepared["prefilter"]} if prepared.get("prefilter") else {}))
-    for work in ("shards", "prechecked", "robots", "prefilter", "plan", "prepared.json"):
+    for work in ("shards", "prechecked", "robots", "fetch_input", "prefilter", "plan", "prepared.json"):
         out.remove(work)
     out.commit(manifest)
     return counts
 
 
 def retry_failed(spark, out, cfg, progress=True):
-    """Fetch the retryable rejects again into a new in-progress version and commit the merge."""
-    from capfilt.pipelines.download import fetch, retryable, shard_size
+    """Fetch the retryable rejects again into a new in-progress version and commit the merge. Their
+    hosts' robots.txt is asked again first (when robots_txt is on): a verdict is not kept for days (RFC
+    9309 2.4), and an unreachable robots.txt disallowed its host for that run only."""
+    from capfilt.pipelines.download import fetch, retryable, robots_refusals, robots_rejects, shard_size
     from capfilt.pipelines.io import parquet_rows, read_rejects, write_stage
     from capfilt.pipelines.output import build_manifest, read_manifest
 
@@ -223,21 +231,32 @@ def retry_failed(spark, out, cfg, progress=True):
     n_retry = parquet_rows(out.path("retry_input"))
     print(f"Retrying {n_retry} rows that failed with a retryable reason.")
     old_input.write.mode("overwrite").parquet(out.path("input"))
-    if n_retry:
-        parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
-        rows = shard_size(n_retry, parallelism, cfg.download)
+    parallelism = cfg.download.processes or spark.sparkContext.defaultParallelism
+    to_fetch, n_fetch, refused = "retry_input", n_retry, None
+    limited = n_retry and has_limited_hosts(spark.read.parquet(out.path("retry_input")), cfg.download)
+    if limited and cfg.download.robots_txt:
+        robots_refusals(spark.read.parquet(out.path("retry_input")), cfg.download, parallelism) \
+            .write.mode("overwrite").parquet(out.path("robots"))
+        refused = spark.read.parquet(out.path("robots"))
+        spark.read.parquet(out.path("retry_input")).join(refused.select("uid"), "uid", "left_anti") \
+            .write.mode("overwrite").parquet(out.path("retry_fetch"))
+        to_fetch = "retry_fetch"
+        n_fetch = parquet_rows(out.path(to_fetch))
+    if n_fetch:
+        rows = shard_size(n_fetch, parallelism, cfg.download)
         extras = [c for c in old_input.columns if c not in ("uid", "url", "caption")]
-        retry_input = spark.read.parquet(out.path("retry_input"))
-        plan = planned(spark, out, "retry_input", n_retry, rows, parallelism, cfg.download,
-                       has_limited_hosts(retry_input, cfg.download))
-        fetch(spark, out.path("retry_input"), out.path("shards"), extras, cfg.download, rows, progress=progress,
+        plan = planned(spark, out, to_fetch, n_fetch, rows, parallelism, cfg.download, limited)
+        fetch(spark, out.path(to_fetch), out.path("shards"), extras, cfg.download, rows, progress=progress,
               plan=plan)
         results = spark.read.option("pathGlobFilter", "*.parquet").parquet(out.path("shards"))
     else:
         results = None
-    new_data, new_failed = _classified(spark, results, spark.read.parquet(out.path("retry_input")), cfg, n_retry,
+    new_data, new_failed = _classified(spark, results, spark.read.parquet(out.path(to_fetch)), cfg, n_fetch,
                                        out.path("shards"))
-    data = old_data.unionByName(new_data)
+    if refused is not None:
+        new_failed = new_failed.unionByName(robots_rejects(refused))
+    # An output whose first run fetched nothing may lack the input's extra columns (empty: nothing to lose).
+    data = old_data.unionByName(new_data, allowMissingColumns=True)
     rejects = old_rejects.join(retry, "uid", "left_anti").unionByName(new_failed)
     counts = write_stage(out, data, rejects, committed["counts"]["input"], cfg.output.compression)
     manifest = build_manifest(out, cfg.to_dict(), counts, input=committed.get("input"),
@@ -245,7 +264,7 @@ def retry_failed(spark, out, cfg, progress=True):
                               shards=committed.get("shards", {}), reasons=_reasons(),
                               retries=[*committed.get("retries", []),
                                        {"retried": n_retry, "recovered": counts.output - committed["counts"]["output"]}])
-    for work in ("shards", "retry_input", "plan"):
+    for work in ("shards", "retry_input", "retry_fetch", "robots", "plan"):
         out.remove(work)
     out.commit(manifest)
     return counts
@@ -275,9 +294,13 @@ def planned(spark, out, input_name: str, n_todo: int, rows: int, parallelism: in
 def _classified(spark, results, todo, cfg, n_todo: int, shards_dir: str):
     from capfilt.pipelines.download import classify
     from capfilt.pipelines.io import empty_rejects
-    if results is None:  # nothing was fetched
+    if results is None:  # nothing was fetched: no rows, the columns a fetch would have given (extras too)
+        from pyspark.sql import functions as F
+
         from capfilt.schemas import DOWNLOADED
-        return spark.createDataFrame([], DOWNLOADED.spark_schema()), empty_rejects(spark)
+        empty = spark.createDataFrame([], DOWNLOADED.spark_schema())
+        extras = [F.lit(None).cast(f.dataType).alias(f.name) for f in todo.schema if f.name not in empty.columns]
+        return empty.select("*", *extras), empty_rejects(spark)
     # One status row per fetched row: the shards' own counts say whether every todo row has one (past
     # STATS_READ shards, the anti-join in classify finds out instead).
     stats = read_stats(shards_dir)

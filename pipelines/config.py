@@ -76,6 +76,13 @@ class DownloadSettings:
     max_retry_after_s: float = _opt(120.0, "longest Retry-After (429/503) a download waits for; a host asking "
                                            "for more fails its rows with code retry_after (for --retry-failed)",
                                     min=0)
+    max_retry_after_answers: int = _opt(3, "Retry-After answers (429/503) in a row from one host, each after the "
+                                           "last wait had passed, after which a task gives up on the host: its "
+                                           "remaining rows fail at once with code retry_after (for "
+                                           "--retry-failed); 0 = never", min=0)
+    max_retry_after_total_s: float = _opt(300.0, "seconds of Retry-After waits one host may ask of a task over the "
+                                                 "run; past it the host's remaining rows fail with code "
+                                                 "retry_after (for --retry-failed); 0 = no budget", min=0)
     # Politeness (docs/download.md: why these defaults).
     max_requests_per_second_per_host: float = _opt(10.0, "requests per second to one host across the whole "
                                                          "job; 0 = unlimited", min=0)

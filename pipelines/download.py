@@ -32,8 +32,10 @@ REASONS = {
     EMPTY_CAPTION: "caption is null or blank (download.drop_empty_captions)",
     BLOCKED_ADDRESS: "the URL, a redirect or its DNS name leads to a private, loopback, link-local, "
                        "multicast or metadata address that is not allow-listed",
-    OPTED_OUT: "the publisher opted out with X-Robots-Tag (noai, noimageai, noindex, noimageindex)",
-    FAILED_TO_DOWNLOAD: "HTTP error, timeout, reset, refused, redirect loop... (detail says which)",
+    OPTED_OUT: "the publisher opted out: X-Robots-Tag (noai, noimageai, noindex, noimageindex), robots.txt "
+               "disallows the URL, or tdm-reservation: 1 (the detail's code says which)",
+    FAILED_TO_DOWNLOAD: "HTTP error, timeout, reset, refused, redirect loop, the host's robots.txt unreachable... "
+                        "(detail says which)",
     FAILED_TO_DECODE: "the body is not a decodable image (truncated, not an image, empty)",
     TOO_SMALL: "shorter side below download.min_image_size",
     TOO_LARGE: "over download.max_image_pixels, max_aspect_ratio or max_bytes",
@@ -142,6 +144,16 @@ def robots_refusals(todo, settings: DownloadSettings, partitions: int):
     return rows.repartition(partitions, "_authority").mapInPandas(check, schema)
 
 
+def robots_rejects(refused):
+    """robots_refusals' rows as rejects: opted_out (code robots_txt), or failed_to_download when the
+    host's robots.txt was unreachable (code robots_txt_unreachable: RFC 9309's complete disallow holds
+    for the run, and --retry-failed asks again)."""
+    from pyspark.sql import functions as F
+    unreachable = F.col("detail").startswith("robots_txt_unreachable: ")
+    return reject_rows(refused, STAGE, F.when(unreachable, F.lit(FAILED_TO_DOWNLOAD)).otherwise(F.lit(OPTED_OUT)),
+                       F.col("detail"))
+
+
 def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: int, parallelism: int, plan_dir: str):
     """Write todo into shards (plan_dir/_shard=N) that keep each host's rows together, and return
     (number of shards, {host: share}) for the hosts several shards share.
@@ -183,6 +195,8 @@ def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = Non
         requests_per_second=settings.max_requests_per_second_per_host,
         connections=settings.max_connections_per_host, host_shares=tuple(sorted((shares or {}).items())),
         retries=settings.retries, backoff_s=settings.retry_backoff_s, max_retry_after_s=settings.max_retry_after_s,
+        max_retry_after_answers=settings.max_retry_after_answers,
+        max_retry_after_total_s=settings.max_retry_after_total_s,
         exempt=() if settings.polite_to_allowed_hosts else exempt_entries(settings.allow_hosts))
 
 

@@ -22,7 +22,8 @@ SETTINGS = {"download": ("download", "prefilter"), "caption": ("caption", "seed"
 # Model-stage settings that change where and how fast a model runs, not what it computes.
 RUNTIME_ONLY = frozenset({"torch_threads", "gpus_per_task", "batch_size", "fuse_filter"})
 FETCH_ONLY = frozenset({"timeout", "retries", "threads", "processes", "max_shard_retry", "subjob_size",
-                        "retry_backoff_s", "max_retry_after_s", "max_requests_per_second_per_host",
+                        "retry_backoff_s", "max_retry_after_s", "max_retry_after_answers",
+                        "max_retry_after_total_s", "max_requests_per_second_per_host",
                         "max_connections_per_host", "polite_to_allowed_hosts",
                         "rows_per_shard", "allow_hosts", "loopback_only"})
 

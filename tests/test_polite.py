@@ -1,7 +1,9 @@
 """Politeness in a download worker (udfs/polite.py, the opener in udfs/fetch.py): per-host rate and
-connection limits, Retry-After, retries by code with backoff, TDMRep. Loopback only."""
+connection limits, Retry-After, retries by code with backoff, TDMRep, robots.txt. Loopback only."""
+import codecs
 import email.utils
 import http.client
+import re
 import socket
 import threading
 import time
@@ -11,7 +13,7 @@ import pytest
 from img2dataset.downloader import download_image
 
 from capfilt.udfs.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
-from tests.test_fetch import _answer, _server
+from tests.test_fetch import _answer, _canary, _server
 
 
 def test_retry_after_reads_delta_seconds_and_http_dates():
@@ -224,7 +226,7 @@ def test_robots_txt_outcomes_follow_rfc_9309(guarded_worker, tmp_path, robots, v
     elif verdict == "allow":
         assert refusal is None and public is None
     else:
-        assert refusal == public and f"answered {robots}" in public
+        assert refusal == public and public.startswith("robots_txt_unreachable: ") and f"answered {robots}" in public
     assert requests[0][0] == "/robots.txt" and len([p for p, _ in requests if p == "/robots.txt"]) == 1
 
 
@@ -239,7 +241,7 @@ def test_robots_rule_matching_equals_the_regex_protego_builds_and_a_hostile_rule
     import random
     import re
 
-    from capfilt.udfs.robots import _parse, glob_match
+    from capfilt.udfs.robots import glob_match, parse
 
     def as_regex(pattern, path):  # Protego's own translation: `*` -> lazy `.*?`, a final `$` anchors
         anchored = pattern.endswith("$")
@@ -250,7 +252,253 @@ def test_robots_rule_matching_equals_the_regex_protego_builds_and_a_hostile_rule
         pattern = "/" + "".join(rng.choice("ab*") for _ in range(rng.randint(0, 6))) + rng.choice(["", "$"])
         path = "/" + "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
         assert glob_match(pattern, path) == as_regex(pattern, path), (pattern, path)
-    hostile = _parse("User-agent: *\nDisallow: /" + "*a" * 30 + "b\n")  # backtracks for minutes as a regex
+    hostile = parse(b"User-agent: *\nDisallow: /" + b"*a" * 30 + b"b\n")[0]  # backtracks for minutes as a regex
     started = time.monotonic()
     assert hostile.can_fetch("http://h/" + "a" * 40, "capfilt") and not hostile.can_fetch("http://h/" + "a" * 40 + "b", "capfilt")
     assert time.monotonic() - started < 1
+
+
+# --- issue 32: robots.txt verdicts that were lost, Retry-After that stalled or failed rows ------------
+
+ROBOTS = "User-agent: *\r\nDisallow: /private/\r\n"
+
+
+def _robots_verdicts(guarded_worker, respond, **policy):
+    """robots.txt fetched from a loopback server answering with `respond`: (refusal of /private/a.jpg,
+    refusal of /img/a.jpg, the paths the server was asked for)."""
+    from capfilt.udfs import robots as robots_txt
+    paths = []
+
+    def logged(path, conn, stop):
+        paths.append(path)
+        respond(path, conn, stop)
+    with _server(logged) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",), **policy)
+        found = robots_txt.fetch(f"http://127.0.0.1:{port}", "capfilt", timeout=2)
+    tokens = ("capfilt", "img2dataset")
+    return (found.refusal(f"http://127.0.0.1:{port}/private/a.jpg", tokens),
+            found.refusal(f"http://127.0.0.1:{port}/img/a.jpg", tokens), paths)
+
+
+@pytest.mark.parametrize("body, charset", [
+    (b"\xef\xbb\xbf" + ROBOTS.encode(), None),                      # UTF-8 with a byte-order mark (the issue)
+    (b"\xef\xbb\xbf" + ROBOTS.encode(), "utf-8"),
+    (ROBOTS.encode("utf-16"), None),                                  # UTF-16 with its BOM
+    (codecs.BOM_UTF16_BE + ROBOTS.encode("utf-16-be"), None),
+    (ROBOTS.encode("utf-16-le"), "utf-16le"),                         # no BOM, the charset says so
+    (ROBOTS.encode("utf-16-be"), None),                               # no BOM, no charset: the NUL bytes say so
+    (ROBOTS.encode("utf-32"), None),
+    (ROBOTS.replace("\r\n", "\r").encode(), None),                    # old Mac line ends
+    ("# café\r\nUser-agent: *\r\nDisallow: /private/\r\n".encode("latin-1"), "iso-8859-1"),
+    ("User-agent: *\nDisallow: /priv\u00e9/\nDisallow: /private/\n".encode("latin-1"), None),
+    (b"\xef\xbb\xbfUser-agent: other\nAllow: /\n" + b"\xef\xbb\xbf" + ROBOTS.encode(), None),  # two files, two BOMs
+    (b"User-agent:\x0c*\nDisallow:\x0c/private/\x85# odd whitespace\n", None),
+], ids=["utf8-bom", "utf8-bom-charset", "utf16-bom", "utf16be-bom", "utf16le-charset", "utf16be-bare", "utf32-bom",
+        "cr-only", "latin1-charset", "latin1-bare", "two-boms", "formfeed-nel"])
+def test_robots_txt_in_any_encoding_keeps_its_disallow(guarded_worker, body, charset):
+    content_type = "text/plain" + (f"; charset={charset}" if charset else "")
+    answer = _answer("200 OK", [("Content-Type", content_type), ("Content-Length", len(body))], body)
+    private, public, paths = _robots_verdicts(guarded_worker, answer)
+    assert private and private.startswith("robots_txt: disallowed for capfilt"), private
+    assert public is None and paths == ["/robots.txt"]
+
+
+def test_a_non_utf8_disallow_matches_both_readings_of_its_bytes():
+    from capfilt.udfs.robots import Robots, parse
+    rules, named = parse("User-agent: *\nDisallow: /café/\n".encode("latin-1"))
+    found = Robots("http://h", rules=rules, named=named)
+    for path in ("/café/a.jpg", "/caf%C3%A9/a.jpg", "/caf%E9/a.jpg", "/caf%e9/a.jpg"):  # UTF-8 and raw-byte URLs
+        assert found.refusal("http://h" + path, ("capfilt",)), path
+    assert found.refusal("http://h/cafe/a.jpg", ("capfilt",)) is None
+
+
+@pytest.mark.parametrize("headers", [
+    [("X-Robots-Tag", "noai")], [("X-Robots-Tag", "noindex")], [("X-Robots-Tag", "capfilt: noindex, noai")],
+    [("X-Robots-Tag", "img2dataset: noimageai")], [("tdm-reservation", "1")],
+])
+def test_opt_out_headers_on_robots_txt_itself_do_not_discard_its_rules(guarded_worker, headers):
+    """The opt-out headers are about images; on robots.txt (where noindex is common) they made the file
+    'no verdict', and the images its rules disallow were fetched."""
+    body = ROBOTS.encode()
+    private, public, _ = _robots_verdicts(
+        guarded_worker, _answer("200 OK", [*headers, ("Content-Length", len(body))], body))
+    assert private and private.startswith("robots_txt: disallowed for capfilt"), private
+    assert public is None
+
+
+def test_opt_out_headers_on_a_redirected_robots_txt_do_not_discard_its_rules(guarded_worker):
+    body = ROBOTS.encode()
+
+    def respond(path, conn, stop):
+        if path == "/robots.txt":
+            _answer("301 Moved", [("Location", "/r/robots.txt"), ("X-Robots-Tag", "noindex"),
+                                  ("Content-Length", 0)])(path, conn, stop)
+        else:
+            _answer("200 OK", [("X-Robots-Tag", "noai"), ("Content-Length", len(body))], body)(path, conn, stop)
+    private, public, paths = _robots_verdicts(guarded_worker, respond)
+    assert private and private.startswith("robots_txt: disallowed") and public is None
+    assert paths == ["/robots.txt", "/r/robots.txt"]
+
+
+def test_a_robots_txt_over_500_kib_is_read_up_to_its_last_whole_line(guarded_worker):
+    """Larger than max_bytes (a cap for images) and than RFC 9309's 500 KiB: its first 500 KiB are the
+    rules, and the line the cut falls in is dropped (here an Allow that, cut, would allow /private/)."""
+    from capfilt.udfs.robots import MAX_BYTES
+    head = b"User-agent: *\nDisallow: /private/\n"
+    padding = b"# " + b"x" * 98 + b"\n"
+    body = head + padding * ((MAX_BYTES - len(head)) // len(padding))
+    body += b"#" * (MAX_BYTES - len(body) - len(b"Allow: /private/")) + b"\nAllow: /private/"  # cut here
+    assert len(body) == MAX_BYTES + 1
+    body += b"but-only-this\n" + padding * 2000
+    private, public, _ = _robots_verdicts(
+        guarded_worker, _answer("200 OK", [("Content-Length", len(body))], body), max_bytes=10_000)
+    assert private and private.startswith("robots_txt: disallowed"), private
+    assert public is None
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1:{canary}/robots.txt", "ftp://127.0.0.1:{canary}/robots.txt"])
+def test_a_robots_txt_redirected_to_a_blocked_address_disallows_the_host(guarded_worker, target):
+    """The host's images are reachable, its rules are behind an address (or scheme) capfilt may not
+    fetch: every row is disallowed, and nothing connects to the blocked address."""
+    with _canary() as (canary, connections):
+        location = target.format(canary=canary)
+        private, public, _ = _robots_verdicts(
+            guarded_worker, _answer("302 Found", [("Location", location), ("Content-Length", 0)]))
+        assert connections() == 0
+    assert private == public and public.startswith("robots_txt: ") and "redirects where capfilt may not go" in public
+
+
+def test_an_unreachable_robots_txt_disallows_the_host_with_a_retryable_code(guarded_worker):
+    from capfilt.pipelines.download import CODE_PATTERN
+    private, public, _ = _robots_verdicts(guarded_worker, _answer("503 Busy", [("Content-Length", 0)]))
+    assert private == public and re.match(CODE_PATTERN, public).group(1) == "robots_txt_unreachable"
+    assert "robots_txt_unreachable" in RETRYABLE_CODES
+
+
+def test_only_the_request_counts_against_the_robots_txt_deadline(guarded_worker, monkeypatch):
+    """A fresh worker imported img2dataset's downloader (2-4 s cold) inside the robots.txt request: with
+    download.timeout=5 hosts answering in 0.01 s were unreachable and all their rows disallowed. Here
+    that import is made to take 1.5 s and the deadline is 1 s."""
+    import importlib.abc
+    import sys
+
+    import img2dataset
+
+    cold = []
+
+    class SlowImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "img2dataset.downloader":
+                cold.append(name)
+                time.sleep(1.5)
+            return None  # the normal finders import it
+    monkeypatch.delitem(sys.modules, "img2dataset.downloader")  # cold, as in a fresh Python worker
+    monkeypatch.setattr(img2dataset, "downloader", img2dataset.downloader)
+    monkeypatch.setattr(sys, "meta_path", [SlowImport(), *sys.meta_path])
+    body = ROBOTS.encode()
+
+    def respond(path, conn, stop):  # headers, then the body: as http.server sends them
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        stop.wait(0.05)
+        conn.sendall(body)
+    from capfilt.udfs import robots as robots_txt
+    with _server(respond) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))  # worker preparation: imports happen here
+        found = robots_txt.fetch(f"http://127.0.0.1:{port}", "capfilt", timeout=1)
+        base = f"http://127.0.0.1:{port}"
+    assert found.refusal(f"{base}/img/a.jpg", ("capfilt",)) is None, "the host was reachable: its rules apply"
+    assert found.refusal(f"{base}/private/a.jpg", ("capfilt",)).startswith("robots_txt: disallowed for capfilt")
+    assert cold == ["img2dataset.downloader"], "the import was cold, and done once"
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("2", 2.0), ("0", 0.0), ("007", 7.0), (" 5\t", 5.0),
+    ("²", None), ("٣", None), ("５", None), ("৩", None), ("1.5", None), ("-3", None), ("+3", None), ("1_0", None),
+    ("5 5", None), ("1e3", None), ("", None), ("\u00a05", None), ("5\n", None), ("inf", None), ("nan", None),
+    ("9" * 5000, 2.0 ** 31), ("99999999999", 2.0 ** 31),  # RFC 9111: an overflowing delta-seconds is 2^31
+    ("Fri, 31 Dec 9999 23:59:59 GMT", 2.0 ** 31), ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+    ("Mon, 01 Jan 0001 00:00:00 +0100", 0.0), ("Sun, 06 Nov 99999 08:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 99:49:37 GMT", None),
+])
+def test_retry_after_is_delta_seconds_in_ascii_digits_or_an_http_date(value, seconds):
+    """RFC 9110 10.2.3: 1*DIGIT (ASCII) or an HTTP-date; anything else is ignored (None), never raised."""
+    assert retry_after_s(value) == seconds
+
+
+def test_retry_after_dates_without_a_zone_are_gmt():
+    now = time.time()
+    asctime = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(now + 60))
+    assert retry_after_s(asctime, now=now) == pytest.approx(60, abs=1.5)
+
+
+def test_a_429_with_a_retry_after_that_is_not_a_number_is_retried_as_usual(guarded_worker):
+    """Retry-After: ² (byte 0xB2: headers are Latin-1) failed the row with 'other: could not convert
+    string to float', not retried and not retryable."""
+    arrivals = []
+
+    def respond(path, conn, stop):
+        arrivals.append(path)
+        conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"
+                     if len(arrivals) == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nimage")
+    with _server(respond) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",), retries=1, backoff_s=0.01)
+        assert _fetch(f"http://127.0.0.1:{port}/a.png") == (b"image", None)
+    assert len(arrivals) == 2
+
+
+@pytest.mark.parametrize("length", [b"\xb2", "٣".encode(), b"1_0", b"+5", b"-1", b"5, 5"],
+                         ids=["superscript-two", "arabic-indic-three", "underscore", "plus", "negative", "list"])
+def test_a_content_length_that_is_not_ascii_digits_fails_the_row_with_a_code(guarded_worker, length):
+    """'²' passed str.isdigit() and int() raised ValueError: the row failed with a traceback's text."""
+    def respond(path, conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\nConnection: close\r\n\r\nimage")
+    with _server(respond) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))
+        body, err = _fetch(f"http://127.0.0.1:{port}/a.png")
+    assert body is None and err.startswith("<urlopen error other: invalid Content-Length '"), err
+
+
+def test_retry_after_answers_in_flight_together_count_once_and_a_success_starts_the_count_again():
+    limits = HostLimits(rate=0, connections=0, max_answers=2)
+    sent = time.monotonic()
+    for _ in range(5):  # five requests sent together, five 429s: one answer
+        limits.hold_off("a.example", 0.05, sent=sent)
+    time.sleep(0.06)
+    limits.acquire("a.example")()
+    limits.answered("a.example", sent=time.monotonic())  # served: the next Retry-After is the first again
+    limits.hold_off("a.example", 0.05, sent=time.monotonic())
+    time.sleep(0.06)
+    limits.acquire("a.example")()
+    limits.hold_off("a.example", 0.05, sent=time.monotonic())  # the second in a row
+    with pytest.raises(urllib.error.URLError, match="answered Retry-After 2 times in a row") as e:
+        limits.acquire("a.example")
+    assert failure_code(e.value) == "retry_after"
+    limits.acquire("b.example")()  # other hosts are not given up
+
+
+def test_retry_after_waits_past_the_host_budget_give_it_up():
+    limits = HostLimits(rate=0, connections=0, budget_s=0.15)
+    limits.hold_off("a.example", 0.1, sent=time.monotonic())
+    limits.acquire("a.example")()
+    limits.hold_off("a.example", 0.1, sent=time.monotonic())  # 0.2 s asked in all: over 0.15
+    started = time.monotonic()
+    with pytest.raises(urllib.error.URLError, match=r"max_retry_after_total_s=0.15"):
+        limits.acquire("a.example")
+    assert time.monotonic() - started < 0.05, "no wait for a host given up"
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_host_answering_retry_after_forever_gets_exactly_three_429s(guarded_worker, retries):
+    """Retry-After: 15 forever held a shard for 15 s per row (24 rows: 165 s). With one connection the
+    host is asked three times (each after the last wait), then its rows fail at once, retryably."""
+    respond, arrivals = _scripted(("429 Too Many Requests", [("Retry-After", "1")], b""))
+    with _server(respond) as port:
+        guarded_worker(allow_hosts=(f"127.0.0.1:{port}",), connections=1, retries=retries, backoff_s=0.01,
+                       max_retry_after_answers=3, max_retry_after_total_s=300)
+        started = time.monotonic()
+        errors = [_fetch(f"http://127.0.0.1:{port}/{i}.png", timeout=2)[1] for i in range(8)]
+        took = time.monotonic() - started
+    assert len(arrivals) == 3, f"{len(arrivals)} requests"
+    codes = [e.split("urlopen error ", 1)[-1].split(":", 1)[0] for e in errors]
+    assert set(codes) <= {"http_429", "retry_after"} and codes[-1] == "retry_after" and set(codes) <= RETRYABLE_CODES
+    assert took < 3.5, f"{took:.1f} s: two waits of 1 s, then nothing"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import re
 import socket
 import time
 import urllib.error
@@ -51,42 +52,61 @@ class FetchPolicy:
     retries: int = 0                      # retries of a retryable failure, with backoff
     backoff_s: float = 1.0
     max_retry_after_s: float = 300.0
+    max_retry_after_answers: int = 0      # Retry-After answers in a row after which a host is given up; 0 = never
+    max_retry_after_total_s: float = 0.0  # Retry-After seconds per host after which it is given up; 0 = no budget
     exempt: tuple[tuple[str, int | None], ...] = ()  # endpoints without rate/connection limits
 
 
 class _Limits(urllib.request.BaseHandler):
-    """Opt-out headers and a body size cap, on every response."""
+    """Opt-out headers and a body size cap, on every response, and what the host said about our pace
+    (Retry-After). A robots.txt request (udfs/robots.py marks it, and the mark follows its redirects)
+    is exempt from the opt-out headers and the size cap: those are about images, and a robots.txt
+    served with `X-Robots-Tag: noindex` (common) still holds the host's rules; robots.py reads its
+    first 500 KiB whatever its length."""
 
     handler_order = 400  # before HTTPErrorProcessor, so redirect hops are checked too
 
     def __init__(self, policy: FetchPolicy, limits: HostLimits):
+        # Imported here, when the worker installs the opener: an import inside a request (img2dataset's
+        # downloader takes ~2-4 s cold) would count against that request's deadline.
+        from img2dataset.downloader import is_disallowed
+        self.is_disallowed = is_disallowed
         self.policy = policy
         self.limits = limits
 
     def http_response(self, request, response):
-        from img2dataset.downloader import is_disallowed
+        host, exempt = _budget(request.full_url, self.policy)
+        sent = getattr(request, "capfilt_sent", None)
         if not 200 <= response.status < 300:
             response.capfilt_release()  # its body is never read: the connection slot is free
-            wait = retry_after_s(response.headers.get("Retry-After")) if response.status in (429, 503) else None
-            if wait is not None:
-                host, exempt = _budget(request.full_url, self.policy)
-                self.limits.hold_off(host, wait, exempt)
-        directives = set(self.policy.opt_out_directives)
+        wait = retry_after_s(response.headers.get("Retry-After")) if response.status in (429, 503) else None
+        if wait is not None:
+            self.limits.hold_off(host, wait, exempt, sent)
+        elif response.status < 400:
+            self.limits.answered(host, exempt, sent)
+        robots = getattr(request, "capfilt_robots", None) is not None
+        directives = set(self.policy.opt_out_directives) if not robots else set()
         if directives:
             for token in self.policy.user_agent_tokens:
-                if is_disallowed(response.headers, token, directives):
+                if self.is_disallowed(response.headers, token, directives):
                     response.close()
                     raise urllib.error.URLError(
                         f"x_robots_tag: {OPTED_OUT_MARK} by X-Robots-Tag {response.headers.get_all('X-Robots-Tag')} "
                         f"(Use of image disallowed by X-Robots-Tag directive)")
-        if self.policy.tdm_reservation and (response.headers.get("tdm-reservation") or "").strip() == "1":
+        if self.policy.tdm_reservation and not robots and (response.headers.get("tdm-reservation") or "").strip() == "1":
             response.close()
             raise urllib.error.URLError(f"tdm_reservation: {OPTED_OUT_MARK} by the TDMRep header tdm-reservation: 1")
         limit = self.policy.max_bytes
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > limit:
+        # Content-Length is 1*DIGIT (RFC 9110 8.6), else the framing is invalid (RFC 9112 6.3): the body is
+        # not read. str.isdigit() took '²', whose int() then raised ValueError here; http.client's int()
+        # takes '٣', '1_0' and '+5' and ignores '²' (response.length: what it believed).
+        declared = response.headers.get("Content-Length")
+        if declared is not None and not response.chunked and not re.fullmatch(r"[ \t]*[0-9]+[ \t]*", declared):
             response.close()
-            raise urllib.error.URLError(f"{TOO_LARGE_MARK}: Content-Length {length} > {limit} bytes")
+            raise urllib.error.URLError(f"other: invalid Content-Length {declared[:50]!r}")
+        if not robots and response.length is not None and response.length > limit:
+            response.close()
+            raise urllib.error.URLError(f"{TOO_LARGE_MARK}: Content-Length {response.length} > {limit} bytes")
         read = response.read
 
         def capped_read(amt=None):
@@ -124,6 +144,9 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     any connection, and carry the request's deadline to the next hop."""
 
     def http_error_302(self, req, fp, code, msg, headers):
+        robots = getattr(req, "capfilt_robots", None)
+        if robots is not None:
+            robots["redirects"] += 1  # a robots.txt whose redirect is blocked is not "the host is blocked"
         location = headers["location"] if "location" in headers else headers["uri"] if "uri" in headers else None
         if location is not None and urlparse(location).scheme not in _FETCHED_SCHEMES + ("",):
             _refuse_scheme(location, fp)  # else urllib raises an HTTPError that does not say blocked
@@ -136,6 +159,8 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None:
             new.capfilt_deadline = getattr(req, "capfilt_deadline", None)
+            if hasattr(req, "capfilt_robots"):
+                new.capfilt_robots = req.capfilt_robots
         return new
 
 
@@ -261,7 +286,7 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
     reading the environment (the proxy would become the peer we check)."""
     addresses = netguard.AddressPolicy(list(policy.allow_hosts))
     limits = HostLimits(policy.requests_per_second, policy.connections, dict(policy.host_shares),
-                        policy.max_retry_after_s)
+                        policy.max_retry_after_s, policy.max_retry_after_answers, policy.max_retry_after_total_s)
     http_connection = _guarded(http.client.HTTPConnection, addresses)
     https_connection = _guarded(http.client.HTTPSConnection, addresses)
 
@@ -277,6 +302,7 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
     def polite_open(do_open, connection, req, **kwargs):
         """Each hop waits for its host's turn and a free connection (before its deadline starts)."""
         release = limits.acquire(*_budget(req.full_url, policy))
+        req.capfilt_sent = time.monotonic()  # which Retry-After answers are one (HostLimits.hold_off)
         try:
             response = do_open(connection, req, deadline=deadline(req), **kwargs)
         except BaseException:

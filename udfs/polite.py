@@ -7,6 +7,7 @@ each gets that share of the host's budget, so the limit holds however many tasks
 """
 from __future__ import annotations
 
+import datetime
 import email.utils
 import http.client
 import random
@@ -21,8 +22,11 @@ from urllib.parse import urlsplit
 
 # Codes are the first word of a download reject's detail ("http_404: HTTP Error 404: Not Found").
 RETRYABLE_CODES = frozenset({"timeout", "reset", "refused", "dns", "retry_after", "shard_failed", "http_408",
-                             "http_425", "http_429", "http_500", "http_502", "http_503", "http_504"})
+                             "http_425", "http_429", "http_500", "http_502", "http_503", "http_504",
+                             "robots_txt_unreachable"})
 MAX_BACKOFF_S = 60.0
+# RFC 9111 4.2.1: a delta-seconds value too large to represent counts as 2^31 seconds (68 years).
+MAX_DELTA_SECONDS = 2 ** 31
 
 
 def failure_code(error: BaseException) -> str:
@@ -50,23 +54,28 @@ def failure_code(error: BaseException) -> str:
 
 # The words capfilt's own errors start with ("blocked_address: ..."): each is its code.
 OWN_CODES = frozenset({"blocked_address", "response_too_large", "x_robots_tag", "tdm_reservation", "robots_txt",
-                       "retry_after", "redirect_loop"})
+                       "robots_txt_unreachable", "retry_after", "redirect_loop"})
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta seconds or an HTTP date; None if absent/invalid."""
+    """Seconds to wait from a Retry-After header (RFC 9110 10.2.3): delta-seconds (1*DIGIT, ASCII digits
+    only: `str.isdigit` also takes '²' and '٣') or an HTTP-date; None when absent or anything else, so
+    the answer is treated like one without the header. Never raises; a finite 0 <= s <= 2^31."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    value = value.strip(" \t")  # OWS
+    if re.fullmatch(r"[0-9]+", value):
+        digits = value.lstrip("0")
+        # int() of a very long string raises (Python's 4,300-digit limit): length says it is over the cap.
+        return float(MAX_DELTA_SECONDS if len(digits) > 10 else min(int(digits or "0"), MAX_DELTA_SECONDS))
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # asctime and "-0000" forms: an HTTP-date is always GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except Exception:  # TypeError, ValueError, IndexError, OverflowError: not a date
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, seconds), float(MAX_DELTA_SECONDS))
 
 
 def backoff_s(attempt: int, base: float) -> float:
@@ -83,18 +92,29 @@ class _Host:
     next_start: float = 0.0
     not_before: float = 0.0      # Retry-After: no request before this (monotonic) time
     active: int = 0
+    asked: int = 0               # Retry-After answers in a row, each to a request sent after the last wait
+    waited: float = 0.0          # seconds of Retry-After this process was asked to wait, over the run
+    given_up: str | None = None  # why the host's remaining requests fail at once (code retry_after)
 
 
 class HostLimits:
     """Per-host budgets in one worker process. `rate` requests/s and `connections` per host for the
-    whole job, divided by the number of shards that share the host (`shares`, default 1)."""
+    whole job, divided by the number of shards that share the host (`shares`, default 1).
+
+    Retry-After: one wait longer than `max_wait_s`, `max_answers` Retry-After answers in a row (each to
+    a request sent after the previous wait had passed: the requests in flight when the first one came
+    back are the same answer; a 2xx/3xx in between starts the count again) or more than `budget_s`
+    seconds of waiting asked for in all, and the host's remaining requests in this process fail at
+    once with code retry_after (retryable by --retry-failed) instead of stalling the shard. 0: no limit."""
 
     def __init__(self, rate: float, connections: int, shares: dict[str, int] | None = None,
-                 max_wait_s: float = 300.0):
+                 max_wait_s: float = 300.0, max_answers: int = 0, budget_s: float = 0.0):
         self.rate = rate
         self.connections = connections
         self.shares = shares or {}
         self.max_wait_s = max_wait_s
+        self.max_answers = max_answers
+        self.budget_s = budget_s
         self._hosts: dict[str, _Host] = {}
         self._lock = threading.Lock()
 
@@ -120,6 +140,8 @@ class HostLimits:
         with h.lock:
             while True:
                 now = time.monotonic()
+                if h.given_up:
+                    raise urllib.error.URLError(f"retry_after: {h.given_up}")
                 if h.not_before > now:
                     if h.not_before - now > self.max_wait_s:
                         raise urllib.error.URLError(
@@ -145,12 +167,31 @@ class HostLimits:
                     h.lock.notify_all()
         return release
 
-    def hold_off(self, host: str, seconds: float, exempt: bool = False) -> None:
-        """The host said Retry-After: no request to it from this process for `seconds`."""
+    def hold_off(self, host: str, seconds: float, exempt: bool = False, sent: float | None = None) -> None:
+        """The host said Retry-After to a request sent (let go by acquire) at monotonic time `sent`: no
+        request to it from this process for `seconds`; past the limits, none for the rest of the run."""
         h = self._host(host, exempt)
         with h.lock:
+            if sent is None or sent >= h.not_before:  # not one of the requests in flight with an earlier answer
+                h.asked += 1
+                h.waited += seconds
+                if self.max_answers and h.asked >= self.max_answers:
+                    h.given_up = (f"{host} answered Retry-After {h.asked} times in a row "
+                                  f"(download.max_retry_after_answers={self.max_answers}): its remaining "
+                                  f"rows in this task are left for --retry-failed")
+                elif self.budget_s and h.waited > self.budget_s:
+                    h.given_up = (f"{host} asked for {h.waited:.0f} s of Retry-After waits in all "
+                                  f"(download.max_retry_after_total_s={self.budget_s:g}): its remaining "
+                                  f"rows in this task are left for --retry-failed")
             h.not_before = max(h.not_before, time.monotonic() + seconds)
             h.lock.notify_all()
+
+    def answered(self, host: str, exempt: bool = False, sent: float | None = None) -> None:
+        """The host served a request sent at `sent` (2xx/3xx): Retry-After answers are no longer in a row."""
+        h = self._host(host, exempt)
+        with h.lock:
+            if sent is None or sent >= h.not_before:
+                h.asked = 0
 
 
 def exempt_entries(allow_hosts) -> tuple[tuple[str, int | None], ...]:
