@@ -4,7 +4,8 @@ Writes OUTPUT/data (downloaded records), OUTPUT/rejects (every other row, with i
 OUTPUT/manifest.json and OUTPUT/input (the prepared input, kept for --retry-failed).
 A killed run resumes where it stopped (finished img2dataset shards are skipped) when rerun with
 the same input and settings. --retry-failed re-downloads only rows that failed with a retryable
-reason (5xx, timeout, reset, refused, failed shard) and merges them into the committed output.
+reason (5xx, timeout, reset, refused, failed shard, a host given up after Retry-After, an unreachable
+robots.txt: asked again first) and merges them into the committed output.
 """
 from __future__ import annotations
 
