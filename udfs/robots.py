@@ -8,7 +8,9 @@ first matching rule and knows no wildcards.
 
 What a fetch means for the host's rows (RFC 9309 section 2.3.1):
     2xx        the rules, from the first 500 KiB (a line cut at 500 KiB is dropped), whatever the
-               response's X-Robots-Tag or tdm-reservation headers (they are about the file, not the site)
+               response's X-Robots-Tag or tdm-reservation headers (they are about the file, not the site);
+               gzip/deflate bodies decompressed (capfilt asks for no encoding; some servers compress anyway),
+               any other Content-Encoding: unreachable (rules that cannot be read are not "no rules")
     3xx        followed through the opener (up to 10 hops; the RFC asks for at least 5)
     4xx        no rules: everything allowed (429 excepted: Google and Bing treat it as 5xx, as capfilt does)
     5xx, 429, timeout, reset, refused, DNS failure, too many redirects
@@ -23,11 +25,15 @@ What a fetch means for the host's rows (RFC 9309 section 2.3.1):
 Text (RFC 9309 2.2: UTF-8): see `robots_text`. Decoding never loses a rule: a byte-order mark (UTF-8,
 UTF-16, UTF-32) is honoured and removed, UTF-16 without one is recognised, a line that is not UTF-8 is
 read in the declared charset (else Latin-1) and, for a Disallow, also as its raw bytes.
+
+Matching: Protego's verdict (`_can_fetch`), each rule matched in linear time (`glob_match`) and only the
+rules whose literal start is a prefix of the path tried (Protego tries all of them for every URL).
 """
 from __future__ import annotations
 
 import codecs
 import re
+import zlib
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -89,7 +95,34 @@ def glob_match(pattern: str, path: str) -> bool:
     return path.endswith(last) and len(path) - len(last) >= pos if anchored else path.find(last, pos) >= 0
 
 
+def _can_fetch(rule_set, url: str) -> bool:
+    """Protego's _RuleSet.can_fetch (the first match in its order: longest pattern first, Allow before
+    Disallow on a tie, i.e. the verdict of the greatest (length, is Allow) among matching rules), looking
+    only at the rules whose literal start is a prefix of the path. Protego tries every rule for every URL:
+    a 500 KiB robots.txt of 30,000 rules took 11 ms per URL, over 15 minutes for a host of 100,000 rows."""
+    path = rule_set._quote_path(url)
+    index = rule_set.__dict__.get("_capfilt_index")
+    if index is None:
+        index = {}
+        for rule in rule_set._rules:
+            pattern = rule.value._pattern
+            literal = pattern.split("*", 1)[0].removesuffix("$") if "*" in pattern or pattern.endswith("$") \
+                else pattern
+            index.setdefault(literal, []).append((rule.value.priority, rule.field == "allow", pattern))
+        rule_set._capfilt_index = index = (sorted({len(k) for k in index}), index)
+    lengths, rules = index
+    best = None
+    for n in lengths:
+        if n > len(path):
+            break
+        for key in rules.get(path[:n], ()):
+            if (best is None or key[:2] > best) and glob_match(key[2], path):
+                best = key[:2]
+    return best is None or best[1]
+
+
 protego._URLPattern.match = lambda self, path: glob_match(self._pattern, path)  # see glob_match
+protego._RuleSet.can_fetch = _can_fetch
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
@@ -191,6 +224,7 @@ def fetch(authority: str, token: str, timeout: float) -> Robots:
         with urllib.request.OpenerDirector.open(opener, request, timeout=timeout) as response:
             body = response.read(MAX_BYTES + 1)
             charset = response.headers.get_content_charset()
+            encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
     except urllib.error.HTTPError as e:
         e.close()
         if 400 <= e.code < 500 and e.code != 429:
@@ -203,12 +237,31 @@ def fetch(authority: str, token: str, timeout: float) -> Robots:
                 return Robots(authority, disallow_all=f"redirects where capfilt may not go ({str(e)[:200]})")
             return Robots(authority)  # the host itself is blocked: each image request meets the same check
         return Robots(authority, unreachable=f"was unreachable ({code}: {str(e)[:200]})")
+    try:
+        body = _content_decoded(body, encoding)
+    except (ValueError, zlib.error) as e:  # rules we cannot read are not "no rules"
+        return Robots(authority, unreachable=f"could not be decoded ({str(e)[:200]})")
     if len(body) > MAX_BYTES:  # the rest is not read: neither is the line it cuts
         body = body[:MAX_BYTES]
         ends = [m.end() for m in _EOL.finditer(body)]
         body = body[:ends[-1]] if ends else b""
     rules, named = parse(body, charset)
     return Robots(authority, rules=rules, named=named)
+
+
+def _content_decoded(body: bytes, encoding: str) -> bytes:
+    """The body under its Content-Encoding (capfilt asks for none; some servers compress anyway): gzip
+    and deflate decompressed up to MAX_BYTES + 1, an encoding capfilt cannot read refused (ValueError).
+    A gzip stream without the header is recognised by its magic bytes."""
+    if encoding in ("", "identity", "none") and not body.startswith(b"\x1f\x8b"):
+        return body
+    if encoding in ("gzip", "x-gzip", "", "identity", "none"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":  # zlib-wrapped as RFC 9110 says; raw deflate as some servers send
+        wbits = zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS
+    else:
+        raise ValueError(f"Content-Encoding {encoding[:50]!r} is not one capfilt reads")
+    return zlib.decompressobj(wbits).decompress(body, MAX_BYTES + 1)
 
 
 class RobotsCache:
