@@ -185,7 +185,10 @@ def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: i
 
 
 def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = None):
-    """What a download worker's opener enforces (udfs/fetch.py, udfs/polite.py)."""
+    """What a download worker's opener enforces (udfs/fetch.py, udfs/polite.py); each call is a new run
+    (its own per-host state in the workers)."""
+    import uuid
+
     from capfilt.udfs.fetch import FetchPolicy
     from capfilt.udfs.polite import exempt_entries
     return FetchPolicy(
@@ -197,7 +200,8 @@ def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = Non
         retries=settings.retries, backoff_s=settings.retry_backoff_s, max_retry_after_s=settings.max_retry_after_s,
         max_retry_after_answers=settings.max_retry_after_answers,
         max_retry_after_total_s=settings.max_retry_after_total_s,
-        exempt=() if settings.polite_to_allowed_hosts else exempt_entries(settings.allow_hosts))
+        exempt=() if settings.polite_to_allowed_hosts else exempt_entries(settings.allow_hosts),
+        run=uuid.uuid4().hex)
 
 
 def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], settings: DownloadSettings,

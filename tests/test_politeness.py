@@ -170,14 +170,15 @@ def _jpeg() -> bytes:
 @contextlib.contextmanager
 def _raw_site(robots=("404 Not Found", [], b""), images=None):
     """A loopback host (tests/test_fetch.py's raw server, 127.0.0.1): /robots.txt answers `robots`
-    (status, headers, body; or a function returning them), every other path `images` (default: a small
-    JPEG). Yields an object with base_url and log: the (path, status) of every request, in order."""
+    (status, headers, body; or a function returning them), every other path `images` (the same; None:
+    a small JPEG). Yields an object with base_url and log: the (path, status) of every request, in order."""
     jpeg = _jpeg()
     site = types.SimpleNamespace(log=[])
 
     def respond(path, conn, stop):
-        answer = robots if path == "/robots.txt" else images or ("200 OK", [("Content-Type", "image/jpeg")], jpeg)
-        status, headers, body = answer() if callable(answer) else answer
+        answer = robots if path == "/robots.txt" else images
+        answer = answer() if callable(answer) else answer
+        status, headers, body = answer or ("200 OK", [("Content-Type", "image/jpeg")], jpeg)
         site.log.append((path, int(status.split()[0])))
         _answer(status, [*headers, ("Content-Length", len(body))], body)(path, conn, stop)
     with _server(respond) as port:
@@ -253,19 +254,23 @@ def test_a_host_answering_retry_after_forever_is_given_up_after_three_answers(si
     for hours). With one connection the host is asked three times, each after the last wait, and its
     other rows fail at once with retryable codes; the other host is served meanwhile."""
     root, names = site
-    forever = ("429 Too Many Requests", [("Retry-After", "1")], b"")
-    with _raw_site(images=forever) as throttled, serve_hosts(root / "site", 1) as (healthy,):
+    answer = {"images": ("429 Too Many Requests", [("Retry-After", "1")], b"")}
+    settings = ("download.max_requests_per_second_per_host=0", "download.max_connections_per_host=1",
+                "download.processes=1", "download.threads=4")  # max_retry_after_answers: 3, the default
+    with _raw_site(images=lambda: answer.get("images")) as throttled, serve_hosts(root / "site", 1) as (healthy,):
         rows = [(0, f"/img/{k}.jpg") for k in range(24)] + [(1, f"/img/{n}") for n in names[:6]]
         started = time.monotonic()
-        out, data, rejects = _download(
-            tmp_path, [throttled, healthy], rows, "download.max_requests_per_second_per_host=0",
-            "download.max_connections_per_host=1", "download.processes=1", "download.threads=4")  # 3: the default
+        out, data, rejects = _download(tmp_path, [throttled, healthy], rows, *settings)
         took = time.monotonic() - started
-    images = [status for path, status in throttled.log if path != "/robots.txt"]
+        fetch_s = json.loads((out / "manifest.json").read_text())["timings"]["fetch"]
+        log = list(throttled.log)
+        del answer["images"]  # the host serves again: --retry-failed (same workers, a new run) fetches every row
+        _, retried, left = _download(tmp_path, [throttled, healthy], rows, *settings, retry=True)
+    assert len(retried) == 30 and not left, {u: r["detail"] for u, r in left.items()}
+    images = [status for path, status in log if path != "/robots.txt"]
     assert images == [429, 429, 429], f"{len(images)} image requests to the throttled host"
     assert data == {f"r{i:04d}" for i in range(24, 30)}, "the healthy host's rows downloaded"
     codes = [re.match(r"([a-z0-9_]+): ", rejects[f"r{i:04d}"]["detail"]).group(1) for i in range(24)]
     assert sorted(set(codes)) == ["http_429", "retry_after"] and codes.count("http_429") == 3, codes
     assert {rejects[f"r{i:04d}"]["reason"] for i in range(24)} == {"failed_to_download"}, "retried by --retry-failed"
-    fetch_s = json.loads((out / "manifest.json").read_text())["timings"]["fetch"]
     assert fetch_s < 12, f"fetch took {fetch_s} s ({took:.0f} s in all): two waits of 1 s, then nothing"

@@ -55,6 +55,9 @@ class FetchPolicy:
     max_retry_after_answers: int = 0      # Retry-After answers in a row after which a host is given up; 0 = never
     max_retry_after_total_s: float = 0.0  # Retry-After seconds per host after which it is given up; 0 = no budget
     exempt: tuple[tuple[str, int | None], ...] = ()  # endpoints without rate/connection limits
+    # A fresh opener (and HostLimits) per run: Python workers outlive a run, and a host given up (or held
+    # off) in one run must be asked again by the next (--retry-failed in the same session).
+    run: str = ""
 
 
 class _Limits(urllib.request.BaseHandler):
