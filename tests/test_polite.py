@@ -293,8 +293,9 @@ def _robots_verdicts(guarded_worker, respond, **policy):
     ("User-agent: *\nDisallow: /priv\u00e9/\nDisallow: /private/\n".encode("latin-1"), None),
     (b"\xef\xbb\xbfUser-agent: other\nAllow: /\n" + b"\xef\xbb\xbf" + ROBOTS.encode(), None),  # two files, two BOMs
     (b"User-agent:\x0c*\nDisallow:\x0c/private/\x85# odd whitespace\n", None),
+    (ROBOTS.encode(), "utf-16"),                                      # the charset is wrong: no NUL byte
 ], ids=["utf8-bom", "utf8-bom-charset", "utf16-bom", "utf16be-bom", "utf16le-charset", "utf16be-bare", "utf32-bom",
-        "cr-only", "latin1-charset", "latin1-bare", "two-boms", "formfeed-nel"])
+        "cr-only", "latin1-charset", "latin1-bare", "two-boms", "formfeed-nel", "utf8-declared-utf16"])
 def test_robots_txt_in_any_encoding_keeps_its_disallow(guarded_worker, body, charset):
     content_type = "text/plain" + (f"; charset={charset}" if charset else "")
     answer = _answer("200 OK", [("Content-Type", content_type), ("Content-Length", len(body))], body)

@@ -161,7 +161,7 @@ def _wide(body: bytes, charset: str | None) -> str | None:
     for bom, codec in _BOMS:
         if body.startswith(bom):
             return codec
-    if charset and _WIDE.search(charset):
+    if charset and _WIDE.search(charset) and b"\x00" in body[:4096]:  # ASCII in UTF-16/32 has NUL bytes
         try:
             codecs.lookup(charset)
             return charset
