@@ -53,15 +53,15 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[s
             if why is None and read != previous:  # a stage was switched on or off before it
                 why = f"another chain (it read {read}, this run's stage before it is {previous})"
             # The stage it read was committed again after it (a stage command into OUT/stages, a copy):
-            # what it computed came from the old rows, so it runs again, model included.
-            moved = stage != "download" and actions[previous] == REUSE and manifest.get("source") not in (
+            # what it computed came from the old rows, so it runs again (its model too, if it has one).
+            moved = stage != "download" and actions.get(previous) == REUSE and manifest.get("source") not in (
                 None, source_of(read_manifest(stage_dir(out_root, previous))))
             model = None if stage == "download" else definition(stage).model
             if why is None and not moved:
                 actions[stage] = REUSE
             elif why is None or stage != "download" and (model is None or (
                     definition(stage).keeps_scores and not changed_keys(manifest["config"], cfg.to_dict(), model.keys))):
-                actions[stage] = RUN if moved else RESELECT
+                actions[stage] = RUN if moved and model is not None else RESELECT  # new input: model too
             else:
                 stale.append(f"{stage} under {out_root}/stages was made with {why} than this run's")
         redo = redo or actions.get(stage) in (RUN, RESELECT)

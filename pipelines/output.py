@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -285,6 +286,22 @@ def _described(kind: str) -> str:
     return "a `capfilt curate` output" if kind == "curate" else f"the {kind} stage's output"
 
 
+STAGE_ENTRIES = frozenset({"data", "rejects", "model", "input", MANIFEST})  # what a committed stage holds
+
+
+# What Spark writes in a folder: part files, its _SUCCESS marker, Hadoop's checksums; capfilt_part=<i>/.
+SPARK_FILE = re.compile(r"^(\.?part-\d{5}-[0-9a-f-]{36}-c\d{3}[.\w]*\.parquet(\.crc)?|\.?_SUCCESS(\.crc)?|capfilt_part=\d+)$")
+
+
+def _stage_layout(fs, path: str, entries: list[str]) -> bool:
+    """A folder laid out as a stage output that lost its manifest: only a stage's entries, rejects/
+    committed by Spark (its _SUCCESS), and in data/ and rejects/ only what Spark writes."""
+    if not set(entries) <= STAGE_ENTRIES or "rejects" not in entries or not fs.exists(f"{path}/rejects/_SUCCESS"):
+        return False
+    return all(SPARK_FILE.match(PurePosixPath(child).name)
+               for name in ("data", "rejects") if name in entries for child in fs.ls(f"{path}/{name}", detail=False))
+
+
 def check_replaceable(root: str, stage: str) -> None:
     """Refuse (ValueError) to commit `stage`'s output at root unless what is there is capfilt's to
     replace: nothing, an empty folder, or a committed output of the same stage. Checked before any
@@ -300,6 +317,8 @@ def check_replaceable(root: str, stage: str) -> None:
     entries = sorted(PurePosixPath(e).name for e in fs.ls(path, detail=False))
     if not entries:
         return
+    if kind is None and _stage_layout(fs, path, entries):
+        return  # a stage folder that lost its manifest (a move cut short on an object store, a hand edit)
     if kind is None:
         raise ValueError(f"output {root} holds files capfilt did not write ({', '.join(entries[:3])}"
                          f"{', ...' if len(entries) > 3 else ''}; no capfilt {MANIFEST}), and a stage replaces its "

@@ -186,6 +186,22 @@ def test_a_stage_commit_replaces_only_its_own_stage_output(tmp_path):
         assert read_manifest(folder)["stage"] == "dedup"
 
 
+def test_a_stage_folder_that_lost_its_manifest_is_replaced_a_data_folder_of_someone_else_is_not(tmp_path):
+    """A stage output without manifest.json (a move cut short on an object store, a hand edit) is still
+    capfilt's: only data/, rejects/ (committed by Spark: _SUCCESS) and Spark's part files. The same
+    names holding other files are someone's data."""
+    spark_part = "part-00000-54cbe9d3-fd9d-4c8b-a4bd-78037ff5ffb6-c000.zstd.parquet"
+    for name, data_file in (("lost", spark_part), ("theirs", "crawl-2024.parquet")):
+        for sub, file in (("data/capfilt_part=0", data_file), ("rejects", spark_part), ("rejects", "_SUCCESS")):
+            (tmp_path / name / sub).mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / sub / file).write_text("x")
+    assert StageOutput(str(tmp_path / "lost"), "dedup").begin()
+    (tmp_path / "theirs" / "data" / "crawl-2024.parquet").write_text("mine")
+    with pytest.raises(ValueError, match="holds files capfilt did not write"):
+        StageOutput(str(tmp_path / "theirs"), "dedup", overwrite=True).begin()
+    assert (tmp_path / "theirs" / "data" / "crawl-2024.parquet").read_text() == "mine"
+
+
 def test_world_generate_overwrite_replaces_only_a_corpus(tmp_path, capsys):
     """`--overwrite` removes OUT/site and OUT/metadata.*: a folder holding anything the world did not
     write (say a web root with its own site/) is refused, before anything is removed."""
