@@ -36,4 +36,4 @@ test: check-java venv
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf demo-output .pytest_cache spark-warehouse
+	rm -rf demo-output demo-output-report.html demo-output-webdataset .pytest_cache spark-warehouse
