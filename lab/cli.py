@@ -130,11 +130,26 @@ def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000,
     return report
 
 
-def _update_card(folder: str, metrics: dict, command: str) -> None:
+def _read_card(folder: str) -> dict | None:
+    """A local checkpoint folder's model_card.json (None where there is none); one that is not a JSON
+    object is refused naming the file (--update-card checks every card before the evaluation runs)."""
     card_path = Path(folder) / "model_card.json"
     if not card_path.is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--update-card: {card_path} is not JSON ({e}): fix or remove it") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"--update-card: {card_path} holds a {type(card).__name__}, not a JSON object: fix or remove it")
+    return card
+
+
+def _update_card(folder: str, metrics: dict, command: str) -> None:
+    card = _read_card(folder)
+    if card is None:
         return
-    card = json.loads(card_path.read_text())
+    card_path = Path(folder) / "model_card.json"
     card["metrics"] = {**{k: v for k, v in metrics.items() if k != "reference"}, "command": command}
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
@@ -223,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.clip or args.captioner or args.itm):
         print("eval: give --clip, --itm and/or --captioner", file=sys.stderr)
         return 2
+    if args.update_card:  # before minutes of evaluation, not after
+        for ref in (args.clip, args.captioner, args.itm):
+            if ref:
+                _read_card(ref)
     torch.set_num_threads(args.threads)
     report = evaluate(args.clip, args.captioner, args.seed, args.n_web, args.n_pairs, args.n_captions, args.top_p,
                       args.itm)

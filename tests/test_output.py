@@ -238,8 +238,8 @@ def test_world_eval_set_overwrite_removes_only_the_sets_own_files(tmp_path, caps
 
 def test_lab_train_and_eval_replace_only_what_lab_wrote(tmp_path, capsys, monkeypatch):
     """`lab train --out DIR` replaces DIR whole after minutes of training, `eval --json FILE` replaces
-    FILE: a folder without lab's card and a file that is not an eval report are refused before any
-    training or evaluation starts."""
+    FILE, `eval --update-card` rewrites model_card.json: a folder without lab's card, a file that is not
+    an eval report and a card that is not a JSON object are refused before any training or evaluation."""
     import capfilt.lab.cli as lab
     from capfilt.jobs.cli import main as capfilt
     monkeypatch.setattr(lab, "evaluate", lambda *a, **k: pytest.fail("evaluated before the refusal"))
@@ -252,7 +252,13 @@ def test_lab_train_and_eval_replace_only_what_lab_wrote(tmp_path, capsys, monkey
     (mine / "thesis.tex").write_text("mine")
     config = tmp_path / "open_clip_config.json"
     config.write_text('{"model_cfg": {}}')
-    for argv, message in ((["train", "clip", "--out", str(mine)], f"--out {mine} holds files but no model_card.json"),
+    listed, broken = tmp_path / "listed", tmp_path / "broken"
+    for folder, card in ((listed, "[]"), (broken, "{not json")):
+        folder.mkdir()
+        (folder / "model_card.json").write_text(card)
+    for argv, message in ((["eval", "--clip", str(listed), "--update-card"], "holds a list, not a JSON object"),
+                          (["eval", "--itm", str(broken), "--update-card"], "model_card.json is not JSON"),
+                          (["train", "clip", "--out", str(mine)], f"--out {mine} holds files but no model_card.json"),
                           (["train-head", "--kind", "watermark", "--out", str(mine)], "holds files but no card.json"),
                           (["train", "clip", "--out", str(mine / "thesis.tex")], "is a file, not a model folder"),
                           (["eval", "--clip", "x", "--json", str(config)], "exists and is not an eval report")):
