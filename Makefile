@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv check-java clean
+.PHONY: demo test check venv check-java clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
@@ -34,6 +34,10 @@ demo: check-java venv
 
 test: check-java venv
 	$(VENV)/bin/python -m pytest -q
+
+# The fast tier for the edit loop: every test not marked slow (pyproject.toml: markers).
+check: check-java venv
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf demo-output demo-output-report.html demo-output-webdataset .pytest_cache spark-warehouse

@@ -13,16 +13,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def spark():
-    """The one SparkSession of the test run. Autouse: jobs called in-process (download_main...) take
-    the active session, so it must exist before any of them, whatever the test order."""
+def _test_session():
+    """The one SparkSession of the test run, made on first use: a test or fixture that asks for `spark`,
+    or a job called in-process (download_main...), whose spark_session() takes the active session.
+    Tests that never reach Spark start no JVM (a run of only those takes seconds)."""
+    from pyspark.sql import SparkSession
+
     from capfilt.pipelines.config import SparkSettings
-    from capfilt.pipelines.session import spark_session
-    session = spark_session(SparkSettings(master="local[2]", shuffle_partitions=4, log_level="ERROR",
-                                          conf={"spark.ui.enabled": "false"}))
-    yield session
-    session.stop()
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    return _job_session(SparkSettings(master="local[2]", shuffle_partitions=4, log_level="ERROR",
+                                      conf={"spark.ui.enabled": "false"}))
+
+
+def _lazy_spark_session(settings=None):
+    return _test_session()  # a job's own settings never make the tests' session
+
+
+from capfilt.pipelines import session as _session  # noqa: E402
+
+_job_session = _session.spark_session
+_session.spark_session = _lazy_spark_session
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from pyspark.sql import SparkSession
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """The tests' SparkSession (started here if no test has needed it yet)."""
+    return _test_session()
 
 
 @pytest.fixture(scope="session")
@@ -152,10 +177,19 @@ def guarded_worker(loopback_only):
 
 
 @pytest.fixture
+def no_spark(monkeypatch):
+    """Fails the test if a job asks for a SparkSession: what a job refuses, it refuses before any work."""
+    def started(*args, **kwargs):
+        pytest.fail("Spark was started before the arguments were refused")
+    monkeypatch.setattr("capfilt.pipelines.session.spark_session", started)
+
+
+@pytest.fixture
 def refused_before_spark(monkeypatch, capsys):
     """refused(main, argv, folder) -> the error line: asserts that the job exits 2 with one line
-    `capfilt: error: ...`, that it never asked for a SparkSession (the tests' session exists already: a
-    refusal that came after Spark started fails here), and that `folder` holds no hidden folder or lock."""
+    `capfilt: error: ...`, that it never asked for a SparkSession (a refusal that came after the job
+    asked for Spark fails here, whether or not a session is running), and that `folder` holds no hidden
+    folder or lock."""
     from capfilt.jobs.common import run
     from capfilt.pipelines import session
 

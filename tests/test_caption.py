@@ -10,6 +10,7 @@ from capfilt.pipelines.caption import caption, split_captioned
 from capfilt.pipelines.config import CaptionSettings
 from capfilt.schemas import CAPTIONED, DOWNLOADED, REJECTS
 from capfilt.udfs.caption import row_seed
+from helpers import solid
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +28,15 @@ def tiny_blip(tmp_path_factory):
     return str(folder)
 
 
-def _png(colour):
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), colour).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _downloaded(spark, images):
     rows = [(uid, f"http://h/{uid}", "web", image, 64, 64, 64, 64, "0" * 64) for uid, image in images]
     return spark.createDataFrame(rows, DOWNLOADED.spark_schema())
 
 
+@pytest.mark.slow
 def test_spark_captions_equal_the_model_called_directly_with_each_rows_seed(spark, tiny_blip):
     from capfilt.udfs.models import load_captioner
-    images = [(f"u{i}", _png(c)) for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)])]
+    images = [(f"u{i}", solid(c, fmt="PNG")) for i, c in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)])]
     settings = CaptionSettings(model=tiny_blip, num_captions=3, max_new_tokens=8, batch_size=2, device="cpu")
     marked = caption(_downloaded(spark, images).repartition(2), settings, seed=11)
     captioned, rejects = split_captioned(marked)
@@ -61,9 +57,10 @@ def test_spark_captions_equal_the_model_called_directly_with_each_rows_seed(spar
     assert other_seed != got
 
 
+@pytest.mark.slow
 def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
     settings = CaptionSettings(model=tiny_blip, num_captions=1, max_new_tokens=4, device="cpu")
-    rows = [("ok", _png((1, 2, 3))), ("empty", b""), ("html", b"<html></html>"), ("cut", _png((9, 9, 9))[:60])]
+    rows = [("ok", solid((1, 2, 3), fmt="PNG")), ("empty", b""), ("html", b"<html></html>"), ("cut", solid((9, 9, 9), fmt="PNG")[:60])]
     captioned, rejects = split_captioned(caption(_downloaded(spark, rows), settings))
     REJECTS.validate(rejects)
     assert [r.uid for r in captioned.collect()] == ["ok"]
@@ -74,13 +71,14 @@ def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
 def test_zero_captions_is_filter_only_no_captioner_loaded_images_still_checked(spark, tmp_path):
     # The model reference names nothing: loading it would fail, so the stage must not load it.
     settings = CaptionSettings(model=str(tmp_path / "no-such-model"), num_captions=0, device="cpu")
-    rows = [("ok", _png((1, 2, 3))), ("cut", _png((9, 9, 9))[:60])]
+    rows = [("ok", solid((1, 2, 3), fmt="PNG")), ("cut", solid((9, 9, 9), fmt="PNG")[:60])]
     captioned, rejects = split_captioned(caption(_downloaded(spark, rows), settings))
     CAPTIONED.validate(captioned)
     assert [(r.uid, r.synthetic_captions) for r in captioned.collect()] == [("ok", [])]
     assert {r.uid: r.reason for r in rejects.collect()} == {"cut": "undecodable_image"}
 
 
+@pytest.mark.slow
 def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, tmp_path):
     import os
     import signal
@@ -92,7 +90,7 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     from capfilt.pipelines.output import StageOutput, build_manifest, read_manifest
     from tests.conftest import ROOT
 
-    images = [(f"u{i:02d}", _png((i * 9 % 256, 40, 200 - i))) for i in range(24)]
+    images = [(f"u{i:02d}", solid((i * 9 % 256, 40, 200 - i), fmt="PNG")) for i in range(24)]
     source = StageOutput(str(tmp_path / "download"), "download")
     source.begin()
     counts = write_stage(source, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))

@@ -42,6 +42,7 @@ def test_every_input_row_is_curated_or_rejected_with_its_stage_and_reason(curate
     assert all(f["file"].endswith(".zstd.parquet") for f in manifest["curated_files"])
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_committed_stages_and_a_killed_stage_resumes(curated_out, curate_args, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
@@ -94,6 +95,7 @@ def _own_kept(curated):
     return kept, scores
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_selection_settings_reuses_the_scores_and_loads_no_model(
         curated_out, curate_args, clip_link, tmp_path, capsys):
     out = tmp_path / "out"
@@ -272,6 +274,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_pid_and_a_crashed
         pass
 
 
+@pytest.mark.slow
 def test_retry_failed_through_curate_may_change_fetch_settings_only(curated_out, curate_args, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(curated_out, out)
@@ -323,6 +326,7 @@ def test_an_output_that_overlaps_its_input_is_refused_before_any_work(curated_ou
     assert sorted(p.name for p in download.rglob("*")) == before  # the input is untouched
 
 
+@pytest.mark.slow
 def test_stage_commands_run_apart_score_as_the_fused_pass_and_reselect_from_their_own_scores(curated_out, tmp_path):
     """caption and filter as separate commands (split across pools): the filter decodes every image
     again, its scores equal the fused pass's, and a rerun with another rule loads no model."""
@@ -356,6 +360,7 @@ def _candidates(data) -> list[dict]:
     return [c for r in table for c in r["candidates"]]
 
 
+@pytest.mark.slow
 def test_the_two_step_scorer_keeps_both_scores_reports_each_step_and_reselects_without_a_model(curated_out, tmp_path):
     """filter.scorer=two_step on a committed caption stage: CLIP scores every candidate, the ITM only
     those at or above clip_floor; the rule works on the ITM score; the manifest gives each step's
@@ -395,6 +400,7 @@ def _scores(data) -> dict:
     return {(r["uid"], c["text"]): c["score"] for r in table for c in r["candidates"]}
 
 
+@pytest.mark.slow
 def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out, curate_args, tmp_path, capsys):
     """Switching heads and decontamination on reruns only what follows filter (no model pass, nothing
     downloaded again); switching them off again recomputes dedup from filter's output."""
@@ -450,17 +456,11 @@ def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out
     assert read_manifest(out)["counts"] == read_manifest(curated_out)["counts"]
 
 
-@pytest.fixture
-def no_spark(monkeypatch):
-    """Fails the test if a job starts Spark: what a job refuses, it refuses before any work."""
-    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
-                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
-
-
 def _tree(folder):
     return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow
 def test_a_stage_command_into_a_finished_out_makes_it_stale_until_curate_rebuilds_it(
         curated_out, curate_args, tmp_path, capsys):
     """`capfilt filter --output OUT/stages/filter` with another threshold commits a new filter stage,

@@ -97,6 +97,7 @@ def _run(curated_out, out, sets, *more):
                  "--set", "download.image_size=64"])
 
 
+@pytest.mark.slow
 def test_copies_of_evaluation_images_leave_and_nothing_else(curated_out, eval_set, tmp_path, spark):
     out = tmp_path / "decon"
     from capfilt.jobs.demo import _as_overrides, shapes_world_settings

@@ -15,6 +15,7 @@ from capfilt.pipelines.dedup import dedup
 from capfilt.schemas import CURATED, REJECTS, SCORED
 from capfilt.udfs.clip_scores import embedding_bytes
 from capfilt.world.scene import Scene, encode_jpeg, render
+from helpers import encoded
 
 
 def _row(uid, image: bytes, caption: str, embedding, score: float, size=(64, 64), synthetic=()):
@@ -170,6 +171,7 @@ def shapes_world(spark, shapes_rows):
     return truth, curated.select("uid").toPandas(), rejects.toPandas().set_index("uid")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corpus", ["planted", "shapes world"])
 def test_the_driver_path_finds_the_groups_and_clusters_the_spark_jobs_find(spark, planted, shapes_rows, corpus):
     import dataclasses
@@ -215,12 +217,6 @@ def _stored(data: bytes, download) -> bytes:
     return image
 
 
-def _jpeg(image: Image.Image, quality: int) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
-
-
 def _skimage_picture(name: str) -> Image.Image:
     """A real photo or drawing from scikit-image's package files (no download)."""
     from importlib import resources
@@ -249,17 +245,18 @@ def real_pictures():
     rows, base = [], _unit(50)
     for caption, names in REAL_PICTURES.items():
         for name, embedding in zip(names, _at_cosine(base, 0.92, len(names), seed=len(caption))):
-            rows.append(_row(name.split(".")[0], _stored(_jpeg(_skimage_picture(name), 95), download), caption,
+            rows.append(_row(name.split(".")[0], _stored(encoded(_skimage_picture(name), quality=95), download), caption,
                              embedding, 0.5, size=(256, 256)))
     chelsea = next(r for r in rows if r["uid"] == "chelsea")
     picture = _skimage_picture("chelsea.png")
-    copy = _stored(_jpeg(picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BICUBIC), 60),
+    copy = _stored(encoded(picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BICUBIC), quality=60),
                    download)
     embedding = _toward(np.frombuffer(chelsea["image_embedding"], "<f2").astype(float), _unit(51), 0.93)
     rows.append(_row("chelsea_copy", copy, "image", embedding / np.linalg.norm(embedding), 0.49, size=(256, 256)))
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["driver", "spark"])
 def test_different_real_pictures_under_one_generic_caption_are_kept_and_a_copy_of_one_goes(spark, real_pictures, path):
     import dataclasses
@@ -289,6 +286,7 @@ def _twins():
     return pairs
 
 
+@pytest.mark.slow
 def test_shapes_world_scenes_differing_in_one_shape_under_one_caption_are_not_merged(spark):
     """The shapes CLIP barely sees shape: it puts these twins at cosine >= caption_image_threshold, and
     they share a caption; the thumbnails tell them apart. A re-encoded, resized copy of one still goes."""

@@ -57,6 +57,7 @@ def downloaded(world_site, tmp_path_factory):
     return root, server, out
 
 
+@pytest.mark.slow
 def test_every_input_row_ends_in_exactly_one_place(downloaded):
     root, _, out = downloaded
     data, rejects = outcome(out)
@@ -164,6 +165,7 @@ def test_ssrf_probes_are_blocked_by_default(spark, world_site, probe_server, tmp
     assert data.url.tolist() == [allowed], "the allow-listed endpoint is fetched"
 
 
+@pytest.mark.slow
 def test_a_killed_download_resumes_and_skips_finished_shards(world_site, tmp_path):
     root, server, _ = world_site
     t = truth(root)

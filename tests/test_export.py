@@ -192,14 +192,6 @@ def test_cli_overwrite_replaces_an_export_whole(out, tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-@pytest.fixture
-def no_spark(monkeypatch):
-    """Fails the test if a job starts Spark: what a job refuses, it refuses before any work."""
-    def started(*args, **kwargs):
-        pytest.fail("Spark was started before the arguments were refused")
-    monkeypatch.setattr("capfilt.pipelines.session.spark_session", started)
-
-
 def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out, tmp_path, capsys, no_spark):
     source = tmp_path / "out"
     shutil.copytree(out, source)

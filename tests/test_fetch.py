@@ -16,6 +16,7 @@ from capfilt.udfs import netguard
 from capfilt.udfs.fetch import SafeResizer, normalise
 from capfilt.udfs.polite import RETRYABLE_CODES
 from capfilt.world.corpus import bomb_png
+from helpers import encoded
 
 
 @pytest.mark.parametrize("ip, reason", [
@@ -75,12 +76,6 @@ class _Echo:
         return self.data, im.width, im.height, im.width, im.height, None
 
 
-def _encode(im, fmt, **kw):
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def test_bomb_header_is_refused_before_decoding():
     inner = _Echo()
     for side in (40000, 9000):  # over PIL's own limit; and over ours only (81M > 50M)
@@ -93,7 +88,7 @@ def test_exif_rotation_is_applied():
     im = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = _encode(im, "JPEG", exif=exif.tobytes())
+    data = encoded(im, "JPEG", exif=exif.tobytes())
     inner = _Echo()
     _, w, h, *_ , err = SafeResizer(inner, 10**8)(io.BytesIO(data))
     assert err is None and (w, h) == (20, 40)
@@ -101,22 +96,22 @@ def test_exif_rotation_is_applied():
 
 def test_sixteen_bit_and_alpha_and_animation_become_8bit_rgb():
     sixteen = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
-    out = Image.open(io.BytesIO(normalise(Image.open(io.BytesIO(_encode(sixteen, "PNG"))))))
+    out = Image.open(io.BytesIO(normalise(Image.open(io.BytesIO(encoded(sixteen, "PNG"))))))
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (156, 156, 156)  # 40000 >> 8, not clipped to 255
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    out = Image.open(io.BytesIO(normalise(Image.open(io.BytesIO(_encode(transparent, "PNG"))))))
+    out = Image.open(io.BytesIO(normalise(Image.open(io.BytesIO(encoded(transparent, "PNG"))))))
     assert out.getpixel((0, 0)) == (255, 255, 255), "alpha composited over white"
     frames = [Image.new("RGB", (8, 8), c) for c in ((0, 0, 255), (0, 255, 0))]
-    gif = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
     out = Image.open(io.BytesIO(normalise(Image.open(io.BytesIO(gif)))))
     assert out.mode == "RGB" and out.getpixel((0, 0))[2] > 200, "first frame"
-    plain = Image.open(io.BytesIO(_encode(Image.new("RGB", (8, 8)), "JPEG")))
+    plain = Image.open(io.BytesIO(encoded(Image.new("RGB", (8, 8)), "JPEG")))
     assert normalise(plain) is None, "ordinary images pass through untouched"
 
 
 def test_undecodable_bodies_get_a_stable_reason():
     resizer = SafeResizer(_Echo(), 10**8)
-    for body in (b"", b"<html>not an image</html>", _encode(Image.new("RGB", (64, 64)), "JPEG")[:200]):
+    for body in (b"", b"<html>not an image</html>", encoded(Image.new("RGB", (64, 64)), "JPEG")[:200]):
         *_, err = resizer(io.BytesIO(body))
         assert err.startswith("Image decoding error"), err
         assert "0x" not in err, "no memory addresses: details must be deterministic"
@@ -184,7 +179,7 @@ def test_every_other_image_takes_img2dataset_s_full_decode_as_before():
     rng = np.random.default_rng(4)
     scene = sample_scene(rng)
     large = render(scene, 1024, rng)
-    bodies = [encode_jpeg(render(scene, 300, rng), 90), _encode(large, "PNG"), _encode(large, "WEBP")]
+    bodies = [encode_jpeg(render(scene, 300, rng), 90), encoded(large, "PNG"), encoded(large, "WEBP")]
     bodies += [_variant_file(v, large, scene, rng, 80)[0] for v in ("cmyk_jpeg", "exif_rotated_jpeg", "rgba_png")]
     for data in bodies:
         assert SafeResizer(_img2dataset_resizer(), 10**8, reduced_decode=True)(io.BytesIO(data)) == \

@@ -12,6 +12,7 @@ from capfilt.pipelines.config import FilterSettings
 from capfilt.pipelines.filter import score, select, split_scored
 from capfilt.pipelines.inference import OUT
 from capfilt.schemas import CAPTIONED, REJECTS, SCORED
+from helpers import encoded, solid
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,6 @@ def tiny_clip(tmp_path_factory):
     torch.manual_seed(0)
     save_file(open_clip.CLIP(**cfg).state_dict(), str(folder / "open_clip_model.safetensors"))
     return str(folder)
-
-
-def _jpeg(colour, size=64):
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def _captioned(spark, rows):
@@ -65,12 +60,13 @@ def _direct(which: str, ref: str):
     return model.eval(), preprocess, open_clip.get_tokenizer("local-dir:" + ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "shapes", "vit-b-32"])
 def test_spark_scores_equal_a_direct_open_clip_computation(spark, which, request):
     from capfilt.udfs.models import SHAPES_CLIP
     ref = {"tiny": lambda: request.getfixturevalue("tiny_clip"), "shapes": lambda: SHAPES_CLIP,
            "vit-b-32": lambda: request.getfixturevalue("vit_b_32")}[which]()
-    rows = [(f"u{i}", cap, _jpeg(col), syn) for i, (cap, col, syn) in enumerate([
+    rows = [(f"u{i}", cap, solid(col), syn) for i, (cap, col, syn) in enumerate([
         ("a red square", (220, 20, 20), ["a red square", "a green thing"]),
         ("   ", (20, 220, 20), ["green"]),                      # blank web caption: no web candidate
         ("x" * 10_000, (20, 20, 220), []),                      # 10,000 characters: truncated, scored
@@ -142,11 +138,12 @@ def test_percentile_rule_uses_the_cutoff_computed_on_the_cluster(spark):
         select(_scored(spark, ROWS), FilterSettings(rule="percentile"), None)
 
 
+@pytest.mark.slow
 def test_bad_images_become_named_rejects_not_crashes(spark, tiny_clip):
     buf = io.BytesIO()
     Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(buf, "JPEG")
-    rows = [("ok", "red", _jpeg((200, 0, 0)), ["red"]), ("empty", "red", b"", ["red"]),
-            ("cut", "red", _jpeg((200, 0, 0))[:100], ["red"]), ("cmyk", "red", buf.getvalue(), ["red"])]
+    rows = [("ok", "red", solid((200, 0, 0)), ["red"]), ("empty", "red", b"", ["red"]),
+            ("cut", "red", solid((200, 0, 0))[:100], ["red"]), ("cmyk", "red", buf.getvalue(), ["red"])]
     settings = FilterSettings(model=tiny_clip, rule="threshold", threshold=-1.0, device="cpu")
     scored, rejects = split_scored(select(score(_captioned(spark, rows), settings), settings))
     assert sorted(r.uid for r in scored.collect()) == ["cmyk", "ok"]
@@ -173,7 +170,7 @@ def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
     from capfilt.world.scene import Scene, SceneObject, render
     scenes = [Scene((SceneObject("red", "square", "large"),), "white"),
               Scene((SceneObject("blue", "circle", "small"), SceneObject("green", "cross", "large")), "black")]
-    images = [_jpeg_of(render(s, 64, np.random.default_rng(i))) for i, s in enumerate(scenes)]
+    images = [encoded(render(s, 64, np.random.default_rng(i)), quality=95) for i, s in enumerate(scenes)]
     rows = [("u0", "a large red square on a white background", images[0],
              ["a large red circle on a white background", "a large red square, white background", "image"]),
             ("u1", "   ", images[1], ["a small blue circle left of a large green cross on a black background",
@@ -198,12 +195,6 @@ def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
                 rescored += 1
     assert rescored >= 3 and (skipped >= 2 if scorer == "two_step" else skipped == 0)
     assert all(r["seconds"]["itm"] is not None for r in got.values())
-
-
-def _jpeg_of(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=95)
-    return buf.getvalue()
 
 
 def _itm_scored(spark, rows):

@@ -1,6 +1,5 @@
 """Image near-duplicates: the exact faiss search, the SemDeDup-style partitioned search at scale,
 and the thumbnail check."""
-import io
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from capfilt.pipelines.image_dedup import candidate_pairs
 from capfilt.udfs.image_dedup import (boundary_margin, embedding_matrix, nearest_centroids, near_pairs,
                               pixels_match, thumbnails)
 from capfilt.world.embeddings import planted_embeddings
+from helpers import encoded
 
 
 def brute_force(x: np.ndarray, threshold: float) -> set[tuple[int, int]]:
@@ -60,18 +60,12 @@ def test_partitioned_search_finds_the_pairs_of_the_exact_search(spark):
     assert {(int(a[1:]), int(b[1:])) for a, b, _ in candidate_pairs(rows, exact).collect()} == truth
 
 
-def _jpeg(image: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def test_thumbnails_match_a_re_encoded_resized_copy_but_not_another_picture():
     rng = np.random.default_rng(3)
     base = Image.fromarray(np.kron(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)))
     copy = base.resize((96, 96)).resize((128, 128))
     other = Image.fromarray(np.roll(np.asarray(base), 16, axis=1))
-    a = thumbnails([_jpeg(base, 95), _jpeg(base, 95)])
-    b = thumbnails([_jpeg(copy, 70), _jpeg(other, 95)])
+    a = thumbnails([encoded(base, quality=95), encoded(base, quality=95)])
+    b = thumbnails([encoded(copy, quality=70), encoded(other, quality=95)])
     defaults = DedupSettings()
     assert pixels_match(a, b, defaults.pixel_tolerance, defaults.pixel_max_changed).tolist() == [True, False]

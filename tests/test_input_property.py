@@ -73,6 +73,7 @@ def _columns(data, names, value, dup=False):
     return cols, rows
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), names=extra_names)
 def test_parquet_rows_are_counted_or_refused(spark, data, names):
@@ -92,6 +93,7 @@ def test_parquet_rows_are_counted_or_refused(spark, data, names):
         counted(spark, Path(tmp) / "m.parquet", len(rows))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), names=extra_names)
 def test_jsonl_rows_are_counted_or_refused(spark, data, names):
@@ -111,6 +113,7 @@ def test_jsonl_rows_are_counted_or_refused(spark, data, names):
         counted(spark, Path(tmp) / "m.jsonl", len(rows))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data(), names=extra_names, dup=st.booleans(), crlf=st.booleans())
 def test_csv_rows_are_counted_or_refused(spark, data, names, dup, crlf):

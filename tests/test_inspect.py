@@ -331,20 +331,12 @@ def test_an_output_without_a_manifest_is_refused(tmp_path, capsys):
     (["--html", "{tmp}"], "--html {tmp} is a folder: name a file"),
     (["--html", "{tmp}/a file/x.html"], "--html {tmp}/a file/x.html: {tmp}/a file is not a folder"),
 ])
-def test_bad_counts_and_html_paths_are_refused_in_one_line_before_spark(out, tmp_path, capsys, monkeypatch,
+def test_bad_counts_and_html_paths_are_refused_in_one_line_before_spark(out, tmp_path, capsys, no_spark,
                                                                          args, message):
     (tmp_path / "a file").write_text("x")
-    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
-                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert cli(["inspect", str(out), *args]) == 2
     assert capsys.readouterr().err == f"capfilt: error: {message.replace('{tmp}', str(tmp_path))}\n"
-
-
-@pytest.fixture
-def no_spark(monkeypatch):
-    monkeypatch.setattr("capfilt.pipelines.session.spark_session",
-                        lambda *a, **k: pytest.fail("Spark was started before the arguments were refused"))
 
 
 def test_html_never_replaces_the_manifest_a_stage_file_the_input_or_a_model(out, tmp_path, capsys, no_spark):
@@ -534,6 +526,7 @@ def test_the_payload_detector_sees_a_payload_that_runs(chromium, tmp_path):
     assert len(marks) == 2, marks
 
 
+@pytest.mark.slow
 def test_headless_chromium_shows_the_report_and_runs_no_payload(report, chromium, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(render(report), encoding="utf-8")

@@ -161,6 +161,7 @@ def datasketch_pairs_and_dropped(rows, settings):
     return pairs, dropped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shingle,ngram,threshold,num_perm", [("word", 3, 0.7, 128), ("char", 5, 0.5, 64)])
 def test_candidate_pairs_and_dropped_rows_equal_datasketch_lsh_with_union_find(spark, shingle, ngram, threshold,
                                                                              num_perm):

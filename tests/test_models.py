@@ -175,6 +175,7 @@ def _open_clip_folder(model, preprocess_cfg: dict, config: dict, folder: Path) -
     return folder
 
 
+@pytest.mark.slow
 def test_loader_round_trips_a_random_vit_b_32_folder_and_file(tmp_path, held_out):
     import open_clip
     torch.manual_seed(0)
@@ -615,6 +616,7 @@ def test_a_changed_attribute_is_exactly_that_attribute():
         with_attribute_changed(Scene((SceneObject("red", "circle", "small"),), "white"), "order", rng)
 
 
+@pytest.mark.slow
 def test_fit_learns_the_pairs_it_is_given_and_refuses_images_without_captions(tmp_path):
     import open_clip
     from transformers import PreTrainedTokenizerFast

@@ -488,6 +488,7 @@ def test_retry_after_waits_past_the_host_budget_give_it_up():
     assert time.monotonic() - started < 0.05, "no wait for a host given up"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [0, 2])
 def test_a_host_answering_retry_after_forever_gets_exactly_three_429s(guarded_worker, retries):
     """Retry-After: 15 forever held a shard for 15 s per row (24 rows: 165 s). With one connection the

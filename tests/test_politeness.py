@@ -1,7 +1,6 @@
 """The polite crawler end to end, on several loopback hosts (127.0.0.2, 127.0.0.3, ...: each its own
 server, allow-listed, with politeness asked for them), read from the servers' own request logs."""
 import contextlib
-import io
 import json
 import re
 import time
@@ -13,6 +12,7 @@ import pytest
 
 from capfilt.jobs.download import main as download_main
 from capfilt.world.server import serve_hosts
+from helpers import solid
 from tests.test_fetch import _answer, _canary, _server
 
 RATE = 20
@@ -69,6 +69,7 @@ def _most_in_one_second(times):
     return max((sum(1 for t in times if s <= t < s + 1) for s in times), default=0)
 
 
+@pytest.mark.slow
 def test_per_host_rate_retry_after_and_the_failure_map(site, tmp_path, capsys):
     root, names = site
     # Host 0 fills most of a shard; host 1 straddles the cut between the two shards (two tasks share
@@ -115,6 +116,7 @@ ROBOTS_CAPFILT = "User-agent: *\nDisallow: /\n\nUser-agent: capfilt\nAllow: /img
 ROBOTS_IMG2DATASET = "User-agent: img2dataset\nDisallow: /img/\n"
 
 
+@pytest.mark.slow
 def test_robots_txt_one_request_per_host_and_disallowed_rows_never_fetched(site, tmp_path):
     root, names = site
     per_host = {0: {"robots": ROBOTS_CAPFILT}, 1: {"robots": 500}, 2: {"robots": 404},
@@ -160,19 +162,12 @@ def test_progress_lines_come_from_the_shards_stats(tmp_path, capsys):
 
 # --- issue 32: robots.txt verdicts lost, Retry-After that stalled a run -------------------------------
 
-def _jpeg() -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 @contextlib.contextmanager
 def _raw_site(robots=("404 Not Found", [], b""), images=None):
     """A loopback host (tests/test_fetch.py's raw server, 127.0.0.1): /robots.txt answers `robots`
     (status, headers, body; or a function returning them), every other path `images` (the same; None:
     a small JPEG). Yields an object with base_url and log: the (path, status) of every request, in order."""
-    jpeg = _jpeg()
+    jpeg = solid((200, 30, 30), 16)
     site = types.SimpleNamespace(log=[])
 
     def respond(path, conn, stop):
@@ -226,6 +221,7 @@ def test_robots_txt_rules_hold_whatever_its_encoding_headers_or_size(tmp_path):
     assert [p for p, _ in sites["redirected"].log] == ["/robots.txt"], "no image of a host whose rules are unread"
 
 
+@pytest.mark.slow
 def test_an_unreachable_robots_txt_leaves_the_rows_to_retry_failed_which_asks_it_again(tmp_path):
     """RFC 9309: robots.txt answering 5xx (or unreachable) disallows the host for the run. Its rows were
     opted_out, which --retry-failed never retries; they are failed_to_download (robots_txt_unreachable),
@@ -249,6 +245,7 @@ def test_an_unreachable_robots_txt_leaves_the_rows_to_retry_failed_which_asks_it
     assert manifest["retries"][-1] == {"retried": 5, "recovered": 3}
 
 
+@pytest.mark.slow
 def test_a_host_answering_retry_after_forever_is_given_up_after_three_answers(site, tmp_path):
     """429 with Retry-After: 15 forever held a shard 15 s per row (24 rows: 165 s; 119 s would stall a run
     for hours). With one connection the host is asked three times, each after the last wait, and its

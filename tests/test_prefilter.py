@@ -61,6 +61,7 @@ def _run(metadata, out, server, rules, *more):
                      "--set", "download.image_size=64", *sets, *more])
 
 
+@pytest.mark.slow
 def test_prefiltered_rows_are_rejected_with_reasons_and_never_requested(laion_site, tmp_path, spark):
     root, server, expected, truth = laion_site
     before = len(server.requests)

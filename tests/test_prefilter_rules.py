@@ -1,5 +1,5 @@
 """The prefilter's rules (udfs/prefilter.py) and the caption language detector (udfs/language.py), on
-LAION-shaped pandas batches: no Spark, a few seconds."""
+LAION-shaped pandas batches: no Spark (none starts), a few seconds."""
 import dataclasses
 import json
 import os
@@ -20,12 +20,6 @@ from capfilt.udfs.prefilter import (REASONS, RULES, active_rules, blocklist_matc
 CAPTIONS = Path(__file__).parent / "data" / "captions_languages.jsonl"
 LAION_COLUMNS = {"punsafe": "punsafe", "pwatermark": "pwatermark", "similarity": "similarity",
                  "width": "WIDTH", "height": "HEIGHT"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def spark():
-    """Overrides conftest's session-wide SparkSession: these rules are plain pandas."""
-    yield None
 
 
 @dataclasses.dataclass

@@ -4,6 +4,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from capfilt.pipelines.config import SparkSettings
 from capfilt.pipelines.session import spark_conf
 from tests.conftest import ROOT
@@ -35,6 +37,7 @@ def test_local_mode_sizes_shuffle_partitions_to_its_cores():
     assert "spark.sql.shuffle.partitions" not in spark_conf(SparkSettings(), "spark://127.0.0.1:7077")
 
 
+@pytest.mark.slow
 def test_under_spark_submit_the_given_master_and_conf_win(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent("""
