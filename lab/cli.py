@@ -133,16 +133,9 @@ def evaluate(clip_ref=None, captioner_ref=None, seed=EVAL_SEED_BASE, n_web=2000,
 def _read_card(folder: str) -> dict | None:
     """A local checkpoint folder's model_card.json (None where there is none); one that is not a JSON
     object is refused naming the file (--update-card checks every card before the evaluation runs)."""
+    from capfilt.udfs.models.check import json_object
     card_path = Path(folder) / "model_card.json"
-    if not card_path.is_file():
-        return None
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--update-card: {card_path} is not JSON ({e}): fix or remove it") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"--update-card: {card_path} holds a {type(card).__name__}, not a JSON object: fix or remove it")
-    return card
+    return json_object(card_path, "--update-card") if card_path.is_file() else None
 
 
 def _update_card(folder: str, metrics: dict, command: str) -> None:

@@ -256,8 +256,8 @@ def test_lab_train_and_eval_replace_only_what_lab_wrote(tmp_path, capsys, monkey
     for folder, card in ((listed, "[]"), (broken, "{not json")):
         folder.mkdir()
         (folder / "model_card.json").write_text(card)
-    for argv, message in ((["eval", "--clip", str(listed), "--update-card"], "holds a list, not a JSON object"),
-                          (["eval", "--itm", str(broken), "--update-card"], "model_card.json is not JSON"),
+    for argv, message in ((["eval", "--clip", str(listed), "--update-card"], "model_card.json must hold a JSON object, not a list"),
+                          (["eval", "--itm", str(broken), "--update-card"], "model_card.json is not valid JSON"),
                           (["train", "clip", "--out", str(mine)], f"--out {mine} holds files but no model_card.json"),
                           (["train-head", "--kind", "watermark", "--out", str(mine)], "holds files but no card.json"),
                           (["train", "clip", "--out", str(mine / "thesis.tex")], "is a file, not a model folder"),

@@ -40,15 +40,20 @@ def check_weights(ref: Reference, path) -> None:
         raise ValueError(f"model {ref.text!r}: {path} {problem}")
 
 
+def json_object(path: Path, who: str) -> dict:
+    """A JSON file that must hold an object (a config, a card); else one line: '<who>: <path> ...'."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{who}: {path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{who}: {path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def read_config(ref: Reference, path: Path) -> dict:
     """A model folder's JSON configuration file, which must hold an object."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"model {ref.text!r}: {path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"model {ref.text!r}: {path} must hold a JSON object, not a {type(config).__name__}")
-    return config
+    return json_object(path, f"model {ref.text!r}")
 
 
 def check_blip_folder(ref: Reference, folder: Path) -> dict:
