@@ -67,8 +67,8 @@ def is_report(file: Path) -> bool:
     try:
         with open(file, "rb") as f:
             head = f.read(4096)
-    except OSError:
-        return head.startswith(b"<!doctype html>") and b"<title>capfilt report: " in head
+    except OSError:  # unreadable: not one capfilt may replace
+        return False
     return head.startswith(b"<!doctype html>") and b"<title>capfilt report: " in head
 
 

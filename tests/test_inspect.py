@@ -698,3 +698,12 @@ def test_a_download_that_fetched_nothing_is_all_failures(spark, crawl_out, tmp_p
     f = download_failures(spark, str(none))
     assert (f["fetched"], f["downloaded"], f["failed"]) == (21, 0, 21) and f["outcomes"][0] == {
         "outcome": "downloaded", "rows": 0, "share": 0.0}
+
+
+def test_only_an_earlier_report_counts_as_one_to_replace(tmp_path):
+    from capfilt.jobs.report import is_report
+    page = tmp_path / "r.html"
+    page.write_text("<!doctype html><html><head><title>capfilt report: out</title>")
+    other = tmp_path / "notes.html"
+    other.write_text("<!doctype html><title>my notes</title>")
+    assert is_report(page) and not is_report(other) and not is_report(tmp_path) and not is_report(tmp_path / "none")
