@@ -233,7 +233,12 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
 
     from capfilt.pipelines.inference import apply_batches
     from capfilt.udfs.decontaminate import EvalEmbedder
-    check(cfg)
+    from capfilt.udfs.models import check_reference
+    # The sets' files were checked on the driver before Spark (`check`, by check_models): reading every
+    # tar's index again here would double that work on a large set.
+    if not cfg.dedup.eval_sets:
+        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
+    check_reference(cfg.filter.model, "clip")
     items = None
     for path in cfg.dedup.eval_sets:
         df = eval_images(spark, path)
