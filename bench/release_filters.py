@@ -2,7 +2,7 @@
 
 1. A held-out web corpus (default 10,000 rows, seed 20261) with about 10% watermarked images and about
    1% re-encoded, resized and slightly cropped copies of a held-out evaluation set (500 images) goes
-   through `capfilt curate` with `dedup.eval_sets` = that set and `heads.drop` = the committed shapes
+   through `capfilt curate` with `decontaminate.sets` = that set and `heads.drop` = the committed shapes
    watermark head. Caption and filter run apart (caption.fuse_filter=false), so the filter stage's own
    CLIP pass can be timed beside the heads stage.
    - decontamination: recall and precision of the planted copies among the rows that reached the
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             started = time.time()
             rc = run(curate, ["--input", str(metadata), "--id-col", "id", "--output", str(out), "--no-progress",
                               "--allow-host", f"127.0.0.1:{server.port}", "--allow-host", "127.0.0.1:1", *settings,
-                              "--set", "caption.fuse_filter=false", "--set", f"dedup.eval_sets=[{evals}]",
+                              "--set", "caption.fuse_filter=false", "--set", f"decontaminate.sets=[{evals}]",
                               "--set", f"heads.drop=[{head}]"])
             if rc:
                 return rc
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         t = time.time()
         shutil.rmtree(work / "decon-big", ignore_errors=True)
         rc = run(decontaminate, ["--input", str(out / "stages" / "filter"), "--output", str(work / "decon-big"), *settings,
-                                 "--set", f"dedup.eval_sets=[{big}]"])
+                                 "--set", f"decontaminate.sets=[{big}]"])
         if rc:
             return rc
         m = json.loads((work / "decon-big" / "manifest.json").read_text())

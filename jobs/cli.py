@@ -11,7 +11,7 @@ COMMANDS = {
     "download": ("capfilt.jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
     "caption": ("capfilt.jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
     "filter": ("capfilt.jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
-    "decontaminate": ("capfilt.jobs.decontaminate", "drop copies of evaluation images (dedup.eval_sets)"),
+    "decontaminate": ("capfilt.jobs.decontaminate", "drop copies of evaluation images (decontaminate.sets)"),
     "heads": ("capfilt.jobs.heads", "score rows with small heads over the stored CLIP embedding; drop or flag"),
     "dedup": ("capfilt.jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
     "package": ("capfilt.jobs.package", "build the zip that spark-submit --py-files ships to executors"),

@@ -1,8 +1,9 @@
 """`capfilt decontaminate` / `spark-submit jobs/decontaminate.py`: drop copies of evaluation images.
 
 Reads a committed filter output (or any later one), writes the rows that are no copy of an image in
-`dedup.eval_sets` + rejects (`eval_contaminated`, with the evaluation item in the detail). Exact copies
-by sha256, near copies by the cosine of the stored image embedding (faiss). docs/dedup.md has the policy.
+`decontaminate.sets` + rejects (`eval_contaminated`, with the evaluation item in the detail). Exact copies
+by sha256, near copies by the cosine of the stored image embedding (faiss), confirmed
+on the pixels. docs/filters.md has the policy.
 """
 import sys
 

@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys that moved: old key path -> new one. An old key is refused with its new place (a config written
+# for an earlier capfilt must not have its setting silently dropped or misread). One line per move.
+MOVED = {
+    "dedup.eval_sets": "decontaminate.sets",
+    "dedup.eval_threshold": "decontaminate.threshold",
+    "dedup.eval_candidates": "decontaminate.candidates",
+    "dedup.eval_verify": "decontaminate.verify",
+    "dedup.eval_pixel_tolerance": "decontaminate.pixel_tolerance",
+}
+
+
 def _opt(default, help: str = "", **checks):
     """A config field with its help text and checks (min, max, choices)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
@@ -167,6 +178,24 @@ class FilterSettings(ModelRuntime):
 
 
 @dataclass
+class DecontaminateSettings:
+    """Evaluation-set decontamination (the decontaminate stage, after filter; docs/filters.md)."""
+    sets: list[str] = _opt(list, "evaluation image sets whose copies leave the data (eval_contaminated): "
+                                 "a folder of images, Parquet with image bytes, or a folder of WebDataset "
+                                 "tars; empty = no decontamination")
+    threshold: float = _opt(0.5, "image-embedding cosine at or above which an evaluation image is a "
+                                 "candidate original of a row (exact copies are caught by hash first)",
+                            min=-1, max=1)
+    candidates: int = _opt(10, "nearest evaluation images per row checked as its candidate originals", min=1)
+    verify: Literal["pixels", "none"] = _opt(
+        "pixels", "pixels: confirm a candidate when the original's centre, scaled as a crop would scale it, "
+                  "lies in the row's image nearly unchanged (a CLIP puts two pictures of one subject as close "
+                  "as a copy); none: the embedding decides")
+    pixel_tolerance: float = _opt(6.0, "largest RMS difference (0-255, on 64-px thumbnails, blurred) "
+                                       "of a confirmed copy", min=0, max=255)
+
+
+@dataclass
 class DedupSettings:
     exact: bool = _opt(True, "drop rows whose image bytes (sha256) equal another's: the cheapest, surest evidence")
     # Captions: MinHash-LSH, signatures identical to datasketch.MinHash.
@@ -203,20 +232,6 @@ class DedupSettings:
     # The survivor of each group.
     inherit_captions: bool = _opt(True, "the survivor inherits the kept captions of the rows it replaces, "
                                         "as candidates with source 'inherited_web' / 'inherited_synthetic'")
-    # Evaluation-set decontamination (the decontaminate stage, before dedup; docs/dedup.md).
-    eval_sets: list[str] = _opt(list, "evaluation image sets whose copies leave the data (eval_contaminated): "
-                                      "a folder of images, Parquet with image bytes, or a folder of WebDataset "
-                                      "tars; empty = no decontamination")
-    eval_threshold: float = _opt(0.5, "image-embedding cosine at or above which an evaluation image is a "
-                                       "candidate original of a row (exact copies are caught by hash first)",
-                                 min=-1, max=1)
-    eval_candidates: int = _opt(10, "nearest evaluation images per row checked as its candidate originals", min=1)
-    eval_verify: Literal["pixels", "none"] = _opt(
-        "pixels", "pixels: confirm a candidate when the original's centre, scaled as a crop would scale it, "
-                  "lies in the row's image nearly unchanged (a CLIP puts two pictures of one subject as close "
-                  "as a copy); none: the embedding decides")
-    eval_pixel_tolerance: float = _opt(6.0, "largest RMS difference (0-255, on 64-px thumbnails, blurred) "
-                                            "of a confirmed copy", min=0, max=255)
 
 
 @dataclass
@@ -264,6 +279,7 @@ class Config:
     download: DownloadSettings = _opt(DownloadSettings)
     caption: CaptionSettings = _opt(CaptionSettings)
     filter: FilterSettings = _opt(FilterSettings)
+    decontaminate: DecontaminateSettings = _opt(DecontaminateSettings)
     dedup: DedupSettings = _opt(DedupSettings)
     prefilter: PrefilterSettings = _opt(PrefilterSettings)
     heads: HeadsSettings = _opt(HeadsSettings)
@@ -325,6 +341,8 @@ def build(cls, data: Any, path: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
+            if _join(path, key) in MOVED:
+                raise ConfigError(f"config key '{_join(path, key)}' moved to '{MOVED[_join(path, key)]}'")
             near = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{_join(path, near[0])}'?)" if near else f" (known: {', '.join(known)})"
             raise ConfigError(f"unknown config key '{_join(path, key)}'{hint}")

@@ -1,12 +1,12 @@
 """The decontaminate stage: scored -> scored (+ rejects). Copies of evaluation images leave the data.
 
-`dedup.eval_sets` names evaluation image sets, each a folder of image files, Parquet with image bytes
+`decontaminate.sets` names evaluation image sets, each a folder of image files, Parquet with image bytes
 (a `key`/`id` column and an `image` column, or Hugging Face's image struct), or a folder of WebDataset
 tars. Every evaluation image is embedded as the pipeline embeds its own rows (the download stage's
 resizer, then the run's CLIP: udfs/decontaminate.py). A row leaves as `eval_contaminated` when its
 sha256 equals an evaluation file's (an exact copy), or when its stored image embedding lies within
-`dedup.eval_threshold` (cosine) of an evaluation image's (faiss, exact inner-product search) and the
-pixels confirm it (udfs/decontaminate.py: copy_residual; `dedup.eval_verify`). The detail names the
+`decontaminate.threshold` (cosine) of an evaluation image's (faiss, exact inner-product search) and the
+pixels confirm it (udfs/decontaminate.py: copy_residual; `decontaminate.verify`). The detail names the
 evaluation item (`<set>/<id>`) and the evidence. DataComp removes near-duplicates of its
 evaluation sets the same way (datacomp#70).
 """
@@ -40,11 +40,11 @@ def check(cfg, input_root: str | None = None) -> None:
     every evaluation set can be read (a curate run reaches this stage after download, caption and filter)."""
     from capfilt.pipelines.heads import clip_of_input
     from capfilt.udfs.models import check_reference
-    if not cfg.dedup.eval_sets:
-        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
+    if not cfg.decontaminate.sets:
+        raise ValueError("decontaminate.sets is empty: name the evaluation sets to decontaminate against")
     same_clip(clip_of_input(input_root) if input_root else None, cfg)
     check_reference(cfg.filter.model, "clip")
-    check_eval_sets(cfg.dedup.eval_sets)
+    check_eval_sets(cfg.decontaminate.sets)
 
 
 def same_clip(clip: str | None, cfg) -> None:
@@ -73,7 +73,7 @@ def set_files(fs, root: str, path: str) -> tuple[str, list[str]]:
     images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
     if images:
         return "images", images
-    raise ValueError(f"dedup.eval_sets: {path} holds no images, Parquet (*.parquet) or WebDataset tars (*.tar)")
+    raise ValueError(f"decontaminate.sets: {path} holds no images, Parquet (*.parquet) or WebDataset tars (*.tar)")
 
 
 def check_eval_sets(paths) -> None:
@@ -84,11 +84,11 @@ def check_eval_sets(paths) -> None:
     for path in paths:
         fs, root = fsspec.core.url_to_fs(path)
         if not fs.exists(root):
-            raise ValueError(f"dedup.eval_sets: {path} does not exist")
+            raise ValueError(f"decontaminate.sets: {path} does not exist")
         kind, files = set_files(fs, root, path)
         if kind == "parquet":
             if not sum(_check_table(fs, f) for f in files):
-                raise ValueError(f"dedup.eval_sets: {path} holds no rows")
+                raise ValueError(f"decontaminate.sets: {path} holds no rows")
         elif kind == "tar":
             for f in files:
                 _check_tar(fs, f)
@@ -103,12 +103,12 @@ def _check_table(fs, path: str) -> int:
             meta = pq.ParquetFile(f)
             schema, rows = meta.schema_arrow, meta.metadata.num_rows
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise ValueError(f"dedup.eval_sets: {path} is not readable Parquet ({_first_line(e)})") from None
+        raise ValueError(f"decontaminate.sets: {path} is not readable Parquet ({_first_line(e)})") from None
     image = next((n for n in schema.names if n.lower() in _IMAGE_COLUMNS), None)
     kind = schema.field(image).type if image else None
     if kind is None or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (
             pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
-        raise ValueError(f"dedup.eval_sets: {path} has no image bytes column ({', '.join(_IMAGE_COLUMNS)}: "
+        raise ValueError(f"decontaminate.sets: {path} has no image bytes column ({', '.join(_IMAGE_COLUMNS)}: "
                          f"binary, or a struct with bytes); it has {', '.join(schema.names)}")
     return rows
 
@@ -129,16 +129,16 @@ def _check_tar(fs, path: str) -> None:
                     members = tar.getmembers()
                 cut = next((m for m in members if m.offset_data + m.size > size), None)
                 if cut is not None:
-                    raise ValueError(f"dedup.eval_sets: {path} is truncated (member {cut.name} runs past the end)")
+                    raise ValueError(f"decontaminate.sets: {path} is truncated (member {cut.name} runs past the end)")
             except tarfile.ReadError:
                 f.seek(0)
                 with tarfile.open(fileobj=f, mode="r:*") as tar:  # compressed: read through
                     members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as e:
         why = "neither a plain nor a compressed tar" if "could not be opened" in str(e) else _first_line(e)
-        raise ValueError(f"dedup.eval_sets: {path} is not a readable tar ({why})") from None
+        raise ValueError(f"decontaminate.sets: {path} is not a readable tar ({why})") from None
     if not any(m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES) for m in members):
-        raise ValueError(f"dedup.eval_sets: {path} holds no images ({len(members)} members, none named "
+        raise ValueError(f"decontaminate.sets: {path} holds no images ({len(members)} members, none named "
                          f"{', '.join(IMAGE_SUFFIXES)})")
 
 
@@ -151,7 +151,7 @@ def eval_images(spark, path: str):
     fs, root = fsspec.core.url_to_fs(path)
     root = root.rstrip("/")
     if not fs.exists(root):
-        raise ValueError(f"dedup.eval_sets: {path} does not exist")
+        raise ValueError(f"decontaminate.sets: {path} does not exist")
     prefix = F.lit(f"{set_name(path)}/")
     kind, files = set_files(fs, root, path)
     if kind == "parquet":
@@ -159,7 +159,7 @@ def eval_images(spark, path: str):
         names = {c.lower(): c for c in df.columns}
         image = next((names[c] for c in _IMAGE_COLUMNS if c in names), None)
         if image is None:
-            raise ValueError(f"dedup.eval_sets: {path} has no image column ({', '.join(_IMAGE_COLUMNS)}); it has "
+            raise ValueError(f"decontaminate.sets: {path} has no image column ({', '.join(_IMAGE_COLUMNS)}); it has "
                              f"{', '.join(df.columns)}")
         kind = df.schema[image].dataType
         if isinstance(kind, T.StructType) and "bytes" in kind.fieldNames():  # Hugging Face datasets' Image
@@ -167,7 +167,7 @@ def eval_images(spark, path: str):
         elif isinstance(kind, T.BinaryType):
             bytes_col = F.col(f"`{image}`")
         else:
-            raise ValueError(f"dedup.eval_sets: {path}: column {image} is {kind.simpleString()}, not image bytes")
+            raise ValueError(f"decontaminate.sets: {path}: column {image} is {kind.simpleString()}, not image bytes")
         key = next((names[c] for c in _ID_COLUMNS if c in names), None)
         ids = F.col(f"`{key}`").cast("string") if key else F.sha2(bytes_col, 256)
         return df.select(F.concat(prefix, ids).alias("eval_id"), bytes_col.alias("image"))
@@ -236,11 +236,11 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     from capfilt.udfs.models import check_reference
     # The sets' files were checked on the driver before Spark (`check`, by check_models): reading every
     # tar's index again here would double that work on a large set.
-    if not cfg.dedup.eval_sets:
-        raise ValueError("dedup.eval_sets is empty: name the evaluation sets to decontaminate against")
+    if not cfg.decontaminate.sets:
+        raise ValueError("decontaminate.sets is empty: name the evaluation sets to decontaminate against")
     check_reference(cfg.filter.model, "clip")
     items = None
-    for path in cfg.dedup.eval_sets:
+    for path in cfg.decontaminate.sets:
         df = eval_images(spark, path)
         items = df if items is None else items.unionByName(df)
     out_type = T.StructType([T.StructField("eval_id", T.StringType()), T.StructField("stored", T.BinaryType()),
@@ -256,11 +256,11 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
               .count().collect()}
     duplicated = stored.groupBy("eval_id").count().filter("count > 1").limit(3).collect()
     if duplicated:
-        raise ValueError(f"dedup.eval_sets: evaluation ids must be unique, {', '.join(r['eval_id'] for r in duplicated)} "
-                         f"repeat (two sets with one folder name?)")
+        raise ValueError(f"decontaminate.sets: evaluation ids must be unique, "
+                         f"{', '.join(r['eval_id'] for r in duplicated)} repeat (two sets with one folder name?)")
     if not counts.get(True):  # decontaminating against nothing would pass every copy through
-        raise ValueError(f"dedup.eval_sets: none of the {counts.get(False, 0)} evaluation images decodes as an "
-                         f"image ({', '.join(map(str, cfg.dedup.eval_sets))}): nothing to decontaminate against")
+        raise ValueError(f"decontaminate.sets: none of the {counts.get(False, 0)} evaluation images decodes as an "
+                         f"image ({', '.join(map(str, cfg.decontaminate.sets))}): nothing to decontaminate against")
     return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0), "embed_seconds": seconds}
 
 
@@ -271,27 +271,27 @@ def split(rows, cfg, facts: dict):
     same_clip(clip_of(facts["chain"]), cfg)
     spark = rows.sparkSession
     folder = f"{facts['workdir']}/eval"
-    facts["models"]["eval_sets"] = {"sets": list(cfg.dedup.eval_sets), "threshold": cfg.dedup.eval_threshold,
+    facts["models"]["eval_sets"] = {"sets": list(cfg.decontaminate.sets), "threshold": cfg.decontaminate.threshold,
                                     "clip": cfg.filter.model,
                                     **embed_eval_sets(spark, cfg, folder, stored_settings(facts["chain"], cfg))}
     print(f"[{STAGE}] evaluation images: {facts['models']['eval_sets']['images']} embedded, "
           f"{facts['models']['eval_sets']['unreadable']} unreadable", flush=True)
     hashes = F.broadcast(spark.read.parquet(folder).select(F.col("sha256").alias("_eval_sha"),
                                                            F.col("eval_id").alias("_exact")).dropDuplicates(["_eval_sha"]))
-    settings = cfg.dedup
+    settings = cfg.decontaminate
 
     def nearest(embeddings: pd.Series) -> pd.DataFrame:
         from capfilt.udfs.decontaminate import nearest_eval
-        ids, cosines = nearest_eval(embeddings.tolist(), folder, settings.eval_candidates, settings.eval_threshold)
+        ids, cosines = nearest_eval(embeddings.tolist(), folder, settings.candidates, settings.threshold)
         return pd.DataFrame({"ids": ids, "cosines": cosines})
     found = F.pandas_udf(nearest, "ids array<string>, cosines array<float>")
     marked = (rows.join(hashes, rows["sha256"] == hashes["_eval_sha"], "left").drop("_eval_sha")
               .withColumn("_near", found("image_embedding")).localCheckpoint())
-    if settings.eval_verify == "pixels":
+    if settings.verify == "pixels":
         def confirm(images: pd.Series, candidates: pd.Series) -> pd.DataFrame:
             from capfilt.udfs.decontaminate import confirm_copies
             ids, residuals = confirm_copies(images.tolist(), [list(c) if c is not None else [] for c in candidates],
-                                            folder, settings.eval_pixel_tolerance)
+                                            folder, settings.pixel_tolerance)
             return pd.DataFrame({"eval_id": ids, "residual": residuals})
         confirmed = F.pandas_udf(confirm, "eval_id string, residual float")
         # Image bytes are read from the download, for the rows with a candidate only.
@@ -314,5 +314,5 @@ def split(rows, cfg, facts: dict):
 
 
 DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split, check=check,
-                   enabled=lambda cfg: bool(cfg.dedup.eval_sets),
+                   enabled=lambda cfg: bool(cfg.decontaminate.sets),
                    models=lambda cfg: {"clip": cfg.filter.model})

@@ -12,10 +12,8 @@ import json
 
 # Config sections a committed stage was computed with (seed seeds caption sampling and dedup's choices).
 SETTINGS = {"download": ("download", "prefilter"), "caption": ("caption", "seed"), "filter": ("filter",),
-            "decontaminate": ("dedup.eval_sets", "dedup.eval_threshold", "dedup.eval_candidates",
-                              "dedup.eval_verify", "dedup.eval_pixel_tolerance", "download.image_size",
-                              "download.resize_mode", "download.resize_only_if_bigger", "download.encode_format",
-                              "download.encode_quality"),
+            "decontaminate": ("decontaminate", "download.image_size", "download.resize_mode",
+                              "download.resize_only_if_bigger", "download.encode_format", "download.encode_quality"),
             "heads": ("heads",), "dedup": ("dedup", "seed")}
 # Download settings that change how rows are fetched, not what a good row is: a committed download
 # stays valid under other values, and --retry-failed may change them (e.g. a longer timeout).

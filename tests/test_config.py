@@ -3,7 +3,7 @@ import os
 import pytest
 import yaml
 
-from capfilt.pipelines.config import Config, ConfigError, describe, load_config
+from capfilt.pipelines.config import MOVED, Config, ConfigError, describe, load_config
 from tests.conftest import ROOT
 
 
@@ -117,3 +117,42 @@ def test_a_setting_added_after_a_committed_run_makes_it_stale_only_when_set_off_
     assert changed_keys(recorded, now, ["download"]) == ["download.reduced_decode"]
     now["download"]["image_size"] = 128
     assert changed_keys(recorded, now, ["download"]) == ["download.image_size", "download.reduced_decode"]
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_a_moved_key_is_refused_naming_its_new_place_by_set_and_by_file(old, new, tmp_path, capsys):
+    from capfilt.jobs.cli import main as cli
+    message = f"config key '{old}' moved to '{new}'"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{old}=[x]"])
+    assert str(e.value) == message
+    section, key = old.split(".")
+    f = tmp_path / "old.yaml"
+    f.write_text(yaml.safe_dump({section: {key: 0.4}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == message
+    assert cli(["config", "--set", f"{old}=0.4"]) == 2
+    assert capsys.readouterr().err == f"capfilt: error: {message}\n"
+
+
+def test_decontamination_settings_live_in_their_own_section():
+    cfg = load_config(None, ["decontaminate.sets=[evals]", "decontaminate.threshold=0.4",
+                             "decontaminate.candidates=5", "decontaminate.verify=none",
+                             "decontaminate.pixel_tolerance=3"])
+    assert (cfg.decontaminate.sets, cfg.decontaminate.threshold, cfg.decontaminate.candidates,
+            cfg.decontaminate.verify, cfg.decontaminate.pixel_tolerance) == (["evals"], 0.4, 5, "none", 3.0)
+    assert not any(name.startswith("eval_") for name in Config().to_dict()["dedup"])
+
+
+def test_a_decontaminate_output_recorded_under_the_old_keys_is_stale_not_passed_off():
+    """A stage output committed before the move recorded dedup.eval_*, and no decontaminate section: the
+    run's evaluation sets (never the empty default) make it stale, so it is recomputed, not reused."""
+    from capfilt.pipelines.provenance import changed_keys
+    recorded = Config().to_dict()
+    del recorded["decontaminate"]
+    recorded["dedup"].update(eval_sets=["evals"], eval_threshold=0.5, eval_candidates=10, eval_verify="pixels",
+                             eval_pixel_tolerance=6.0)
+    now = load_config(None, ["decontaminate.sets=[evals]"]).to_dict()
+    assert changed_keys(recorded, now, ["decontaminate"]) == ["decontaminate.sets"]
+    assert changed_keys(now, now, ["decontaminate"]) == []

@@ -426,7 +426,7 @@ def test_optional_stages_join_and_leave_the_chain_of_a_committed_run(curated_out
     first = sorted((curated_out / "stages" / "download" / "data").glob("*.parquet"))[0]
     import pyarrow.parquet as pq
     (evals / "one.jpg").write_bytes(pq.read_table(first, columns=["image"]).column("image")[0].as_py())
-    on = ["--set", f"heads.drop=[{head}]", "--set", f"dedup.eval_sets=[{evals}]"]
+    on = ["--set", f"heads.drop=[{head}]", "--set", f"decontaminate.sets=[{evals}]"]
     assert curate([*curate_args, *on, "--output", str(out)]) == 0
     log = capsys.readouterr().out
     assert "stage 4/6: decontaminate" in log and "stage 5/6: heads" in log

@@ -93,7 +93,7 @@ def test_the_worlds_evaluation_sets_read_as_written(tmp_path, spark, fmt):
 def _run(curated_out, out, sets, *more):
     from capfilt.jobs.decontaminate import main
     return main(["--input", str(curated_out / "stages" / "filter"), "--output", str(out), *more,
-                 "--set", f"dedup.eval_sets=[{','.join(map(str, sets))}]", "--set", f"filter.model={SHAPES_CLIP}",
+                 "--set", f"decontaminate.sets=[{','.join(map(str, sets))}]", "--set", f"filter.model={SHAPES_CLIP}",
                  "--set", "download.image_size=64"])
 
 
@@ -132,14 +132,14 @@ def test_missing_or_empty_evaluation_sets_are_one_line(curated_out, tmp_path, ca
     from capfilt.jobs.decontaminate import main
     args = ["--input", str(curated_out / "stages" / "filter"), "--output", str(tmp_path / "o"),
             "--set", f"filter.model={SHAPES_CLIP}"]
-    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'nowhere'}]"]) == 2
+    assert run(main, [*args, "--set", f"decontaminate.sets=[{tmp_path / 'nowhere'}]"]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'empty'}]"]) == 2
+    assert run(main, [*args, "--set", f"decontaminate.sets=[{tmp_path / 'empty'}]"]) == 2
     assert "holds no images" in capsys.readouterr().err
     pq.write_table(pa.table({"key": ["a"], "caption": ["no image here"]}), tmp_path / "captions.parquet")
-    assert run(main, [*args, "--set", f"dedup.eval_sets=[{tmp_path / 'captions.parquet'}]"]) == 2
+    assert run(main, [*args, "--set", f"decontaminate.sets=[{tmp_path / 'captions.parquet'}]"]) == 2
     assert "no image bytes column" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
 
@@ -198,9 +198,9 @@ def test_unreadable_evaluation_sets_are_refused_before_spark_starts(curated_out,
     folder.mkdir()
     build(folder)
     err = refused_before_spark(main, ["--input", curated_out / "stages" / "filter", "--output", tmp_path / "o",
-                                      "--set", f"dedup.eval_sets=[{folder}]", "--set", f"filter.model={SHAPES_CLIP}"],
-                               tmp_path)
-    assert err.startswith("capfilt: error: dedup.eval_sets: ") and says in err, err
+                                      "--set", f"decontaminate.sets=[{folder}]",
+                                      "--set", f"filter.model={SHAPES_CLIP}"], tmp_path)
+    assert err.startswith("capfilt: error: decontaminate.sets: ") and says in err, err
     assert not (tmp_path / "o").exists()
 
 
@@ -211,7 +211,8 @@ def test_curate_refuses_an_unreadable_evaluation_set_before_downloading(curate_a
     folder.mkdir()
     _random_bytes_tar(folder)
     out = tmp_path / "out"
-    err = refused_before_spark(main, [*curate_args, "--output", out, "--set", f"dedup.eval_sets=[{folder}]"], tmp_path)
+    err = refused_before_spark(main, [*curate_args, "--output", out, "--set", f"decontaminate.sets=[{folder}]"],
+                               tmp_path)
     assert "000.tar is not a readable tar" in err and not (out / "stages").exists()
 
 
@@ -234,6 +235,6 @@ def test_an_evaluation_set_where_no_image_decodes_is_an_error_not_a_silent_pass(
     folder.mkdir()
     for i in range(2):
         (folder / f"{i}.jpg").write_bytes(b"not a picture")
-    cfg = load_config(None, [f"dedup.eval_sets=[{folder}]", f"filter.model={SHAPES_CLIP}", "download.image_size=64"])
+    cfg = load_config(None, [f"decontaminate.sets=[{folder}]", f"filter.model={SHAPES_CLIP}", "download.image_size=64"])
     with pytest.raises(ValueError, match="none of the 2 evaluation images decodes as an image"):
         embed_eval_sets(spark, cfg, str(tmp_path / "embedded"), cfg.download)
