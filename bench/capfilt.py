@@ -40,6 +40,8 @@ an idle machine about 9 s).
 """
 from __future__ import annotations
 
+import functools
+
 import argparse
 import io
 import os
@@ -222,11 +224,13 @@ def main() -> None:
     import torch
 
     from capfilt.jobs.caption import main as caption_main
-    from capfilt.jobs.filter import main as filter_main
+    from capfilt.jobs.common import run_stage_job
+    filter_main = functools.partial(run_stage_job, "filter")
     from capfilt.pipelines.config import SparkSettings, load_config
     from capfilt.pipelines.output import read_manifest
     from capfilt.pipelines.session import spark_session
-    from capfilt.pipelines.stage import definition, run_stage
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import run_stage
     from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_ITM
     from capfilt.world.captions import describe
     from capfilt.world.corpus import make_annotated
@@ -292,7 +296,7 @@ def main() -> None:
             sets = [f"{name}.{key}={value}" for name, values in sections.items() for key, value in values.items()]
             if which == "fused":  # what curate runs: the caption stage with the filter's pass fused in
                 cfg = load_config(None, [f"spark.master=local[{args.workers}]", *sets])
-                run_stage(definition("caption"), cfg, str(work / "downloaded"), out, fuse=[definition("filter").model])
+                run_stage(definition("caption"), cfg, str(work / "downloaded"), out, fuse=[("filter", definition("filter").model)])
             else:
                 name = STAGE_OF[which]
                 (filter_main if name == "filter" else caption_main)(
@@ -352,7 +356,9 @@ def write_inputs(spark, work: Path, rows: list[tuple], workers: int) -> None:
     the given synthetic captions (`captioned/`, filter's input)."""
     from pyspark.sql import functions as F
 
-    from capfilt.pipelines.io import empty_rejects, write_stage
+    from capfilt.pipelines.io import empty_rejects
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import write_output
     from capfilt.pipelines.output import Counts, StageOutput, build_manifest, read_manifest
     from capfilt.pipelines.stage import PART, Chain
     from capfilt.schemas import DOWNLOADED
@@ -360,7 +366,8 @@ def write_inputs(spark, work: Path, rows: list[tuple], workers: int) -> None:
     download = StageOutput(str(work / "downloaded"), "download")
     download.begin()
     data = spark.createDataFrame([r[:-1] for r in rows], DOWNLOADED.spark_schema()).repartition(workers)
-    download.commit(build_manifest(download, {}, write_stage(download, data, empty_rejects(spark), len(rows))))
+    download.commit(build_manifest(download, {}, write_output(download, definition("download"), data, empty_rejects(spark), len(rows),
+                                                                 "zstd")[0]))
     chain = Chain.of(download.root, read_manifest(download.root), 50_000)  # the stages' default rows_per_part
     parts = None
     for i in range(len(chain.parts)):
@@ -379,7 +386,8 @@ def run_model_pass(spark, which: str, source: Path, settings: dict) -> None:
     """The stage's model pass alone: each part's view through the batch UDF, output discarded."""
     from capfilt.pipelines.config import CaptionSettings, Config, FilterSettings
     from capfilt.pipelines.output import read_manifest
-    from capfilt.pipelines.stage import Chain, definition, infer, view
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import Chain, infer, view
 
     cfg = Config(caption=CaptionSettings(**settings["caption"]), filter=FilterSettings(**settings["filter"]))
     passes = [definition(STAGE_OF[which]).model] + \

@@ -106,9 +106,9 @@ def main() -> None:
     from functools import lru_cache
 
     from capfilt.jobs.demo import shapes_world_settings
+    from capfilt.net.fetch import stored_form
     from capfilt.pipelines.config import load_config
     from capfilt.udfs.decontaminate import thumbnail as residual_thumbnail
-    from capfilt.udfs.fetch import stored_form
     from capfilt.udfs.image_dedup import thumbnail
     from capfilt.world.scene import SHAPES, Scene, SceneObject, encode_jpeg, render, sample_scene
 

@@ -27,7 +27,7 @@ repeat, in alternating order (A, B / B, A / ...), each side in a fresh child pro
 
 Prints each timing, sum(B), the ratio A / sum(B) (goal <= 1.0), and A / (B's process wall clock).
 Nothing leaves 127.0.0.0/8: every URL of the corpus is on the loopback server or malformed, curate
-gets --allow-host for the server only, and B's driver refuses non-loopback connects (capfilt.udfs.netguard).
+gets --allow-host for the server only, and B's driver refuses non-loopback connects (capfilt.net.netguard).
 
     SPARK_LOCAL_IP=127.0.0.1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 \\
         .venv/bin/python bench/end_to_end.py [--n 10000] [--repeats 1] [--raw-layout processes|threads]
@@ -127,7 +127,7 @@ def _one_thread() -> None:
     """A raw worker process: one torch thread, as Spark's Python workers run (OMP_NUM_THREADS=1)."""
     import torch
 
-    from capfilt.udfs.netguard import refuse_non_loopback
+    from capfilt.net.netguard import refuse_non_loopback
     torch.set_num_threads(1)
     refuse_non_loopback()
 
@@ -179,9 +179,9 @@ def raw_side(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
+    from capfilt.net.netguard import refuse_non_loopback
     from capfilt.pipelines.session import spark_session
     from capfilt.udfs.models import SHAPES_CAPTIONER, SHAPES_CLIP
-    from capfilt.udfs.netguard import refuse_non_loopback
     refuse_non_loopback()  # this process: the model loads, the Spark driver (the fetches run in Spark's workers)
     side_datasketch = bench_module("dedup").side_datasketch
 

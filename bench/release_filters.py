@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import argparse
 import json
 import os
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
 
     from capfilt.jobs.common import run
     from capfilt.jobs.curate import main as curate
-    from capfilt.jobs.decontaminate import main as decontaminate
+    from capfilt.jobs.common import run_stage_job
+    decontaminate = functools.partial(run_stage_job, "decontaminate")
     from capfilt.jobs.demo import _as_overrides, shapes_world_settings
     from capfilt.pipelines.config import load_config
     from capfilt.world.corpus import make_web_corpus

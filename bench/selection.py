@@ -10,6 +10,9 @@ kept (image, caption) pairs, and the aligned images that leave with a right capt
 """
 from __future__ import annotations
 
+from capfilt.jobs.common import run_stage_job
+import functools
+
 import argparse
 import json
 import os
@@ -31,7 +34,7 @@ def main() -> None:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from capfilt.jobs.filter import main as filter_main
+    filter_main = functools.partial(run_stage_job, "filter")
     from capfilt.udfs.models import SHAPES_CLIP
     from capfilt.world.captions import parse
     from capfilt.world.corpus import NOISE_KINDS

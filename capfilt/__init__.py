@@ -5,7 +5,8 @@ subpackages:
 
     capfilt.schemas    schemas/     data contracts
     capfilt.pipelines  pipelines/   Spark stages
-    capfilt.udfs       udfs/        per-row work: fetch, models, hashing
+    capfilt.udfs       udfs/        per-row work: decode, models, hashing
+    capfilt.net        net/         the download worker's web access: fetcher, address policy, robots.txt, politeness
     capfilt.jobs       jobs/        entry points: `capfilt <command>`, `spark-submit jobs/<stage>.py`
     capfilt.world      world/       the shapes world (synthetic corpus, loopback web server)
     capfilt.lab        lab/         training and evaluation of the small shapes-world models
@@ -24,7 +25,7 @@ Import from `capfilt.<sub>` only: a bare `pipelines` (etc.) is not installed.
 """
 from pathlib import Path as _Path
 
-_SUBPACKAGES = ("schemas", "pipelines", "udfs", "jobs", "world", "lab")
+_SUBPACKAGES = ("schemas", "pipelines", "udfs", "net", "jobs", "world", "lab")
 _root = _Path(__file__).resolve().parent.parent
 if (not (_Path(__file__).resolve().parent / "pipelines").is_dir() and (_root / "pyproject.toml").is_file()
         and all((_root / _name / "__init__.py").is_file() for _name in _SUBPACKAGES)):

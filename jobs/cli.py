@@ -5,15 +5,9 @@ import argparse
 import sys
 
 COMMANDS = {
-    # name: (module, one-line help)
+    # name: (module, one-line help); each stage's command comes from its declaration (stage_commands)
     "demo": ("capfilt.jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
     "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, [decontaminate, heads,] dedup, write"),
-    "download": ("capfilt.jobs.download", "fetch the images of a LAION-style dump with img2dataset on Spark"),
-    "caption": ("capfilt.jobs.caption", "write K synthetic captions per image (nucleus sampling)"),
-    "filter": ("capfilt.jobs.filter", "CLIP-score web and synthetic captions and keep the aligned ones"),
-    "decontaminate": ("capfilt.jobs.decontaminate", "drop copies of evaluation images (decontaminate.sets)"),
-    "heads": ("capfilt.jobs.heads", "score rows with small heads over the stored CLIP embedding; drop or flag"),
-    "dedup": ("capfilt.jobs.dedup", "drop exact and near-duplicate pairs; write the curated Parquet"),
     "package": ("capfilt.jobs.package", "build the zip that spark-submit --py-files ships to executors"),
     "export": ("capfilt.jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
     "inspect": ("capfilt.jobs.report", "print the funnel, score quantiles and files of a curated output; --html report"),
@@ -24,23 +18,35 @@ COMMANDS = {
 }
 
 
+def stage_commands() -> dict[str, tuple[str | None, str]]:
+    """One command per stage of the chain, from its declaration: (its own job module, or None: the
+    generic stage job, jobs/stage.py; its help)."""
+    from capfilt.pipelines.registry import stages
+    return {s.name: (s.command, s.help) for s in stages() if s.help}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stage_jobs = stage_commands()
+    commands = {**dict(list(COMMANDS.items())[:2]), **stage_jobs, **dict(list(COMMANDS.items())[2:])}
     parser = argparse.ArgumentParser(
         prog="capfilt", description="Image-text curation (BLIP-style CapFilt) on Apache Spark.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<14} {help}" for name, (_, help) in COMMANDS.items())
+        epilog="commands:\n" + "\n".join(f"  {name:<14} {help}" for name, (_, help) in commands.items())
                + "\n\nRun 'capfilt COMMAND --help' for a command's options.")
-    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("command", choices=list(commands), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
     ns = parser.parse_args(argv[:1])
+    import functools
     import importlib
-    module = importlib.import_module(COMMANDS[ns.command][0])
-    from capfilt.jobs.common import run
-    return run(module.main, argv[1:])
+
+    from capfilt.jobs.common import run, run_stage_job
+    module = commands[ns.command][0]
+    job = importlib.import_module(module).main if module else functools.partial(run_stage_job, ns.command)
+    return run(job, argv[1:])
 
 
 if __name__ == "__main__":

@@ -38,30 +38,14 @@ def run(main, argv=None) -> int:
         return 130
 
 
-def reuse_committed(out, cfg: Config, stage: str, source: dict | None = None) -> bool:
-    """True when `out` is committed and this run may take it as it is (nothing to do). One computed
-    with other settings or from another input is refused rather than passed off as this run's."""
-    from capfilt.pipelines.output import read_manifest
-    from capfilt.pipelines.provenance import stale_reason
-    if not out.complete or cfg.output.overwrite:
-        return False
-    why = stale_reason(read_manifest(out.root), cfg.to_dict(), stage, source)
-    if why:
-        raise ValueError(f"{out.root} is committed, but was made with {why} than this run's: pass --overwrite "
-                         f"to recompute it, or choose another output")
-    print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
-    return True
-
-
 def check_models(cfg: Config, stages, input_root: str | None = None, reselect=()) -> None:
     """Check every model, head and evaluation-set reference the given stages will read, on the driver
     before Spark starts (each stage declares what it reads: Stage.check_inputs): a missing path, a broken
     file or an unsafe checkpoint is one line now, not executor tracebacks hours later. `input_root`: the
     stage command's input (None in curate); `reselect`: stages recomputed from stored scores (no model pass)."""
-    from capfilt.pipelines.stage import definition
+    from capfilt.pipelines.registry import definition
     for name in [*stages, *reselect]:
-        if name != "download":  # no Stage object: jobs/download.py checks its inputs
-            definition(name).check_inputs(cfg, input_root, model=name not in reselect)
+        definition(name).check_inputs(cfg, input_root, model=name not in reselect)
 
 
 def check_output_path(root: str, input: str | None = None, replaced: tuple[str, ...] = ("",)) -> None:
@@ -104,23 +88,22 @@ def _location(path: str):
     return PurePosixPath(f"/{scheme}") / rest.lstrip("/")
 
 
-def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_stage_job(name: str, argv=None) -> int:
+    """A stage command: --input (a committed stage output) -> --output, by the stage runner."""
+    from capfilt.pipelines.output import check_replaceable, enclosing_lock
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import run_stage
+    stage = definition(name)
+    p = argparse.ArgumentParser(prog=f"capfilt {name}", description=f"{stage.help}. One stage of the chain alone: "
+                                f"reads a committed stage output, commits its own (docs/architecture.md).")
     p.add_argument("--input", required=True, help="the previous stage's output directory")
     p.add_argument("--output", required=True, help="this stage's output directory")
     add_config_args(p)
-    return p
-
-
-def run_stage_job(name: str, doc: str, argv=None) -> int:
-    """A stage command: --input (a committed stage output) -> --output, by the stage runner."""
-    from capfilt.pipelines.output import check_replaceable, enclosing_lock
-    from capfilt.pipelines.stage import definition, run_stage
-    args = stage_parser(f"capfilt {name}", doc).parse_args(argv)
+    args = p.parse_args(argv)
     cfg = config_from_args(args)
     check_output_path(args.output, args.input)
     check_replaceable(args.output, name)
     check_models(cfg, [name], args.input)  # before Spark starts, as curate does
     with enclosing_lock(args.output):  # a stage of a curate output: OUT is rewritten, and goes stale
-        run_stage(definition(name), cfg, args.input, args.output)
+        run_stage(stage, cfg, args.input, args.output)
     return 0

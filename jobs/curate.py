@@ -18,9 +18,6 @@ import time
 
 from capfilt.jobs.common import config_from_args, run
 
-RUN, REUSE, RESELECT = "run", "reuse", "recompute without a model"
-
-
 def parser() -> argparse.ArgumentParser:
     from capfilt.jobs.download import add_input_args
     p = argparse.ArgumentParser(prog="capfilt curate", description=__doc__,
@@ -30,46 +27,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict[str, str]:
-    """What this run does with each stage: run it (not committed yet, --overwrite, download with
-    --retry-failed, or after a stage that runs: its committed output was made from the old data),
-    reuse it, or recompute it without a model (only settings that need no model pass changed:
-    selection, dedup). A committed stage made with other model settings or from another input is
-    refused, naming what differs."""
+def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict:
+    """{stage: Decision} for this run's chain, each stage decided by `decide` (pipelines/provenance.py)
+    from its committed output under OUT/stages: run it, reuse it, or recompute it without a model. A stage
+    after one that runs runs too (its committed output was made from the old rows). A committed stage made
+    with other model settings or from another input is refused, naming what differs, before anything runs."""
     from capfilt.pipelines.output import StageOutput, read_manifest
-    from capfilt.pipelines.provenance import changed_keys, source_of, stale_reason
-    from capfilt.pipelines.publish import active_stages, stage_dir
-    from capfilt.pipelines.stage import definition
-    actions, redo, stale, previous = {}, cfg.output.overwrite, [], None
-    for stage in active_stages(cfg):
-        root = stage_dir(out_root, stage)
-        committed = StageOutput(root, stage).complete
-        if redo or not committed or (stage == "download" and retry_failed):
-            actions[stage] = RUN
-        else:
-            manifest = read_manifest(root)
-            why = stale_reason(manifest, cfg.to_dict(), stage, source if stage == "download" else None)
-            read = manifest.get("chain", [[None], [None]])[-2][0] if stage != "download" else None
-            if why is None and read != previous:  # a stage was switched on or off before it
-                why = f"another chain (it read {read}, this run's stage before it is {previous})"
-            # The stage it read was committed again after it (a stage command into OUT/stages, a copy):
-            # what it computed came from the old rows, so it runs again (its model too, if it has one).
-            moved = stage != "download" and actions.get(previous) == REUSE and manifest.get("source") not in (
-                None, source_of(read_manifest(stage_dir(out_root, previous))))
-            model = None if stage == "download" else definition(stage).model
-            if why is None and not moved:
-                actions[stage] = REUSE
-            elif why is None or stage != "download" and (model is None or (
-                    definition(stage).keeps_scores and not changed_keys(manifest["config"], cfg.to_dict(), model.keys))):
-                actions[stage] = RUN if moved and model is not None else RESELECT  # new input: model too
-            else:
-                stale.append(f"{stage} under {out_root}/stages was made with {why} than this run's")
-        redo = redo or actions.get(stage) in (RUN, RESELECT)
-        previous = stage
+    from capfilt.pipelines.provenance import REFUSE, REUSE, RUN, Decision, decide, source_of
+    from capfilt.pipelines.publish import stage_dir
+    from capfilt.pipelines.registry import active
+    decisions, previous = {}, None
+    for stage in active(cfg):
+        root = stage_dir(out_root, stage.name)
+        manifest = read_manifest(root) if StageOutput(root, stage.name).complete else None
+        upstream = decisions.get(previous)
+        here = source if previous is None else (
+            source_of(read_manifest(stage_dir(out_root, previous))) if upstream.action == REUSE else None)
+        decision = decide(stage, manifest, cfg.to_dict(), here, overwrite=cfg.output.overwrite,
+                          upstream_ran=upstream is not None and upstream.action != REUSE, previous=previous,
+                          owns_chain=True)
+        if previous is None and retry_failed and decision.action == REUSE:
+            decision = Decision(RUN, "--retry-failed")
+        decisions[stage.name] = decision
+        previous = stage.name
+    stale = [f"{name} under {out_root}/stages was made with {d.why} than this run's" for name, d in decisions.items()
+             if d.action == REFUSE]
     if stale:
         raise ValueError("; ".join(stale) + ": rerun with --overwrite to recompute, or use the input and "
                          "settings of that run")
-    return actions
+    return decisions
 
 
 def main(argv=None) -> int:
@@ -81,50 +67,53 @@ def main(argv=None) -> int:
 
 
 def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = True) -> int:
-    """The chain over the stage objects with one Config: download, then each stage by the runner,
-    then the write step."""
+    """The chain over the stage objects with one Config: each stage by the runner, then the write step."""
     from capfilt.jobs.common import check_models
-    from capfilt.jobs.download import check, run_download
+    from capfilt.jobs.download import check
     from capfilt.pipelines.output import OutputLock, check_out_replaceable
-    from capfilt.pipelines.provenance import input_source
+    from capfilt.pipelines.provenance import RESELECT, REUSE, RUN, input_source
     from capfilt.pipelines.publish import publish, stage_dir
+    from capfilt.pipelines.registry import definition
     from capfilt.pipelines.session import spark_session
-    from capfilt.pipelines.stage import definition, run_stage
+    from capfilt.pipelines.stage import run_stage
 
     started = time.time()
     out = str(output).rstrip("/")
     check(spec, out, cfg, retry=retry_failed, replaced=("stages", "curated", "rejects"))
     check_out_replaceable(out)  # only capfilt's own stages/, curated/, rejects/ and manifest are replaced
     with OutputLock(out):
-        actions = plan(out, cfg, input_source(spec), retry_failed)
-        fuse = cfg.caption.fuse_filter and actions["caption"] == RUN and actions["filter"] == RUN
-        check_models(cfg, [stage for stage, action in actions.items() if action == RUN],
-                     reselect=[stage for stage, action in actions.items() if action == RESELECT])
+        decisions = plan(out, cfg, input_source(spec), retry_failed)
+        actions = {name: d.action for name, d in decisions.items()}
+        check_models(cfg, [name for name, action in actions.items() if action == RUN],
+                     reselect=[name for name, action in actions.items() if action == RESELECT])
         spark = spark_session(cfg.spark)
         print(f"[curate] Spark {spark.version}, master {spark.sparkContext.master}, UI {spark.sparkContext.uiWebUrl}",
               flush=True)
-        previous = None
-        for i, stage in enumerate(actions, 1):
-            action = actions[stage]
+        names = list(actions)
+        # A stage may run the next one's model pass in its own (caption and filter: one decode per image).
+        fused = {name: nxt for name, nxt in zip(names, names[1:]) if definition(name).fuse_next(cfg)
+                 and definition(nxt).model and actions[name] == RUN and actions[nxt] == RUN}
+        previous = spec
+        for i, name in enumerate(names, 1):
+            stage, action = definition(name), actions[name]
             note = {REUSE: ": committed by an earlier run, reused",
-                    RESELECT: ": recomputed from the stored scores, no model loaded",
-                    RUN: " (caption and filter in one pass over each image)" if fuse and stage == "caption" else ""}
-            print(f"\n[curate] stage {i}/{len(actions)}: {stage}  ({time.time() - started:.0f}s){note[action]}",
+                    RESELECT: ": recomputed from what it stored, no model loaded, nothing fetched again",
+                    RUN: f" ({name} and {fused[name]} in one pass over each image)" if name in fused else ""}
+            print(f"\n[curate] stage {i}/{len(names)}: {name}  ({time.time() - started:.0f}s){note[action]}",
                   flush=True)
-            root = stage_dir(out, stage)
-            if stage == "download" and action == RUN:
-                run_download(cfg, spec, root, retry_failed, progress=progress)
-            elif stage != "download" and action != REUSE:
-                run_stage(definition(stage), cfg, previous, root, recompute=True,
-                          fuse=[definition("filter").model] if fuse and stage == "caption" else [])
+            root = stage_dir(out, name)
+            if action != REUSE or stage.run is not None:
+                run_stage(stage, cfg, previous, root, recompute=stage.reads is not None,
+                          fuse=[(fused[name], definition(fused[name]).model)] if name in fused else [],
+                          options={"retry_failed": retry_failed, "progress": progress})
             previous = root
         print(f"\n[curate] write: {out}/curated, {out}/rejects, {out}/manifest.json", flush=True)
         manifest = publish(spark, out, cfg.to_dict(), cfg.output.compression, cfg.output.target_file_mb, started,
-                           reused=tuple(stage for stage, action in actions.items() if action == REUSE))
+                           reused=tuple(name for name, action in actions.items() if action == REUSE))
     counts = manifest["counts"]
     print(f"[curate] done in {manifest['seconds']:.0f}s: {counts['input']} rows in, {counts['output']} curated, "
           f"{counts['rejected_total']} rejected")
-    for stage in ("prefilter", *actions):
+    for stage in manifest["stages"]:
         for reason, n in sorted(counts["rejected"].get(stage, {}).items(), key=lambda kv: -kv[1]):
             print(f"  {stage:<13} {reason:<24} {n:>8}")
     return 0

@@ -2,7 +2,7 @@
 
 On a cluster, capfilt's code reaches the executors only through `--py-files` (or an installed
 package): without it every task fails with ModuleNotFoundError, while the same command passes in
-local mode. This writes one zip of capfilt's packages (schemas, pipelines, udfs, jobs, world, lab)
+local mode. This writes one zip of capfilt's packages (schemas, pipelines, udfs, net, jobs, world, lab)
 with their data files, and prints the spark-submit line that ships it. The executors still need
 capfilt's dependencies (torch, open_clip, faiss...) in their Python: an image or a packed venv
 (docs/cluster.md... see the README's spark-submit section).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 # The folder holding the subpackages: the checkout (editable install) or site-packages/capfilt (wheel).
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "pipelines", "udfs", "jobs", "world", "lab")
+PACKAGES = ("schemas", "pipelines", "udfs", "net", "jobs", "world", "lab")
 SUFFIXES = (".py", ".yaml", ".json")
 
 

@@ -123,13 +123,11 @@ def main(argv=None) -> int:
         check_html_target(Path(args.html), args.out)
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
     if manifest.get("stage") == "download":  # a crawl on its own: its funnel and failure map
-        from capfilt.jobs.download import print_funnel
-        from capfilt.pipelines.output import Counts
+        from capfilt.pipelines.download_stage import print_funnel
         from capfilt.pipelines.report import download_failures, failure_map
         with OutputLock(args.out, shared=True):
             failures = download_failures(spark_session(cfg.spark), args.out, args.top_hosts)
-        counts = manifest["counts"]
-        print_funnel(Counts(counts["input"], counts["output"], counts["rejected"]), args.out)
+        print_funnel(manifest["counts"], args.out)
         print("\n" + "\n".join(failure_map(failures, args.out)))
         return 0
     with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read

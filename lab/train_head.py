@@ -3,7 +3,7 @@ on a held-out seed.
 
 The data is what the pipeline would hold for shapes-world corpora with watermarks: the world's image
 files, resized and re-encoded as the download stage stores them (img2dataset's Resizer through
-udfs.fetch.SafeResizer, at the demo's download settings), decoded as the filter stage decodes them
+net.fetch.SafeResizer, at the demo's download settings), decoded as the filter stage decodes them
 (udfs.images.decode_images) and embedded by the shapes CLIP with the filter's own functions
 (udfs.clip_scores.clip_scores, then embedding_bytes: float16), so that the head sees exactly the
 `image_embedding` column the filter stage writes.
@@ -54,7 +54,7 @@ def clip_path() -> str:
 def _resizer():
     from img2dataset.resizer import Resizer
 
-    from capfilt.udfs.fetch import SafeResizer
+    from capfilt.net.fetch import SafeResizer
     s = STORED
     inner = Resizer(image_size=s["image_size"], resize_mode=s["resize_mode"],
                     resize_only_if_bigger=s["resize_only_if_bigger"], encode_quality=s["encode_quality"],

@@ -7,7 +7,7 @@ for the runner (capfilt.pipelines.stage); `CAPTIONER` its model pass, which cura
 from __future__ import annotations
 
 from capfilt.pipelines.config import CaptionSettings
-from capfilt.pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from capfilt.pipelines.stage import PASS, ModelPass, Result, Stage, reject_rows
 from capfilt.schemas import CAPTIONED, DOWNLOADED
 from capfilt.udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
@@ -35,9 +35,8 @@ class CaptionBatch:
         self.seed = seed
 
     def __call__(self, frame, images) -> dict:
-        from capfilt.pipelines.inference import worker_model
         from capfilt.udfs.caption import CaptionParams, caption_batch
-        from capfilt.udfs.models import cached_captioner
+        from capfilt.udfs.models import cached_captioner, worker_model
 
         s = self.settings
         if s.num_captions == 0:  # filter only: no captioner is loaded, images are still checked
@@ -65,16 +64,18 @@ def caption(df, settings: CaptionSettings, seed: int = 0):
     return infer(df, cfg, [CAPTIONER], df.sparkSession.sparkContext.accumulator(0))
 
 
-def split_captioned(marked, cfg=None, facts=None):
-    """(captioned records, rejects) from the output of `caption`."""
+def split_captioned(marked, cfg=None, context=None) -> Result:
+    """The captioned records and the rejects, from the output of `caption`."""
     from pyspark.sql import functions as F
-    error = F.col(f"{OUT}.error")
-    captioned = marked.filter(error.isNull()).withColumn("synthetic_captions", F.col(f"{OUT}.captions")).drop(OUT)
+    error = F.col(f"{PASS}.error")
+    captioned = marked.filter(error.isNull()).withColumn("synthetic_captions", F.col(f"{PASS}.captions")).drop(PASS)
     rejects = reject_rows(marked.filter(error.isNotNull()), STAGE, F.substring_index(error, ":", 1), error)
-    return captioned, rejects
+    return Result(captioned, rejects)
 
 
 DEFINITION = Stage(
     name=STAGE, reads=DOWNLOADED, adds=(CAPTIONED.field("synthetic_captions"),), reasons=REASONS,
-    split=split_captioned, model=CAPTIONER,
+    split=split_captioned, model=CAPTIONER, depends=("seed",),
+    help="write K synthetic captions per image (nucleus sampling)",
+    fuse_next=lambda cfg: cfg.caption.fuse_filter,
     models=lambda cfg: {"captioner": cfg.caption.model if cfg.caption.num_captions else None})

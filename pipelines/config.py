@@ -326,11 +326,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or e
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
-    config = build(Config, data, "")
+    config = build(config_class(), data, "")
     if config.caption.min_new_tokens > config.caption.max_new_tokens:
         raise ConfigError(f"caption.min_new_tokens ({config.caption.min_new_tokens}) is above "
                           f"caption.max_new_tokens ({config.caption.max_new_tokens})")
     return config
+
+
+def config_class() -> type:
+    """Config, with a section for each stage from another package that brings settings (its name)."""
+    from capfilt.pipelines.registry import settings_sections
+    own = {f.name for f in dataclasses.fields(Config)}
+    extra = [(name, cls, field(default_factory=cls, metadata={"help": f"settings of the {name} stage"}))
+             for name, cls in settings_sections().items() if name not in own]
+    return dataclasses.make_dataclass("Config", extra, bases=(Config,)) if extra else Config
 
 
 def build(cls, data: Any, path: str):
@@ -408,8 +417,9 @@ def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe(cls=None, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(key path, default, help) for every leaf: used by `capfilt config` and the docs test."""
+    cls = cls or config_class()
     rows = []
     defaults = cls()
     for f in dataclasses.fields(cls):

@@ -17,7 +17,7 @@ import pandas as pd  # module level: Spark reads the pandas UDFs' type hints fro
 import re
 import time
 
-from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.pipelines.stage import Result, Stage, reject_rows
 from capfilt.schemas import SCORED
 
 STAGE = "decontaminate"
@@ -264,18 +264,18 @@ def embed_eval_sets(spark, cfg, folder: str, download) -> dict:
     return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0), "embed_seconds": seconds}
 
 
-def split(rows, cfg, facts: dict):
+def split(rows, cfg, context) -> Result:
     from pyspark.sql import functions as F
 
     from capfilt.pipelines.heads import clip_of
-    same_clip(clip_of(facts["chain"]), cfg)
+    same_clip(clip_of(context.chain), cfg)
     spark = rows.sparkSession
-    folder = f"{facts['workdir']}/eval"
-    facts["models"]["eval_sets"] = {"sets": list(cfg.decontaminate.sets), "threshold": cfg.decontaminate.threshold,
-                                    "clip": cfg.filter.model,
-                                    **embed_eval_sets(spark, cfg, folder, stored_settings(facts["chain"], cfg))}
-    print(f"[{STAGE}] evaluation images: {facts['models']['eval_sets']['images']} embedded, "
-          f"{facts['models']['eval_sets']['unreadable']} unreadable", flush=True)
+    folder = f"{context.workdir}/eval"
+    report = {"eval_sets": {"sets": list(cfg.decontaminate.sets), "threshold": cfg.decontaminate.threshold,
+                            "clip": cfg.filter.model,
+                            **embed_eval_sets(spark, cfg, folder, stored_settings(context.chain, cfg))}}
+    print(f"[{STAGE}] evaluation images: {report['eval_sets']['images']} embedded, "
+          f"{report['eval_sets']['unreadable']} unreadable", flush=True)
     hashes = F.broadcast(spark.read.parquet(folder).select(F.col("sha256").alias("_eval_sha"),
                                                            F.col("eval_id").alias("_exact")).dropDuplicates(["_eval_sha"]))
     settings = cfg.decontaminate
@@ -295,7 +295,7 @@ def split(rows, cfg, facts: dict):
             return pd.DataFrame({"eval_id": ids, "residual": residuals})
         confirmed = F.pandas_udf(confirm, "eval_id string, residual float")
         # Image bytes are read from the download, for the rows with a candidate only.
-        images = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
+        images = context.images()
         candidates = marked.filter(F.col("_exact").isNull() & (F.size("_near.ids") > 0)).select("uid", "_near")
         checked = (candidates.join(images.select("uid", "image"), "uid")
                    .select("uid", confirmed("image", "_near.ids").alias("_copy")).localCheckpoint())
@@ -310,9 +310,13 @@ def split(rows, cfg, facts: dict):
     detail = F.when(F.col("_exact").isNotNull(), F.concat(F.lit("eval item "), "_exact", F.lit(": identical bytes (sha256)"))) \
         .otherwise(F.concat(F.lit("eval item "), copy_of, how))
     kept = marked.filter(~hit).select(*rows.columns)
-    return kept, reject_rows(marked.filter(hit), STAGE, EVAL_CONTAMINATED, detail)
+    return Result(kept, reject_rows(marked.filter(hit), STAGE, EVAL_CONTAMINATED, detail), report)
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split, check=check,
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=split, check=check, images=True,
+                   help="drop copies of evaluation images (decontaminate.sets)",
+                   # the evaluation images are stored as the rows' were
+                   depends=("download.image_size", "download.resize_mode", "download.resize_only_if_bigger",
+                            "download.encode_format", "download.encode_quality"),
                    enabled=lambda cfg: bool(cfg.decontaminate.sets),
                    models=lambda cfg: {"clip": cfg.filter.model})

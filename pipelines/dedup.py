@@ -22,7 +22,7 @@ from __future__ import annotations
 import pandas as pd
 
 from capfilt.pipelines.config import DedupSettings
-from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.pipelines.stage import Result, Stage, reject_rows
 from capfilt.schemas import SCORED, Field
 
 STAGE = "dedup"
@@ -281,17 +281,17 @@ def _inherit(kept, dropped):
     return joined.withColumn("candidates", F.concat("candidates", distinct)).drop("gifts")
 
 
-def split(view, cfg, facts: dict):
+def split(view, cfg, context) -> Result:
     """The stage's split: image bytes for the thumbnail check are read from the download, for the
     rows in candidate pairs only. A survivor's candidates are written only when it inherited some
     (null: the filter's stand)."""
     from pyspark.sql import functions as F
-    images = view.sparkSession.read.option("pathGlobFilter", "*.parquet").parquet(f"{facts['chain'].images}/data")
-    curated, rejects = dedup(view.withColumn("_own", F.size("candidates")), cfg.dedup, cfg.seed, images,
-                             facts["rows"])
+    curated, rejects = dedup(view.withColumn("_own", F.size("candidates")), cfg.dedup, cfg.seed, context.images(),
+                             context.rows)
     changed = F.when(F.size("candidates") > F.col("_own"), F.col("candidates"))
-    return curated.withColumn("candidates", changed).drop("_own"), rejects
+    return Result(curated.withColumn("candidates", changed).drop("_own"), rejects)
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, reasons=REASONS, split=split, adds=(
+DEFINITION = Stage(name=STAGE, reads=SCORED, reasons=REASONS, split=split, depends=("seed",), images=True,
+                   help="drop exact and near-duplicate pairs; write the curated Parquet", adds=(
     Field("candidates", SCORED.field("candidates").type, True, "with inherited captions; null: as the filter left them"),))

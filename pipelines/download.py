@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 import time
 
+from capfilt.net.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
+from capfilt.net.netguard import BLOCKED_MARK
+from capfilt.net.polite import RETRYABLE_CODES
 from capfilt.pipelines.config import DownloadSettings
 from capfilt.pipelines.inputs import MALFORMED
 from capfilt.pipelines.stage import reject_rows
-from capfilt.udfs.fetch import OPTED_OUT_MARK, TOO_LARGE_MARK
-from capfilt.udfs.netguard import BLOCKED_MARK
-from capfilt.udfs.polite import RETRYABLE_CODES
 
 STAGE = "download"
 MALFORMED_ROW, DUPLICATE_UID, INVALID_URL, EMPTY_CAPTION = "malformed_row", "duplicate_uid", "invalid_url", "empty_caption"
@@ -104,7 +104,7 @@ def with_hosts(todo, settings: DownloadSettings):
     (scheme://host:port) and _limited (false for allow-listed endpoints unless polite_to_allowed_hosts)."""
     from pyspark.sql import functions as F
 
-    from capfilt.udfs.polite import exempt_entries
+    from capfilt.net.polite import exempt_entries
     scheme = F.lower(F.regexp_extract("url", _AUTHORITY, 1))
     host = F.lower(F.regexp_extract("url", _AUTHORITY, 2))
     written = F.regexp_extract("url", _AUTHORITY, 3)
@@ -131,8 +131,8 @@ def robots_refusals(todo, settings: DownloadSettings, partitions: int):
     def check(batches):
         import pandas as pd
 
-        from capfilt.udfs.fetch import prepare_worker
-        from capfilt.udfs.robots import RobotsCache
+        from capfilt.net.fetch import prepare_worker
+        from capfilt.net.robots import RobotsCache
         prepare_worker(policy)
         cache = RobotsCache(token, tokens, timeout, threads)
         for pdf in batches:
@@ -189,8 +189,8 @@ def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = Non
     (its own per-host state in the workers)."""
     import uuid
 
-    from capfilt.udfs.fetch import FetchPolicy
-    from capfilt.udfs.polite import exempt_entries
+    from capfilt.net.fetch import FetchPolicy
+    from capfilt.net.polite import exempt_entries
     return FetchPolicy(
         allow_hosts=tuple(settings.allow_hosts), loopback_only=settings.loopback_only, max_bytes=settings.max_bytes,
         user_agent_tokens=tuple(dict.fromkeys([settings.user_agent_token.lower(), "img2dataset"])),
@@ -215,7 +215,7 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
     from img2dataset.reader import Reader
     from img2dataset.writer import ParquetSampleWriter
 
-    from capfilt.udfs.fetch import GuardedDownloader, stored_form
+    from capfilt.net.fetch import GuardedDownloader, stored_form
 
     fs, shards_path = fsspec.core.url_to_fs(shards_dir)
     fs.makedirs(f"{shards_path}/_tmp", exist_ok=True)  # img2dataset's Reader writes its input shards here

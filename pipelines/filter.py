@@ -16,7 +16,7 @@ inference must not run twice.
 from __future__ import annotations
 
 from capfilt.pipelines.config import FilterSettings
-from capfilt.pipelines.stage import OUT, ModelPass, Stage, reject_rows
+from capfilt.pipelines.stage import PASS, ModelPass, Result, Stage, reject_rows
 from capfilt.schemas import CAPTIONED, CURATED, SCORED
 from capfilt.udfs.images import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE
 
@@ -58,10 +58,9 @@ class ScoreBatch:
     def __call__(self, frame, images) -> dict:
         import time
 
-        from capfilt.pipelines.inference import worker_model
         from capfilt.udfs.clip_scores import clip_scores, embedding_bytes
         from capfilt.udfs.itm_scores import itm_scores
-        from capfilt.udfs.models import cached_clip, cached_itm
+        from capfilt.udfs.models import cached_clip, cached_itm, worker_model
 
         s = self.settings
         clip = worker_model(s, cached_clip)
@@ -111,7 +110,7 @@ def rule_threshold(settings: FilterSettings) -> float:
 def percentile_cutoff(scored, quantile: float, field: str = "scores") -> float | None:
     """The global quantile of web-caption scores, computed on the cluster (approxQuantile)."""
     from pyspark.sql import functions as F
-    web = scored.filter(F.col(f"{OUT}.error").isNull()).select(F.col(f"{OUT}.{field}")[0].alias("s")).dropna()
+    web = scored.filter(F.col(f"{PASS}.error").isNull()).select(F.col(f"{PASS}.{field}")[0].alias("s")).dropna()
     values = web.approxQuantile("s", [quantile], 1e-4)
     return values[0] if values else None
 
@@ -120,9 +119,9 @@ def select(scored, settings: FilterSettings, cutoff: float | None = None):
     """Candidates (web first, then synthetic) with scores and `kept`, best_score, caption_primary."""
     from pyspark.sql import functions as F
 
-    present = scored.schema[OUT].dataType.fieldNames()  # a pass made before the ITM existed has no itm_scores
-    clip = F.col(f"{OUT}.scores")
-    itm = F.col(f"{OUT}.itm_scores") if "itm_scores" in present else F.lit(None).cast("array<float>")
+    present = scored.schema[PASS].dataType.fieldNames()  # a pass made before the ITM existed has no itm_scores
+    clip = F.col(f"{PASS}.scores")
+    itm = F.col(f"{PASS}.itm_scores") if "itm_scores" in present else F.lit(None).cast("array<float>")
     scores = clip if settings.scorer == "clip" else itm
 
     def candidate(text, source, i):
@@ -165,12 +164,12 @@ def scoring_costs(marked) -> dict:
     from pyspark.sql import functions as F
 
     def pairs(field):
-        return F.sum(F.size(F.filter(F.coalesce(F.col(f"{OUT}.{field}"), F.array()), lambda v: v.isNotNull())))
-    if "seconds" not in marked.schema[OUT].dataType.fieldNames():
+        return F.sum(F.size(F.filter(F.coalesce(F.col(f"{PASS}.{field}"), F.array()), lambda v: v.isNotNull())))
+    if "seconds" not in marked.schema[PASS].dataType.fieldNames():
         return {}
     row = marked.agg(pairs("scores").alias("clip_pairs"), pairs("itm_scores").alias("itm_pairs"),
-                     F.sum(f"{OUT}.seconds.clip").alias("clip_seconds"),
-                     F.sum(f"{OUT}.seconds.itm").alias("itm_seconds")).first()
+                     F.sum(f"{PASS}.seconds.clip").alias("clip_seconds"),
+                     F.sum(f"{PASS}.seconds.itm").alias("itm_seconds")).first()
     costs = {}
     for step in ("clip", "itm"):
         n, seconds = row[f"{step}_pairs"] or 0, row[f"{step}_seconds"]
@@ -187,10 +186,10 @@ def split_scored(selected, scorer: str = "clip"):
     def number(column):
         return F.format_number(F.coalesce(column, F.lit(float("nan"))), 4)
 
-    error = F.col(f"{OUT}.error")
+    error = F.col(f"{PASS}.error")
     any_kept = F.exists("candidates", lambda c: c["kept"])
     scored = (selected.filter(error.isNull() & any_kept)
-              .withColumn("image_embedding", F.col(f"{OUT}.embedding")).drop(OUT))
+              .withColumn("image_embedding", F.col(f"{PASS}.embedding")).drop(PASS))
     reason = F.when(error.isNotNull(), F.substring_index(error, ":", 1)).otherwise(F.lit(NO_ALIGNED_CAPTION))
     why = [F.lit("best score "), number(F.col("best_score"))]
     if scorer != "clip":  # the ITM's verdict, and how far the CLIP got (two_step: under the floor, no ITM score)
@@ -201,20 +200,20 @@ def split_scored(selected, scorer: str = "clip"):
     return scored, rejects
 
 
-def split(marked, cfg, facts: dict):
+def split(marked, cfg, context=None) -> Result:
     """The stage's split: the selection rule over every row's stored scores (the percentile cutoff is
     global), then records and rejects."""
     settings = cfg.filter
     cutoff = (percentile_cutoff(marked, settings.percentile, rule_scores(settings))
               if settings.rule == "percentile" else None)
-    facts["models"]["percentile_cutoff"] = cutoff
-    facts["models"]["scoring"] = scoring_costs(marked)
+    report = {"percentile_cutoff": cutoff, "scoring": scoring_costs(marked)}
     # Computed once: the records and the rejects are two writes of it.
-    return split_scored(select(marked, settings, cutoff).localCheckpoint(), settings.scorer)
+    return Result(*split_scored(select(marked, settings, cutoff).localCheckpoint(), settings.scorer), report)
 
 
 DEFINITION = Stage(
     name=STAGE, reads=CAPTIONED, reasons=REASONS, split=split, model=CLIP, keeps_scores=True,
+    help="CLIP-score web and synthetic captions and keep the aligned ones",
     adds=(*(SCORED.field(n) for n in ("candidates", "best_score")), CURATED.field("caption_primary")),
     from_model={"image_embedding": "embedding"},  # stored once, with every row's scores
     models=lambda cfg: {"clip": cfg.filter.model, "rule": cfg.filter.rule, "scorer": cfg.filter.scorer,

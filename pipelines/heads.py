@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd  # module level: Spark reads the pandas UDFs' type hints from these globals
 
-from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.pipelines.stage import Result, Stage, reject_rows
 from capfilt.schemas import SCORED, Field
 from capfilt.schemas.contract import FLOAT32, STRING, list_of, struct_of
 
@@ -55,16 +55,18 @@ def clip_of_input(input_root: str) -> str | None:
     from capfilt.pipelines.output import read_manifest
     from capfilt.pipelines.stage import Chain
     manifest = read_manifest(input_root)
-    if manifest.get("stage") == "download" or "chain" not in manifest:
+    if "chain" not in manifest:  # the first stage's output: no stage stored embeddings yet
         return None
     return clip_of(Chain.of(input_root, manifest, 0))
 
 
 def clip_of(chain) -> str | None:
-    """The CLIP reference the filter stage of this chain ran with (its embeddings are the heads' input)."""
+    """The CLIP reference the stage of this chain that stored the image embeddings ran with (they are the
+    heads' input): the stage whose kept model output gives the `image_embedding` column."""
     from capfilt.pipelines.output import read_manifest
-    filter_root = dict(chain.roots).get("filter")
-    return read_manifest(filter_root).get("models", {}).get("clip") if filter_root else None
+    from capfilt.pipelines.registry import definition
+    root = next((where for name, where in chain.roots[1:] if "image_embedding" in definition(name).from_model), None)
+    return read_manifest(root).get("models", {}).get("clip") if root else None
 
 
 def score_column(heads):
@@ -104,12 +106,18 @@ def refuse_unscored(marked, heads) -> None:
                             f"written")
 
 
-def split(rows, cfg, facts: dict):
+def reasons(cfg) -> dict[str, str]:
+    """One reason per head that drops rows: its name."""
+    return {h.name: f"head {h.name} ({h.architecture}) scored {h.direction} its threshold (detail: the score)"
+            for h, mode in load_heads(cfg) if mode == "drop"}
+
+
+def split(rows, cfg, context) -> Result:
     from pyspark.sql import functions as F
 
     from capfilt.udfs.heads import HeadError, check_embedding_model
     heads = load_heads(cfg)
-    clip = clip_of(facts["chain"]) or cfg.filter.model
+    clip = clip_of(context.chain) or cfg.filter.model
     for head, _ in heads:
         check_embedding_model(head, clip)
     first = rows.select(F.length("image_embedding").alias("n")).filter("n is not null").first()
@@ -117,11 +125,9 @@ def split(rows, cfg, facts: dict):
         if first and first["n"] // 2 != head.input_dim:
             raise HeadError(f"head {head.name} takes {head.input_dim}-d embeddings; the stored ones are "
                             f"{first['n'] // 2}-d")
-    facts["reasons"] = {h.name: f"head {h.name} ({h.architecture}) scored {h.direction} its threshold (detail: "
-                                f"the score)" for h, mode in heads if mode == "drop"}
-    facts["models"]["heads"] = {h.name: {"mode": mode, "architecture": h.architecture, "threshold": h.threshold,
-                                         "direction": h.direction, "embedding_model": h.card["embedding_model"]}
-                                for h, mode in heads}
+    report = {"heads": {h.name: {"mode": mode, "architecture": h.architecture, "threshold": h.threshold,
+                                 "direction": h.direction, "embedding_model": h.card["embedding_model"]}
+                        for h, mode in heads}}
     scored = rows.withColumn("_scores", score_column([h for h, _ in heads])("image_embedding"))
     scored = scored.withColumn(HEAD_SCORES.name, F.array(*[
         F.struct(F.lit(h.name).alias("name"), F.col("_scores")[i].alias("score")) for i, (h, _) in enumerate(heads)]))
@@ -137,9 +143,11 @@ def split(rows, cfg, facts: dict):
     marked = scored.withColumn("_reason", reason).withColumn("_detail", detail).localCheckpoint()
     refuse_unscored(marked, [h for h, _ in heads])
     kept = marked.filter(F.col("_reason").isNull())
-    return kept, reject_rows(marked.filter(F.col("_reason").isNotNull()), STAGE, F.col("_reason"), F.col("_detail"))
+    return Result(kept, reject_rows(marked.filter(F.col("_reason").isNotNull()), STAGE, F.col("_reason"),
+                                    F.col("_detail")), report)
 
 
-DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(HEAD_SCORES,), reasons={}, split=split, check=check,
+DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(HEAD_SCORES,), reasons=reasons, split=split, check=check,
+                   help="score rows with small heads over the stored CLIP embedding; drop or flag",
                    enabled=lambda cfg: bool(cfg.heads.drop or cfg.heads.flag),
                    models=lambda cfg: {"heads": {"drop": list(cfg.heads.drop), "flag": list(cfg.heads.flag)}})

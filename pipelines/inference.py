@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Tuple
 
 import pandas as pd
 
-OUT = "_inference"
+PASS = "_inference"  # the struct column a model pass adds (error and each model's fields)
 
 
 def apply_batches(df, batch_fn: Callable, columns: list[str], out_type, gpus_per_task: float = 0.0,
@@ -41,7 +41,7 @@ def apply_batches(df, batch_fn: Callable, columns: list[str], out_type, gpus_per
             frame.columns = columns
             yield batch_fn(frame)
 
-    return df.withColumn(OUT, pandas_udf(run, out_type)(*[F.col(c) for c in columns]))
+    return df.withColumn(PASS, pandas_udf(run, out_type)(*[F.col(c) for c in columns]))
 
 
 def _map_in_pandas(df, batch_fn, columns, out_type, gpus_per_task, cpus_per_task):
@@ -58,7 +58,7 @@ def _map_in_pandas(df, batch_fn, columns, out_type, gpus_per_task, cpus_per_task
     profile = ResourceProfileBuilder().require(
         TaskResourceRequests().cpus(cpus_per_task).resource("gpu", gpus_per_task)).build
     kept = kept_fields(df.schema, columns)
-    schema = StructType(kept + [StructField(OUT, out_type, True)])
+    schema = StructType(kept + [StructField(PASS, out_type, True)])
     return df.mapInPandas(MapBatches(batch_fn, columns, [f.name for f in kept]), schema, profile=profile)
 
 
@@ -79,20 +79,6 @@ class MapBatches:
         for frame in frames:
             out = self.batch_fn(frame[self.columns])
             result = frame[self.kept].copy()
-            result[OUT] = out.to_dict("records")
+            result[PASS] = out.to_dict("records")
             yield result
 
-
-def worker_model(settings, cached):
-    """The stage's model in this Python worker: threads set, loaded once (capfilt.udfs.models cache)."""
-    set_torch_threads(settings.torch_threads)
-    return cached(settings.model, None if settings.device == "auto" else settings.device)
-
-
-def set_torch_threads(threads: int) -> None:
-    """Python workers share the machine's cores: an explicit thread count beats torch's default when
-    several workers run (measured: see docs/benchmarks.md). 0 leaves torch's default."""
-    if threads > 0:
-        import torch
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Reading and writing stage outputs with Spark, in the layout of capfilt.pipelines.output."""
 from __future__ import annotations
 
-from capfilt.pipelines.output import Counts, StageOutput, read_manifest
+from capfilt.pipelines.output import read_manifest
 from capfilt.schemas import REJECTS, Contract
 
 
@@ -39,17 +39,9 @@ def parquet_rows(folder: str) -> int:
     return rows
 
 
-def write_stage(out: StageOutput, data, rejects, input_count: int, compression: str = "zstd") -> Counts:
-    """Write records and rejects into the in-progress directory and count them from the files written
-    (not from the plan: what a reader will see is what gets counted)."""
-    spark = data.sparkSession
-    codec = "uncompressed" if compression == "none" else compression
-    REJECTS.validate(rejects, where=f"{out.stage} rejects")
-    data.write.option("compression", codec).mode("overwrite").parquet(out.data_dir)
-    rejects.select(*REJECTS.names).write.option("compression", codec).mode("overwrite").parquet(out.rejects_dir)
-    output = parquet_rows(out.data_dir)
+def count_rejects(spark, rejects_dir: str) -> dict[str, dict[str, int]]:
+    """{stage: {reason: rows}} of a rejects folder: one row per (stage, reason), small enough for the driver."""
     rejected: dict[str, dict[str, int]] = {}
-    # One row per (stage, reason): tiny, safe to bring to the driver.
-    for row in spark.read.parquet(out.rejects_dir).groupBy("stage", "reason").count().collect():
+    for row in spark.read.parquet(rejects_dir).groupBy("stage", "reason").count().collect():
         rejected.setdefault(row["stage"], {})[row["reason"]] = row["count"]
-    return Counts(input=input_count, output=output, rejected=rejected)
+    return rejected

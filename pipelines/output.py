@@ -333,7 +333,7 @@ def check_out_replaceable(root: str) -> None:
     anything else in OUT alone; so each of those that is there must be capfilt's: a curate manifest,
     each stage folder its stage's output, and curated/ or rejects/ only beside a curate manifest or a
     committed stage (a write step killed after it removed the manifest)."""
-    from capfilt.pipelines.publish import STAGES
+    from capfilt.pipelines.registry import names
     fs, path = fsspec.core.url_to_fs(str(root).rstrip("/"))
     if not fs.isdir(path):
         return  # not there yet (a file is refused by the output path check)
@@ -346,7 +346,7 @@ def check_out_replaceable(root: str) -> None:
     if fs.exists(f"{path}/stages"):
         if not fs.isdir(f"{path}/stages"):
             raise ValueError(f"output {root}: {root}/stages is a file capfilt did not write; choose another output")
-        for stage in STAGES:
+        for stage in names():
             if fs.exists(f"{path}/stages/{stage}"):
                 check_replaceable(f"{str(root).rstrip('/')}/stages/{stage}", stage)
                 committed += [stage] if output_kind(f"{str(root).rstrip('/')}/stages/{stage}") == stage else []
@@ -391,7 +391,7 @@ def changed_stages(out_root: str, manifest: dict) -> list[str]:
         return changed
     for stage, figures in (manifest.get("stages") or {}).items():
         finished = figures.get("finished_at") if isinstance(figures, dict) else None
-        if finished is None or stage in ("prefilter", "write"):
+        if finished is None or stage == "write":  # a filter step (the prefilter) has no folder of its own
             continue
         try:
             now = read_manifest(f"{root}/stages/{stage}").get("finished_at")

@@ -4,15 +4,16 @@ Rules on the metadata's own columns (LAION's punsafe, pwatermark, similarity, WI
 caption's length, language and words (udfs/prefilter.py has each rule; udfs/language.py the
 detector). Every rule is off by default. A rule whose column the input lacks is skipped and named in
 the download manifest (`prefilter.skipped`) and on the console, never silently. Because it must act
-before any request, the download stage runs it on its prepared input (jobs/download.py), between the
-precheck and the robots.txt/shard plan; its rejects carry stage `prefilter`, and the funnel shows it
-as a step of its own.
+before any request, it is a filter step of the download stage (`filters` in its declaration,
+pipelines/download_stage.py), run on the pairs that passed the precheck, before robots.txt and the shard
+plan; its rejects carry stage `prefilter`, and the funnel shows it as a step of its own. Changing only
+prefilter settings re-filters a committed download (nothing fetched again, newly allowed rows fetched).
 """
 from __future__ import annotations
 
 import pandas as pd  # module level: mapInPandas's function reads it from these globals
 
-from capfilt.pipelines.stage import Stage, reject_rows
+from capfilt.pipelines.stage import Result, Stage, reject_rows
 from capfilt.schemas import PAIRS
 
 STAGE = "prefilter"
@@ -62,24 +63,27 @@ class _Marks:
             yield pd.DataFrame({"uid": frame["uid"][hit], "_reason": reason[hit], "_detail": detail[hit]})
 
 
-def split(pairs, cfg, facts: dict):
-    """(kept pairs, rejects); facts['models']['prefilter'] says which rules ran and which were skipped."""
+def split(pairs, cfg, context=None) -> Result:
+    """The kept pairs and the rejects, each rule's verdict per row (udfs/prefilter.py: every rule returns
+    keep, or its reason and a detail naming the value and the limit); the report says which rules ran and
+    which were skipped (their column is not in the input)."""
     from pyspark.sql import functions as F
 
     from capfilt.udfs.prefilter import active_rules
     active, skipped = active_rules(cfg.prefilter, pairs.columns)
-    facts["models"]["prefilter"] = {"active": [a.name for a in active], "skipped": skipped}
+    report = {"active": [a.name for a in active], "skipped": skipped}
     for name, why in skipped.items():
         print(f"[prefilter] rule {name} skipped: {why}", flush=True)
     if not active:
-        return pairs, reject_rows(pairs.limit(0), STAGE, "", "")
+        return Result(pairs, reject_rows(pairs.limit(0), STAGE, "", ""), report)
     columns = list(dict.fromkeys(["uid", *(c for a in active for _, c in a.columns)]))
     marks = pairs.select(*[F.col("`" + c.replace("`", "``") + "`") for c in columns]).mapInPandas(_Marks(cfg.prefilter, active),
                                                "uid string, _reason string, _detail string")
     marked = pairs.join(marks, "uid", "left").localCheckpoint()
     dropped = marked.filter(marked["_reason"].isNotNull())
-    return (marked.filter(marked["_reason"].isNull()).drop("_reason", "_detail"),
-            reject_rows(dropped, STAGE, dropped["_reason"], dropped["_detail"]))
+    return Result(marked.filter(marked["_reason"].isNull()).drop("_reason", "_detail"),
+                  reject_rows(dropped, STAGE, dropped["_reason"], dropped["_detail"]), report)
 
 
-DEFINITION = Stage(name=STAGE, reads=PAIRS, adds=(), reasons=_reasons(), split=split, enabled=enabled)
+DEFINITION = Stage(name=STAGE, reads=PAIRS, adds=(), reasons=_reasons(), split=split, enabled=enabled,
+                   check=lambda cfg, input_root: check_settings(cfg))

@@ -22,44 +22,45 @@ from capfilt.pipelines.output import (MANIFEST, ConservationError, Counts, manif
                                       read_manifest, versions)
 from capfilt.schemas import CURATED, REJECTS
 
-# Every stage in chain order; a stage whose `enabled(cfg)` is false is left out of a run's chain.
-STAGES = ("download", "caption", "filter", "decontaminate", "heads", "dedup")
-FUNNEL = ("prefilter", *STAGES)  # the prefilter runs inside download, before any fetch
-
-
-def active_stages(cfg) -> tuple[str, ...]:
-    """The chain this config runs: download and every enabled stage after it."""
-    from capfilt.pipelines.stage import definition
-    return tuple(s for s in STAGES if s == "download" or definition(s).enabled(cfg))
-
-
 def stage_dir(out_root: str, stage: str) -> str:
     return f"{str(out_root).rstrip('/')}/stages/{stage}"
 
 
 def run_chain(out_root: str) -> tuple[str, ...]:
     """The stages of the committed run under out_root, in order, as its last stage's manifest names them."""
-    last = read_manifest(stage_dir(out_root, STAGES[-1]))
-    return tuple(name for name, _ in last["chain"]) if "chain" in last else STAGES
+    from capfilt.pipelines.output import output_kind
+    from capfilt.pipelines.registry import names
+    for stage in reversed(names()):
+        if output_kind(stage_dir(out_root, stage)) == stage:
+            last = read_manifest(stage_dir(out_root, stage))
+            if "chain" in last:
+                return tuple(name for name, _ in last["chain"])
+    raise ValueError(f"{out_root}/stages holds no committed chain: run `capfilt curate` into it")
 
 
-def split_prefilter(stages: dict) -> dict:
-    """The funnel's stages with the prefilter as a step of its own: it runs inside the download stage
-    (its rows are never fetched), whose counts hold its rejects under stage `prefilter`."""
-    download = stages.get("download")
-    pre = (download or {}).get("counts", {}).get("rejected", {}).get("prefilter")
-    if not pre:
-        return stages
-    n, counts = sum(pre.values()), download["counts"]
-    rest = {k: v for k, v in counts["rejected"].items() if k != "prefilter"}
-    fetched = {**counts, "input": counts["input"] - n, "rejected": rest,
-               "rejected_total": sum(sum(r.values()) for r in rest.values())}
-    prefilter = {"counts": {"input": counts["input"], "output": counts["input"] - n, "rejected": {"prefilter": pre},
-                            "rejected_total": n},
-                 "seconds": (download.get("timings") or {}).get("prefilter"), "rows_in": counts["input"],
-                 "rows_out": counts["input"] - n, "reused": download.get("reused")}
-    return {"prefilter": prefilter, "download": {**download, "counts": fetched, "rows_in": fetched["input"]},
-            **{k: v for k, v in stages.items() if k != "download"}}
+def split_filters(stages: dict) -> dict:
+    """The funnel's stages with each filter step as a step of its own (the prefilter): it runs inside
+    the stage that declares it, on its input (its rows are never fetched), and that stage's counts hold
+    its rejects under the filter's name."""
+    from capfilt.pipelines.registry import definition
+    result = {}
+    for name, entry in stages.items():
+        counts = entry.get("counts", {})
+        for f in definition(name).filters:
+            dropped = counts.get("rejected", {}).get(f.name)
+            if not dropped:
+                continue
+            n = sum(dropped.values())
+            rest = {k: v for k, v in counts["rejected"].items() if k != f.name}
+            result[f.name] = {"counts": {"input": counts["input"], "output": counts["input"] - n,
+                                         "rejected": {f.name: dropped}, "rejected_total": n},
+                              "seconds": (entry.get("timings") or {}).get(f.name), "rows_in": counts["input"],
+                              "rows_out": counts["input"] - n, "reused": entry.get("reused")}
+            counts = {**counts, "input": counts["input"] - n, "rejected": rest,
+                      "rejected_total": sum(sum(r.values()) for r in rest.values())}
+            entry = {**entry, "counts": counts, "rows_in": counts["input"]}
+        result[name] = entry
+    return result
 
 
 def check_chain(manifests: dict[str, dict]) -> None:
@@ -77,7 +78,9 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
             started: float | None = None, reused: tuple[str, ...] = ()) -> dict:
     """Commit OUT from its committed stage outputs; returns the manifest written. `reused`: the stages
     this run took from an earlier one (the manifest says so)."""
-    from capfilt.pipelines.stage import PART, Chain, definition, folder_bytes, rates, view
+    from capfilt.pipelines.io import count_rejects, parquet_rows
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import PART, Chain, folder_bytes, rates, view
     root = str(out_root).rstrip("/")
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)
@@ -97,7 +100,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     try:
         # One pass over the download data, part by part: each part's images joined with the small
         # metadata every stage added for it (broadcast), so image bytes are never shuffled.
-        last = STAGES[-1]
+        last = chain_stages[-1]
         chain = Chain.of(stage_dir(root, last), manifests[last], 0)
         for i, part in enumerate(chain.parts):
             size = sum(fs.size(f.split("://")[-1]) for f in chain.files(i))
@@ -112,11 +115,9 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
             rejects = part if rejects is None else rejects.unionByName(part)
         rejects.coalesce(max(1, len(chain.parts))).write.option("compression", codec).parquet(f"{proto}{work}/rejects")
 
-        rejected: dict[str, dict[str, int]] = {}
-        for row in spark.read.parquet(f"{proto}{work}/rejects").groupBy("stage", "reason").count().collect():
-            rejected.setdefault(row["stage"], {})[row["reason"]] = row["count"]
-        counts = Counts(input=manifests["download"]["counts"]["input"],
-                        output=spark.read.parquet(f"{proto}{work}/curated").count(), rejected=rejected)
+        counts = Counts(input=manifests[chain_stages[0]]["counts"]["input"],
+                        output=parquet_rows(f"{proto}{work}/curated"),
+                        rejected=count_rejects(spark, f"{proto}{work}/rejects"))
         counts.check()
         shards = [{"file": info["name"].rsplit("/", 1)[-1], "bytes": info["size"]}
                   for info in sorted(fs.ls(f"{work}/curated", detail=True), key=lambda i: i["name"])
@@ -130,12 +131,12 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     stages = {}
     for stage, m in manifests.items():
         figures = m.get("figures", {}) | rates(m)
-        if stage == "download":
+        if "timings" in m:  # the first stage: its images are its bytes
             figures["bytes_written"] = folder_bytes(stage_dir(root, stage))
             figures["timings"] = m.get("timings")
         stages[stage] = {key: m.get(key) for key in ("started_at", "finished_at", "counts")} | figures | \
             {"reused": stage in reused}
-    stages = split_prefilter(stages)
+    stages = split_filters(stages)
     write_seconds = round(time.time() - write_started, 3)
     rows_in = sum(p["rows"] for p in chain.parts)
     write = {"seconds": write_seconds, "rows_in": rows_in, "rows_out": counts.output, "bytes_written": written,
@@ -153,7 +154,8 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
         "stages": stages,
         "write": write,
         "reasons": {stage: manifests[stage].get("reasons", {}) for stage in chain_stages} |
-                   ({"prefilter": definition("prefilter").reasons} if "prefilter" in stages else {}),
+                   {name: step["reasons"] for s in chain_stages
+                    for name, step in manifests[s].get("filters", {}).items() if name in stages},
         "curated_files": shards,
         "stage_manifests": digests,
     }

@@ -25,7 +25,9 @@ import re
 import fsspec
 
 from capfilt.pipelines.output import NotCommittedError, check_current, read_manifest
-from capfilt.pipelines.publish import FUNNEL, stage_dir
+from capfilt.pipelines.io import count_rejects
+from capfilt.pipelines.publish import stage_dir
+from capfilt.pipelines import registry
 
 SOURCES = ("web", "synthetic", "inherited_web", "inherited_synthetic")  # the order reports list them in
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -75,14 +77,12 @@ def funnel(spark, root: str, manifest: dict) -> dict:
         problems.append(f"input {counts['input']} != curated {counts['output']} + rejected {rejected_total}")
     if counts.get("rejected_total", rejected_total) != rejected_total:
         problems.append(f"rejected_total {counts['rejected_total']} != the sum per reason {rejected_total}")
-    found: dict[str, dict[str, int]] = {}
-    for row in _parquet(spark, f"{root}/rejects").groupBy("stage", "reason").count().collect():
-        found.setdefault(row["stage"], {})[row["reason"]] = row["count"]
+    found = count_rejects(spark, f"{root}/rejects")
     if found != counts["rejected"]:
         problems.append(f"{root}/rejects holds {found}, the manifest says {counts['rejected']}")
     stages = manifest["stages"]
     previous = ("input", counts["input"])
-    for stage in FUNNEL:
+    for stage in registry.funnel():
         if stage not in stages:
             continue
         sc = stages[stage]["counts"]
@@ -97,7 +97,7 @@ def funnel(spark, root: str, manifest: dict) -> dict:
         problems.append(f"the last stage ({previous[0]}) wrote {previous[1]} rows, the manifest says {counts['output']} curated")
     if problems:
         raise ReportMismatch(f"{root} does not add up (changed after the run?): " + "; ".join(problems))
-    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in FUNNEL if s in stages]
+    after = [("input", counts["input"])] + [(s, stages[s]["counts"]["output"]) for s in registry.funnel() if s in stages]
     return {"after": after, "curated": counts["output"], "rejected": counts["rejected"],
             "kept_fraction": counts["output"] / counts["input"] if counts["input"] else 0.0}
 
@@ -202,12 +202,14 @@ def shards(root: str) -> list[dict]:
 
 
 def thumbnail(data: bytes | None) -> str | None:
-    """A data: URI of a small JPEG, or None when the bytes do not decode."""
-    from capfilt.udfs.images import decode_image
-    image, _ = decode_image(data)
+    """A data: URI of a small JPEG (at most THUMBNAIL px a side, aspect kept), or None when the bytes
+    do not decode."""
+    from PIL import Image
+
+    from capfilt.udfs.images import thumbnail_image
+    image = thumbnail_image(data, THUMBNAIL, Image.Resampling.BICUBIC, keep_ratio=True)  # PIL's thumbnail default
     if image is None:
         return None
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -11,7 +11,8 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
-from capfilt.pipelines.publish import FUNNEL, stage_dir
+from capfilt.pipelines.publish import stage_dir
+from capfilt.pipelines import registry
 from capfilt.pipelines.report import STAGE_COLUMNS, failure_summary, stage_cells
 
 COLOURS = {"web": "#2b6cb0", "synthetic": "#d69e2e", "inherited_web": "#68a0d8", "inherited_synthetic": "#e8c170"}
@@ -168,7 +169,8 @@ def _failure_map(failures: dict | None, root: str) -> str:
 def render(report: dict) -> str:
     nonce = secrets.token_urlsafe(16)
     funnel, scores = report["funnel"], report["scores"]
-    stage_order = [*FUNNEL, *sorted(set(funnel["rejected"]) - set(FUNNEL))]
+    steps = registry.funnel()
+    stage_order = [*steps, *sorted(set(funnel["rejected"]) - set(steps))]
     reasons = [(s, r, n) for s in stage_order for r, n in sorted(funnel["rejected"].get(s, {}).items(), key=lambda kv: -kv[1])]
     reason_rows = "".join(f"<tr><td>{e(s)}</td><td>{e(r)}</td><td class=n>{n:,}</td>"
                           f"<td>{e(report['reasons'].get(s, {}).get(r, ''))}</td></tr>" for s, r, n in reasons)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from capfilt.schemas import REJECTS, Contract, Field
 
-from capfilt.pipelines.inference import OUT
+from capfilt.pipelines.inference import PASS
 
 PART = "capfilt_part"  # not "part": an input may have a column of that name, which rides along
 
@@ -47,21 +47,74 @@ class ModelPass:
 
 
 @dataclass(frozen=True)
+class Result:
+    """What a stage's split returns: the rows it keeps (with the columns it adds), the rows it drops
+    (the rejects table's columns) and what it reports for the manifest's `models` entry (a cutoff,
+    a cost, the rules that ran)."""
+    records: object
+    rejects: object
+    report: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the runner gives a split besides the rows and the config (read only): the chain it reads,
+    the rows that came in, a scratch folder removed after the write, and the download's images."""
+    chain: "Chain | None"
+    rows: int
+    workdir: str
+    images: Callable = None  # () -> DataFrame (uid, image) of the download: only for a stage with images=True
+
+
+# Model-stage settings that change where and how fast a model runs, not what it computes.
+RUNTIME_ONLY = frozenset({"torch_threads", "gpus_per_task", "batch_size", "fuse_filter"})
+
+
+@dataclass(frozen=True)
 class Stage:
+    """One step of the chain, declared up front; the runner (`run_stage`) and everything else
+    (`capfilt curate`'s plan, the CLI, the config's sections, the driver checks, staleness, the
+    funnel) derive from these declarations. Its config section is the one named as it (a stage capfilt
+    does not ship brings its own: `settings`); pipelines/registry.py says how a stage joins the chain."""
     name: str
-    reads: Contract                 # the view it reads
-    adds: tuple[Field, ...]         # the columns it writes besides uid and part
-    reasons: dict[str, str]
-    split: Callable                 # (marked view, cfg, facts: chain, models, rows in) -> (records, rejects)
+    reads: Contract | None          # the view it reads (None: the first stage, which reads the input)
+    adds: tuple[Field, ...] | None  # the columns it writes besides uid and part (None: whole records)
+    reasons: dict | Callable        # {reason: meaning}, or cfg -> that where the config decides them
+    split: Callable | None          # (rows, cfg, Context) -> Result (None: a stage with its own run)
+    help: str = ""                  # one line: `capfilt <name>` (a stage with help has a command)
+    command: str | None = None      # the module of its own job (None: jobs/stage.py's, --input a stage output)
+    settings: type | None = None    # dataclass of its config section `<name>`, for a stage capfilt does not ship
+    depends: tuple[str, ...] = ()   # other dotted config keys its output depends on (e.g. "seed")
+    runtime: frozenset = RUNTIME_ONLY  # keys of its section that change how, not what, it computes
     model: ModelPass | None = None
-    keeps_scores: bool = False      # its model output stays committed: other selection settings reuse it
+    costly: tuple[str, ...] = ()    # keys whose change needs its expensive work redone (default: the model's)
+    keeps_scores: bool = False      # its expensive work's output stays committed: other settings reuse it
     from_model: dict = field(default_factory=dict)  # {view column: pass field} read from that kept output
-    images: bool = False            # split needs image bytes (the view then reads them)
+    images: bool = False            # its split reads image bytes (Context.images)
     models: Callable = lambda cfg: {}  # cfg -> the manifest's "models" entry
     enabled: Callable = lambda cfg: True  # cfg -> whether `capfilt curate` runs it (off: not in the chain)
+    after: str | None = None        # a stage from outside capfilt: the stage it runs after
+    fuse_next: Callable = lambda cfg: False  # cfg -> run the next stage's model pass in this one's
+    filters: tuple = ()             # stages applied to its input before its expensive work (download: prefilter)
     # (cfg, input root or None in curate) -> raises one line when what the split reads besides the rows
     # (heads, evaluation sets, a model outside the pass) cannot be used; on the driver, before Spark
     check: Callable = lambda cfg, input_root: None
+    # The first stage's own lifecycle (download: fetch into shards, resumable): (stage, cfg, input, out,
+    # decision, options) -> manifest. None: the runner's (view, model pass per part, split, write).
+    run: Callable | None = None
+    source: Callable | None = None  # first stage: input -> what identifies it (files, sizes, times)
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The dotted keys whose values a committed output was made with: a change makes it stale."""
+        return (self.name, *(k for f in self.filters for k in f.config_keys), *self.depends)
+
+    @property
+    def expensive_keys(self) -> tuple[str, ...]:
+        return self.model.keys if self.model else self.costly
+
+    def reasons_for(self, cfg) -> dict[str, str]:
+        return self.reasons(cfg) if callable(self.reasons) else dict(self.reasons)
 
     def check_inputs(self, cfg, input_root: str | None = None, model: bool = True) -> None:
         """Everything the stage will load, checked on the driver before Spark starts: the references of
@@ -71,6 +124,8 @@ class Stage:
             for role, ref in {self.model.role: self.model.reference(cfg), **self.model.more_models(cfg)}.items():
                 if ref:
                     check_reference(ref, role)
+        for f in self.filters:
+            f.check(cfg, input_root)
         self.check(cfg, input_root)
 
     def schema(self):
@@ -107,9 +162,10 @@ class Chain:
     @classmethod
     def of(cls, input_root: str, manifest: dict, rows_per_part: int) -> "Chain":
         """The chain read by a stage whose input is `input_root` (committed, with `manifest`)."""
+        from capfilt.pipelines.registry import definition
         root = _absolute(input_root)
-        if manifest.get("stage") == "download":
-            return cls([("download", root)], download_parts(f"{root}/data", rows_per_part))
+        if definition(manifest.get("stage")).reads is None:  # the first stage: it holds the images
+            return cls([(manifest["stage"], root)], download_parts(f"{root}/data", rows_per_part))
         if "chain" not in manifest:
             raise ValueError(f"{input_root} was written by an older capfilt (no chain in its manifest): rerun its "
                              f"stages with this version")
@@ -197,6 +253,7 @@ def view(spark, chain: Chain, part: int | None = None, images: bool = False):
             .withColumn(PART, F.lit(part))
     if not images:
         rows = rows.drop("image")
+    from capfilt.pipelines.registry import definition
     for name, root in chain.roots[1:]:
         stage = definition(name)
         added = stage_data(spark, root, stage, part)
@@ -204,7 +261,7 @@ def view(spark, chain: Chain, part: int | None = None, images: bool = False):
             kept = spark.read.option("pathGlobFilter", "*.parquet").parquet(chain.scores[name])
             if part is not None:
                 kept = kept.filter(F.col(PART) == part)
-            added = added.join(kept.select("uid", *[F.col(f"{OUT}.{field}").alias(column)
+            added = added.join(kept.select("uid", *[F.col(f"{PASS}.{field}").alias(column)
                                                     for column, field in stage.from_model.items()]), "uid")
         if part is not None:
             added = F.broadcast(added.drop(PART))
@@ -280,43 +337,48 @@ def pass_keys(cfg, passes: list[ModelPass]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The runner.
 
-def run_stage(stage: Stage, cfg, input_root: str, output_root: str, fuse: list[ModelPass] = (),
-              recompute: bool = False) -> dict:
-    """Run `stage` from the committed output at input_root into output_root; commit atomically.
-
-    A committed output made with this run's settings and input is taken as it is. One made with other
-    settings is refused unless only settings that need no model pass changed (selection, dedup) and
-    the stage kept what its model computed (or has no model): then those parts are recomputed from
-    what is stored. `recompute` (curate, when an earlier stage ran) recomputes as --overwrite does,
-    still reusing a kept model output that matches. `fuse`: more passes to run in this stage's model
-    pass (on the same decoded image); their output is kept for the stage that owns them. Returns the
-    committed manifest."""
+def run_stage(stage: Stage, cfg, input, output_root: str, fuse: tuple = (), recompute: bool = False,
+              options: dict | None = None) -> dict:
+    """Run `stage` from `input` (the committed output of the stage before it; the first stage: what its
+    `source` reads) into output_root; commit atomically. What happens to an output already committed
+    there is `decide`'s (pipelines/provenance.py): reuse it, recompute what needs no model from what
+    it kept, run, or refuse naming what differs. `recompute` (curate, when a stage before it ran): run
+    as --overwrite does, still reusing a kept model output that matches. `fuse`: [(stage name, ModelPass)]
+    to run in this stage's model pass (on the same decoded image), kept for the stage that owns it.
+    `options`: what the first stage's run takes besides the config (download: --retry-failed).
+    Returns the committed manifest."""
     from capfilt.pipelines.output import OutputLock, StageOutput, read_manifest
-    from capfilt.pipelines.provenance import changed_keys, source_of, stale_reason
+    from capfilt.pipelines.provenance import REFUSE, REUSE, decide, source_of
     from capfilt.pipelines.session import spark_session
 
-    source_manifest = read_manifest(input_root)  # refuses an uncommitted input
-    source = source_of(source_manifest)
+    if stage.run is None:
+        source_manifest = read_manifest(input)  # refuses an uncommitted input
+        source = source_of(source_manifest)
+    else:
+        source_manifest, source = None, stage.source(input)
     out = StageOutput(output_root, stage.name, overwrite=cfg.output.overwrite or recompute)
-    passes = ([stage.model] if stage.model else []) + list(fuse)
-    fused_scores = _fused_scores(stage, cfg, input_root, source_manifest)
-    model_needed = bool(stage.model) and fused_scores is None
+    fused_scores = _fused_scores(stage, cfg, input, source_manifest) if source_manifest else None
+    decision = decide(stage, read_manifest(out.root) if out.complete else None, cfg.to_dict(), source,
+                      overwrite=out.overwrite, work_done=fused_scores is not None)
+    if stage.run is not None:  # the first stage: its run also reads options (a retry ignores the input)
+        return stage.run(stage, cfg, input, out, decision, options or {})
+    if decision.action == REFUSE:
+        raise refused(out.root, decision)
+    if decision.action == REUSE:
+        print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
+        return read_manifest(out.root)
     if out.complete and not out.overwrite:
-        committed = read_manifest(out.root)
-        why = stale_reason(committed, cfg.to_dict(), stage.name, source)
-        if why is None:
-            print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
-            return committed
-        model_changed = model_needed and (changed_keys(committed.get("config", {}), cfg.to_dict(), stage.model.keys)
-                                          or committed.get("source", source) != source)
-        if model_needed and (model_changed or not stage.keeps_scores):
-            raise ValueError(f"{out.root} is committed, but was made with {why} than this run's: pass --overwrite "
-                             f"to recompute it, or choose another output")
-        print(f"{out.root} was made with {why}: recomputing what needs no model", flush=True)
+        print(f"{out.root} was made with {decision.why}: recomputing what needs no model", flush=True)
     spark = spark_session(cfg.spark)
+    passes = [(stage.name, stage.model)] if stage.model and fused_scores is None else []
     with OutputLock(output_root):
-        return _run(spark, stage, cfg, input_root, source_manifest, out, passes if model_needed else [],
+        return _run(spark, stage, cfg, input, source_manifest, out, passes + list(fuse) if passes else [],
                     fused_scores)
+
+
+def refused(root: str, decision) -> ValueError:
+    return ValueError(f"{root} is committed, but was made with {decision.why} than this run's: pass --overwrite "
+                      f"to recompute it, or choose another output")
 
 
 def _fused_scores(stage: Stage, cfg, input_root: str, source_manifest: dict) -> str | None:
@@ -329,12 +391,13 @@ def _fused_scores(stage: Stage, cfg, input_root: str, source_manifest: dict) -> 
     return None
 
 
-def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, passes, fused_scores) -> dict:
+def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, owned, fused_scores) -> dict:
     import fsspec
 
     from capfilt.pipelines.output import build_manifest
     from capfilt.pipelines.provenance import source_of
 
+    passes = [p for _, p in owned]
     runtime = (passes[0] if passes else stage.model).settings(cfg) if (passes or stage.model) else None
     chain = Chain.of(input_root, source_manifest, runtime.rows_per_part if runtime else 50_000)
     source = source_of(source_manifest)
@@ -347,15 +410,16 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
         fingerprint = hashlib.sha256(json.dumps([source, chain.parts, pass_keys(cfg, passes)],
                                                 sort_keys=True, default=str).encode()).hexdigest()
         passed, reused = _model_pass(spark, stage, cfg, chain, out, fs, passes, fingerprint, decoded)
-    rows = view(spark, chain, images=stage.images)
+    rows = view(spark, chain)
     if stage.model:
         scores = fused_scores or out.path("model")
         model = spark.read.option("pathGlobFilter", "*.parquet").parquet(scores)
-        rows = rows.drop(PART).join(model.select("uid", PART, OUT), "uid")
-    facts: dict = {"chain": chain, "models": {}, "rows": source_manifest["counts"]["output"],
-                   "workdir": out.path("work")}
-    data, rejects = stage.split(rows, cfg, facts)
-    counts, written = _write(out, stage, data, rejects, source_manifest["counts"]["output"], cfg.output.compression)
+        rows = rows.drop(PART).join(model.select("uid", PART, PASS), "uid")
+    context = Context(chain, source_manifest["counts"]["output"], out.path("work"),
+                      (lambda: image_bytes(spark, chain)) if stage.images else None)
+    result = stage.split(rows, cfg, context)
+    counts, written = write_output(out, stage, result.records, result.rejects, source_manifest["counts"]["output"],
+                                   cfg.output.compression)
     out.remove("work")  # what the split wrote for itself (decontaminate: the evaluation embeddings)
     if passes and not (stage.keeps_scores or len(passes) > 1):
         out.remove("model")  # nothing reads it again
@@ -363,11 +427,11 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
     figures = {"model_passes": {p.role: passed for p in loaded} or
                ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
                "decoded_images": decoded.value, "bytes_written": written}
-    manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | facts["models"],
-                              reasons=stage.reasons | facts.get("reasons", {}), source=source,
+    manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | result.report,
+                              reasons=stage.reasons_for(cfg), source=source,
                               **chain.to_manifest(stage.name, out.root, fused_scores or (
                                   f"{out.root}/model" if stage.keeps_scores and stage.model else None)),
-                              fused={_owner(p): {"keys": pass_keys(cfg, [p]), "dir": "model"} for p in passes[1:]},
+                              fused={name: {"keys": pass_keys(cfg, [p]), "dir": "model"} for name, p in owned[1:]},
                               figures=figures,
                               **({"parts": {"total": len(chain.parts), "reused_from_a_killed_run": reused}}
                                  if passes else {}))
@@ -378,9 +442,9 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
     return manifest
 
 
-def _owner(p: ModelPass) -> str:
-    """The stage a fused pass belongs to."""
-    return {"clip": "filter", "captioner": "caption"}[p.role]
+def image_bytes(spark, chain: Chain):
+    """The download's (uid, image): read lazily, where they lie (the one reader of image bytes for a split)."""
+    return spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{chain.images}/data").select("uid", "image")
 
 
 def rates(manifest: dict) -> dict:
@@ -423,7 +487,7 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
         rows = chain.parts[i]["rows"]
         part_view = view(spark, chain, part=i, images=True)
         stage.reads.validate(part_view, where=f"part {i} of {chain.images}")
-        marked = infer(part_view, cfg, passes, decoded).select("uid", OUT)
+        marked = infer(part_view, cfg, passes, decoded).select("uid", PASS)
         marked.write.mode("overwrite").parquet(out.path(f"model/{PART}={i}"))
         done += rows
         rate = done / max(time.time() - started, 1e-9)
@@ -434,20 +498,20 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
     return done, resumed
 
 
-def _write(out, stage: Stage, data, rejects, n_input: int, compression: str):
-    """Write the stage's columns (partitioned by part) and its rejects; count from the files written."""
+def write_output(out, stage: Stage, data, rejects, n_input: int, compression: str = "zstd"):
+    """The one writer of a stage: its records (uid, its columns, partitioned by part; the first stage: whole
+    records) and its rejects, counted from the files written (what a reader will see is what is counted)."""
+    from capfilt.pipelines.io import count_rejects, parquet_rows
     from capfilt.pipelines.output import Counts
-    spark = data.sparkSession
     codec = "uncompressed" if compression == "none" else compression
     REJECTS.validate(rejects, where=f"{stage.name} rejects")
-    columns = ["uid", *[f.name for f in stage.adds], PART]
-    data.select(*columns).write.option("compression", codec).partitionBy(PART).mode("overwrite").parquet(out.data_dir)
+    writer = (data.write if stage.adds is None else
+              data.select("uid", *[f.name for f in stage.adds], PART).write.partitionBy(PART))
+    writer.option("compression", codec).mode("overwrite").parquet(out.data_dir)
     rejects.select(*REJECTS.names).write.option("compression", codec).mode("overwrite").parquet(out.rejects_dir)
-    output = spark.read.schema(stage.schema()).parquet(out.data_dir).count()
-    rejected: dict[str, dict[str, int]] = {}
-    for row in spark.read.parquet(out.rejects_dir).groupBy("stage", "reason").count().collect():
-        rejected.setdefault(row["stage"], {})[row["reason"]] = row["count"]
-    return Counts(input=n_input, output=output, rejected=rejected), folder_bytes(out.path(""))
+    counts = Counts(input=n_input, output=parquet_rows(out.data_dir),
+                    rejected=count_rejects(data.sparkSession, out.rejects_dir))
+    return counts, folder_bytes(out.path(""))
 
 
 def folder_bytes(root: str) -> int:
@@ -455,9 +519,3 @@ def folder_bytes(root: str) -> int:
     import fsspec
     fs, path = fsspec.core.url_to_fs(root)
     return sum(info["size"] for info in fs.find(path, detail=True).values() if info["name"].endswith(".parquet"))
-
-
-def definition(name: str) -> Stage:
-    """The Stage object of a stage: `DEFINITION` in pipelines/<name>.py."""
-    import importlib
-    return importlib.import_module(f"capfilt.pipelines.{name}").DEFINITION

@@ -152,7 +152,7 @@ def curated_out(curate_args, tmp_path_factory):
 
 @pytest.fixture
 def loopback_only():
-    from capfilt.udfs import netguard
+    from capfilt.net import netguard
     netguard.refuse_non_loopback()
     netguard.refused_attempts.clear()
     yield netguard.refused_attempts
@@ -164,8 +164,8 @@ def guarded_worker(loopback_only):
     """prepare_worker(policy) as a download worker does; the process-wide opener is restored after."""
     import urllib.request
 
-    from capfilt.udfs import fetch
-    from capfilt.udfs.fetch import FetchPolicy
+    from capfilt.net import fetch
+    from capfilt.net.fetch import FetchPolicy
 
     def install(**kwargs):
         fetch.prepare_worker(FetchPolicy(loopback_only=True, **kwargs))

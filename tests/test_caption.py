@@ -86,14 +86,17 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
     import sys
     import time
 
-    from capfilt.pipelines.io import empty_rejects, write_stage
+    from capfilt.pipelines.io import empty_rejects
+    from capfilt.pipelines.registry import definition
+    from capfilt.pipelines.stage import write_output
+    WHOLE = definition("download")
     from capfilt.pipelines.output import StageOutput, build_manifest, read_manifest
     from tests.conftest import ROOT
 
     images = [(f"u{i:02d}", solid((i * 9 % 256, 40, 200 - i), fmt="PNG")) for i in range(24)]
     source = StageOutput(str(tmp_path / "download"), "download")
     source.begin()
-    counts = write_stage(source, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))
+    counts = write_output(source, WHOLE, _downloaded(spark, images).repartition(8), empty_rejects(spark), len(images))[0]
     source.commit(build_manifest(source, {}, counts))
     from capfilt.pipelines.stage import download_parts
     total = len(download_parts(str(tmp_path / "download" / "data"), 3))

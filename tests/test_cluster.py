@@ -144,4 +144,28 @@ def test_pyproject_lists_every_package_under_capfilt():
                              if "__pycache__" not in init.parts}
     assert set(setuptools["packages"]) == folders
     assert all(setuptools["package-dir"][f"capfilt.{name}"] == name for name in ("schemas", "pipelines", "udfs",
-                                                                                  "jobs", "world", "lab"))
+                                                                                  "net", "jobs", "world", "lab"))
+
+
+def test_every_top_level_package_is_a_subpackage_everywhere_it_is_listed():
+    """A top-level folder with __init__.py is a capfilt subpackage: pyproject.toml maps it (or a wheel
+    lacks it), capfilt/__init__.py lists it (or an uninstalled checkout cannot import it) and
+    `capfilt package` zips it (or executors cannot import it)."""
+    import tomllib
+
+    import capfilt
+    from capfilt.jobs.package import PACKAGES
+    folders = {init.parent.name for init in ROOT.glob("*/__init__.py")} - {"capfilt"}
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {name.removeprefix("capfilt.") for name in package_dir if name != "capfilt"} == folders
+    assert set(capfilt._SUBPACKAGES) == folders
+    assert set(PACKAGES) == folders
+
+
+def test_package_zip_holds_every_subpackage(tmp_path):
+    """The spark-submit zip holds each subpackage's __init__.py under capfilt/, net/ included."""
+    from capfilt.jobs.package import PACKAGES, build_zip
+    names = build_zip(tmp_path / "capfilt-pyfiles.zip")
+    assert {f"capfilt/{package}/__init__.py" for package in PACKAGES} <= set(names)
+    assert {"capfilt/net/fetch.py", "capfilt/net/robots.py", "capfilt/net/netguard.py",
+            "capfilt/net/polite.py"} <= set(names)

@@ -1,3 +1,4 @@
+import functools
 """Evaluation-set decontamination: the three evaluation-set formats, exact and near copies found, other
 rows kept, rows conserved, a rerun identical."""
 import io
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from capfilt.jobs.common import run_stage_job
 from capfilt.udfs.models import SHAPES_CLIP
 from capfilt.world.scene import encode_jpeg, render, sample_scene
 
@@ -91,7 +93,7 @@ def test_the_worlds_evaluation_sets_read_as_written(tmp_path, spark, fmt):
 
 
 def _run(curated_out, out, sets, *more):
-    from capfilt.jobs.decontaminate import main
+    main = functools.partial(run_stage_job, "decontaminate")
     return main(["--input", str(curated_out / "stages" / "filter"), "--output", str(out), *more,
                  "--set", f"decontaminate.sets=[{','.join(map(str, sets))}]", "--set", f"filter.model={SHAPES_CLIP}",
                  "--set", "download.image_size=64"])
@@ -129,7 +131,7 @@ def test_copies_of_evaluation_images_leave_and_nothing_else(curated_out, eval_se
 
 def test_missing_or_empty_evaluation_sets_are_one_line(curated_out, tmp_path, capsys):
     from capfilt.jobs.common import run
-    from capfilt.jobs.decontaminate import main
+    main = functools.partial(run_stage_job, "decontaminate")
     args = ["--input", str(curated_out / "stages" / "filter"), "--output", str(tmp_path / "o"),
             "--set", f"filter.model={SHAPES_CLIP}"]
     assert run(main, [*args, "--set", f"decontaminate.sets=[{tmp_path / 'nowhere'}]"]) == 2
@@ -192,7 +194,7 @@ BROKEN_SETS = {
 @pytest.mark.parametrize("case", list(BROKEN_SETS))
 def test_unreadable_evaluation_sets_are_refused_before_spark_starts(curated_out, tmp_path, refused_before_spark,
                                                                     case):
-    from capfilt.jobs.decontaminate import main
+    main = functools.partial(run_stage_job, "decontaminate")
     build, says = BROKEN_SETS[case]
     folder = tmp_path / "evals"
     folder.mkdir()

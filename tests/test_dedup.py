@@ -211,7 +211,7 @@ def test_shapes_world_no_row_is_dropped_for_a_survivor_of_another_scene(shapes_w
 
 def _stored(data: bytes, download) -> bytes:
     """Image bytes as the download stage stores them (its resizer and settings)."""
-    from capfilt.udfs.fetch import stored_form
+    from capfilt.net.fetch import stored_form
     image, *_, error = stored_form(download)(io.BytesIO(data))
     assert image is not None, error
     return image

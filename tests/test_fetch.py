@@ -12,9 +12,9 @@ import pytest
 from img2dataset.downloader import download_image
 from PIL import Image
 
-from capfilt.udfs import netguard
-from capfilt.udfs.fetch import SafeResizer, normalise
-from capfilt.udfs.polite import RETRYABLE_CODES
+from capfilt.net import netguard
+from capfilt.net.fetch import SafeResizer, normalise
+from capfilt.net.polite import RETRYABLE_CODES
 from capfilt.world.corpus import bomb_png
 from helpers import encoded
 
@@ -124,7 +124,7 @@ def test_undecodable_bodies_get_a_stable_reason():
     (800, 600, "border", 2), (700, 700, "border", 1), (4000, 500, "keep_ratio", 1), (4000, 4000, "no", 1),
 ])
 def test_the_decode_scale_keeps_half_again_the_side_the_resize_keys_on(width, height, mode, scale):
-    from capfilt.udfs.reduced_decode import reduction
+    from capfilt.net.reduced_decode import reduction
     assert reduction(width, height, 256, mode) == scale
 
 

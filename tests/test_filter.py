@@ -10,7 +10,7 @@ from PIL import Image
 
 from capfilt.pipelines.config import FilterSettings
 from capfilt.pipelines.filter import score, select, split_scored
-from capfilt.pipelines.inference import OUT
+from capfilt.pipelines.inference import PASS
 from capfilt.schemas import CAPTIONED, REJECTS, SCORED
 from helpers import encoded, solid
 
@@ -73,7 +73,7 @@ def test_spark_scores_equal_a_direct_open_clip_computation(spark, which, request
         ("blue", (20, 20, 200), ["a blue square on white", "blue", "a red circle"]),
     ])]
     settings = FilterSettings(model=ref, rule="threshold", threshold=-1.0, device="cpu")
-    got = {r.uid: r for r in score(_captioned(spark, rows), settings).select("uid", OUT).collect()}
+    got = {r.uid: r for r in score(_captioned(spark, rows), settings).select("uid", PASS).collect()}
 
     model, preprocess, tokenizer = _direct(which, ref)
     with torch.no_grad():
@@ -82,13 +82,13 @@ def test_spark_scores_equal_a_direct_open_clip_computation(spark, which, request
             texts = ([caption] if caption.strip() else []) + synthetic
             txt = model.encode_text(tokenizer(texts), normalize=True)
             expected = (txt @ img).numpy()
-            scores = got[uid][OUT]["scores"]
+            scores = got[uid][PASS]["scores"]
             present = [s for s in scores if s is not None]
             assert (scores[0] is None) == (not caption.strip())
             np.testing.assert_allclose(present, expected, atol=1e-5)
-            emb = np.frombuffer(got[uid][OUT]["embedding"], "<f2")
+            emb = np.frombuffer(got[uid][PASS]["embedding"], "<f2")
             np.testing.assert_allclose(emb, img.numpy(), atol=2e-3)  # float16
-    assert len({round(float(v), 4) for r in got.values() for v in r[OUT]["scores"] if v is not None}) > 3
+    assert len({round(float(v), 4) for r in got.values() for v in r[PASS]["scores"] if v is not None}) > 3
 
 
 def _scored(spark, rows):
@@ -96,7 +96,7 @@ def _scored(spark, rows):
     from pyspark.sql import functions as F
     df = _captioned(spark, [(u, c, b"", s) for u, c, s, _ in rows])
     scores = spark.createDataFrame([(u, sc) for u, _, _, sc in rows], "uid string, scores array<float>")
-    return df.join(scores, "uid").withColumn(OUT, F.struct(F.lit(b"\x00\x3c").alias("embedding"),
+    return df.join(scores, "uid").withColumn(PASS, F.struct(F.lit(b"\x00\x3c").alias("embedding"),
                                                             F.col("scores"), F.lit(None).cast("string").alias("error"))
                                              ).drop("scores")
 
@@ -176,11 +176,11 @@ def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
             ("u1", "   ", images[1], ["a small blue circle left of a large green cross on a black background",
                                       "Stock photo of a tiny navy ball and a big emerald plus | hd wallpaper"]),
             ("u2", "x" * 10_000, images[0], [])]
-    clip_only = {r.uid: r[OUT] for r in score(_captioned(spark, rows), FilterSettings(
-        model=SHAPES_CLIP, device="cpu")).select("uid", OUT).collect()}
+    clip_only = {r.uid: r[PASS] for r in score(_captioned(spark, rows), FilterSettings(
+        model=SHAPES_CLIP, device="cpu")).select("uid", PASS).collect()}
     floor = float(np.median([v for r in clip_only.values() for v in r["scores"] if v is not None]))
     settings = FilterSettings(model=SHAPES_CLIP, device="cpu", scorer=scorer, itm_model=SHAPES_ITM, clip_floor=floor)
-    got = {r.uid: r[OUT] for r in score(_captioned(spark, rows), settings).select("uid", OUT).collect()}
+    got = {r.uid: r[PASS] for r in score(_captioned(spark, rows), settings).select("uid", PASS).collect()}
     rescored = skipped = 0
     for uid, caption, image, synthetic in rows:
         assert got[uid]["scores"] == clip_only[uid]["scores"], "the CLIP step is the same in every scorer"
@@ -203,7 +203,7 @@ def _itm_scored(spark, rows):
     df = _captioned(spark, [(u, c, b"", s) for u, c, s, _, _ in rows])
     scores = spark.createDataFrame([(u, cs, its) for u, _, _, cs, its in rows],
                                    "uid string, scores array<float>, itm_scores array<float>")
-    return df.join(scores, "uid").withColumn(OUT, F.struct(
+    return df.join(scores, "uid").withColumn(PASS, F.struct(
         F.lit(b"\x00\x3c").alias("embedding"), "scores", "itm_scores", F.lit(None).cast("string").alias("error"))
     ).drop("scores", "itm_scores")
 

@@ -1,5 +1,6 @@
 """Embedding heads: the loader (LAION's aesthetic predictor architecture, linear, MLP), its refusals, and
 the heads stage on a curated run (scores from the stored embeddings, drop and flag modes)."""
+import functools
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from capfilt.jobs.common import run_stage_job
 from capfilt.udfs.heads import HeadError, check_embedding_model, embeddings_from_bytes, load_head, weights_sha256
 from capfilt.udfs.models import MODELS_DIR, SHAPES_CLIP
 
@@ -140,7 +142,7 @@ def test_heads_stage_scores_stored_embeddings_drops_and_flags(curated_out, tmp_p
     """On a committed filter output: a drop head and a flag head (random linear heads over the shapes
     CLIP's embeddings). Scores equal the head applied to the stored embeddings; rows are conserved; a
     changed threshold recomputes without decoding an image."""
-    from capfilt.jobs.heads import main as heads
+    heads = functools.partial(run_stage_job, "heads")
     torch.manual_seed(3)
     w = torch.randn(1, 64)
     drop = write_head(tmp_path / "drop", {"weight": w, "bias": torch.zeros(1)}, name="darkness", threshold=0.6)
@@ -264,7 +266,7 @@ def test_the_heads_command_refuses_a_broken_head_before_spark_starts(curated_out
                                                                     problem):
     """`capfilt heads` checks its heads before Spark (it used to start Spark first, 21-35 s): exit 2, one line
     naming the head folder, no .heads.inprogress or lock left."""
-    from capfilt.jobs.heads import main
+    main = functools.partial(run_stage_job, "heads")
     if problem == "missing":
         folder = tmp_path / "no-such-head"
     else:
@@ -283,7 +285,7 @@ def test_a_non_finite_score_at_run_time_is_an_error_naming_the_head_not_a_null(c
     """Finite weights that overflow (1e308 per weight, identity output): the stage used to write null scores
     and drop nothing, exit 0. Now it stops, naming the head, and commits nothing."""
     from capfilt.jobs.common import run
-    from capfilt.jobs.heads import main
+    main = functools.partial(run_stage_job, "heads")
     huge = write_head(tmp_path / "huge", {"weight": torch.full((1, 64), 1e308, dtype=torch.float64),
                                          "bias": torch.zeros(1, dtype=torch.float64)},
                       name="overflow", output="identity")

@@ -145,7 +145,7 @@ PATH_CHARS = st.sampled_from(list("abcxyz019-._/") + ["é", "ß", "カ", "日"])
 
 
 def _verdict(body: bytes, charset, path: str):
-    from capfilt.udfs.robots import Robots, parse
+    from capfilt.net.robots import Robots, parse
     rules, named = parse(body, charset)
     return Robots("http://h", rules=rules, named=named).refusal("http://h" + path, TOKENS)
 
@@ -225,7 +225,7 @@ def test_robots_verdicts_do_not_depend_on_bom_line_ends_or_unicode_encoding(grou
 @CHEAP
 @given(value=st.text(max_size=40) | st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
 def test_retry_after_never_raises_and_is_none_or_a_finite_wait(value):
-    from capfilt.udfs.polite import MAX_DELTA_SECONDS, retry_after_s
+    from capfilt.net.polite import MAX_DELTA_SECONDS, retry_after_s
     got = retry_after_s(value)
     assert got is None or (isinstance(got, float) and math.isfinite(got) and 0 <= got <= MAX_DELTA_SECONDS)
 
@@ -234,7 +234,7 @@ def test_retry_after_never_raises_and_is_none_or_a_finite_wait(value):
 @given(digits=st.text(st.sampled_from("0123456789"), min_size=1, max_size=40),
        before=st.sampled_from(["", " ", "\t"]), after=st.sampled_from(["", " ", "\t "]))
 def test_retry_after_ascii_digits_parse_exactly(digits, before, after):
-    from capfilt.udfs.polite import MAX_DELTA_SECONDS, retry_after_s
+    from capfilt.net.polite import MAX_DELTA_SECONDS, retry_after_s
     assert retry_after_s(before + digits + after) == float(min(int(digits), MAX_DELTA_SECONDS))
 
 
@@ -242,7 +242,7 @@ def test_retry_after_ascii_digits_parse_exactly(digits, before, after):
 @given(value=st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=6).filter(
     lambda v: not v.isascii()))
 def test_retry_after_in_digits_that_are_not_ascii_is_ignored(value):
-    from capfilt.udfs.polite import retry_after_s
+    from capfilt.net.polite import retry_after_s
     assert retry_after_s(value) is None, value
 
 
@@ -251,7 +251,7 @@ def test_retry_after_in_digits_that_are_not_ascii_is_ignored(value):
 def test_retry_after_http_dates_give_the_seconds_left(when):
     import email.utils
 
-    from capfilt.udfs.polite import MAX_DELTA_SECONDS, retry_after_s
+    from capfilt.net.polite import MAX_DELTA_SECONDS, retry_after_s
     now = 2_000_000_000.0
     stamp = when.replace(tzinfo=datetime.timezone.utc).timestamp()
     expected = min(max(0.0, stamp - now), MAX_DELTA_SECONDS)

@@ -402,6 +402,52 @@ def test_local_folders_are_read_as_local_even_when_they_look_like_hub_ids(monkey
     assert parse_reference("models/shapes-clip").kind == "local_dir"
 
 
+# --- one registry of model families: the loaders and the driver's check both go through it ------------------
+
+FAMILY_EXAMPLES = {"clip": SHAPES_CLIP, "coca": DEFAULT_CAPTIONER, "blip": SHAPES_CAPTIONER,
+                   "blip_itm": models.SHAPES_ITM}
+LOADERS = {"clip": load_clip, "captioner": load_captioner, "itm": models.load_itm}
+
+
+def test_the_loaders_and_the_driver_check_dispatch_through_one_registry_of_families(tmp_path, monkeypatch):
+    """Each family of the registry is what both check_reference and the role's loader pick for a reference
+    of it, and a family added to the registry (a fake captioner recognised by its own config file) is
+    picked by both, where before it was refused by both."""
+    from dataclasses import replace
+
+    from capfilt.udfs.models import families
+    folder = tmp_path / "fake-captioner"
+    folder.mkdir()
+    (folder / "fake_config.json").write_text("{}")
+    for refuse in (lambda: models.check_reference(str(folder), "captioner"), lambda: load_captioner(str(folder))):
+        with pytest.raises(ValueError, match="has no open_clip_config.json or config.json"):
+            refuse()
+    seen = []
+
+    def spied(family):  # the family, its check and its loader recording that they ran
+        def check(ref, folder):
+            seen.append(("check", family.name, ref.text))
+            return []
+
+        def load(ref, folder, device, precision):
+            seen.append(("load", family.name, ref.text))
+            return family.name
+        return replace(family, check=check, load=load)
+
+    fake = families.Family(name="fake", role="captioner", title="a fake captioner", config="fake_config.json",
+                           weights=("fake.safetensors",), accepts=lambda ref: ref.kind == "local_dir",
+                           check=None, load=None, download=None)
+    registry = [spied(f) for f in [*families.FAMILIES, fake]]
+    monkeypatch.setattr(families, "FAMILIES", registry)
+    examples = {**FAMILY_EXAMPLES, "fake": str(folder)}
+    assert [f.name for f in registry] == list(examples)  # a new family needs its example here
+    for family in registry:
+        ref = examples[family.name]
+        models.check_reference(ref, family.role)
+        assert LOADERS[family.role](ref, "cpu") == family.name
+        assert seen[-2:] == [("check", family.name, ref), ("load", family.name, ref)]
+
+
 # --- broken model folders: refused on the driver, one line naming the file ----------------------------
 
 def _truncate(name: str, cut: int = 100):

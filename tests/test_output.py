@@ -7,7 +7,11 @@ import textwrap
 
 import pytest
 
-from capfilt.pipelines.io import empty_rejects, read_rejects, read_stage, write_stage
+from capfilt.pipelines.io import empty_rejects, read_rejects, read_stage
+from capfilt.pipelines.registry import definition
+from capfilt.pipelines.stage import write_output
+
+WHOLE = definition("download")  # a stage that writes whole records
 from capfilt.pipelines.output import (ConservationError, Counts, NotCommittedError, StageOutput, build_manifest,
                               read_manifest)
 from capfilt.schemas import PAIRS
@@ -73,14 +77,14 @@ def test_a_killed_write_leaves_nothing_a_reader_takes_for_finished(tmp_path, spa
     assert os.path.isdir(again.path("work")), "a resumable stage keeps the killed run's work"
 
 
-def test_write_stage_counts_what_was_written(spark, tmp_path):
+def test_the_writer_counts_what_was_written(spark, tmp_path):
     data = spark.createDataFrame([("a", "http://h/a", "x"), ("b", "http://h/b", "y")], PAIRS.spark_schema())
     rejects = spark.createDataFrame([("c", "http://h/c", None, "demo", "too_small", "4x4", None)],
                                     "uid string, url string, caption string, stage string, reason string, "
                                     "detail string, duplicate_of string")
     out = StageOutput(str(tmp_path / "s"), "demo")
     out.begin()
-    counts = write_stage(out, data, rejects, input_count=3)
+    counts = write_output(out, WHOLE, data, rejects, n_input=3)[0]
     assert counts.to_dict() == {"input": 3, "output": 2, "rejected_total": 1, "rejected": {"demo": {"too_small": 1}}}
     out.commit(build_manifest(out, {"k": 1}, counts))
     assert sorted(r.uid for r in read_stage(spark, str(tmp_path / "s"), PAIRS).collect()) == ["a", "b"]
@@ -93,7 +97,7 @@ def test_empty_rejects_still_make_a_readable_table(spark, tmp_path):
     data = spark.createDataFrame([("a", "u", "x")], PAIRS.spark_schema())
     out = StageOutput(str(tmp_path / "s"), "demo")
     out.begin()
-    counts = write_stage(out, data, empty_rejects(spark), input_count=1)
+    counts = write_output(out, WHOLE, data, empty_rejects(spark), n_input=1)[0]
     out.commit(build_manifest(out, {}, counts))
     assert read_rejects(spark, str(tmp_path / "s")).count() == 0
 

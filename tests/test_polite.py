@@ -1,4 +1,4 @@
-"""Politeness in a download worker (udfs/polite.py, the opener in udfs/fetch.py): per-host rate and
+"""Politeness in a download worker (net/polite.py, the opener in net/fetch.py): per-host rate and
 connection limits, Retry-After, retries by code with backoff, TDMRep, robots.txt. Loopback only."""
 import codecs
 import email.utils
@@ -12,7 +12,7 @@ import urllib.error
 import pytest
 from img2dataset.downloader import download_image
 
-from capfilt.udfs.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
+from capfilt.net.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
 from tests.test_fetch import _answer, _canary, _server
 
 
@@ -212,7 +212,7 @@ def test_connection_limit_is_released_on_errors_and_redirects(guarded_worker):
     (404, "allow"), (410, "allow"), (500, "disallow"), (503, "disallow"), (429, "disallow"),
 ])
 def test_robots_txt_outcomes_follow_rfc_9309(guarded_worker, tmp_path, robots, verdict):
-    from capfilt.udfs import robots as robots_txt
+    from capfilt.net import robots as robots_txt
     from capfilt.world.server import serve
     (tmp_path / "img").mkdir()
     with serve(tmp_path, robots=robots) as server:
@@ -231,7 +231,7 @@ def test_robots_txt_outcomes_follow_rfc_9309(guarded_worker, tmp_path, robots, v
 
 
 def test_robots_txt_of_a_blocked_address_gives_no_verdict(guarded_worker):
-    from capfilt.udfs import robots as robots_txt
+    from capfilt.net import robots as robots_txt
     guarded_worker()  # nothing allow-listed: 127.0.0.1 is blocked by the address policy
     found = robots_txt.fetch("http://127.0.0.1:9", "capfilt", timeout=2)
     assert found.refusal("http://127.0.0.1:9/a.jpg", ("capfilt",)) is None, "the image request is blocked instead"
@@ -241,7 +241,7 @@ def test_robots_rule_matching_equals_the_regex_protego_builds_and_a_hostile_rule
     import random
     import re
 
-    from capfilt.udfs.robots import glob_match, parse
+    from capfilt.net.robots import glob_match, parse
 
     def as_regex(pattern, path):  # Protego's own translation: `*` -> lazy `.*?`, a final `$` anchors
         anchored = pattern.endswith("$")
@@ -266,7 +266,7 @@ ROBOTS = "User-agent: *\r\nDisallow: /private/\r\n"
 def _robots_verdicts(guarded_worker, respond, **policy):
     """robots.txt fetched from a loopback server answering with `respond`: (refusal of /private/a.jpg,
     refusal of /img/a.jpg, the paths the server was asked for)."""
-    from capfilt.udfs import robots as robots_txt
+    from capfilt.net import robots as robots_txt
     paths = []
 
     def logged(path, conn, stop):
@@ -305,7 +305,7 @@ def test_robots_txt_in_any_encoding_keeps_its_disallow(guarded_worker, body, cha
 
 
 def test_a_non_utf8_disallow_matches_both_readings_of_its_bytes():
-    from capfilt.udfs.robots import Robots, parse
+    from capfilt.net.robots import Robots, parse
     rules, named = parse("User-agent: *\nDisallow: /café/\n".encode("latin-1"))
     found = Robots("http://h", rules=rules, named=named)
     for path in ("/café/a.jpg", "/caf%C3%A9/a.jpg", "/caf%E9/a.jpg", "/caf%e9/a.jpg"):  # UTF-8 and raw-byte URLs
@@ -344,7 +344,7 @@ def test_opt_out_headers_on_a_redirected_robots_txt_do_not_discard_its_rules(gua
 def test_a_robots_txt_over_500_kib_is_read_up_to_its_last_whole_line(guarded_worker):
     """Larger than max_bytes (a cap for images) and than RFC 9309's 500 KiB: its first 500 KiB are the
     rules, and the line the cut falls in is dropped (here an Allow that, cut, would allow /private/)."""
-    from capfilt.udfs.robots import MAX_BYTES
+    from capfilt.net.robots import MAX_BYTES
     head = b"User-agent: *\nDisallow: /private/\n"
     padding = b"# " + b"x" * 98 + b"\n"
     body = head + padding * ((MAX_BYTES - len(head)) // len(padding))
@@ -402,7 +402,7 @@ def test_only_the_request_counts_against_the_robots_txt_deadline(guarded_worker,
         conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
         stop.wait(0.05)
         conn.sendall(body)
-    from capfilt.udfs import robots as robots_txt
+    from capfilt.net import robots as robots_txt
     with _server(respond) as port:
         guarded_worker(allow_hosts=(f"127.0.0.1:{port}",))  # worker preparation: imports happen here
         found = robots_txt.fetch(f"http://127.0.0.1:{port}", "capfilt", timeout=1)
@@ -511,7 +511,7 @@ def test_rules_looked_up_by_prefix_give_protego_s_verdict_and_30000_rules_stay_f
     minutes for a host of 100,000 rows); the lookup by literal prefix gives the same verdict."""
     import random
 
-    from capfilt.udfs.robots import glob_match, parse
+    from capfilt.net.robots import glob_match, parse
 
     def protego_verdict(rule_set, url):  # Protego's own loop: rules sorted longest first, Allow first on a tie
         path = rule_set._quote_path(url)

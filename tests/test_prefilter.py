@@ -95,8 +95,42 @@ def test_rules_whose_columns_are_absent_are_skipped_and_named(laion_site, tmp_pa
     assert manifest["counts"]["rejected"]["prefilter"] == {"caption_too_short": 1, "blocklist": 1, "language": 1}
 
 
-def test_prefilter_is_a_step_of_the_curate_funnel(laion_site, tmp_path):
-    from capfilt.pipelines.publish import split_prefilter
+@pytest.mark.slow
+def test_changing_only_prefilter_settings_refilters_without_fetching_anything_again(laion_site, tmp_path, spark):
+    """The committed download is re-filtered: rows the new rules drop leave the records for the rejects, rows
+    only the old rules dropped are fetched now, and nothing fetched before is requested again (server log)."""
+    root, server, expected, truth = laion_site
+    out = tmp_path / "dl"
+    assert _run(root / "laion.parquet", out, server, RULES) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    data = spark.read.parquet(str(out / "data")).select("uid").toPandas()
+    metadata = pq.read_table(root / "laion.parquet").to_pandas().set_index("SAMPLE_ID")
+    newly_dropped = {uid for uid in data["uid"] if metadata.loc[uid, "pwatermark"] > 0.25}
+    assert newly_dropped and "s0" not in set(data["uid"]) and metadata.loc["s0", "pwatermark"] <= 0.25
+    # The punsafe rule goes (s0 may be fetched now), a stricter watermark rule comes.
+    rules = [r for r in RULES if "punsafe" not in r and "pwatermark" not in r] + ["prefilter.max_pwatermark=0.25"]
+    before = len(server.requests)
+    assert _run(root / "laion.parquet", out, server, rules) == 0
+    requested = [path for path, _ in server.requests[before:] if not path.startswith("/robots")]
+    assert requested == [truth.loc[0, "url_path"]], "only the row the old rules alone dropped is fetched"
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["input"] == first["counts"]["input"] == counts["output"] + counts["rejected_total"]
+    rejects = spark.read.parquet(str(out / "rejects")).toPandas().set_index("uid")
+    pre = rejects[rejects["stage"] == "prefilter"]
+    assert newly_dropped <= set(pre.index) and "s0" not in rejects.index
+    assert all(pre.loc[uid, "reason"] == "pwatermark" for uid in newly_dropped)
+    assert set(spark.read.parquet(str(out / "data")).select("uid").toPandas()["uid"]) == \
+        set(data["uid"]) - newly_dropped | {"s0"}
+    assert manifest["refilters"] == [{"fetched": 1, "dropped": len(newly_dropped)}]
+    # The same settings again: nothing to do.
+    before = len(server.requests)
+    assert _run(root / "laion.parquet", out, server, rules) == 0
+    assert len(server.requests) == before
+
+
+def test_prefilter_is_a_step_of_the_curate_funnel():
+    from capfilt.pipelines.publish import split_filters as split_prefilter
     stages = {"download": {"counts": {"input": 10, "output": 6, "rejected_total": 4,
                                       "rejected": {"prefilter": {"punsafe": 3}, "download": {"http_404": 1}}},
                            "timings": {"prefilter": 1.5}},

@@ -18,7 +18,7 @@ def test_the_gpu_path_returns_its_rows_without_the_image_bytes_it_read(spark):
     import pandas as pd
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from capfilt.pipelines.inference import OUT, MapBatches, kept_fields
+    from capfilt.pipelines.inference import PASS, MapBatches, kept_fields
     df = spark.createDataFrame([("a", b"xyz", "a cat"), ("b", b"xy", "a dog")],
                                "uid string, image binary, caption string")
     kept = kept_fields(df.schema, ["image", "caption"])
@@ -27,6 +27,6 @@ def test_the_gpu_path_returns_its_rows_without_the_image_bytes_it_read(spark):
     def sizes(frame):
         return pd.DataFrame({"n": [f"{len(i)}:{c}" for i, c in zip(frame["image"], frame["caption"])]})
     batch = MapBatches(sizes, ["image", "caption"], [f.name for f in kept])
-    out = df.mapInPandas(batch, StructType(kept + [StructField(OUT, result, True)]))
-    assert out.columns == ["uid", "caption", OUT]
-    assert sorted((r["uid"], r[OUT]["n"]) for r in out.collect()) == [("a", "3:a cat"), ("b", "2:a dog")]
+    out = df.mapInPandas(batch, StructType(kept + [StructField(PASS, result, True)]))
+    assert out.columns == ["uid", "caption", PASS]
+    assert sorted((r["uid"], r[PASS]["n"]) for r in out.collect()) == [("a", "3:a cat"), ("b", "2:a dog")]

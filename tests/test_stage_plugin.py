@@ -1,0 +1,113 @@
+"""A stage from outside capfilt: defined in this test, registered the way a package registers one (an
+entry point of the group `capfilt.stages` in an installed distribution's metadata: here a dist-info
+folder on sys.path, as pip would leave it), run by `capfilt curate` in the chain. No package file knows it."""
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import pytest
+
+from capfilt.jobs.cli import main as cli
+from capfilt.pipelines.output import read_manifest
+from capfilt.pipelines.registry import stages
+
+PLUGIN = '''
+"""An OCR-text-like filter as a third party writes it: rows whose web caption is longer than a limit leave."""
+from dataclasses import dataclass, field
+
+from capfilt.pipelines.stage import Result, Stage, reject_rows
+from capfilt.schemas import SCORED
+
+
+@dataclass
+class Settings:
+    max_chars: int = field(default=60, metadata={"help": "longest web caption kept", "min": 1})
+
+
+def split(rows, cfg, context):
+    from pyspark.sql import functions as F
+    limit = cfg.long_captions.max_chars
+    long = F.length("caption") > limit
+    dropped = rows.filter(long)
+    return Result(rows.filter(~long), reject_rows(dropped, "long_captions", "caption_too_long",
+                                                  F.concat(F.length("caption").cast("string"), F.lit(f" > {limit}"))),
+                  {"limit": limit})
+
+
+STAGE = Stage(name="long_captions", reads=SCORED, adds=(), split=split, settings=Settings, after="filter",
+              reasons={"caption_too_long": "the web caption is longer than long_captions.max_chars"},
+              help="drop rows whose web caption is too long")
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """The stage installed: its module and a distribution's metadata naming it, on sys.path."""
+    site = tmp_path / "site"
+    (site / "capfilt_long_captions-0.1.dist-info").mkdir(parents=True)
+    (site / "capfilt_long_captions.py").write_text(textwrap.dedent(PLUGIN))
+    (site / "capfilt_long_captions-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: capfilt-long-captions\nVersion: 0.1\n")
+    (site / "capfilt_long_captions-0.1.dist-info" / "entry_points.txt").write_text(
+        "[capfilt.stages]\nlong_captions = capfilt_long_captions:STAGE\n")
+    monkeypatch.syspath_prepend(str(site))
+    stages.cache_clear()
+    yield
+    stages.cache_clear()
+
+
+def _rejected(out, limit: int):
+    import pyarrow.dataset as ds
+    rejects = ds.dataset(out / "rejects").to_table().to_pandas()
+    mine = rejects[rejects.stage == "long_captions"]
+    assert set(mine.reason) <= {"caption_too_long"}
+    assert all(len(c) > limit for c in mine.caption)
+    curated = ds.dataset(out / "curated").to_table(columns=["caption"]).to_pandas()
+    assert all(len(c) <= limit for c in curated.caption)
+    return len(mine)
+
+
+@pytest.mark.slow
+def test_a_stage_defined_outside_the_package_runs_resumes_reports_and_goes_stale(
+        plugin, curated_out, curate_args, tmp_path, capsys):
+    assert [s.name for s in stages()][:4] == ["download", "caption", "filter", "long_captions"]
+    assert cli(["config", "--keys"]) == 0
+    assert "long_captions.max_chars = 60" in capsys.readouterr().out
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    args = ["curate", *curate_args, "--output", str(out)]
+    assert cli([*args, "--set", "long_captions.max_chars=40"]) == 0
+    log = capsys.readouterr().out
+    assert "stage 4/5: long_captions" in log and log.count("committed by an earlier run, reused") == 3
+    first = _rejected(out, 40)
+    assert first > 0
+    manifest = read_manifest(out)
+    assert list(manifest["stages"])[3] == "long_captions"
+    assert manifest["counts"]["rejected"]["long_captions"] == {"caption_too_long": first}
+    assert manifest["counts"]["input"] == manifest["counts"]["output"] + manifest["counts"]["rejected_total"]
+    assert manifest["models"]["long_captions"] == {"limit": 40}
+
+    # inspect reports it: its step in the funnel and its reason with the meaning it declared.
+    assert cli(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "long_captions" in report and "caption_too_long" in report
+
+    # Killed while it was writing: no manifest there, none for OUT; the rerun reuses the rest, ends the same.
+    shutil.rmtree(out / "stages" / "long_captions")
+    (out / "manifest.json").unlink()
+    assert cli([*args, "--set", "long_captions.max_chars=40"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("committed by an earlier run, reused") == 3
+    assert read_manifest(out)["counts"] == manifest["counts"]
+
+    # Its own setting makes its committed output stale: recomputed (it has no model), the rest reused.
+    assert cli([*args, "--set", "long_captions.max_chars=80"]) == 0
+    log = capsys.readouterr().out
+    assert "stage 4/5: long_captions" in log and "recomputed from what it stored" in log
+    assert _rejected(out, 80) < first
+
+    # And its command runs it alone, from the committed filter stage.
+    assert cli(["long_captions", "--input", str(out / "stages" / "filter"), "--output", str(tmp_path / "alone"),
+                "--set", "long_captions.max_chars=40"]) == 0
+    assert read_manifest(tmp_path / "alone")["counts"]["rejected"]["long_captions"]["caption_too_long"] == first
