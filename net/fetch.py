@@ -2,13 +2,13 @@
 
 img2dataset fetches with `urllib.request.urlopen`, i.e. through the process-wide opener. Each worker
 installs ours before a shard starts: every connection (redirect hops included) goes through the
-address policy of capfilt.udfs.netguard, proxies from the environment are ignored, opt-out headers are
+address policy of capfilt.net.netguard, proxies from the environment are ignored, opt-out headers are
 honoured for capfilt's token and img2dataset's, bodies are capped in size and must be as long as
 declared, only http(s) is ever fetched (redirects included), and one deadline bounds the whole request
 (redirect hops and body reads included). SafeResizer reads the
 image header before img2dataset decodes anything, so a decompression bomb never reaches memory,
 normalises what OpenCV mishandles (EXIF rotation, 16-bit, CMYK, palette/alpha, animation) with PIL,
-and decodes a large plain JPEG at reduced size (udfs/reduced_decode.py).
+and decodes a large plain JPEG at reduced size (net/reduced_decode.py).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from urllib.parse import urlparse, urlsplit
 import numpy as np
 from PIL import Image, ImageOps
 
-from capfilt.udfs import netguard
-from capfilt.udfs.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
-from capfilt.udfs.reduced_decode import reduced_resize, reduction
+from capfilt.net import netguard
+from capfilt.net.polite import RETRYABLE_CODES, HostLimits, backoff_s, failure_code, is_exempt, retry_after_s
+from capfilt.net.reduced_decode import reduced_resize, reduction
 
 OPTED_OUT_MARK = "opted_out"
 TOO_LARGE_MARK = "response_too_large"
@@ -45,7 +45,7 @@ class FetchPolicy:
     # None: the timeout the caller passes to urlopen (img2dataset passes download.timeout).
     deadline_s: float | None = None
     tdm_reservation: bool = True          # a "tdm-reservation: 1" response header opts the image out
-    # Politeness (udfs/polite.py): per host for the whole job; 0 = unlimited.
+    # Politeness (net/polite.py): per host for the whole job; 0 = unlimited.
     requests_per_second: float = 0.0
     connections: int = 0
     host_shares: tuple[tuple[str, int], ...] = ()  # hosts whose budget is shared by several shards
@@ -62,7 +62,7 @@ class FetchPolicy:
 
 class _Limits(urllib.request.BaseHandler):
     """Opt-out headers and a body size cap, on every response, and what the host said about our pace
-    (Retry-After). A robots.txt request (udfs/robots.py marks it, and the mark follows its redirects)
+    (Retry-After). A robots.txt request (net/robots.py marks it, and the mark follows its redirects)
     is exempt from the opt-out headers and the size cap: those are about images, and a robots.txt
     served with `X-Robots-Tag: noindex` (common) still holds the host's rules; robots.py reads its
     first 500 KiB whatever its length."""
@@ -255,7 +255,7 @@ class _Fetched(io.BytesIO):
 
 
 class _PoliteOpener(urllib.request.OpenerDirector):
-    """open() = request + whole body, retried on a retryable failure (udfs/polite.py: RETRYABLE_CODES)
+    """open() = request + whole body, retried on a retryable failure (net/polite.py: RETRYABLE_CODES)
     with exponential backoff and jitter; Retry-After holds off the host's other requests too. A final
     failure is raised as '<code>: <what happened>', the code first."""
 
@@ -390,7 +390,7 @@ _NEEDS_PIL_MODES = {"I;16", "I;16B", "I;16L", "I", "F", "CMYK", "P", "PA", "LA",
 
 class SafeResizer:
     """Header check before decode, PIL normalisation of odd images, then img2dataset's Resizer. A plain
-    JPEG takes udfs/reduced_decode.py instead, which stores the same bytes without the Resizer's per-image
+    JPEG takes net/reduced_decode.py instead, which stores the same bytes without the Resizer's per-image
     set-up, and decodes at reduced size when half its size or less still leaves 1.5x the stored side
     (unless reduced_decode is off)."""
 
@@ -429,7 +429,7 @@ class SafeResizer:
     def _direct(self) -> bool:
         """Whether a plain JPEG may skip img2dataset's Resizer call, whose per-image set-up (stdout and
         stderr redirected through six dup2 calls, albumentations transforms built and validated) cost
-        more than the decode at small sizes: udfs/reduced_decode.py does the same work, once set up."""
+        more than the decode at small sizes: net/reduced_decode.py does the same work, once set up."""
         from img2dataset.resizer import Resizer
         r = self.resizer
         return isinstance(r, Resizer) and not r.skip_reencode and not r.disable_all_reencoding and r.blurrer is None

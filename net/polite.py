@@ -196,7 +196,7 @@ class HostLimits:
 
 def exempt_entries(allow_hosts) -> tuple[tuple[str, int | None], ...]:
     """download.allow_hosts as (host, port or None): the endpoints politeness leaves alone by default."""
-    from capfilt.udfs.netguard import _split_host_port
+    from capfilt.net.netguard import _split_host_port
     return tuple((host.lower(), port) for host, port in map(_split_host_port, allow_hosts))
 
 

@@ -1,6 +1,6 @@
 """robots.txt for the download stage (RFC 9309), fetched once per host per run inside a Spark task.
 
-The file is fetched through the worker's guarded opener (udfs/fetch.py: the same address policy,
+The file is fetched through the worker's guarded opener (net/fetch.py: the same address policy,
 deadline and per-host budget as images; not the opt-out headers or the image size cap, which are about
 images) and parsed with Protego, which implements RFC 9309's matching (longest match wins, Allow beats
 Disallow on a tie, `*` and `$` wildcards) where the standard library's urllib.robotparser takes the
@@ -42,7 +42,7 @@ from urllib.parse import quote
 
 import protego
 
-from capfilt.udfs.polite import failure_code
+from capfilt.net.polite import failure_code
 
 MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parse at least the first 500 KiB
 USER_AGENT = ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0 "
@@ -215,10 +215,10 @@ def parse(body: bytes, charset: str | None = None):
 
 
 def fetch(authority: str, token: str, timeout: float) -> Robots:
-    """GET authority/robots.txt through the installed opener (udfs/fetch.py: prepare_worker first).
+    """GET authority/robots.txt through the installed opener (net/fetch.py: prepare_worker first).
     Only the request counts against `timeout`: what it needs is imported when this module is."""
     request = urllib.request.Request(f"{authority}/robots.txt", headers={"User-Agent": USER_AGENT.format(token=token)})
-    request.capfilt_robots = {"redirects": 0}  # udfs/fetch.py: no opt-out headers or size cap; counts hops
+    request.capfilt_robots = {"redirects": 0}  # net/fetch.py: no opt-out headers or size cap; counts hops
     opener = urllib.request._opener  # the guarded opener; its plain open(): one attempt, no retry
     try:
         with urllib.request.OpenerDirector.open(opener, request, timeout=timeout) as response:

@@ -36,10 +36,9 @@ class EvalEmbedder:
 
         import pandas as pd
 
-        from capfilt.pipelines.inference import worker_model
-        from capfilt.udfs.fetch import stored_form
+        from capfilt.net.fetch import stored_form
         from capfilt.udfs.images import decode_images
-        from capfilt.udfs.models import cached_clip
+        from capfilt.udfs.models import cached_clip, worker_model
 
         resize = stored_form(self.download)
         stored, errors = [], []
@@ -97,14 +96,15 @@ def nearest_eval(embeddings: list, folder: str, k: int = 5, floor: float = -1.0)
     return found_ids, found
 
 
-def thumbnail(data: bytes):
-    """The picture at THUMB x THUMB, RGB float32, lightly blurred (JPEG noise out, content kept)."""
-    import io
-
+def thumbnail(data: bytes | None):
+    """The picture at THUMB x THUMB, RGB float32, lightly blurred (JPEG noise out, content kept); None
+    when the bytes do not decode."""
     import cv2
     from PIL import Image
-    image = Image.open(io.BytesIO(data)).convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
-    return cv2.GaussianBlur(np.asarray(image, dtype=np.float32), (0, 0), 2.0)
+
+    from capfilt.udfs.images import thumbnail_image
+    image = thumbnail_image(data, THUMB, Image.Resampling.BILINEAR)
+    return None if image is None else cv2.GaussianBlur(np.asarray(image, dtype=np.float32), (0, 0), 2.0)
 
 
 def copy_residual(copy, original) -> float:
@@ -135,17 +135,14 @@ def confirm_copies(images: list, candidates: list, folder: str, tolerance: float
     """For each row (its stored image bytes and candidate eval ids, best first): the first candidate
     whose residual is within tolerance, and that residual (None, None when none is)."""
     wanted = {c for row in candidates for c in (row or [])}
-    originals = {k: thumbnail(v) for k, v in _stored_images(folder, wanted).items() if v is not None} if wanted else {}
+    originals = {k: thumbnail(v) for k, v in _stored_images(folder, wanted).items()} if wanted else {}
     best_id, best = [None] * len(images), [None] * len(images)
     for i, (data, row) in enumerate(zip(images, candidates)):
-        if not row or data is None:
-            continue
-        try:
-            copy = thumbnail(data)
-        except Exception:  # an undecodable stored image cannot be confirmed
+        copy = thumbnail(data) if row else None
+        if copy is None:  # no candidate, or an undecodable stored image: nothing to confirm
             continue
         for eval_id in row:
-            if eval_id in originals:
+            if originals.get(eval_id) is not None:
                 residual = copy_residual(copy, originals[eval_id])
                 if residual <= tolerance:
                     best_id[i], best[i] = eval_id, residual

@@ -115,11 +115,9 @@ def thumbnail(data: bytes | None, side: int = THUMBNAIL_SIDE) -> np.ndarray | No
     models: RGB, upright, first frame; box filter), or None when the bytes do not decode."""
     from PIL import Image
 
-    from capfilt.udfs.images import decode_image
-    image, _error = decode_image(data)
-    if image is None:
-        return None
-    return np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.uint8)
+    from capfilt.udfs.images import thumbnail_image
+    image = thumbnail_image(data, side, Image.Resampling.BOX)
+    return None if image is None else np.asarray(image, dtype=np.uint8)
 
 
 def thumbnails(image_bytes_list, side: int = THUMBNAIL_SIDE) -> np.ndarray:

@@ -35,14 +35,20 @@ One concern per module; this package re-exports the names callers use:
     device.py      pick_device: device and precision
     safety.py      refusing weights files that need code to unpickle; weights_only loading; the driver's
                    check of every weights file (safetensors header, state dict)
-    clip.py        ClipModel and load_clip (every open_clip reference)
-    itm.py         ItmModel and load_itm: BLIP's image-text matching head (BlipForImageTextRetrieval)
-    captioner.py   Captioner, its seeded nucleus sampling, and load_captioner
+    folders.py     a model folder's files: its JSON configuration, whether a part of it loads, its weights
+    clip.py        ClipModel; building and checking every open_clip reference (the clip family)
+    itm.py         ItmModel: BLIP's image-text matching head (BlipForImageTextRetrieval), built and checked
+    captioner.py   Captioner and its seeded nucleus sampling
     blip.py        the BLIP family (transformers): loading and decoding
     coca.py        the CoCa family (open_clip): loading and decoding
+    families.py    the registry of model families (clip, coca, blip, blip_itm): how a reference is
+                   recognised as each, its files, its check and its loader; `find` says which one a
+                   reference is. The loaders and the check both go through it: a new family is one entry
+    load.py        load_clip, load_captioner, load_itm: a reference in, its family's model out
     check.py       check_reference: a reference checked on the driver before any work (its config,
                    tokenizer and preprocessing load, every weights file is whole)
-    cache.py       the per-worker cache: cached_clip, cached_captioner, cached_itm, clear_cache
+    cache.py       the per-worker cache: cached_clip, cached_captioner, cached_itm, clear_cache, and
+                   worker_model (a stage's model from its settings, torch threads set)
 
 A name is looked up in the module that defines it: to monkeypatch a loader's helper, patch it
 there (e.g. capfilt.udfs.models.hub._hub_reachable), not on this package.
@@ -50,10 +56,10 @@ there (e.g. capfilt.udfs.models.hub._hub_reachable), not on this package.
 
 from __future__ import annotations
 
-from .cache import cached_captioner, cached_clip, cached_itm, clear_cache
-from .captioner import Captioner, _NucleusSampler, load_captioner
+from .cache import cached_captioner, cached_clip, cached_itm, clear_cache, worker_model
+from .captioner import Captioner, _NucleusSampler
 from .check import check_reference
-from .clip import CHARS_PER_TOKEN_BOUND, ClipModel, load_clip
+from .clip import CHARS_PER_TOKEN_BOUND, ClipModel
 from .constants import (
     BLIP_CAPTIONER, BLIP_ITM, DEFAULT_CAPTIONER, DEFAULT_CLIP, HF_CONFIG, HF_WEIGHTS, MODELS_DIR, OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS, SHAPES_CAPTIONER, SHAPES_CLIP, SHAPES_CLIP_WEB, SHAPES_ITM, WEIGHT_SUFFIXES,
@@ -61,7 +67,8 @@ from .constants import (
 from .device import pick_device
 from .errors import ModelNotAvailable, UnsafeCheckpoint
 from .hub import HUB_PROBE_TIMEOUT_S
-from .itm import ItmModel, load_itm
+from .itm import ItmModel
+from .load import load_captioner, load_clip, load_itm
 from .refs import Reference, parse_reference
 
 __all__ = [
@@ -71,6 +78,6 @@ __all__ = [
     "Captioner", "ClipModel", "ItmModel", "ModelNotAvailable", "Reference", "UnsafeCheckpoint",
     "cached_captioner", "cached_clip", "cached_itm", "check_reference", "clear_cache", "load_captioner",
     "load_clip", "load_itm",
-    "parse_reference", "pick_device",
+    "parse_reference", "pick_device", "worker_model",
     "_NucleusSampler",  # tests drive the sampler directly
 ]

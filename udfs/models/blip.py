@@ -1,4 +1,5 @@
-"""The BLIP captioner family (transformers BlipForConditionalGeneration): loading and decoding."""
+"""The BLIP captioner family (transformers BlipForConditionalGeneration): loading and decoding, and the
+check of a BLIP folder's configuration, tokenizer and image processor (the ITM, itm.py, is a BLIP too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .captioner import Captioner, _NucleusSampler
 from .constants import HF_CONFIG, HF_WEIGHTS
 from .device import _torch_dtype
 from .errors import ModelNotAvailable
+from .folders import loads
 from .refs import Reference
 from .safety import _has_weights, _refuse_pickles
 
@@ -100,8 +102,7 @@ def _blip_model(ref: Reference, folder: Path, device: str, precision: str):
     from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     if config.model_type != "blip":
-        raise ValueError(f"model {ref.text!r}: a transformers {config.model_type!r} model; the captioner "
-                         f"families are BLIP (transformers) and CoCa (open_clip)")
+        raise ValueError(f"model {ref.text!r}: a transformers {config.model_type!r} model, not a BLIP captioner")
     if not _has_weights(folder, HF_WEIGHTS):
         raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {HF_CONFIG} but no weights")
 
@@ -122,4 +123,13 @@ def _blip_model(ref: Reference, folder: Path, device: str, precision: str):
         return processor.decode(ids, skip_special_tokens=True)
 
     return Captioner(ref.text, "blip", model.eval(), preprocess, processor.tokenizer, device, precision,
-                     decode, special, processor=processor)
+                     decode, special, processor=processor, decoding_loop=_blip_decode)
+
+
+def check_blip_loads(ref: Reference, folder: Path) -> None:
+    """A BLIP folder's configuration, tokenizer and image processor load as the loaders load them."""
+    import transformers
+    loads(ref, folder, f"configuration ({HF_CONFIG})", lambda: transformers.AutoConfig.from_pretrained(
+        str(folder), trust_remote_code=False))
+    loads(ref, folder, "tokenizer and image processor (vocab.txt, preprocessor_config.json, ...)",
+          lambda: transformers.BlipProcessor.from_pretrained(str(folder), use_fast=False, trust_remote_code=False))

@@ -10,11 +10,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .captioner import Captioner, load_captioner
-from .clip import ClipModel, load_clip
+from .captioner import Captioner
+from .clip import ClipModel
 from .constants import DEFAULT_CAPTIONER, DEFAULT_CLIP
 from .device import pick_device
-from .itm import ItmModel, load_itm
+from .itm import ItmModel
+from .load import load_captioner, load_clip, load_itm
 
 _CACHE: dict[tuple, Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -52,6 +53,22 @@ def cached_itm(ref: str, device: str | None = None, precision: str | None = None
         if key not in _CACHE:
             _CACHE[key] = load_itm(ref, key[2], key[3])
         return _CACHE[key]
+
+
+def worker_model(settings, cached):
+    """A stage's model in this Python worker: torch threads set, loaded once through `cached`
+    (cached_clip, cached_captioner) from the settings' model and device ("auto": pick_device's choice)."""
+    set_torch_threads(settings.torch_threads)
+    return cached(settings.model, None if settings.device == "auto" else settings.device)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Python workers share the machine's cores: an explicit thread count beats torch's default when
+    several workers run (measured: see docs/benchmarks.md). 0 leaves torch's default."""
+    if threads > 0:
+        import torch
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def clear_cache() -> None:

@@ -1,25 +1,23 @@
-"""The `Captioner` both families share, its seeded nucleus sampling, and `load_captioner`, which
-picks the family (BLIP in blip.py, CoCa in coca.py) a reference names. The family modules build a
-Captioner, so this one imports them where they are needed, not at the top."""
+"""The `Captioner` every captioner family builds (BLIP in blip.py, CoCa in coca.py), and its seeded
+nucleus sampling. Which family a reference is, and so which builds it, is families.py's registry
+(`load_captioner` is in load.py); a family hands its decoding loop to the Captioner it builds, so this
+module imports none of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .constants import DEFAULT_CAPTIONER, HF_CONFIG, HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
-from .device import _torch_dtype, pick_device
-from .hub import _cached_snapshot, _download, _download_hub_captioner, _require_hub
-from .refs import Reference, parse_reference
+from .device import _torch_dtype
 
 
 @dataclass
 class Captioner:
     """An image captioner: family 'blip' (transformers BlipForConditionalGeneration) or 'coca'
-    (open_clip CoCa). generate() samples captions with nucleus sampling, seeded per image."""
+    (open_clip CoCa). generate() samples captions with nucleus sampling, seeded per image, through the
+    family's decoding loop."""
     ref: str
     family: str
     model: Any
@@ -30,6 +28,8 @@ class Captioner:
     decode: Callable[[list[int]], str]  # token ids -> text, special tokens dropped
     special: dict                 # start / end / pad token ids
     processor: Any = None         # BlipProcessor for the blip family
+    # the family's decoding loop: (captioner, pixels, k, sampler, max_new_tokens) -> k captions per image
+    decoding_loop: Callable | None = None
 
     def generate(self, images: Sequence, num_captions: int = 1, top_p: float = 0.9,
                  seeds: Sequence[int] | None = None, max_new_tokens: int = 40,
@@ -42,6 +42,9 @@ class Captioner:
         less likely (CTRL's rule, as transformers applies it)."""
         if min_new_tokens > max_new_tokens:
             raise ValueError(f"min_new_tokens {min_new_tokens} > max_new_tokens {max_new_tokens}")
+        if self.decoding_loop is None:
+            raise ValueError(f"captioner {self.ref!r} ({self.family}) has no decoding loop: build it with "
+                             f"load_captioner")
         seeds = list(range(len(images))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
@@ -53,7 +56,7 @@ class Captioner:
                        for j in range(num_captions)]
             sampler = _NucleusSampler(streams, top_p, temperature, end=self.special["end"],
                                       min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
-            texts = _decoder(self.family)(self, pixels, num_captions, sampler, max_new_tokens)
+            texts = self.decoding_loop(self, pixels, num_captions, sampler, max_new_tokens)
             out += [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(chunk))]
         return out
 
@@ -126,36 +129,3 @@ def _nucleus_pick(sorted_probs, order, u, top_p: float):
     pick = (kept.cumsum(dim=-1) < u[:, None]).sum(dim=-1).clamp(max=kept.shape[-1] - 1)
     pick = torch.minimum(pick, keep.sum(dim=-1) - 1)  # rounding never leaves the nucleus
     return order.gather(-1, pick[:, None]).squeeze(-1)
-
-
-def _decoder(family: str) -> Callable:
-    """The decoding loop of a family: (captioner, pixels, k, sampler, max_new_tokens) -> k captions
-    per image."""
-    from .blip import _blip_decode
-    from .coca import _coca_decode
-    return {"blip": _blip_decode, "coca": _coca_decode}[family]
-
-
-def load_captioner(ref: str = DEFAULT_CAPTIONER, device: str | None = None,
-                   precision: str | None = None) -> Captioner:
-    """A captioner (BLIP via transformers, or CoCa via open_clip) from any reference."""
-    from .blip import _blip_model
-    from .coca import _coca_captioner
-    parsed = parse_reference(ref)
-    device, precision = pick_device(device, precision)
-    if parsed.kind == "local_dir":
-        folder = Path(parsed.source)
-        if (folder / HF_CONFIG).is_file() and not (folder / OPEN_CLIP_CONFIG).is_file():
-            return _blip_model(parsed, folder, device, precision)
-        return _coca_captioner(parsed, device, precision)
-    if parsed.kind == "hub" and not parsed.open_clip_hub:
-        if _cached_snapshot(parsed.source, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS) is not None:
-            return _coca_captioner(parsed, device, precision)
-        snapshot = _cached_snapshot(parsed.source, HF_CONFIG, HF_WEIGHTS)
-        if snapshot is None:
-            _require_hub(parsed, parsed.source)
-            snapshot = _download(parsed, parsed.source, lambda: _download_hub_captioner(parsed.source))
-            if (snapshot / OPEN_CLIP_CONFIG).is_file():
-                return _coca_captioner(Reference(parsed.text, "local_dir", source=str(snapshot)), device, precision)
-        return _blip_model(parsed, snapshot, device, precision)
-    return _coca_captioner(parsed, device, precision)

@@ -1,4 +1,6 @@
-"""The CLIP wrapper (`ClipModel`), building any open_clip reference, and `load_clip`."""
+"""The CLIP wrapper (`ClipModel`), and the open_clip families' loading (CLIP, and CoCa's model in
+coca.py) and driver check of any open_clip reference: a folder with open_clip_config.json (local, or a hub
+snapshot), a weights file beside one, or a built-in architecture with a pretrained tag or a weights file."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .constants import DEFAULT_CLIP, HF_CONFIG, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
-from .device import _torch_dtype, pick_device
+from .constants import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+from .device import _torch_dtype
 from .errors import ModelNotAvailable
-from .hub import _cached_snapshot, _download, _download_snapshot, _require_hub, _tag_weights
-from .refs import Reference, parse_reference
+from .folders import loads, read_config, weights_in
+from .hub import _download, _require_hub, _tag_weights
+from .refs import Reference
 from .safety import _has_weights, _refuse_pickles
 
 # Untrusted captions are cut to this many characters per context position before tokenizing, so a
@@ -97,22 +100,14 @@ def _open_clip_named_model(ref: Reference, name: str, weights: str, cfg: dict, d
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def _open_clip_model(ref: Reference, device: str, precision: str):
-    """(model, preprocess, tokenizer) of an open_clip reference of any kind; fails fast."""
+def _open_clip_model(ref: Reference, folder: Path | None, device: str, precision: str):
+    """(model, preprocess, tokenizer) of an open_clip reference: its folder with open_clip_config.json (a
+    local folder, a hub snapshot, or the folder of a local weights file), else a built-in architecture
+    with a weights file or a pretrained tag; fails fast."""
     import open_clip
-    if ref.kind == "local_dir":
-        folder = Path(ref.source)
-        if not (folder / OPEN_CLIP_CONFIG).is_file():
-            other = " (it is a transformers folder)" if (folder / HF_CONFIG).is_file() else ""
-            raise ValueError(f"model {ref.text!r}: {folder} has no {OPEN_CLIP_CONFIG}{other}; an open_clip folder "
-                             f"holds {OPEN_CLIP_CONFIG} and weights")
-        return _open_clip_dir_model(ref, folder, device, precision)
-    if ref.kind == "local_file":
-        folder = Path(ref.source).parent
-        if not (folder / OPEN_CLIP_CONFIG).is_file():
-            raise ValueError(f"model {ref.text!r}: a weights file needs its architecture: put it beside an "
-                             f"{OPEN_CLIP_CONFIG}, or write NAME:{ref.source} with an open_clip NAME")
-        return _open_clip_dir_model(ref, folder, device, precision, weights=ref.source)
+    if folder is not None:
+        weights = ref.source if ref.kind == "local_file" else None
+        return _open_clip_dir_model(ref, folder, device, precision, weights=weights)
     if ref.kind == "open_clip_file":
         return _open_clip_named_model(ref, ref.name, ref.source, {}, device, precision)
     if ref.kind == "open_clip_tag":
@@ -121,21 +116,49 @@ def _open_clip_model(ref: Reference, device: str, precision: str):
             _require_hub(ref, hub_id)
             cached = _download(ref, hub_id, lambda: open_clip.download_pretrained(cfg))
         return _open_clip_named_model(ref, ref.name, cached, cfg, device, precision)
-    if ref.kind == "hub":
-        snapshot = _cached_snapshot(ref.source, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS)
-        if snapshot is None:
-            _require_hub(ref, ref.source)
-            snapshot = _download(ref, ref.source, lambda: _download_snapshot(ref.source, OPEN_CLIP_CONFIG,
-                                                                             OPEN_CLIP_WEIGHTS))
-        return _open_clip_dir_model(ref, snapshot, device, precision)
     raise ValueError(f"model {ref.text!r}: not an open_clip reference")
 
 
-def load_clip(ref: str = DEFAULT_CLIP, device: str | None = None, precision: str | None = None) -> ClipModel:
-    """An open_clip CLIP (or the CLIP half of a CoCa) from any reference, ready for inference."""
-    parsed = parse_reference(ref)
-    device, precision = pick_device(device, precision)
-    model, preprocess, tokenizer = _open_clip_model(parsed, device, precision)
+def _clip_model(ref: Reference, folder: Path | None, device: str, precision: str) -> ClipModel:
+    """An open_clip CLIP (or the CLIP half of a CoCa), ready for inference: the clip family's loader."""
+    model, preprocess, tokenizer = _open_clip_model(ref, folder, device, precision)
     model.eval()
     context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
-    return ClipModel(ref, model, preprocess, tokenizer, device, precision, context_length)
+    return ClipModel(ref.text, model, preprocess, tokenizer, device, precision, context_length)
+
+
+def open_clip_model_cfg(ref: Reference, folder: Path | None) -> dict | None:
+    """The model config of an open_clip reference, after the checks the loader makes before building it:
+    a local folder's open_clip_config.json must be an object with a model_cfg object, and its tokenizer must
+    load; a built-in architecture's config as open_clip knows it. None for a hub snapshot (its files as the
+    hub gave them: open_clip fetches what else it needs, such as a tokenizer, by name)."""
+    if folder is None:
+        import open_clip
+        return open_clip.get_model_config(ref.name) or {}
+    if ref.kind == "hub":
+        return None
+    config = read_config(ref, folder / OPEN_CLIP_CONFIG)
+    model_cfg = config.get("model_cfg")
+    if not isinstance(model_cfg, dict) or not all(isinstance(model_cfg.get(k, {}), dict)
+                                                  for k in ("vision_cfg", "text_cfg", "multimodal_cfg")):
+        raise ValueError(f"model {ref.text!r}: {folder / OPEN_CLIP_CONFIG} needs a model_cfg object (with "
+                         f"vision_cfg and text_cfg objects), as open_clip writes it")
+    import open_clip
+    loads(ref, folder, "tokenizer (tokenizer.json, tokenizer_config.json, ...)",
+          lambda: open_clip.get_tokenizer(f"local-dir:{folder}"))
+    return model_cfg
+
+
+def open_clip_weights(ref: Reference, folder: Path | None) -> list[str]:
+    """The weights files an open_clip reference loads (empty when they would come from the hub)."""
+    if ref.kind in ("local_file", "open_clip_file"):
+        return [ref.source]
+    if folder is None:  # a pretrained tag: cached, or the hub may be asked
+        cached, hub_id, _ = _tag_weights(ref.name, ref.source)
+        if cached is None:
+            _require_hub(ref, hub_id)
+            return []
+        return [cached]
+    if ref.kind != "hub" and not _has_weights(folder, OPEN_CLIP_WEIGHTS):
+        raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {OPEN_CLIP_CONFIG} but no weights file")
+    return weights_in(ref, folder)

@@ -8,6 +8,8 @@ and values; only the attention product is written here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .captioner import Captioner, _NucleusSampler
 from .clip import _open_clip_model
 from .refs import Reference
@@ -170,9 +172,11 @@ def _coca_decode_cached(captioner: Captioner, pixels, k: int, sampler: _NucleusS
                     cache.keep(keep)
                 cross = [(ck[keep], cv[keep]) for ck, cv in cross]
     return out.tolist()
-def _coca_captioner(ref: Reference, device: str, precision: str) -> Captioner:
+
+
+def _coca_captioner(ref: Reference, folder: Path | None, device: str, precision: str) -> Captioner:
     import torch
-    model, preprocess, tokenizer = _open_clip_model(ref, device, precision)
+    model, preprocess, tokenizer = _open_clip_model(ref, folder, device, precision)
     if not hasattr(model, "text_decoder"):
         raise ValueError(f"model {ref.text!r}: an open_clip model without a text decoder (a CLIP, not a CoCa); "
                          f"it cannot caption")
@@ -190,4 +194,5 @@ def _coca_captioner(ref: Reference, device: str, precision: str) -> Captioner:
     def batch_preprocess(images):
         return torch.stack([preprocess(im) for im in images])
 
-    return Captioner(ref.text, "coca", model.eval(), batch_preprocess, tokenizer, device, precision, decode, special)
+    return Captioner(ref.text, "coca", model.eval(), batch_preprocess, tokenizer, device, precision, decode, special,
+                     decoding_loop=_coca_decode)

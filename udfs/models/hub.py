@@ -114,8 +114,10 @@ def _download_snapshot(hub_id: str, config_name: str, weight_names: Sequence[str
     return Path(config).parent
 
 
-def _download_hub_captioner(hub_id: str) -> Path:
-    """Fetch a hub captioner: an open_clip CoCa repository or a transformers one."""
+def _download_transformers_snapshot(hub_id: str) -> Path:
+    """Fetch a transformers model's snapshot (a BLIP captioner or ITM model): its configuration, weights,
+    tokenizer and processor files. open_clip's weights file names are among the patterns too, so the one
+    download also serves an open_clip CoCa repository when a plain hub id may be either."""
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(hub_id, allow_patterns=[
         "*.json", "*.txt", "*.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]))

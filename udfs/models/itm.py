@@ -6,6 +6,9 @@ so it scores a caption against the picture rather than comparing two pooled vect
 captions against those embeddings (a caption's row says which image), so K candidate captions of
 an image cost one vision pass. The score is the match probability, softmax(itm_head(...))[1],
 as BlipForImageTextRetrieval(use_itm_head=True) computes it.
+
+The blip_itm family (families.py) loads it with `_itm_model` and checks it with `check_itm_folder`;
+`load_itm` is in load.py.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .check import read_config
 from .clip import CHARS_PER_TOKEN_BOUND
 from .constants import HF_CONFIG, HF_WEIGHTS
-from .device import _torch_dtype, pick_device
+from .device import _torch_dtype
 from .errors import ModelNotAvailable
-from .hub import _cached_snapshot, _download, _download_hub_captioner, _require_hub
-from .refs import Reference, parse_reference
+from .folders import read_config
+from .refs import Reference
 from .safety import _has_weights, _refuse_pickles
 
 ITM_ARCHITECTURE = "BlipForImageTextRetrieval"
@@ -109,25 +111,3 @@ def check_itm_folder(ref: Reference, folder: Path) -> None:
         raise ValueError(f"model {ref.text!r}: a {found} model, not a BLIP {ITM_ARCHITECTURE} (the ITM filter)")
     if not _has_weights(folder, HF_WEIGHTS):
         raise ModelNotAvailable(f"model {ref.text!r}: {folder} has {HF_CONFIG} but no weights")
-
-
-def itm_folder(ref: str) -> tuple[Reference, Path | None]:
-    """(parsed reference, local folder or None when it would come from the hub)."""
-    parsed = parse_reference(ref)
-    if parsed.kind == "local_dir":
-        return parsed, Path(parsed.source)
-    if parsed.kind == "hub" and not parsed.open_clip_hub:
-        return parsed, _cached_snapshot(parsed.source, HF_CONFIG, HF_WEIGHTS)
-    raise ValueError(f"model {ref!r}: an ITM model is a transformers {ITM_ARCHITECTURE} folder or hub id "
-                     f"(e.g. Salesforce/blip-itm-base-coco), not an open_clip reference")
-
-
-def load_itm(ref: str, device: str | None = None, precision: str | None = None) -> ItmModel:
-    """A BLIP ITM model from a hub id or a local save_pretrained folder, ready for inference."""
-    parsed, folder = itm_folder(ref)
-    device, precision = pick_device(device, precision)
-    if folder is None:
-        _require_hub(parsed, parsed.source)
-        # config, weights and the processor's files, as a captioner's
-        folder = _download(parsed, parsed.source, lambda: _download_hub_captioner(parsed.source))
-    return _itm_model(parsed, folder, device, precision)
