@@ -64,18 +64,18 @@ def caption(df, settings: CaptionSettings, seed: int = 0):
     return infer(df, cfg, [CAPTIONER], df.sparkSession.sparkContext.accumulator(0))
 
 
-def split_captioned(marked, cfg=None, context=None) -> Result:
-    """The captioned records and the rejects, from the output of `caption`."""
+def split_captioned(marked):
+    """(captioned records, rejects) from the output of `caption`."""
     from pyspark.sql import functions as F
     error = F.col(f"{PASS}.error")
     captioned = marked.filter(error.isNull()).withColumn("synthetic_captions", F.col(f"{PASS}.captions")).drop(PASS)
     rejects = reject_rows(marked.filter(error.isNotNull()), STAGE, F.substring_index(error, ":", 1), error)
-    return Result(captioned, rejects)
+    return captioned, rejects
 
 
 DEFINITION = Stage(
     name=STAGE, reads=DOWNLOADED, adds=(CAPTIONED.field("synthetic_captions"),), reasons=REASONS,
-    split=split_captioned, model=CAPTIONER, depends=("seed",),
+    split=lambda marked, cfg, context: Result(*split_captioned(marked)), model=CAPTIONER, depends=("seed",),
     help="write K synthetic captions per image (nucleus sampling)",
     fuse_next=lambda cfg: cfg.caption.fuse_filter,
     models=lambda cfg: {"captioner": cfg.caption.model if cfg.caption.num_captions else None})
