@@ -582,7 +582,9 @@ def test_every_model_stage_command_checks_its_models_before_spark_starts(curated
                                                                          command, stage_input, setting):
     """`capfilt filter --set filter.scorer=two_step` (and caption) check every model reference, and every
     weights file, before Spark: exit 2, one line naming the file, no .X.inprogress or lock left."""
-    import importlib
+    import functools
+
+    from capfilt.jobs.common import run_stage_job
     role = setting
     folder = tmp_path / "broken"
     shutil.copytree(SHAPES[role], folder)
@@ -590,7 +592,7 @@ def test_every_model_stage_command_checks_its_models_before_spark_starts(curated
     _truncate(weights.name)(folder)
     key = {"itm": "filter.itm_model", "clip": "filter.model", "captioner": "caption.model"}[role]
     out = tmp_path / "out"
-    main = importlib.import_module(f"capfilt.jobs.{command}").main
+    main = functools.partial(run_stage_job, command)  # `capfilt <command>` (jobs/stage.py)
     err = refused_before_spark(main, ["--input", curated_out / "stages" / stage_input, "--output", out,
                                       "--set", "filter.scorer=two_step", "--set", f"filter.model={SHAPES_CLIP}",
                                       "--set", f"filter.itm_model={models.SHAPES_ITM}", "--set", f"{key}={folder}"],
