@@ -3,7 +3,7 @@
     precheck   (DataFrame -> DataFrame) rows that must not be fetched: malformed_row, duplicate_uid, invalid_url,
                empty_caption
     fetch      img2dataset's Reader, Resizer and Downloader, run by its pyspark distributor inside our
-               SparkSession; our wrappers (capfilt.udfs.fetch) add the address policy, opt-out and bomb checks
+               SparkSession; our wrappers (capfilt.net.fetch) add the address policy, opt-out and bomb checks
     classify   (DataFrame -> DataFrame) img2dataset's status row per input row -> a record or a named reject
 
 Every input row ends in exactly one of: the downloaded records, or the rejects with one of REASONS.
@@ -22,7 +22,7 @@ from capfilt.pipelines.stage import reject_rows
 
 STAGE = "download"
 MALFORMED_ROW, DUPLICATE_UID, INVALID_URL, EMPTY_CAPTION = "malformed_row", "duplicate_uid", "invalid_url", "empty_caption"
-BLOCKED_ADDRESS, OPTED_OUT = BLOCKED_MARK, OPTED_OUT_MARK  # raised with these words by capfilt.udfs.netguard / capfilt.udfs.fetch
+BLOCKED_ADDRESS, OPTED_OUT = BLOCKED_MARK, OPTED_OUT_MARK  # raised with these words by capfilt.net.netguard / capfilt.net.fetch
 FAILED_TO_DOWNLOAD, FAILED_TO_DECODE, TOO_SMALL, TOO_LARGE = "failed_to_download", "failed_to_decode", "too_small", "too_large"
 REASONS = {
     MALFORMED_ROW: "the reader could not parse the row: a broken JSON line, a CSV row with more or fewer "
@@ -185,7 +185,7 @@ def plan_shards(todo, n_todo: int, settings: DownloadSettings, rows_per_shard: i
 
 
 def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = None):
-    """What a download worker's opener enforces (udfs/fetch.py, udfs/polite.py); each call is a new run
+    """What a download worker's opener enforces (net/fetch.py, net/polite.py); each call is a new run
     (its own per-host state in the workers)."""
     import uuid
 
@@ -234,7 +234,7 @@ def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], sett
         output_folder=shards_dir, column_list=["uid", *extra_columns, "caption", "url"], timeout=settings.timeout,
         number_sample_per_shard=rows_per_shard, oom_shard_count=5, compute_hash="sha256",
         verify_hash_type=None, encode_format=settings.encode_format,
-        retries=0,  # the opener retries by code, with backoff (udfs/fetch.py: _PoliteOpener)
+        retries=0,  # the opener retries by code, with backoff (net/fetch.py: _PoliteOpener)
         user_agent_token=settings.user_agent_token,
         disallowed_header_directives=settings.opt_out_directives or None)
     policy = fetch_policy(settings, plan and plan["shares"])
