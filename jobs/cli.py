@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 
 COMMANDS = {
@@ -21,13 +23,20 @@ COMMANDS = {
 def stage_commands() -> dict[str, tuple[str | None, str]]:
     """One command per stage of the chain, from its declaration: (its own job module, or None: the
     generic stage job, jobs/stage.py; its help)."""
-    from capfilt.pipelines.registry import stages
+    from capfilt.pipelines.registry import GROUP, stages
+    clash = [s.name for s in stages() if s.name in COMMANDS]
+    if clash:
+        raise ValueError(f"the stage {clash[0]!r} ({GROUP}) has the name of a capfilt command: rename it")
     return {s.name: (s.command, s.help) for s in stages() if s.help}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage_jobs = stage_commands()
+    try:
+        stage_jobs = stage_commands()
+    except ValueError as e:  # a stage another package registered is broken: one line, not a traceback
+        print(f"capfilt: error: {e}", file=sys.stderr)
+        return 2
     commands = {**dict(list(COMMANDS.items())[:2]), **stage_jobs, **dict(list(COMMANDS.items())[2:])}
     parser = argparse.ArgumentParser(
         prog="capfilt", description="Image-text curation (BLIP-style CapFilt) on Apache Spark.",
@@ -40,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     ns = parser.parse_args(argv[:1])
-    import functools
-    import importlib
-
     from capfilt.jobs.common import run, run_stage_job
     module = commands[ns.command][0]
     job = importlib.import_module(module).main if module else functools.partial(run_stage_job, ns.command)

@@ -94,6 +94,8 @@ def run_stage_job(name: str, argv=None) -> int:
     from capfilt.pipelines.registry import definition
     from capfilt.pipelines.stage import run_stage
     stage = definition(name)
+    if stage.reads is None or stage.command:  # it reads the input metadata, with options of its own
+        raise ValueError(f"the {name} stage has a command of its own: capfilt {name} --help")
     p = argparse.ArgumentParser(prog=f"capfilt {name}", description=f"{stage.help}. One stage of the chain alone: "
                                 f"reads a committed stage output, commits its own (docs/architecture.md).")
     p.add_argument("--input", required=True, help="the previous stage's output directory")

@@ -41,7 +41,8 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict:
         root = stage_dir(out_root, stage.name)
         manifest = read_manifest(root) if StageOutput(root, stage.name).complete else None
         upstream = decisions.get(previous)
-        here = source if previous is None else (
+        # A retry reads the input the committed download kept, not --input: only its settings count.
+        here = (None if retry_failed else source) if previous is None else (
             source_of(read_manifest(stage_dir(out_root, previous))) if upstream.action == REUSE else None)
         decision = decide(stage, manifest, cfg.to_dict(), here, overwrite=cfg.output.overwrite,
                           upstream_ran=upstream is not None and upstream.action != REUSE, previous=previous,

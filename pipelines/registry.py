@@ -40,13 +40,29 @@ def stages() -> tuple:
         added.append(stage)
     for stage in added:
         names = [s.name for s in chain]
-        if stage.name in names:
-            raise ValueError(f"the stage {stage.name!r} ({GROUP}) has the name of a stage already in the chain")
+        _check_name(stage, names)
         if stage.after not in names:
             raise ValueError(f"the stage {stage.name!r} ({GROUP}) must name the stage it runs after "
                              f"(after=one of {', '.join(names)}), not {stage.after!r}")
         chain.insert(names.index(stage.after) + 1, stage)
     return tuple(chain)
+
+
+def _check_name(stage, names: list[str]) -> None:
+    """An added stage's name becomes a folder (OUT/stages/<name>), a command and a config section: it must
+    be a plain lower-case name that no stage or config section already uses (jobs/cli.py refuses one that
+    a command uses)."""
+    import dataclasses
+    import re
+
+    from capfilt.pipelines.config import Config
+    taken = {*names, *(f.name for f in dataclasses.fields(Config)), "write", "prefilter"}
+    if not isinstance(stage.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", stage.name):
+        raise ValueError(f"the stage {stage.name!r} ({GROUP}): a stage's name is lower-case letters, digits and _ "
+                         f"(it names a folder, a command and a config section)")
+    if stage.name in taken:
+        raise ValueError(f"the stage {stage.name!r} ({GROUP}) has the name of a stage or a config section "
+                         f"capfilt already has: rename it")
 
 
 def names() -> tuple[str, ...]:

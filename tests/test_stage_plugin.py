@@ -4,6 +4,7 @@ folder on sys.path, as pip would leave it), run by `capfilt curate` in the chain
 from __future__ import annotations
 
 import shutil
+import sys
 import textwrap
 
 import pytest
@@ -41,20 +42,55 @@ STAGE = Stage(name="long_captions", reads=SCORED, adds=(), split=split, settings
 '''
 
 
-@pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """The stage installed: its module and a distribution's metadata naming it, on sys.path."""
+def _install(tmp_path, monkeypatch, source: str) -> None:
+    """A module and a distribution's metadata naming its STAGE as a capfilt stage, on sys.path."""
     site = tmp_path / "site"
     (site / "capfilt_long_captions-0.1.dist-info").mkdir(parents=True)
-    (site / "capfilt_long_captions.py").write_text(textwrap.dedent(PLUGIN))
+    (site / "capfilt_long_captions.py").write_text(textwrap.dedent(source))
     (site / "capfilt_long_captions-0.1.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: capfilt-long-captions\nVersion: 0.1\n")
     (site / "capfilt_long_captions-0.1.dist-info" / "entry_points.txt").write_text(
         "[capfilt.stages]\nlong_captions = capfilt_long_captions:STAGE\n")
-    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(site))  # also invalidates the import system's caches
+    monkeypatch.delitem(sys.modules, "capfilt_long_captions", raising=False)  # another test's version
     stages.cache_clear()
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """The stage installed."""
+    _install(tmp_path, monkeypatch, PLUGIN)
     yield
     stages.cache_clear()
+
+
+@pytest.mark.parametrize("change, says", [
+    (('name="long_captions"', 'name="../../etc"'), "lower-case letters"),
+    (('name="long_captions"', 'name="spark"'), "a config section capfilt already has"),
+    (('name="long_captions"', 'name="dedup"'), "a stage or a config section"),
+    (('name="long_captions"', 'name="inspect"'), "the name of a capfilt command"),
+    (('after="filter"', 'after="nowhere"'), "must name the stage it runs after"),
+    (("STAGE = Stage(", "import no_such_module\nSTAGE = Stage("), "does not load: ModuleNotFoundError"),
+    (("STAGE = Stage(", "STAGE = 'a stage'\nNOT = Stage("), "not a capfilt Stage"),
+])
+def test_a_broken_or_clashing_added_stage_is_one_line_naming_it(tmp_path, monkeypatch, capsys, no_spark, change,
+                                                                 says):
+    _install(tmp_path, monkeypatch, PLUGIN.replace(*change))
+    try:
+        assert cli(["--help"]) == 2
+        assert cli(["curate", "--input", "x", "--output", str(tmp_path / "out")]) == 2
+    finally:
+        stages.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(says in line and line.startswith("capfilt: error:") for line in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_stage_command_refuses_the_download_which_has_its_own(capsys, no_spark):
+    from capfilt.jobs.common import run
+    from capfilt.jobs.stage import main
+    assert run(main, ["download", "--input", "dump.parquet", "--output", "x"]) == 2
+    assert "capfilt download --help" in capsys.readouterr().err
 
 
 def _rejected(out, limit: int):
