@@ -44,6 +44,10 @@ def run(stage: Stage, cfg, spec, out, decision, options: dict) -> dict:
     elif decision.action == REUSE:
         print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
         return read_manifest(out.root)
+    elif decision.action == RESELECT and read_manifest(out.root).get("input_holds") != "prechecked":
+        raise ValueError(f"{out.root} was downloaded by an older capfilt, whose kept input lacks the rows its "
+                         f"prefilter dropped: it cannot be re-filtered under other prefilter settings ("
+                         f"{', '.join(decision.changed)}); rerun with --overwrite")
     with OutputLock(out.root):
         spark = spark_session(cfg.spark)
         print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
@@ -109,12 +113,13 @@ def _download(spark, spec, out, cfg, progress: bool) -> dict:
         timer.lap("precheck")
         dropped, report = _prefilter(spark, out, spark.read.parquet(out.path("input")), cfg)
         timer.lap(PREFILTER.name)
-        todo = spark.read.parquet(out.path("input"))
+        todo = "input"  # what may be fetched: the kept input less what the prefilter drops
         if dropped is not None:
-            todo = todo.join(dropped.select("uid"), "uid", "left_anti")
-        todo.coalesce(files).write.mode("overwrite").parquet(out.path("todo"))
+            todo = "todo"
+            spark.read.parquet(out.path("input")).join(dropped.select("uid"), "uid", "left_anti").coalesce(files) \
+                .write.mode("overwrite").parquet(out.path(todo))
         prepared = {"fingerprint": fingerprint, "input_rows": n_input, "prefilter": report,
-                    **_prepare_fetch(spark, out, "todo", cfg)}
+                    **_prepare_fetch(spark, out, todo, cfg)}
         fs.pipe(prepared_file, json.dumps(prepared).encode())
     timer.lap("prepare")
     downloaded, failed = _fetch(spark, out, prepared, cfg, progress)
@@ -139,9 +144,6 @@ def _merge(spark, out, cfg, progress: bool, retry: bool) -> dict:
     from capfilt.pipelines.output import read_manifest
 
     committed = read_manifest(out.root)
-    if not retry and committed.get("input_holds") != "prechecked":
-        raise ValueError(f"{out.root} was downloaded by an older capfilt, whose kept input lacks the rows its "
-                         f"prefilter dropped: it cannot be re-filtered; rerun with --overwrite")
     timer = Timer()
     data = spark.read.parquet(f"{out.root}/data")
     rejects = read_rejects(spark, out.root)
@@ -182,10 +184,13 @@ def _merge(spark, out, cfg, progress: bool, retry: bool) -> dict:
     history[key] = [*committed.get(key, []), {"retried": n_todo} if retry else {"fetched": n_todo, "dropped": moved}]
     return _commit(out, cfg, data, rejects, committed["counts"]["input"], input=committed.get("input"),
                    source=committed.get("source"), shards=committed.get("shards", {}), timings=timer,
-                   prefilter=report, before=committed["counts"]["output"] if retry else None, **history)
+                   prefilter=report, before=committed["counts"]["output"] if retry else None,
+                   # a retry keeps the input as it was: one kept by an older capfilt still lacks prefiltered rows
+                   input_holds=committed.get("input_holds", "prefiltered"), **history)
 
 
-def _commit(out, cfg, data, rejects, n_input: int, timings, prefilter, before: int | None = None, **extra) -> dict:
+def _commit(out, cfg, data, rejects, n_input: int, timings, prefilter, before: int | None = None,
+            input_holds: str = "prechecked", **extra) -> dict:
     from capfilt.pipelines.output import build_manifest
     from capfilt.pipelines.stage import write_output
     counts, _ = write_output(out, DEFINITION, data, rejects, n_input, cfg.output.compression)
@@ -194,7 +199,7 @@ def _commit(out, cfg, data, rejects, n_input: int, timings, prefilter, before: i
         extra["retries"][-1]["recovered"] = counts.output - before
     filters = {PREFILTER.name: {"reasons": PREFILTER.reasons_for(cfg), "report": prefilter}} if prefilter else {}
     manifest = build_manifest(out, cfg.to_dict(), counts, reasons=REASONS, timings=timings.laps,
-                              input_holds="prechecked", filters=filters,
+                              input_holds=input_holds, filters=filters,
                               **({"prefilter": prefilter} if prefilter else {}), **extra)
     for work in ("shards", "prechecked", "robots", "todo", "fetch_input", "prefilter", "plan", "prepared.json", "work"):
         out.remove(work)

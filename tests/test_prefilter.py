@@ -127,6 +127,16 @@ def test_changing_only_prefilter_settings_refilters_without_fetching_anything_ag
     before = len(server.requests)
     assert _run(root / "laion.parquet", out, server, rules) == 0
     assert len(server.requests) == before
+    # A download made before the kept input held the prefiltered rows cannot be re-filtered, not even after a
+    # retry (which keeps its input as it was): one line, nothing requested, the committed output unchanged.
+    manifest.pop("input_holds")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert _run(root / "laion.parquet", out, server, rules, "--retry-failed") == 0
+    assert json.loads((out / "manifest.json").read_text())["input_holds"] == "prefiltered"
+    from capfilt.jobs.common import run
+    before = len(server.requests)
+    assert run(lambda argv: _run(*argv), [root / "laion.parquet", out, server, RULES]) == 2
+    assert len(server.requests) == before and json.loads((out / "manifest.json").read_text())["refilters"]
 
 
 def test_prefilter_is_a_step_of_the_curate_funnel():
