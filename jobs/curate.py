@@ -110,7 +110,8 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
             previous = root
         print(f"\n[curate] write: {out}/curated, {out}/rejects, {out}/manifest.json", flush=True)
         manifest = publish(spark, out, cfg.to_dict(), cfg.output.compression, cfg.output.target_file_mb, started,
-                           reused=tuple(name for name, action in actions.items() if action == REUSE))
+                           reused=tuple(name for name, action in actions.items() if action == REUSE),
+                           chain=tuple(actions))
     counts = manifest["counts"]
     print(f"[curate] done in {manifest['seconds']:.0f}s: {counts['input']} rows in, {counts['output']} curated, "
           f"{counts['rejected_total']} rejected")

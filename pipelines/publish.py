@@ -75,9 +75,10 @@ def check_chain(manifests: dict[str, dict]) -> None:
 
 
 def publish(spark, out_root: str, config: dict, compression: str = "zstd", target_file_mb: int = 256,
-            started: float | None = None, reused: tuple[str, ...] = ()) -> dict:
+            started: float | None = None, reused: tuple[str, ...] = (), chain: tuple[str, ...] = ()) -> dict:
     """Commit OUT from its committed stage outputs; returns the manifest written. `reused`: the stages
-    this run took from an earlier one (the manifest says so)."""
+    this run took from an earlier one (the manifest says so); `chain`: the stages this run ran (default:
+    as the last committed stage's manifest names them; a folder a stage switched off since left is not read)."""
     from capfilt.pipelines.io import count_rejects, parquet_rows
     from capfilt.pipelines.registry import definition
     from capfilt.pipelines.stage import PART, Chain, folder_bytes, rates, view
@@ -85,7 +86,7 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     started = time.time() if started is None else started
     fs, path = fsspec.core.url_to_fs(root)
     proto = root.split("://")[0] + "://" if "://" in root else ""
-    chain_stages = run_chain(root)
+    chain_stages = tuple(chain) or run_chain(root)
     manifests = {stage: read_manifest(stage_dir(root, stage)) for stage in chain_stages}
     # What OUT is written from: a stage committed again later (a stage command, a copy) makes OUT stale.
     digests = {stage: manifest_digest(stage_dir(root, stage)) for stage in chain_stages}
