@@ -98,7 +98,7 @@ def curate(cfg, spec, output: str, retry_failed: bool = False, progress: bool = 
         for i, name in enumerate(names, 1):
             stage, action = definition(name), actions[name]
             note = {REUSE: ": committed by an earlier run, reused",
-                    RESELECT: ": recomputed from what it stored, no model loaded, nothing fetched again",
+                    RESELECT: ": recomputed from the stored scores, no model loaded, nothing fetched again",
                     RUN: f" ({name} and {fused[name]} in one pass over each image)" if name in fused else ""}
             print(f"\n[curate] stage {i}/{len(names)}: {name}  ({time.time() - started:.0f}s){note[action]}",
                   flush=True)

@@ -140,7 +140,7 @@ def test_a_stage_defined_outside_the_package_runs_resumes_reports_and_goes_stale
     # Its own setting makes its committed output stale: recomputed (it has no model), the rest reused.
     assert cli([*args, "--set", "long_captions.max_chars=80"]) == 0
     log = capsys.readouterr().out
-    assert "stage 4/5: long_captions" in log and "recomputed from what it stored" in log
+    assert "stage 4/5: long_captions" in log and "recomputed from the stored scores, no model loaded" in log
     assert _rejected(out, 80) < first
 
     # And its command runs it alone, from the committed filter stage.
