@@ -11,6 +11,9 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
+# Bytecode caches let each test run, CLI subprocess and Spark Python worker skip recompiling capfilt's
+# modules and pytest's rewritten tests (a shell with PYTHONDONTWRITEBYTECODE=1 paid ~3 s per pytest start).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test check venv check-java clean
 venv: $(STAMP)

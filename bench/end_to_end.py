@@ -309,7 +309,7 @@ def main() -> None:
     try:
         with serve(work / "corpus" / "site") as server:
             metadata = write_metadata(work / "corpus", server.base_url)
-            raw_metadata = valid_utf8_copy(metadata)
+            raw_metadata = valid_utf8_copy(metadata, [server.base_url])
             for i in range(args.repeats):
                 result: dict[str, dict] = {}
                 for side in ("A", "B") if i % 2 == 0 else ("B", "A"):

@@ -37,6 +37,18 @@ _job_session = _session.spark_session
 _session.spark_session = _lazy_spark_session
 
 
+# A test that reads one of these runs pays for it the first time (on 2 cores: curated_out, a whole
+# `capfilt curate`, about a minute; shapes_world, a dedup of a planted shapes corpus, and crawl_out, a
+# download of a crawl with every failure, 6-10 s): it belongs to the slow tier whatever its own duration.
+SLOW_FIXTURES = ("curated_out", "shapes_world", "crawl_out")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     from pyspark.sql import SparkSession
     active = SparkSession.getActiveSession()

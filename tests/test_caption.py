@@ -68,6 +68,7 @@ def test_undecodable_images_are_rejected_with_a_reason(spark, tiny_blip):
                                                            "cut": "undecodable_image"}
 
 
+@pytest.mark.slow
 def test_zero_captions_is_filter_only_no_captioner_loaded_images_still_checked(spark, tmp_path):
     # The model reference names nothing: loading it would fail, so the stage must not load it.
     settings = CaptionSettings(model=str(tmp_path / "no-such-model"), num_captions=0, device="cpu")

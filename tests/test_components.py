@@ -32,6 +32,7 @@ def spark_components(spark, edges, **kwargs) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("driver_max_edges", [0, 10**6], ids=["spark", "driver"])
+@pytest.mark.slow
 def test_components_equal_a_breadth_first_search_on_random_graphs_chains_and_stars(spark, driver_max_edges):
     rng = random.Random(3)
     graphs = []

@@ -228,6 +228,7 @@ def test_readable_tars_pass_the_driver_check_plain_and_compressed(tmp_path):
     check_eval_sets([str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_an_evaluation_set_where_no_image_decodes_is_an_error_not_a_silent_pass(tmp_path, spark):
     """Files named .jpg that are not images pass the driver check (decoding them is the workers' job); with
     nothing embedded, every copy would pass: the stage stops instead."""

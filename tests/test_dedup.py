@@ -114,6 +114,7 @@ def test_the_survivor_inherits_the_kept_captions_of_the_rows_it_replaces(planted
     assert [c["source"] for c in curated.loc["t1", "candidates"]] == ["web"]
 
 
+@pytest.mark.slow
 def test_a_caption_cluster_cap_keeps_the_best_rows_of_a_template(spark):
     rows = [_row(f"s{i}", _picture(RED_CIRCLE if i % 2 else BLUE_SQUARE, 10 + i), "buy cheap shapes posters online now",
                  _unit(100 + i), 0.5 + i / 100) for i in range(6)]
@@ -123,6 +124,7 @@ def test_a_caption_cluster_cap_keeps_the_best_rows_of_a_template(spark):
     assert dropped == {f"s{i}": ("caption_cluster_cap", "s5") for i in range(4)}
 
 
+@pytest.mark.slow
 def test_every_detector_can_be_switched_off(spark, planted):
     rows, _, _ = planted
     off = DedupSettings(exact=False, images=False, captions=False)
@@ -190,6 +192,7 @@ def test_the_driver_path_finds_the_groups_and_clusters_the_spark_jobs_find(spark
     assert found["spark"][1], "some caption clusters"
 
 
+@pytest.mark.slow
 def test_shapes_world_planted_duplicates_are_removed(shapes_world):
     truth, curated, rejects = shapes_world
     planted = truth[truth.kind.isin(["duplicate_image", "near_duplicate_image"]) & truth.duplicate_of.isin(truth.index)]

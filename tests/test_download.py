@@ -71,6 +71,7 @@ def test_every_input_row_ends_in_exactly_one_place(downloaded):
     REJECTS.validate(ds.dataset(out / "rejects").schema)
 
 
+@pytest.mark.slow
 def test_each_fault_ends_under_its_reason(downloaded):
     root, _, out = downloaded
     data, rejects = outcome(out)
@@ -100,6 +101,7 @@ def test_other_and_odd_images_come_out_decodable_rgb(downloaded):
     assert "\ufffd" in caption
 
 
+@pytest.mark.slow
 def test_retry_failed_refetches_only_retryable_rows_and_merges(downloaded, tmp_path):
     root, server, out = downloaded
     copy = tmp_path / "download"
@@ -121,6 +123,7 @@ def test_retry_failed_refetches_only_retryable_rows_and_merges(downloaded, tmp_p
         rejects.uid[rejects.reason != "duplicate_uid"])
 
 
+@pytest.mark.slow
 def test_opt_out_headers_are_honoured_with_user_agent_scoping(spark, probe_server, tmp_path):
     port = urllib.parse.urlsplit(probe_server).port
     headers = {"noai": True, "noimageai": True, "noindex, nofollow": True, "capfilt: noai": True,
@@ -136,6 +139,7 @@ def test_opt_out_headers_are_honoured_with_user_agent_scoping(spark, probe_serve
     assert len(data) == sum(not v for v in headers.values())
 
 
+@pytest.mark.slow
 def test_ssrf_probes_are_blocked_by_default(spark, world_site, probe_server, tmp_path):
     _, server, _ = world_site
     image = f"/img/{sorted(os.listdir(world_site[0] / 'site' / 'img'))[0]}"

@@ -128,6 +128,7 @@ def test_topk_rule_ranks_web_and_synthetic_together(spark):
     assert kept == {"a": ["web a", "s2"], "b": ["web b", "s1"], "c": ["s1"]} and rejected == {}
 
 
+@pytest.mark.slow
 def test_percentile_rule_uses_the_cutoff_computed_on_the_cluster(spark):
     from capfilt.pipelines.filter import percentile_cutoff
     cutoff = percentile_cutoff(_scored(spark, ROWS), 0.5)
@@ -165,6 +166,7 @@ def _direct_itm(ref: str, image: bytes, texts: list[str]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scorer", ["itm", "two_step"])
+@pytest.mark.slow
 def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
     from capfilt.udfs.models import SHAPES_CLIP, SHAPES_ITM
     from capfilt.world.scene import Scene, SceneObject, render

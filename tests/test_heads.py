@@ -138,6 +138,7 @@ def test_embeddings_from_bytes_reads_the_stored_float16():
     assert np.array_equal(got[0], e[0].astype(np.float32)) and np.isnan(got[1]).all()
 
 
+@pytest.mark.slow
 def test_heads_stage_scores_stored_embeddings_drops_and_flags(curated_out, tmp_path, spark):
     """On a committed filter output: a drop head and a flag head (random linear heads over the shapes
     CLIP's embeddings). Scores equal the head applied to the stored embeddings; rows are conserved; a
@@ -281,6 +282,7 @@ def test_the_heads_command_refuses_a_broken_head_before_spark_starts(curated_out
     assert f"head {folder}" in err and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_score_at_run_time_is_an_error_naming_the_head_not_a_null(curated_out, tmp_path, capsys):
     """Finite weights that overflow (1e308 per weight, identity output): the stage used to write null scores
     and drop nothing, exit 0. Now it stops, naming the head, and commits nothing."""

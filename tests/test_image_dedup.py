@@ -44,6 +44,7 @@ def _as_rows(spark, x: np.ndarray):
     return spark.createDataFrame([(f"u{i:06d}", b) for i, b in enumerate(blobs)], "uid string, image_embedding binary")
 
 
+@pytest.mark.slow
 def test_partitioned_search_finds_the_pairs_of_the_exact_search(spark):
     """k-means partitions with boundary double-assignment against brute force on the same fp16
     embeddings: every pair found is a true pair, and recall is >= 0.98 (bench/dedup_images.py

@@ -210,6 +210,7 @@ RULE_PATH = st.text(st.sampled_from("ab/*"), max_size=5).map(lambda p: "/" + p) 
                                                     st.tuples(RULE_PATH, st.sampled_from(["", "$"])).map("".join)),
                                           max_size=4)), max_size=4),
        paths=st.lists(st.text(st.sampled_from("ab/"), max_size=6).map(lambda p: "/" + p), min_size=1, max_size=5))
+@pytest.mark.slow
 def test_robots_verdicts_do_not_depend_on_bom_line_ends_or_unicode_encoding(groups, paths):
     """The same rules give the same verdict for every path whether the file is plain UTF-8 with LF, has a
     BOM, CRLF or CR line ends, or is UTF-16/32."""

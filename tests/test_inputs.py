@@ -162,6 +162,7 @@ def test_a_broken_jsonl_line_is_a_malformed_row_and_no_corrupt_column_rides_alon
     assert todo.columns == ["uid", "url", "caption"] and todo.count() == 2
 
 
+@pytest.mark.slow
 def test_csv_rows_with_wrong_field_counts_or_an_unterminated_quote_are_malformed_rows(spark, tmp_path):
     (tmp_path / "fields.csv").write_text('url,caption\nhttp://h/1,one\nhttp://h/2,two,extra\nhttp://h/3\n'
                                          'http://h/4,"multi\nline, legit"\n')

@@ -188,6 +188,7 @@ def _expected_rejected():
     return expected
 
 
+@pytest.mark.slow
 def test_the_funnel_counts_the_rows_of_every_stage(report):
     f = report["funnel"]
     assert f["after"] == [("input", 42), ("download", 36), ("caption", 36), ("filter", 33), ("dedup", 26)]
@@ -210,6 +211,7 @@ def test_the_score_quantiles_and_kept_fractions_equal_numpys(report, fixture_row
     assert list(report["scores"]["sources"])[:2] == ["web", "synthetic"]
 
 
+@pytest.mark.slow
 def test_the_text_report_prints_the_funnel_quantiles_and_files(out, fixture_rows, capsys):
     assert cli(["inspect", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -260,6 +262,7 @@ def test_thousands_and_several_models_read_like_the_rest_of_the_report():
                                                "captioner 1,000 \u00b7 clip 1,000"]
 
 
+@pytest.mark.slow
 def test_a_manifest_from_before_the_stage_figures_still_renders(out, tmp_path, capsys):
     """Stages as publish.py wrote them before: times and counts only (seconds may be null), and a stage
     entry with neither counts nor figures. What is there is shown, the rest is a dash."""
@@ -388,6 +391,7 @@ def test_an_out_whose_stage_was_replaced_after_the_write_is_refused_naming_the_f
     assert not (tmp_path / "j").exists() and not [p for p in tmp_path.rglob(".*")]
 
 
+@pytest.mark.slow
 def test_zero_gallery_samples_and_an_html_page_in_an_existing_folder(out, report, tmp_path, capsys):
     page = tmp_path / "report.html"
     page.write_text(render(report), encoding="utf-8")  # an earlier report: --html replaces it
@@ -413,6 +417,7 @@ def test_curated_files_that_disagree_with_the_manifest_are_refused(spark, out, t
         build(spark, str(changed))
 
 
+@pytest.mark.slow
 def test_the_gallery_is_a_bounded_deterministic_sample_of_every_reason(spark, out, report):
     small = gallery(spark, str(out), kept=5, per_reason=1)
     assert sum(i["kept"] for i in small) == 5
@@ -601,6 +606,7 @@ WORST_HOSTS = [  # host, fetched, failed, success rate, top reason, top code (a 
 ]
 
 
+@pytest.mark.slow
 def test_the_failure_map_counts_fetched_rows_by_outcome_code_status_and_host(crawl_report):
     f = crawl_report["download_failures"]
     assert (f["fetched"], f["downloaded"], f["failed"], f["not_fetched"]) == (38, 17, 21, 4)
@@ -616,6 +622,7 @@ def test_the_failure_map_counts_fetched_rows_by_outcome_code_status_and_host(cra
     assert (f["host_count"], f["failing_hosts"]) == (7, 6)  # ok1.example never failed
 
 
+@pytest.mark.slow
 def test_the_failure_map_keeps_the_hosts_with_the_most_failures(spark, crawl_out):
     from capfilt.pipelines.report import download_failures, failure_map
     assert [h["host"] for h in download_failures(spark, str(crawl_out), top_hosts=2)["hosts"]] == [
@@ -636,6 +643,7 @@ def test_the_host_keeps_its_port_drops_userinfo_and_is_no_host_for_a_malformed_u
     assert {r["url"]: r["host"] for r in df.select("url", host_of(df["url"]).alias("host")).collect()} == urls
 
 
+@pytest.mark.slow
 def test_the_text_report_prints_the_failure_map(crawl_out, capsys):
     assert cli(["inspect", str(crawl_out), "--samples", "0", "--per-reason", "0"]) == 0
     text = capsys.readouterr().out

@@ -197,6 +197,7 @@ def test_spark_signatures_and_buckets_equal_datasketch_and_captions_without_shin
             assert got[uid] is None and uid not in buckets
 
 
+@pytest.mark.slow
 def test_a_template_caption_shared_by_many_rows_is_one_cluster_of_star_edges(spark):
     from capfilt.pipelines.caption_dedup import caption_edges
     settings = DedupSettings()

@@ -621,6 +621,7 @@ def test_models_load_once_per_process():
 
 # --- training code: a smoke run whose output loads through the loader -------------------------------
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_the_loader_reads(tmp_path):
     from capfilt.lab.train_captioner import train as train_captioner
     from capfilt.lab.train_clip import train as train_clip
@@ -632,6 +633,7 @@ def test_training_writes_checkpoints_the_loader_reads(tmp_path):
     assert len(load_captioner(str(tmp_path / "cap")).generate([annotated(1, 1).pil(0)], max_new_tokens=4)[0]) == 1
 
 
+@pytest.mark.slow
 def test_itm_training_writes_a_checkpoint_the_loader_reads(tmp_path):
     from capfilt.lab.train_itm import train as train_itm
     from capfilt.udfs.models import load_itm

@@ -85,6 +85,7 @@ def _most_in_one_second(starts):
     return max(sum(1 for t in starts if s <= t < s + 1) for s in starts)
 
 
+@pytest.mark.slow
 def test_rate_holds_across_threads_and_a_shared_host_gets_its_share():
     starts, _ = _hammer(HostLimits(rate=20, connections=0), "a.example", 30, threads=6)
     assert _most_in_one_second(starts) <= 21

@@ -185,6 +185,7 @@ ROBOTS_PRIVATE = "User-agent: *\r\nDisallow: /private/\r\n"
 NO_LIMITS = ("download.max_requests_per_second_per_host=0", "download.max_connections_per_host=0")
 
 
+@pytest.mark.slow
 def test_robots_txt_rules_hold_whatever_its_encoding_headers_or_size(tmp_path):
     """Each host's robots.txt disallows /private/: with a BOM (its Disallow was ignored), as UTF-16, with
     X-Robots-Tag: noindex or tdm-reservation: 1 on the file (it was 'no verdict'), larger than max_bytes

@@ -82,6 +82,7 @@ def test_prefiltered_rows_are_rejected_with_reasons_and_never_requested(laion_si
     assert set(manifest["prefilter"]["active"]) == {r.split("=")[0].split(".")[1] for r in RULES}
 
 
+@pytest.mark.slow
 def test_rules_whose_columns_are_absent_are_skipped_and_named(laion_site, tmp_path, spark):
     root, server, expected, truth = laion_site
     bare = pq.read_table(root / "laion.parquet").select(["SAMPLE_ID", "URL", "TEXT"])
