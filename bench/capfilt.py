@@ -223,9 +223,8 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from capfilt.jobs.caption import main as caption_main
     from capfilt.jobs.common import run_stage_job
-    filter_main = functools.partial(run_stage_job, "filter")
+    caption_main, filter_main = (functools.partial(run_stage_job, name) for name in ("caption", "filter"))
     from capfilt.pipelines.config import SparkSettings, load_config
     from capfilt.pipelines.output import read_manifest
     from capfilt.pipelines.session import spark_session
