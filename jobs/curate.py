@@ -49,6 +49,8 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict:
                           owns_chain=True)
         if previous is None and retry_failed and decision.action == REUSE:
             decision = Decision(RUN, "--retry-failed")
+        if decision.action != REFUSE:  # refusals are named together below
+            stage.preflight(root, decision, {"retry_failed": retry_failed and previous is None})
         decisions[stage.name] = decision
         previous = stage.name
     stale = [f"{name} under {out_root}/stages was made with {d.why} than this run's" for name, d in decisions.items()

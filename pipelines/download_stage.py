@@ -28,26 +28,31 @@ from capfilt.pipelines.stage import Context, Stage, refused
 STATS_READ = 10_000
 
 
+def preflight(root: str, decision, options: dict) -> None:
+    """What the committed download at root cannot do, refused before Spark (curate asks in its plan)."""
+    from capfilt.pipelines.output import StageOutput, read_manifest
+    if options.get("retry_failed"):  # it reads the input the committed download kept: only its settings count
+        if not StageOutput(root, STAGE).complete:
+            raise ValueError(f"--retry-failed needs a committed download at {root}; run without it first")
+        if decision.changed:
+            raise ValueError(f"--retry-failed on {root}: it was downloaded with {decision.why}; a retry may "
+                             f"change only how rows are fetched ({', '.join(sorted(FETCH_ONLY))}). Rerun without "
+                             f"--retry-failed to apply the new settings, or with --overwrite to download everything again")
+    elif decision.action == RESELECT and read_manifest(root).get("input_holds") != "prechecked":
+        raise ValueError(f"{root} was downloaded by an older capfilt, whose kept input lacks the rows its "
+                         f"prefilter dropped: it cannot be re-filtered under other prefilter settings ("
+                         f"{', '.join(decision.changed)}); rerun with --overwrite")
+
+
 def run(stage: Stage, cfg, spec, out, decision, options: dict) -> dict:
     from capfilt.pipelines.output import OutputLock, read_manifest
     from capfilt.pipelines.session import spark_session
     retry, progress = options.get("retry_failed", False), options.get("progress", True)
-    if retry:  # it reads the input the committed download kept, not --input: only its settings count
-        if not out.complete:
-            raise ValueError(f"--retry-failed needs a committed download at {out.root}; run without it first")
-        if decision.changed:
-            raise ValueError(f"--retry-failed on {out.root}: it was downloaded with {decision.why}; a retry may "
-                             f"change only how rows are fetched ({', '.join(sorted(FETCH_ONLY))}). Rerun without "
-                             f"--retry-failed to apply the new settings, or with --overwrite to download everything again")
-    elif decision.action == REFUSE:
+    if not retry and decision.action == REFUSE:
         raise refused(out.root, decision)
-    elif decision.action == REUSE:
+    if not retry and decision.action == REUSE:
         print(f"{out.root} is already committed: nothing to do (--overwrite to redo)")
         return read_manifest(out.root)
-    elif decision.action == RESELECT and read_manifest(out.root).get("input_holds") != "prechecked":
-        raise ValueError(f"{out.root} was downloaded by an older capfilt, whose kept input lacks the rows its "
-                         f"prefilter dropped: it cannot be re-filtered under other prefilter settings ("
-                         f"{', '.join(decision.changed)}); rerun with --overwrite")
     with OutputLock(out.root):
         spark = spark_session(cfg.spark)
         print(f"Spark UI: {spark.sparkContext.uiWebUrl}", flush=True)
@@ -339,5 +344,5 @@ def _check(cfg, input_root) -> None:
 
 DEFINITION = Stage(
     name=STAGE, reads=None, adds=None, reasons=REASONS, split=None, run=run, source=input_source,
-    help="fetch the images of a LAION-style dump with img2dataset on Spark", command="capfilt.jobs.download",
+    preflight=preflight, help="fetch the images of a LAION-style dump with img2dataset on Spark", command="capfilt.jobs.download",
     filters=(PREFILTER,), costly=("download",), keeps_scores=True, runtime=FETCH_ONLY, check=_check)

@@ -63,6 +63,17 @@ def _stage_data(spark, root: str, stage: str, columns: tuple[str, ...]):
     return _parquet(spark, path).select("uid", *columns).dropDuplicates(["uid"])
 
 
+def _holders(columns: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """{stage: the given columns it is the first in the chain to write}: the first stage writes whole
+    records (the image among them), a later one the columns it declares (Stage.adds)."""
+    holders: dict[str, tuple[str, ...]] = {}
+    for column in columns:
+        stage = next(s.name for s in registry.stages() if s.adds is None and column == "image"
+                     or any(f.name == column for f in s.adds or ()))
+        holders[stage] = (*holders.get(stage, ()), column)
+    return holders
+
+
 def _rejected_by_stage(counts: dict) -> dict[str, int]:
     return {stage: sum(reasons.values()) for stage, reasons in counts.get("rejected", {}).items()}
 
@@ -241,13 +252,14 @@ def gallery(spark, root: str, kept: int = 24, per_reason: int = 8) -> list[dict]
                       "candidates": [c.asDict() for c in r["candidates"]], "thumbnail": thumbnail(r["image"])})
     rank = F.row_number().over(Window.partitionBy("stage", "reason").orderBy(pick, "uid"))
     dropped = _parquet(spark, f"{root}/rejects").withColumn("rank", rank).filter(F.col("rank") <= per_reason).drop("rank")
-    # Rows dropped at download have no image of their own (a duplicate_uid row shares its uid with a kept one).
-    later = dropped.filter(F.col("stage") != "download")
-    for stage, columns in (("download", ("image",)), ("caption", ("synthetic_captions",)),
-                           ("filter", ("candidates", "best_score"))):
+    # Rows dropped by the first stage have no image of their own (a duplicate_uid row shares its uid with
+    # a kept one); a later stage's row gets each column from the first stage of the chain that writes it.
+    source = registry.names()[0]
+    later = dropped.filter(F.col("stage") != source)
+    for stage, columns in _holders(("image", "synthetic_captions", "candidates", "best_score")).items():
         data = _stage_data(spark, root, stage, columns)
         later = later.join(data, "uid", "left") if data is not None else later
-    rows = (later.unionByName(dropped.filter(F.col("stage") == "download"), allowMissingColumns=True)
+    rows = (later.unionByName(dropped.filter(F.col("stage") == source), allowMissingColumns=True)
             .orderBy("stage", "reason", pick, "uid"))
     for r in rows.collect():  # at most per_reason rows per reason
         items.append({"kept": False, "uid": r["uid"], "url": r["url"], "caption": r["caption"],

@@ -103,6 +103,10 @@ class Stage:
     # decision, options) -> manifest. None: the runner's (view, model pass per part, split, write).
     run: Callable | None = None
     source: Callable | None = None  # first stage: input -> what identifies it (files, sizes, times)
+    # (output root, Decision, options) -> raises one line when what `run` would do with its committed
+    # output is refused (download: a retry that changes settings, a re-filter of an older download);
+    # called by the runner and by curate's plan, on the driver, before Spark
+    preflight: Callable = lambda root, decision, options: None
 
     @property
     def config_keys(self) -> tuple[str, ...]:
@@ -361,6 +365,7 @@ def run_stage(stage: Stage, cfg, input, output_root: str, fuse: tuple = (), reco
     decision = decide(stage, read_manifest(out.root) if out.complete else None, cfg.to_dict(), source,
                       overwrite=out.overwrite, work_done=fused_scores is not None)
     if stage.run is not None:  # the first stage: its run also reads options (a retry ignores the input)
+        stage.preflight(out.root, decision, options or {})
         return stage.run(stage, cfg, input, out, decision, options or {})
     if decision.action == REFUSE:
         raise refused(out.root, decision)

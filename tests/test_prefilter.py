@@ -97,7 +97,8 @@ def test_rules_whose_columns_are_absent_are_skipped_and_named(laion_site, tmp_pa
 
 
 @pytest.mark.slow
-def test_changing_only_prefilter_settings_refilters_without_fetching_anything_again(laion_site, tmp_path, spark):
+def test_changing_only_prefilter_settings_refilters_without_fetching_anything_again(laion_site, tmp_path, spark,
+                                                                                   refused_before_spark, capsys):
     """The committed download is re-filtered: rows the new rules drop leave the records for the rejects, rows
     only the old rules dropped are fetched now, and nothing fetched before is requested again (server log)."""
     root, server, expected, truth = laion_site
@@ -138,6 +139,17 @@ def test_changing_only_prefilter_settings_refilters_without_fetching_anything_ag
     before = len(server.requests)
     assert run(lambda argv: _run(*argv), [root / "laion.parquet", out, server, RULES]) == 2
     assert len(server.requests) == before and json.loads((out / "manifest.json").read_text())["refilters"]
+    # curate's plan asks the download the same, before Spark starts.
+    import shutil
+
+    from capfilt.jobs.curate import main as curate
+    shutil.copytree(out, tmp_path / "cur" / "stages" / "download")
+    capsys.readouterr()
+    err = refused_before_spark(curate, ["--input", root / "laion.parquet", "--preset", "laion", "--output",
+                                        tmp_path / "cur", "--no-progress", "--allow-host", f"127.0.0.1:{server.port}",
+                                        "--set", "download.min_image_size=0", "--set", "download.image_size=64",
+                                        *[x for rule in RULES for x in ("--set", rule)]], tmp_path / "cur")
+    assert "downloaded by an older capfilt" in err and len(server.requests) == before
 
 
 def test_prefilter_is_a_step_of_the_curate_funnel():
