@@ -344,5 +344,6 @@ def _check(cfg, input_root) -> None:
 
 DEFINITION = Stage(
     name=STAGE, reads=None, adds=None, reasons=REASONS, split=None, run=run, source=input_source,
-    preflight=preflight, help="fetch the images of a LAION-style dump with img2dataset on Spark", command="capfilt.jobs.download",
-    filters=(PREFILTER,), costly=("download",), keeps_scores=True, runtime=FETCH_ONLY, check=_check)
+    preflight=preflight, help="fetch the images of a LAION-style dump with img2dataset on Spark",
+    command="capfilt.jobs.download", filters=(PREFILTER,), costly=("download",), keeps_scores=True,
+    runtime=FETCH_ONLY, check=_check)

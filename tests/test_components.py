@@ -67,6 +67,7 @@ def test_integer_ids_keep_their_type_and_order_on_the_driver(spark):
     assert {r.node: r.component for r in result.collect()} == {9: 9, 10: 9, 100: 9, 7: 7}
 
 
+@pytest.mark.slow
 def test_components_with_a_checkpoint_dir(spark, tmp_path):
     edges = [("c", "b"), ("b", "a"), ("x", "y")]
     assert spark_components(spark, edges, checkpoint_dir=str(tmp_path), driver_max_edges=0) == {

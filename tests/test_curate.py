@@ -208,6 +208,7 @@ def _evil_clip(tmp_path):
     return folder, marker
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["missing", "pickle", "clip_as_captioner"])
 def test_a_bad_model_reference_is_one_line_before_any_work(curate_args, tmp_path, capsys, model):
     from capfilt.udfs.models import SHAPES_CLIP

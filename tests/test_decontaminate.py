@@ -82,6 +82,7 @@ def test_every_format_reads_the_same_items(eval_set, spark, kind):
     assert got == eval_set["bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["folder", "parquet", "wds"])
 def test_the_worlds_evaluation_sets_read_as_written(tmp_path, spark, fmt):
     """make_eval_set's layouts (with eval_set.json beside the images, Parquet or tars)."""

@@ -116,6 +116,7 @@ def _kept(spark, settings, cutoff=None):
     return kept, primary, {r.uid: (r.reason, r.detail) for r in rejects.collect()}
 
 
+@pytest.mark.slow
 def test_threshold_rule_keeps_captions_over_the_threshold(spark):
     kept, primary, rejected = _kept(spark, FilterSettings(rule="threshold", threshold=0.28))
     assert kept == {"a": ["web a", "s2", "s3"], "c": ["s1"]}
@@ -123,6 +124,7 @@ def test_threshold_rule_keeps_captions_over_the_threshold(spark):
     assert rejected == {"b": ("no_aligned_caption", "best score 0.2000")}
 
 
+@pytest.mark.slow
 def test_topk_rule_ranks_web_and_synthetic_together(spark):
     kept, _, rejected = _kept(spark, FilterSettings(rule="topk", top_k=2, threshold=0.0))
     assert kept == {"a": ["web a", "s2"], "b": ["web b", "s1"], "c": ["s1"]} and rejected == {}
@@ -216,6 +218,7 @@ ITM_ROWS = [("a", "web a", ["s1", "s2"], [0.30, 0.35, 0.10], [0.20, 0.90, 0.60])
             ("c", None, ["s1"], [None, 0.31], [None, None])]  # two_step: s1 under the CLIP floor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule, expected", [
     ("threshold", {"a": ["s1", "s2"]}),
     ("topk", {"a": ["s1"]}),
