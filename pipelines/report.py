@@ -68,9 +68,10 @@ def _holders(columns: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     records (the image among them), a later one the columns it declares (Stage.adds)."""
     holders: dict[str, tuple[str, ...]] = {}
     for column in columns:
-        stage = next(s.name for s in registry.stages() if s.adds is None and column == "image"
-                     or any(f.name == column for f in s.adds or ()))
-        holders[stage] = (*holders.get(stage, ()), column)
+        stage = next((s.name for s in registry.stages() if s.adds is None and column == "image"
+                      or any(f.name == column for f in s.adds or ())), None)
+        if stage is not None:  # no stage writes it: the gallery shows the rows without it
+            holders[stage] = (*holders.get(stage, ()), column)
     return holders
 
 

@@ -364,8 +364,8 @@ def run_stage(stage: Stage, cfg, input, output_root: str, fuse: tuple = (), reco
     fused_scores = _fused_scores(stage, cfg, input, source_manifest) if source_manifest else None
     decision = decide(stage, read_manifest(out.root) if out.complete else None, cfg.to_dict(), source,
                       overwrite=out.overwrite, work_done=fused_scores is not None)
+    stage.preflight(out.root, decision, options or {})
     if stage.run is not None:  # the first stage: its run also reads options (a retry ignores the input)
-        stage.preflight(out.root, decision, options or {})
         return stage.run(stage, cfg, input, out, decision, options or {})
     if decision.action == REFUSE:
         raise refused(out.root, decision)
