@@ -15,12 +15,8 @@ from pathlib import Path
 from capfilt.jobs.common import add_config_args, config_from_args, run
 
 
-def plain(value) -> str:
-    """Text from the data, safe for a terminal: control characters (escape sequences) shown escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
-
-
 def print_report(report: dict) -> None:
+    from capfilt.pipelines.report import plain, stage_table
     funnel, scores = report["funnel"], report["scores"]
     finished = f", finished {report['finished_at']}" if report.get("finished_at") else ""
     print(f"{report['root']}: {funnel['after'][0][1]} rows in, {funnel['curated']} curated "
@@ -37,16 +33,24 @@ def print_report(report: dict) -> None:
         for name, s in scores["sources"].items():
             print(f"  {name:<20} {s['n']:>9} {s['kept_fraction']:>6.3f} "
                   + " ".join(f"{v:>7.4f}" for v in s["quantiles"].values()))
-    from capfilt.pipelines.report import stage_table
     print("\nstages (rows/s: rows in per second; MB: 2**20 bytes of Parquet written; model passes: rows per model)")
     print("\n".join(stage_table(report["stages"])))
     print("\ncurated files")
     for shard in report["shards"]:
         print(f"  {plain(shard['file']):<60} {shard['rows']:>9} rows {shard['bytes']:>13,} bytes")
-    if "download_failures" in report:
-        from capfilt.pipelines.report import failure_map
-        print()
-        print("\n".join(failure_map(report["download_failures"], report["root"])))
+    print_sections(report, registry_sections())
+
+
+def registry_sections(name: str | None = None) -> list:
+    """The report sections (Stage.inspect) of the chain's stages, or of the stage `name` alone."""
+    from capfilt.pipelines import registry
+    return [section for stage in registry.stages() if name in (None, stage.name) for section in stage.inspect]
+
+
+def print_sections(report: dict, sections: list) -> None:
+    for section in sections:
+        if section.key in report:
+            print("\n" + "\n".join(section.text(report[section.key], report["root"])))
 
 
 def check_writable(file: Path, option: str) -> None:
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
 
     from capfilt.pipelines.output import OutputLock, check_current, read_manifest
-    from capfilt.pipelines.report import build
+    from capfilt.pipelines import registry
+    from capfilt.pipelines.report import build, print_counts, sections
     from capfilt.pipelines.report_html import render
     from capfilt.pipelines.session import spark_session
     manifest = read_manifest(args.out)  # an unfinished OUT is refused before Spark starts,
@@ -122,13 +127,12 @@ def main(argv=None) -> int:
     if args.html is not None:
         check_html_target(Path(args.html), args.out)
     cfg.spark.conf.setdefault("spark.ui.showConsoleProgress", "false")  # stdout is the report
-    if manifest.get("stage") == "download":  # a crawl on its own: its funnel and failure map
-        from capfilt.pipelines.download_stage import print_funnel
-        from capfilt.pipelines.report import download_failures, failure_map
+    if manifest.get("stage") != "curate" and (own := registry_sections(manifest.get("stage"))):
+        # A stage's output on its own (a crawl): its counts and what the stage adds to the report.
         with OutputLock(args.out, shared=True):
-            failures = download_failures(spark_session(cfg.spark), args.out, args.top_hosts)
-        print_funnel(manifest["counts"], args.out)
-        print("\n" + "\n".join(failure_map(failures, args.out)))
+            found = sections(spark_session(cfg.spark), args.out, args.top_hosts, [registry.definition(manifest["stage"])])
+        print_counts(manifest["counts"], args.out)
+        print_sections({"root": args.out, **found}, own)
         return 0
     with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read
         report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason, args.top_hosts)

@@ -21,9 +21,11 @@ import math
 import time
 
 from capfilt.pipelines.download import REASONS, STAGE
+from capfilt.pipelines.download_report import download_failures, failure_html, failure_map
 from capfilt.pipelines.prefilter import DEFINITION as PREFILTER
 from capfilt.pipelines.provenance import FETCH_ONLY, REFUSE, RESELECT, REUSE, input_source
-from capfilt.pipelines.stage import Context, Stage, refused
+from capfilt.pipelines.report import print_counts
+from capfilt.pipelines.stage import Context, Section, Stage, refused
 
 STATS_READ = 10_000
 
@@ -62,7 +64,7 @@ def run(stage: Stage, cfg, spec, out, decision, options: dict) -> dict:
             manifest = _merge(spark, out, cfg, progress, retry=False)
         else:
             manifest = _download(spark, spec, out, cfg, progress)
-    print_funnel(manifest["counts"], out.root)
+    print_counts(manifest["counts"], out.root)
     return manifest
 
 
@@ -329,14 +331,6 @@ class Timer:
         self._last = now
 
 
-def print_funnel(counts: dict, where: str) -> None:
-    """A download's rows in, downloaded and rejected, per stage and reason (the console's summary)."""
-    print(f"\n{where}: {counts['input']} rows in, {counts['output']} downloaded, {counts['rejected_total']} rejected")
-    for stage, reasons in sorted(counts["rejected"].items()):
-        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            print(f"  {stage:<10} {reason:<22} {n:>8}")
-
-
 def _check(cfg, input_root) -> None:
     from capfilt.net.netguard import check_allow_list
     check_allow_list(cfg.download.allow_hosts)
@@ -346,4 +340,5 @@ DEFINITION = Stage(
     name=STAGE, reads=None, adds=None, reasons=REASONS, split=None, run=run, source=input_source,
     preflight=preflight, help="fetch the images of a LAION-style dump with img2dataset on Spark",
     command="capfilt.jobs.download", filters=(PREFILTER,), costly=("download",), keeps_scores=True,
-    runtime=FETCH_ONLY, check=_check)
+    runtime=FETCH_ONLY, check=_check,
+    inspect=(Section("download_failures", "Download failures", download_failures, failure_map, failure_html),))

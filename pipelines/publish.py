@@ -80,7 +80,6 @@ def publish(spark, out_root: str, config: dict, compression: str = "zstd", targe
     this run took from an earlier one (the manifest says so); `chain`: the stages this run ran (default:
     as the last committed stage's manifest names them; a folder a stage switched off since left is not read)."""
     from capfilt.pipelines.io import count_rejects, parquet_rows
-    from capfilt.pipelines.registry import definition
     from capfilt.pipelines.stage import PART, Chain, folder_bytes, rates, view
     root = str(out_root).rstrip("/")
     started = time.time() if started is None else started

@@ -11,9 +11,8 @@ import json
 import secrets
 from urllib.parse import urlsplit
 
-from capfilt.pipelines.publish import stage_dir
 from capfilt.pipelines import registry
-from capfilt.pipelines.report import STAGE_COLUMNS, failure_summary, stage_cells
+from capfilt.pipelines.report import STAGE_COLUMNS, stage_cells
 
 COLOURS = {"web": "#2b6cb0", "synthetic": "#d69e2e", "inherited_web": "#68a0d8", "inherited_synthetic": "#e8c170"}
 
@@ -126,44 +125,12 @@ def _card(item: dict) -> str:
             f'<div class="url">{_link(item["url"])}</div><ul>{rows}</ul></div></div>')
 
 
-def _table(head: tuple, rows: list[tuple], numeric: set[int], cls: str = "") -> str:
+def table(head: tuple, rows: list[tuple], numeric: set[int], cls: str = "") -> str:
     """A table of escaped cells; the columns in `numeric` right-aligned."""
     def cells(row, tag):
         return "".join(f"<{tag}{' class=n' if i in numeric and tag == 'td' else ''}>{e(c)}</{tag}>" for i, c in enumerate(row))
     return (f'<table{f" class={cls}" if cls else ""}><tr>{cells(head, "th")}</tr>'
             + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</table>")
-
-
-def _failure_map(failures: dict | None, root: str) -> str:
-    """The download failure map (report.download_failures): outcomes, codes, HTTP statuses, worst hosts.
-    Hosts, reasons and codes come from the data: every one is escaped."""
-    if failures is None:
-        return f"<p>Omitted: {e(stage_dir(root, 'download'))}/data is not there.</p>"
-    parts = [f"<p>{e(failure_summary(failures))}.</p>", '<div class="side">', _table(
-        ("outcome", "rows", "of fetched"),
-        [(o["outcome"], f"{o['rows']:,}", "not fetched" if o["share"] is None else f"{o['share']:.1%}")
-         for o in failures["outcomes"]], {1, 2})]
-    if failures["codes"]:
-        other = failures["other_codes"]
-        parts.append(_table(("code", "rows"), [(c["code"], f"{c['rows']:,}") for c in failures["codes"]]
-                            + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1}))
-    if failures["statuses"]:
-        parts.append(_table(("HTTP status", "rows"), [(s["status"], f"{s['rows']:,}") for s in failures["statuses"]],
-                            {0, 1}))
-    parts.append("</div>")
-    if failures["hosts"]:
-        rows = "".join(
-            f"<tr><td>{e(h['host'])}</td><td class=n>{h['fetched']:,}</td><td class=n>{h['failed']:,}</td>"
-            f"<td class=\"n{' bad' if h['success_rate'] < 0.5 else ''}\">{h['success_rate']:.1%}</td>"
-            f"<td>{e(h['reason'])}</td><td>{e(h['code'])}</td></tr>" for h in failures["hosts"])
-        parts.append("<table><tr><th>host</th><th>fetched</th><th>failed</th><th>success</th><th>top reason</th>"
-                     f"<th>top code</th></tr>{rows}</table>"
-                     f'<p class="legend">{len(failures["hosts"])} of {failures["failing_hosts"]:,} hosts with '
-                     f'failures, most failures first; {failures["host_count"]:,} hosts fetched from. Fetched rows: '
-                     "downloaded records and failed fetches; the precheck's rejects were never fetched. Codes "
-                     "begin the detail (<code>dns</code>, <code>timeout</code>, <code>http_404</code>...); "
-                     "<code>-</code>: a detail without one.</p>")
-    return "".join(parts)
 
 
 def render(report: dict) -> str:
@@ -192,6 +159,8 @@ def render(report: dict) -> str:
     totals = {"kept": funnel["curated"], **{r: n for _, r, n in reasons}}
     labels = [{"reason": r, "sampled": n, "total": totals.get(r)} for r, n in shown.items()]
     cards = "".join(_card(item) for item in report["gallery"])
+    sections = "".join(f"<h2>{e(section.title)}</h2>{section.html(report[section.key], report['root'])}"
+                       for stage in registry.stages() for section in stage.inspect if section.key in report)
     finished = (f"finished {e(report['finished_at'])}" if report.get("finished_at") else "") + \
         (f" in {float(report['seconds']):.0f} s" if report.get("seconds") is not None else "")
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; "
@@ -227,7 +196,7 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}} th{{background:#f6f6f
 {sum(n for _, _, n in reasons):,} rejected.</p>
 <h2>Funnel</h2>{_funnel_svg(funnel)}
 <table><tr><th>stage</th><th>reason</th><th>rows</th><th>meaning</th></tr>{reason_rows}</table>
-<h2>Download failures</h2>{_failure_map(report.get("download_failures"), report["root"])}
+{sections}
 <h2>Stages</h2><table><tr>{stage_head}</tr>{stage_rows}</table>
 <p class="legend">rows/s: rows in per second; MB: 2<sup>20</sup> bytes of Parquet the stage wrote; model passes: rows
 run through each model in this run (a reused stage, or one re-selecting from stored scores, runs none)</p>

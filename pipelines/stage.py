@@ -66,6 +66,19 @@ class Context:
     images: Callable = None  # () -> DataFrame (uid, image) of the download: only for a stage with images=True
 
 
+@dataclass(frozen=True)
+class Section:
+    """A part of `capfilt inspect` a stage adds (the download: its failure map), under `key` in the report:
+    `compute(spark, root, top)` aggregates it with Spark from root (a curate OUT, or the stage's own
+    output; `top`: rows of its longest tables), `text(figures, root)` gives terminal lines and
+    `html(figures, root)` escaped HTML, shown under `title`."""
+    key: str
+    title: str
+    compute: Callable
+    text: Callable
+    html: Callable
+
+
 # Model-stage settings that change where and how fast a model runs, not what it computes.
 RUNTIME_ONLY = frozenset({"torch_threads", "gpus_per_task", "batch_size", "fuse_filter"})
 
@@ -107,6 +120,7 @@ class Stage:
     # output is refused (download: a retry that changes settings, a re-filter of an older download);
     # called by the runner and by curate's plan, on the driver, before Spark
     preflight: Callable = lambda root, decision, options: None
+    inspect: tuple = ()             # Sections it adds to `capfilt inspect` (download: the failure map)
 
     @property
     def config_keys(self) -> tuple[str, ...]:

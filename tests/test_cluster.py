@@ -1,8 +1,6 @@
 """spark-submit on a real Spark standalone cluster (a master and 2 workers on 127.0.0.1), where
 capfilt's code reaches executors only through what `capfilt package` ships."""
 import os
-import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +16,12 @@ from tests.conftest import ROOT
 SPARK_BIN = Path(sys.executable).parent.parent / "lib" / "python3.11" / "site-packages" / "pyspark" / "bin"
 # Executors of a real cluster have capfilt's dependencies but not capfilt itself: this sitecustomize
 # takes away the editable install the development venv has (it runs after site-packages' .pth files).
+# Each Python it starts leaves a file in HIDDEN_RUNS: the proof that executors ran under it.
 HIDE_CAPFILT = """
-import sys
+import os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + repr(f)]
 sys.path[:] = [p for p in sys.path if p.rstrip("/") != %r]
+open(os.path.join(os.path.dirname(__file__), "runs", str(os.getpid())), "w").close()
 """ % str(ROOT)
 
 
@@ -38,6 +38,7 @@ def cluster(tmp_path_factory):
     hide = work / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE_CAPFILT)
+    (hide / "runs").mkdir()
     python = work / "executor-python"
     python.write_text(f"#!/bin/sh\nPYTHONPATH={hide} exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
@@ -105,16 +106,19 @@ def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate
     assert "capfilt/__init__.py" in names and "capfilt/udfs/models/__init__.py" in names
     assert all(name.startswith("capfilt/") for name in names)
 
-    # Without the zip, executors cannot import capfilt: the classic shipping bug, made visible.
-    # (The first failed task ends the job: Spark's 4 attempts would only repeat the same import error.)
-    bare = _submit(cluster, [*curate_args, "--output", str(tmp_path / "bare")], timeout=300,
-                   conf=["spark.task.maxFailures=1"])
-    assert bare.returncode != 0
-    assert re.search(r"ModuleNotFoundError: No module named 'capfilt'", bare.stdout + bare.stderr)
+    # Without the zip, executors cannot import capfilt (the classic shipping bug): the executor Python
+    # hides the development install, and the run below proves its executors ran under that Python.
+    master, python, work = cluster
+    bare = subprocess.run([python, "-c", "import capfilt"], capture_output=True, text=True, cwd=work)
+    assert bare.returncode != 0 and "No module named 'capfilt'" in bare.stderr
+    runs = work / "hide" / "runs"
+    for marker in runs.iterdir():
+        marker.unlink()
 
     out = tmp_path / "out"
     run = _submit(cluster, [*curate_args, "--output", str(out)], py_files=str(zipped))
     assert run.returncode == 0, run.stderr[-4000:]
+    assert any(runs.iterdir()), "the executors did not run under the Python without capfilt"
     assert (out / "manifest.json").exists()
     assert pq.read_table(out / "curated").num_rows == pq.read_table(curated_out / "curated").num_rows
     for name, columns in (("curated", ["uid", "sha256", "caption_primary"]),
@@ -123,7 +127,6 @@ def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate
         assert cluster_rows.equals(local_rows), name
     scores = _rows(out, "curated", ["uid", "best_score"]).best_score
     assert (abs(scores - _rows(curated_out, "curated", ["uid", "best_score"]).best_score) < 1e-5).all()
-    shutil.rmtree(tmp_path / "bare", ignore_errors=True)
 
 
 def test_no_job_module_shadows_the_standard_library():

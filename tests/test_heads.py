@@ -181,7 +181,7 @@ def test_heads_stage_scores_stored_embeddings_drops_and_flags(curated_out, tmp_p
 WATERMARK = MODELS_DIR / "shapes-watermark-head"
 
 
-def _broken_head(tmp_path, name: str, weights=None, **card) -> "Path":
+def _broken_head(tmp_path, name: str, weights=None, **card):
     """A copy of the committed watermark head; `weights(folder)` replaces its weights, `card` its fields."""
     folder = tmp_path / name
     shutil.copytree(WATERMARK, folder)

@@ -624,7 +624,7 @@ def test_the_failure_map_counts_fetched_rows_by_outcome_code_status_and_host(cra
 
 @pytest.mark.slow
 def test_the_failure_map_keeps_the_hosts_with_the_most_failures(spark, crawl_out):
-    from capfilt.pipelines.report import download_failures, failure_map
+    from capfilt.pipelines.download_report import download_failures, failure_map
     assert [h["host"] for h in download_failures(spark, str(crawl_out), top_hosts=2)["hosts"]] == [
         "dead.example", "busy.example"]
     assert download_failures(spark, str(crawl_out), top_hosts=0)["hosts"] == []
@@ -634,7 +634,7 @@ def test_the_failure_map_keeps_the_hosts_with_the_most_failures(spark, crawl_out
 
 
 def test_the_host_keeps_its_port_drops_userinfo_and_is_no_host_for_a_malformed_url(spark):
-    from capfilt.pipelines.report import host_of
+    from capfilt.pipelines.download_report import host_of
     urls = {"http://User:pw@Ex.COM:8000/a.jpg": "ex.com:8000", "http://127.0.0.2:8000": "127.0.0.2:8000",
             "https://[::1]:443/x?y": "[::1]:443", "HTTPS://a.example?q=1": "a.example", "http://b.example#f": "b.example",
             "http://a@b@c.example/": "c.example", "not a url": "(no host)", "http:///path": "(no host)",
@@ -694,7 +694,7 @@ def test_the_failure_map_is_omitted_in_one_line_without_the_download_output(out,
 
 def test_a_download_that_fetched_nothing_is_all_failures(spark, crawl_out, tmp_path):
     """No data file at all (Spark writes none for no rows): the stage manifest's 0 rows out says why."""
-    from capfilt.pipelines.report import download_failures
+    from capfilt.pipelines.download_report import download_failures
     none = tmp_path / "out"
     shutil.copytree(crawl_out, none)
     shutil.rmtree(none / "stages" / "download" / "data")

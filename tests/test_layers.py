@@ -7,7 +7,6 @@ net imports no pipelines, udfs or jobs; udfs no pipelines or jobs; schemas and w
 nothing imports a job. Our code is imported as capfilt.<sub> only (a bare `pipelines` is not installed).
 """
 import ast
-from pathlib import Path
 
 from tests.conftest import ROOT
 

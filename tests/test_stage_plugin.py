@@ -17,7 +17,7 @@ PLUGIN = '''
 """An OCR-text-like filter as a third party writes it: rows whose web caption is longer than a limit leave."""
 from dataclasses import dataclass, field
 
-from capfilt.pipelines.stage import Result, Stage, reject_rows
+from capfilt.pipelines.stage import Result, Section, Stage, reject_rows
 from capfilt.schemas import SCORED
 
 
@@ -36,9 +36,17 @@ def split(rows, cfg, context):
                   {"limit": limit})
 
 
+def longest(spark, root, top):
+    from pyspark.sql import functions as F
+    return {"chars": spark.read.parquet(f"{root}/curated").agg(F.max(F.length("caption"))).first()[0]}
+
+
 STAGE = Stage(name="long_captions", reads=SCORED, adds=(), split=split, settings=Settings, after="filter",
               reasons={"caption_too_long": "the web caption is longer than long_captions.max_chars"},
-              help="drop rows whose web caption is too long")
+              help="drop rows whose web caption is too long",
+              inspect=(Section("longest_caption", "Longest web caption", longest,
+                               lambda figures, root: [f"longest curated web caption: {figures['chars']} chars"],
+                               lambda figures, root: f"<p>{figures['chars']} chars</p>"),))
 '''
 
 
@@ -124,10 +132,14 @@ def test_a_stage_defined_outside_the_package_runs_resumes_reports_and_goes_stale
     assert manifest["counts"]["input"] == manifest["counts"]["output"] + manifest["counts"]["rejected_total"]
     assert manifest["models"]["long_captions"] == {"limit": 40}
 
-    # inspect reports it: its step in the funnel and its reason with the meaning it declared.
-    assert cli(["inspect", str(out)]) == 0
+    # inspect reports it: its step in the funnel, its reason with the meaning it declared, its own section.
+    page = tmp_path / "report.html"
+    assert cli(["inspect", str(out), "--html", str(page)]) == 0
     report = capsys.readouterr().out
     assert "long_captions" in report and "caption_too_long" in report
+    chars = int(report.split("longest curated web caption: ", 1)[1].split(" chars", 1)[0])
+    assert 0 < chars <= 40
+    assert f"<h2>Longest web caption</h2><p>{chars} chars</p>" in page.read_text(encoding="utf-8")
 
     # Killed while it was writing: no manifest there, none for OUT; the rerun reuses the rest, ends the same.
     shutil.rmtree(out / "stages" / "long_captions")
