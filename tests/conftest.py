@@ -7,6 +7,10 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+# The JVMs of a test run live seconds to minutes: the C1 compiler alone and the serial collector spend
+# less CPU on them (measured on 2 cores, two runs each: 10 JVM-heavy tests 50.5 -> 45.9 s; a killed curate
+# and a spark-submit, both CLI subprocesses, 160.7 -> 139.6 s). What Spark computes is unchanged.
+os.environ.setdefault("JDK_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 import pytest
 
