@@ -4,8 +4,8 @@ It reads the input metadata (not a committed stage), so it brings its own run: `
 says what to do with a committed download, and this file does it:
 
     RUN       read the pairs, precheck, the prefilter (its filter step), robots.txt, plan, fetch into
-              img2dataset shards, classify, write. Resumable: `prepared.json` (with the fingerprint of
-              the input and settings) and the finished shards survive a kill.
+              img2dataset shards, classify, write. Resumable as every stage is (StageOutput.resume: the
+              fingerprint of the input and settings): `prepared.json` and the finished shards survive a kill.
     RESELECT  only prefilter settings changed: re-filter the committed download from its kept input.
               Rows the prefilter drops now move to the rejects; rows it allowed only now are fetched;
               nothing already fetched is fetched again.
@@ -95,12 +95,8 @@ def _download(spark, spec, out, cfg, progress: bool) -> dict:
     out.begin(resume=True, force=True)
     fs = fsspec.core.url_to_fs(out.path(""))[0]
     prepared_file = out.path("prepared.json").split("://")[-1]
-    fingerprint = _fingerprint(spec, cfg)
-    prepared = json.loads(fs.cat(prepared_file)) if fs.exists(prepared_file) else None
-    if prepared and prepared["fingerprint"] != fingerprint:
-        print("The unfinished run at this output used other input or settings: starting over.")
-        out.begin(resume=False, force=True)
-        prepared = None
+    continued = out.resume(_fingerprint(spec, cfg))
+    prepared = json.loads(fs.cat(prepared_file)) if continued and fs.exists(prepared_file) else None
     if prepared:
         print(f"Resuming: {prepared['todo']} rows to fetch, finished shards are skipped.")
     else:
@@ -125,7 +121,7 @@ def _download(spark, spec, out, cfg, progress: bool) -> dict:
             todo = "todo"
             spark.read.parquet(out.path("input")).join(dropped.select("uid"), "uid", "left_anti").coalesce(files) \
                 .write.mode("overwrite").parquet(out.path(todo))
-        prepared = {"fingerprint": fingerprint, "input_rows": n_input, "prefilter": report,
+        prepared = {"input_rows": n_input, "prefilter": report,
                     **_prepare_fetch(spark, out, todo, cfg)}
         fs.pipe(prepared_file, json.dumps(prepared).encode())
     timer.lap("prepare")
@@ -208,7 +204,8 @@ def _commit(out, cfg, data, rejects, n_input: int, timings, prefilter, before: i
     manifest = build_manifest(out, cfg.to_dict(), counts, reasons=REASONS, timings=timings.laps,
                               input_holds=input_holds, filters=filters,
                               **({"prefilter": prefilter} if prefilter else {}), **extra)
-    for work in ("shards", "prechecked", "robots", "todo", "fetch_input", "prefilter", "plan", "prepared.json", "work"):
+    for work in ("shards", "prechecked", "robots", "todo", "fetch_input", "prefilter", "plan", "prepared.json",
+                 "fingerprint", "work"):
         out.remove(work)
     out.commit(manifest)
     return manifest

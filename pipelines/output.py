@@ -151,6 +151,21 @@ class StageOutput:
         self.started = time.time()
         return True
 
+    def resume(self, fingerprint: str, marker: str = "fingerprint") -> bool:
+        """The one resume rule of every stage: a killed run's work in the in-progress directory (the
+        download's prepared plan and finished shards, a model pass's finished parts: each unit marks itself
+        done there) is continued when `marker` there holds the same fingerprint of input and settings;
+        otherwise the directory starts over and the marker is written. Returns whether work is continued."""
+        path = f"{self.tmp}/{marker}"
+        if self.fs.exists(path):
+            if self.fs.cat(path).decode() == fingerprint:
+                return True
+            print("The unfinished run at this output used other input or settings: starting over.", flush=True)
+            self.begin(resume=False, force=True)
+        self.fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+        self.fs.pipe(path, fingerprint.encode())
+        return False
+
     def path(self, name: str) -> str:
         """A path inside the in-progress directory (work files that commit along, or get removed)."""
         return self._url(f"{self.tmp}/{name}")

@@ -487,11 +487,7 @@ def _model_pass(spark, stage: Stage, cfg, chain: Chain, out, fs, passes, fingerp
         # moves into this run (a kill from here on resumes from it).
         fs.rm(f"{out.root.split('://')[-1]}/manifest.json")
         fs.mv(committed, model, recursive=True)
-    if fs.exists(marker) and fs.cat(marker).decode() != fingerprint:
-        print("The unfinished run at this output used other input or settings: starting over.")
-        out.begin(resume=False, force=True)
-    fs.makedirs(model, exist_ok=True)
-    fs.pipe(marker, fingerprint.encode())
+    out.resume(fingerprint, "model/fingerprint")
     todo = [i for i in range(len(chain.parts)) if not fs.exists(f"{model}/{PART}={i}/_SUCCESS")]
     resumed = 0 if kept else len(chain.parts) - len(todo)
     if todo:

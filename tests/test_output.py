@@ -33,6 +33,27 @@ def test_commit_makes_the_layout_and_a_rerun_is_skipped(tmp_path):
     assert read_manifest(tmp_path / "stage")["counts"]["input"] == 1
 
 
+def test_a_killed_runs_work_is_continued_only_under_the_same_fingerprint(tmp_path, capsys):
+    """StageOutput.resume, the one resume rule of the download and the model passes."""
+    from capfilt.pipelines.output import StageOutput
+
+    def killed_then_rerun(fingerprint, marker):
+        out = StageOutput(str(tmp_path / "stage"), "demo")
+        out.begin(resume=True)
+        return out, out.resume(fingerprint, marker)
+
+    out, continued = killed_then_rerun("a", "model/fingerprint")
+    assert not continued and (tmp_path / ".stage.inprogress" / "model" / "fingerprint").read_text() == "a"
+    (tmp_path / ".stage.inprogress" / "model" / "capfilt_part=0").mkdir()  # a part the killed run finished
+    out, continued = killed_then_rerun("a", "model/fingerprint")
+    assert continued and (tmp_path / ".stage.inprogress" / "model" / "capfilt_part=0").exists()
+    assert "starting over" not in capsys.readouterr().out
+    out, continued = killed_then_rerun("b", "model/fingerprint")  # other input or settings
+    assert not continued and not (tmp_path / ".stage.inprogress" / "model" / "capfilt_part=0").exists()
+    assert (tmp_path / ".stage.inprogress" / "model" / "fingerprint").read_text() == "b"
+    assert "starting over" in capsys.readouterr().out
+
+
 def test_counts_that_do_not_add_up_are_refused_and_nothing_is_committed(tmp_path):
     out = StageOutput(str(tmp_path / "stage"), "demo")
     out.begin()
