@@ -162,10 +162,10 @@ def failure_map(failures: dict | None, root: str = "OUT") -> list[str]:
     if failures["codes"]:
         other = failures["other_codes"]
         lines += [""] + aligned([("code", "rows")] + [(c["code"], f"{c['rows']:,}") for c in failures["codes"]]
-                                 + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1})
+                                + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1})
     if failures["statuses"]:
         lines += [""] + aligned([("HTTP status", "rows")] + [(str(s["status"]), f"{s['rows']:,}")
-                                                              for s in failures["statuses"]], {0, 1})
+                                                             for s in failures["statuses"]], {0, 1})
     if failures["hosts"]:
         lines += [""] + aligned([("host", "fetched", "failed", "success", "top reason", "top code")] + [
             (clipped(plain(h["host"]), HOST_WIDTH), f"{h['fetched']:,}", f"{h['failed']:,}", f"{h['success_rate']:.1%}", h["reason"], h["code"])
@@ -187,10 +187,10 @@ def failure_html(failures: dict | None, root: str) -> str:
     if failures["codes"]:
         other = failures["other_codes"]
         parts.append(table(("code", "rows"), [(c["code"], f"{c['rows']:,}") for c in failures["codes"]]
-                            + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1}))
+                           + ([(f"({other['codes']:,} other codes)", f"{other['rows']:,}")] if other else []), {1}))
     if failures["statuses"]:
         parts.append(table(("HTTP status", "rows"), [(s["status"], f"{s['rows']:,}") for s in failures["statuses"]],
-                            {0, 1}))
+                           {0, 1}))
     parts.append("</div>")
     if failures["hosts"]:
         rows = "".join(
