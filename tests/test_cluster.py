@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 SPARK_BIN = Path(sys.executable).parent.parent / "lib" / "python3.11" / "site-packages" / "pyspark" / "bin"
 # Executors of a real cluster have capfilt's dependencies but not capfilt itself: this sitecustomize
 # takes away the editable install the development venv has (it runs after site-packages' .pth files).
-# Each Python it starts leaves a file in HIDDEN_RUNS: the proof that executors ran under it.
+# Each Python it starts leaves a file in runs/ beside it: the proof that executors ran under it.
 HIDE_CAPFILT = """
 import os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + repr(f)]
@@ -80,7 +80,7 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, args, py_files=None, timeout=600, conf=()):
-    master, python, work = cluster
+    _, python, work = cluster
     # Shuffle partitions sized to the cluster's 2 cores, as docs/scaling.md asks of a user (Spark's 200
     # would be 200 tasks a shuffle); local mode's run uses another count, so the output must not depend on it.
     cmd = [str(SPARK_BIN / "spark-submit"), "--master", master, *[a for kv in conf for a in ("--conf", kv)],
@@ -108,7 +108,7 @@ def test_spark_submit_on_a_standalone_cluster_matches_local_mode(cluster, curate
 
     # Without the zip, executors cannot import capfilt (the classic shipping bug): the executor Python
     # hides the development install, and the run below proves its executors ran under that Python.
-    master, python, work = cluster
+    _, python, work = cluster
     bare = subprocess.run([python, "-c", "import capfilt"], capture_output=True, text=True, cwd=work)
     assert bare.returncode != 0 and "No module named 'capfilt'" in bare.stderr
     runs = work / "hide" / "runs"
