@@ -79,11 +79,11 @@ def cluster(tmp_path_factory):
                 proc.kill()
 
 
-def _submit(cluster, args, py_files=None, timeout=600, conf=()):
-    _, python, work = cluster
+def _submit(cluster, args, py_files=None, timeout=600):
+    master, python, work = cluster
     # Shuffle partitions sized to the cluster's 2 cores, as docs/scaling.md asks of a user (Spark's 200
     # would be 200 tasks a shuffle); local mode's run uses another count, so the output must not depend on it.
-    cmd = [str(SPARK_BIN / "spark-submit"), "--master", master, *[a for kv in conf for a in ("--conf", kv)],
+    cmd = [str(SPARK_BIN / "spark-submit"), "--master", master,
            "--conf", "spark.sql.shuffle.partitions=4", "--conf", "spark.executor.cores=1",
            "--conf", "spark.executor.memory=2g", "--conf", "spark.driver.host=127.0.0.1",
            "--conf", "spark.driver.bindAddress=127.0.0.1", "--conf", "spark.ui.enabled=false",
