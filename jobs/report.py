@@ -48,9 +48,10 @@ def registry_sections(name: str | None = None) -> list:
 
 
 def print_sections(report: dict, sections: list) -> None:
+    found = report.get("sections") or {}
     for section in sections:
-        if section.key in report:
-            print("\n" + "\n".join(section.text(report[section.key], report["root"])))
+        if section.key in found:
+            print("\n" + "\n".join(section.text(found[section.key], report["root"])))
 
 
 def check_writable(file: Path, option: str) -> None:
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         with OutputLock(args.out, shared=True):
             found = sections(spark_session(cfg.spark), args.out, args.top_hosts, [registry.definition(manifest["stage"])])
         print_counts(manifest["counts"], args.out)
-        print_sections({"root": args.out, **found}, own)
+        print_sections({"root": args.out, "sections": found}, own)
         return 0
     with OutputLock(args.out, shared=True):  # no curate rewrites OUT while it is read
         report = build(spark_session(cfg.spark), args.out, args.samples, args.per_reason, args.top_hosts)

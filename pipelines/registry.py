@@ -41,6 +41,7 @@ def stages() -> tuple:
     for stage in added:
         names = [s.name for s in chain]
         _check_name(stage, names)
+        _check_sections(stage, [s for other in chain for s in other.inspect])
         if stage.after not in names:
             raise ValueError(f"the stage {stage.name!r} ({GROUP}) must name the stage it runs after "
                              f"(after=one of {', '.join(names)}), not {stage.after!r}")
@@ -63,6 +64,20 @@ def _check_name(stage, names: list[str]) -> None:
     if stage.name in taken:
         raise ValueError(f"the stage {stage.name!r} ({GROUP}) has the name of a stage or a config section "
                          f"capfilt already has: rename it")
+
+
+def _check_sections(stage, taken: list) -> None:
+    """An added stage's `inspect` holds Sections whose keys no other stage's section uses (each names the
+    stage's figures in the report)."""
+    from capfilt.pipelines.stage import Section
+    sections = list(stage.inspect) if isinstance(stage.inspect, (tuple, list)) else [stage.inspect]
+    if not all(isinstance(s, Section) for s in sections):
+        raise ValueError(f"the stage {stage.name!r} ({GROUP}): inspect must be a tuple of capfilt Sections")
+    keys = [s.key for s in sections]
+    clash = sorted({k for k in keys if keys.count(k) > 1} | (set(keys) & {s.key for s in taken}), key=str)
+    if clash:
+        raise ValueError(f"the stage {stage.name!r} ({GROUP}): inspect section key {clash[0]!r} is used by "
+                         f"another section: rename it")
 
 
 def names() -> tuple[str, ...]:

@@ -8,7 +8,7 @@ deterministic sample for the gallery (the only rows that reach the driver).
     stages      each stage of the run, in the manifest's order: seconds, rows in and out, rows/s, MB of
                 Parquet written, rows run through each model, and whether it was reused from an earlier run
     shards      each OUT/curated file: rows (from the Parquet footer) and bytes
-    <section>   what a stage adds (Stage.inspect), under its key: the download's failure map
+    sections    {key: figures} of what each stage adds (Stage.inspect): the download's failure map
                 (download_failures, pipelines/download_report.py)
     gallery     up to `kept` curated rows and up to `per_reason` rejected rows of each reason, picked by
                 a hash of the uid, with thumbnails (from OUT/stages/download for dropped rows) and
@@ -301,5 +301,5 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8, top_hosts: 
             "reasons": manifest.get("reasons") or {}, "funnel": funnel(spark, root, manifest),
             "stages": stage_figures(manifest),
             "scores": scores(spark, root), "shards": files,
-            **sections(spark, root, top_hosts),
+            "sections": sections(spark, root, top_hosts),
             "gallery": gallery(spark, root, kept, per_reason)}

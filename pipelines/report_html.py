@@ -159,8 +159,9 @@ def render(report: dict) -> str:
     totals = {"kept": funnel["curated"], **{r: n for _, r, n in reasons}}
     labels = [{"reason": r, "sampled": n, "total": totals.get(r)} for r, n in shown.items()]
     cards = "".join(_card(item) for item in report["gallery"])
-    sections = "".join(f"<h2>{e(section.title)}</h2>{section.html(report[section.key], report['root'])}"
-                       for stage in registry.stages() for section in stage.inspect if section.key in report)
+    found = report.get("sections") or {}
+    sections = "".join(f"<h2>{e(section.title)}</h2>{section.html(found[section.key], report['root'])}"
+                       for stage in registry.stages() for section in stage.inspect if section.key in found)
     finished = (f"finished {e(report['finished_at'])}" if report.get("finished_at") else "") + \
         (f" in {float(report['seconds']):.0f} s" if report.get("seconds") is not None else "")
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; "

@@ -608,7 +608,7 @@ WORST_HOSTS = [  # host, fetched, failed, success rate, top reason, top code (a 
 
 @pytest.mark.slow
 def test_the_failure_map_counts_fetched_rows_by_outcome_code_status_and_host(crawl_report):
-    f = crawl_report["download_failures"]
+    f = crawl_report["sections"]["download_failures"]
     assert (f["fetched"], f["downloaded"], f["failed"], f["not_fetched"]) == (38, 17, 21, 4)
     assert [(o["outcome"], o["rows"], o["share"]) for o in f["outcomes"]] == [
         ("downloaded", 17, 17 / 38), (FAILED, 19, 19 / 38), ("failed_to_decode", 1, 1 / 38), ("too_small", 1, 1 / 38),

@@ -80,6 +80,8 @@ def plugin(tmp_path, monkeypatch):
     (('after="filter"', 'after="nowhere"'), "must name the stage it runs after"),
     (("STAGE = Stage(", "import no_such_module\nSTAGE = Stage("), "does not load: ModuleNotFoundError"),
     (("STAGE = Stage(", "STAGE = 'a stage'\nNOT = Stage("), "not a capfilt Stage"),
+    (('Section("longest_caption"', 'Section("download_failures"'), "is used by another section"),
+    (("inspect=(Section(", 'inspect=("a page", Section('), "must be a tuple of capfilt Sections"),
 ])
 def test_a_broken_or_clashing_added_stage_is_one_line_naming_it(tmp_path, monkeypatch, capsys, no_spark, change,
                                                                  says):
