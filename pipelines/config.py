@@ -273,6 +273,21 @@ class HeadsSettings:
 
 
 @dataclass
+class BalanceSettings:
+    """Concept balancing (MetaCLIP), the last stage of the chain; off unless `entries` names a file (docs/filters.md)."""
+    entries: str = _opt("", "metadata entries to balance over: a text file (one entry per line) or Parquet; "
+                            "empty = no balancing")
+    entries_column: str = _opt("entry", "the column holding the entries when `entries` is Parquet")
+    t: int = _opt(20_000, "rows kept per entry in expectation: an entry matched by count > t rows keeps each "
+                          "with probability t/count (MetaCLIP: 20k at 400M pairs, 170k at 2.5B)", min=1)
+    captions: Literal["kept", "primary", "web"] = _opt(
+        "kept", "the caption(s) matched: every kept candidate (web or synthetic), the primary caption, or the "
+                "web alt-text alone (MetaCLIP's choice)")
+    unmatched: Literal["drop", "keep"] = _opt("drop", "rows whose caption(s) match no entry: drop (no_entry, as "
+                                                      "MetaCLIP's pool leaves them out) or keep")
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, "seed for every random choice (sampling is seeded per row from it)", min=0)
     spark: SparkSettings = _opt(SparkSettings)
@@ -283,6 +298,7 @@ class Config:
     dedup: DedupSettings = _opt(DedupSettings)
     prefilter: PrefilterSettings = _opt(PrefilterSettings)
     heads: HeadsSettings = _opt(HeadsSettings)
+    balance: BalanceSettings = _opt(BalanceSettings)
     output: OutputSettings = _opt(OutputSettings)
 
     def to_dict(self) -> dict:
