@@ -46,7 +46,7 @@ def plan(out_root: str, cfg, source: dict, retry_failed: bool = False) -> dict:
             source_of(read_manifest(stage_dir(out_root, previous))) if upstream.action == REUSE else None)
         decision = decide(stage, manifest, cfg.to_dict(), here, overwrite=cfg.output.overwrite,
                           upstream_ran=upstream is not None and upstream.action != REUSE, previous=previous,
-                          owns_chain=True)
+                          owns_chain=True, inputs=stage.inputs(cfg))
         if previous is None and retry_failed and decision.action == REUSE:
             decision = Decision(RUN, "--retry-failed")
         if decision.action != REFUSE:  # refusals are named together below

@@ -79,6 +79,18 @@ def check(cfg, input_root: str | None = None) -> None:
     read_entries(cfg.balance.entries, cfg.balance.entries_column)
 
 
+def entries_digest(cfg) -> dict:
+    """{balance.entries: sha256 of the file's bytes}: the same path with other entries makes the output stale."""
+    import hashlib
+
+    import fsspec
+    try:
+        with fsspec.open(cfg.balance.entries, "rb") as f:
+            return {"balance.entries": hashlib.sha256(f.read()).hexdigest()}
+    except OSError:  # missing or unreadable: `check` refuses it with one line
+        return {}
+
+
 def texts(which: str):
     """The caption(s) matched, as an array<string> column."""
     from pyspark.sql import functions as F
@@ -150,12 +162,12 @@ def split(rows, cfg, context) -> Result:
     totals = marked.agg(F.count("*").alias("rows"), F.sum((F.size("_ids") > 0).cast("long")).alias("matched"),
                         F.sum(PROB.name).alias("expected"), F.sum((F.col("_u") < F.col(PROB.name)).cast("long"))
                         .alias("kept")).first()
-    report = {"balance": {
+    report = {
         "entries": len(entries), "repeats_merged": repeats, "entries_sha256": digest, "t": s.t,
         "captions": s.captions, "unmatched": s.unmatched, "rows": totals["rows"],
         "rows_matched": totals["matched"] or 0, "entries_matched": int((counts > 0).sum()),
         "entries_capped": int((counts > s.t).sum()), "expected_kept": round(float(totals["expected"] or 0), 3),
-        "kept": totals["kept"] or 0, **figures(entries, counts, after)}}
+        "kept": totals["kept"] or 0, **figures(entries, counts, after)}
     return Result(kept.drop("_ids", "_keep", "_u"), reject_rows(dropped, STAGE, reason, detail), report)
 
 
@@ -186,7 +198,7 @@ def section_figures(spark, root: str, top: int):
         except NotCommittedError:
             continue
         if manifest.get("stage") == STAGE:
-            return manifest.get("models", {}).get("balance")
+            return manifest.get("models")
     return None
 
 
@@ -243,5 +255,5 @@ def curve_svg(curve: dict, t: int) -> str:
 DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(ENTRIES, PROB), reasons=REASONS, split=split, check=check,
                    depends=("seed",), help="balance concepts (MetaCLIP): keep rows of frequent entries with "
                                            "probability t/count",
-                   enabled=lambda cfg: bool(cfg.balance.entries),
+                   enabled=lambda cfg: bool(cfg.balance.entries), inputs=entries_digest,
                    inspect=(Section("balance", "Concept balance", section_figures, section_text, section_html),))

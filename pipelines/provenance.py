@@ -35,13 +35,14 @@ class Decision:
 
 def decide(stage, manifest: dict | None, config: dict, source: dict | None = None, *, overwrite: bool = False,
            upstream_ran: bool = False, previous: str | None = None, owns_chain: bool = False,
-           work_done: bool = False) -> Decision:
+           work_done: bool = False, inputs: dict | None = None) -> Decision:
     """The one decision on a committed stage output, pure: (stage, its manifest or None, this run's
     config dict and source) -> Decision. `source`: what this run's stage reads (the input files for the
     first stage, the committed stage before it otherwise); `previous`: the stage before it in this run's
     chain; `owns_chain` (capfilt curate): a stage before it committed again makes it RUN rather than be
     refused; `upstream_ran`: a stage before it runs in this run; `work_done`: its expensive work was
-    already done upstream with this run's settings (a fused model pass)."""
+    already done upstream with this run's settings (a fused model pass); `inputs`: {key: digest} of the
+    files the stage reads besides its rows (Stage.inputs), compared with those its manifest recorded."""
     if manifest is None:
         return Decision(RUN, "not committed yet")
     if overwrite:
@@ -49,6 +50,9 @@ def decide(stage, manifest: dict | None, config: dict, source: dict | None = Non
     if upstream_ran:
         return Decision(RUN, "a stage before it runs again")
     changed = tuple(changed_keys(manifest.get("config", {}), config, stage.config_keys, stage.runtime))
+    recorded_inputs = manifest.get("inputs") or {}
+    changed += tuple(f"{key} (its content)" for key, digest in (inputs or {}).items()
+                     if key not in changed and recorded_inputs.get(key, digest) != digest)
     recorded = manifest.get("source")
     other_input = source is not None and recorded is not None and recorded != source
     chain = manifest.get("chain") or []
@@ -131,3 +135,4 @@ def _get(config: dict, key: str):
     for part in key.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config
+

@@ -121,6 +121,9 @@ class Stage:
     # called by the runner and by curate's plan, on the driver, before Spark
     preflight: Callable = lambda root, decision, options: None
     inspect: tuple = ()             # Sections it adds to `capfilt inspect` (download: the failure map)
+    # cfg -> {config key: digest} of the files its split reads besides the rows (balance: the entries
+    # file): kept in its manifest; another digest makes its output stale as another setting does
+    inputs: Callable = lambda cfg: {}
 
     @property
     def config_keys(self) -> tuple[str, ...]:
@@ -377,7 +380,7 @@ def run_stage(stage: Stage, cfg, input, output_root: str, fuse: tuple = (), reco
     out = StageOutput(output_root, stage.name, overwrite=cfg.output.overwrite or recompute)
     fused_scores = _fused_scores(stage, cfg, input, source_manifest) if source_manifest else None
     decision = decide(stage, read_manifest(out.root) if out.complete else None, cfg.to_dict(), source,
-                      overwrite=out.overwrite, work_done=fused_scores is not None)
+                      overwrite=out.overwrite, work_done=fused_scores is not None, inputs=stage.inputs(cfg))
     stage.preflight(out.root, decision, options or {})
     if stage.run is not None:  # the first stage: its run also reads options (a retry ignores the input)
         return stage.run(stage, cfg, input, out, decision, options or {})
@@ -447,7 +450,7 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
                ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
                "decoded_images": decoded.value, "bytes_written": written}
     manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | result.report,
-                              reasons=stage.reasons_for(cfg), source=source,
+                              reasons=stage.reasons_for(cfg), source=source, inputs=stage.inputs(cfg),
                               **chain.to_manifest(stage.name, out.root, fused_scores or (
                                   f"{out.root}/model" if stage.keeps_scores and stage.model else None)),
                               fused={name: {"keys": pass_keys(cfg, [p]), "dir": "model"} for name, p in owned[1:]},

@@ -103,3 +103,19 @@ def test_every_stage_is_stale_under_its_own_section(name):
     stage = definition(name)
     assert stage.config_keys[0] == name and name in Config().to_dict()
     assert dataclasses.fields(type(getattr(Config(), name))), name
+
+
+def test_a_file_read_besides_the_rows_with_other_content_makes_the_output_stale():
+    """balance.entries names the same path, the file holds other entries: recomputed (no model), the reason
+    names the key and its content; the same content is reused; a manifest from before inputs were recorded
+    is not stale for lack of them."""
+    balance = definition("balance")
+    manifest = _committed("balance", SOURCE, "dedup", balance__entries="e.txt") | {"inputs": {"balance.entries": "a"}}
+    config = _config(balance__entries="e.txt")
+    assert decide(balance, manifest, config, SOURCE, inputs={"balance.entries": "a"}).action == REUSE
+    other = decide(balance, manifest, config, SOURCE, inputs={"balance.entries": "b"})
+    assert other.action == RESELECT and other.changed == ("balance.entries (its content)",)
+    moved = decide(balance, manifest, _config(balance__entries="f.txt"), SOURCE, inputs={"balance.entries": "b"})
+    assert moved.changed == ("balance.entries",)
+    older = {k: v for k, v in manifest.items() if k != "inputs"}
+    assert decide(balance, older, config, SOURCE, inputs={"balance.entries": "b"}).action == REUSE
