@@ -7,7 +7,9 @@ substrings of the spaced caption), by an index built once per Python worker. Spa
 entry over the whole input; an entry matched by `count` rows keeps each with probability
 min(1, t / count), and a row stays when any of its entries lets it (MetaCLIP's balance_sampling): its
 keep probability is 1 - prod(1 - min(1, t / count)) over its entries, and one uniform draw seeded by
-(seed, uid) decides, so a rerun keeps the same rows. Rows matching no entry stay or leave
+(seed, uid) decides, so a rerun keeps the same rows (`balance.mode: loader`: every matched row stays
+with its probability, and the training loader draws a fresh subset each epoch:
+udfs/balance.py `keep_in_epoch`). Rows matching no entry stay or leave
 (`balance.unmatched`). Every kept row carries its entries and its keep probability (a loader can
 draw a fresh balanced subset per epoch from it); a dropped row names its most frequent entry. MetaCLIP
 balances last, after the safety filters and dedup: so does this chain (docs/filters.md).
@@ -146,8 +148,9 @@ def split(rows, cfg, context) -> Result:
         .withColumn(PROB.name, F.coalesce(F.col("_keep.prob"), F.lit(unmatched))) \
         .withColumn("_u", uniform(cfg.seed)) \
         .withColumn(ENTRIES.name, names("_ids"))
-    kept = marked.filter(F.col("_u") < F.col(PROB.name))
-    dropped = marked.filter(F.col("_u") >= F.col(PROB.name))
+    # drop: the row's draw decides here; loader: every row a draw could keep stays, for a draw per epoch
+    stays = (F.col("_u") < F.col(PROB.name)) if s.mode == "drop" else (F.col(PROB.name) > 0)
+    kept, dropped = marked.filter(stays), marked.filter(~stays)
     top_name = F.pandas_udf(lambda top: pd.Series([None if pd.isna(i) else shipped.value[int(i)] for i in top]),
                             T.StringType())
     top_count = F.pandas_udf(lambda top: pd.Series([None if pd.isna(i) else int(table.value[0][int(i)]) for i in top]),
@@ -160,11 +163,10 @@ def split(rows, cfg, context) -> Result:
     for row in kept.select(F.explode("_ids").alias("id")).groupBy("id").count().collect():
         after[row["id"]] = row["count"]
     totals = marked.agg(F.count("*").alias("rows"), F.sum((F.size("_ids") > 0).cast("long")).alias("matched"),
-                        F.sum(PROB.name).alias("expected"), F.sum((F.col("_u") < F.col(PROB.name)).cast("long"))
-                        .alias("kept")).first()
+                        F.sum(PROB.name).alias("expected"), F.sum(stays.cast("long")).alias("kept")).first()
     report = {
         "entries": len(entries), "repeats_merged": repeats, "entries_sha256": digest, "t": s.t,
-        "captions": s.captions, "unmatched": s.unmatched, "rows": totals["rows"],
+        "captions": s.captions, "unmatched": s.unmatched, "mode": s.mode, "rows": totals["rows"],
         "rows_matched": totals["matched"] or 0, "entries_matched": int((counts > 0).sum()),
         "entries_capped": int((counts > s.t).sum()), "expected_kept": round(float(totals["expected"] or 0), 3),
         "kept": totals["kept"] or 0, **figures(entries, counts, after)}
@@ -202,13 +204,20 @@ def section_figures(spark, root: str, top: int):
     return None
 
 
+def summary(f: dict) -> str:
+    kept = (f"{f['kept']:,} of {f['rows']:,} rows kept (expected {f['expected_kept']:,.1f} at t={f['t']:,})"
+            if f.get("mode", "drop") == "drop" else
+            f"{f['kept']:,} of {f['rows']:,} rows kept for the loader's draw (expected per epoch "
+            f"{f['expected_kept']:,.1f} at t={f['t']:,})")
+    return (f"{kept}; {f['rows_matched']:,} rows matched {f['entries_matched']:,} of {f['entries']:,} entries, "
+            f"{f['entries_capped']:,} above t")
+
+
 def section_text(f: dict | None, root: str) -> list[str]:
     from capfilt.pipelines.report import aligned, clipped
     if not f:
         return [f"concept balance: omitted, {root}/stages/{STAGE} is not there"]
-    lines = [f"concept balance: {f['kept']:,} of {f['rows']:,} rows kept (expected {f['expected_kept']:,.1f} at "
-             f"t={f['t']:,}); {f['rows_matched']:,} rows matched {f['entries_matched']:,} of {f['entries']:,} entries, "
-             f"{f['entries_capped']:,} above t; unmatched rows: {f['unmatched']}"]
+    lines = [f"concept balance: {summary(f)}; unmatched rows: {f['unmatched']}"]
     for title, rows in (("most frequent", f["head"]), ("least frequent", f["tail"])):
         if rows:
             lines += [""] + aligned([(f"entry ({title})", "rows before", "after")] +
@@ -222,9 +231,7 @@ def section_html(f: dict | None, root: str) -> str:
     from capfilt.pipelines.report_html import table
     if not f:
         return f"<p>Omitted: {e(root)}/stages/{STAGE} is not there.</p>"
-    head = (f"<p>{f['kept']:,} of {f['rows']:,} rows kept (expected {f['expected_kept']:,.1f} at t={f['t']:,}); "
-            f"{f['rows_matched']:,} rows matched {f['entries_matched']:,} of {f['entries']:,} entries, "
-            f"{f['entries_capped']:,} above t.</p>")
+    head = f"<p>{e(summary(f))}.</p>"
     tables = "".join(table((f"entry ({title})", "rows before", "after"), [(n, f"{b:,}", f"{a:,}") for n, b, a in rows],
                            {1, 2}) for title, rows in (("most frequent", f["head"]), ("least frequent", f["tail"])) if rows)
     return head + curve_svg(f["curve"], f["t"]) + f'<div class="side">{tables}</div>'

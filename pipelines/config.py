@@ -285,6 +285,10 @@ class BalanceSettings:
                 "web alt-text alone (MetaCLIP's choice)")
     unmatched: Literal["drop", "keep"] = _opt("drop", "rows whose caption(s) match no entry: drop (no_entry, as "
                                                       "MetaCLIP's pool leaves them out) or keep")
+    mode: Literal["drop", "loader"] = _opt(
+        "drop", "drop: each row stays or leaves by its seeded draw; loader: every matched row stays with its keep "
+                "probability and the training loader draws a fresh balanced subset each epoch (MetaCLIP 2's "
+                "online curation; capfilt.udfs.balance.keep_in_epoch)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training manifests from OUT/curated, for the loaders trainers already use.
 
     webdataset   DIR/shard-00000.tar ...: <key>.jpg|png|webp (image bytes), <key>.txt (caption_primary),
-                 <key>.json (uid, url, web caption, size, sha256, candidates); DIR/shards.txt and
+                 <key>.json (uid, url, web caption, size, sha256, candidates; balance_entries and
+                 balance_prob when the run balanced: udfs/balance.py keep_in_epoch); DIR/shards.txt and
                  DIR/export.json with the brace pattern and sample count open_clip takes as
                  --train-data / --train-num-samples
     csv          DIR/images/<key>.<ext> + DIR/train.csv: tab-separated `filepath` (absolute) and `title`,
@@ -32,6 +33,7 @@ import pandas as pd  # module level: pandas UDF type hints are resolved in these
 
 FORMATS = ("webdataset", "csv", "json")
 COLUMNS = ["uid", "url", "caption", "image", "width", "height", "sha256", "candidates", "caption_primary"]
+BALANCE = ["balance_entries", "balance_prob"]  # in each sample's json when the run balanced (a loader draws on them)
 KEY_DIGITS = 9  # zero-padded sample index; wider only past a billion samples, still unique
 # Strings pandas.read_csv turns into NaN even when quoted (its default na_values, pandas 2.x); open_clip's
 # CsvDataset then trains on the text "nan". Counted and reported, since the CSV cannot protect them.
@@ -58,7 +60,9 @@ def _metadata(row) -> dict:
             "height": int(row.height), "sha256": row.sha256,
             "candidates": [{"text": c["text"], "source": c["source"],
                             "score": None if c["score"] is None else float(c["score"]), "kept": bool(c["kept"])}
-                           for c in row.candidates]}
+                           for c in row.candidates]} | (
+        {"balance_entries": list(row.balance_entries), "balance_prob": float(row.balance_prob)}
+        if hasattr(row, "balance_prob") else {})
 
 
 def _add(tar: tarfile.TarFile, name: str, body: bytes) -> None:
@@ -133,7 +137,8 @@ def _indexed(curated, samples_per_shard: int):
     input partition; the index is the partition's offset plus the row's position in it (the same
     scan, so the same partitions and order, as zipWithIndex relies on)."""
     from pyspark.sql import functions as F
-    rows = (curated.select(*COLUMNS).withColumn("_part", F.spark_partition_id())
+    columns = COLUMNS + [c for c in BALANCE if c in curated.columns]
+    rows = (curated.select(*columns).withColumn("_part", F.spark_partition_id())
             .withColumn("_id", F.monotonically_increasing_id()))
     sizes = sorted((r["_part"], r["n"]) for r in rows.groupBy("_part").agg(F.count("*").alias("n")).collect())
     offsets, total = [], 0
@@ -143,7 +148,7 @@ def _indexed(curated, samples_per_shard: int):
     offset = F.element_at(F.create_map(*offsets), F.col("_part")) if offsets else F.lit(0)
     position = F.col("_id") - F.shiftleft(F.col("_part").cast("long"), 33)  # monotonically_increasing_id's layout
     index = (offset.cast("long") + position).alias("sample_index")
-    indexed = rows.select(*COLUMNS, index).withColumn("shard", (F.col("sample_index") / samples_per_shard).cast("long"))
+    indexed = rows.select(*columns, index).withColumn("shard", (F.col("sample_index") / samples_per_shard).cast("long"))
     return indexed, total
 
 
@@ -259,6 +264,10 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
         pattern = f"shard-{{00000..{shards - 1:05d}}}.tar" if shards > 1 else names[0]
         summary.update(shards=shards, samples_per_shard=samples_per_shard, shard_samples=written.samples.tolist(),
                        train_data=str(target / pattern), train_num_samples=total)
+        if "balance_prob" in curated.columns:  # a loader drawing per epoch (keep_in_epoch) sees about this many
+            from pyspark.sql import functions as F
+            summary["balance_expected_samples_per_epoch"] = round(float(
+                curated.agg(F.sum("balance_prob")).first()[0] or 0), 1)
     else:
         name = _join_parts(work, fmt, written.file.tolist())
         summary.update(file=str(target / name), images=str(target / "images"))

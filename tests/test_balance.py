@@ -174,3 +174,53 @@ def test_balancing_a_curated_run(curated_out, curate_args, tmp_path, capsys):
     assert curate([*curate_args, "--set", f"balance.entries={entries}", "--set", "balance.t=1000",
                    "--output", str(out)]) == 0
     assert read_manifest(out)["counts"]["rejected"]["balance"] == {"no_entry": len(before)}
+
+
+def test_each_epoch_draws_a_fresh_subset_with_each_samples_keep_probability():
+    """keep_in_epoch over 400 epochs: each sample's share of epochs is its probability (within 4 standard
+    errors), an epoch's draw is the same every time it is asked, two epochs differ, no probability: kept."""
+    from capfilt.udfs.balance import keep_in_epoch
+    probs = {f"u{i}": p for i, p in enumerate(np.linspace(0.02, 1.0, 50))}
+    epochs = 400
+    for uid, p in probs.items():
+        share = sum(keep_in_epoch({"json": {"uid": uid, "balance_prob": p}}, e) for e in range(epochs)) / epochs
+        assert abs(share - p) <= 4 * (p * (1 - p) / epochs) ** 0.5 + 1e-9, (uid, p, share)
+    subset = [[keep_in_epoch({"uid": u, "balance_prob": 0.5}, e) for u in probs] for e in (0, 0, 1)]
+    assert subset[0] == subset[1] and subset[0] != subset[2]
+    assert keep_in_epoch({"json": b'{"uid": "x"}'}, 0) and not keep_in_epoch({"uid": "x", "balance_prob": 0.0}, 0)
+
+
+@pytest.mark.slow
+def test_balancing_at_the_loader_keeps_every_matched_row_and_the_export_carries_its_probability(
+        curated_out, curate_args, tmp_path, spark):
+    """balance.mode=loader: only rows matching no entry leave; the WebDataset export's json holds each
+    sample's entries and keep probability, export.json the expected samples per epoch, and a webdataset
+    pipeline that selects with keep_in_epoch reads that epoch's subset."""
+    import json
+
+    import webdataset as wds
+
+    from capfilt.pipelines.export import export
+    from capfilt.udfs.balance import keep_in_epoch
+    out = tmp_path / "out"
+    shutil.copytree(curated_out, out)
+    entries = tmp_path / "entries.txt"
+    entries.write_text("circle\nsquare\ntriangle\nred\nblue\n")
+    assert curate([*curate_args, "--set", f"balance.entries={entries}", "--set", "balance.t=8",
+                   "--set", "balance.mode=loader", "--output", str(out)]) == 0
+    manifest = read_manifest(out)
+    expected = _reference(pq.read_table(curated_out / "curated").to_pylist(), ["circle", "square", "triangle", "red",
+                                                                               "blue"], 8)
+    assert set(manifest["counts"]["rejected"]["balance"]) == {"no_entry"}
+    assert manifest["counts"]["output"] == sum(1 for v in expected.values() if v[0])
+    summary = export(spark, str(out), "webdataset", str(tmp_path / "wds"), samples_per_shard=32)
+    samples = [json.loads(s["json"]) for s in wds.WebDataset(summary["train_data"], shardshuffle=False)]
+    assert len(samples) == manifest["counts"]["output"]
+    for s in samples:
+        assert s["balance_entries"] == expected[s["uid"]][0] and abs(s["balance_prob"] - expected[s["uid"]][1]) < 1e-12
+    assert summary["balance_expected_samples_per_epoch"] == round(sum(s["balance_prob"] for s in samples), 1)
+    assert summary["balance_expected_samples_per_epoch"] < len(samples)
+    epoch = [s["uid"] for s in samples if keep_in_epoch(s, 5)]
+    drawn = [json.loads(s["json"])["uid"] for s in wds.WebDataset(summary["train_data"], shardshuffle=False)
+             .select(lambda s: keep_in_epoch(s, 5))]
+    assert drawn == epoch and 0 < len(drawn) < len(samples)

@@ -90,6 +90,28 @@ def prepare_entries(raw: Iterable[str]) -> tuple[list[str], int]:
     return entries, repeats
 
 
+def epoch_uniform(uid: str, epoch: int, seed: int = 0) -> float:
+    """A draw in [0, 1) per (seed, epoch, uid): the same in every worker and on every rerun of an epoch."""
+    import hashlib
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{uid}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 11) / float(1 << 53)
+
+
+def keep_in_epoch(sample, epoch: int, seed: int = 0) -> bool:
+    """Balancing at the loader (`balance.mode: loader`, MetaCLIP 2's online curation): whether this epoch's
+    subset holds the sample, drawn with its `balance_prob`. `sample`: a WebDataset sample of a capfilt export
+    (its `json`, bytes or decoded) or that json as a dict. A sample without a keep probability always stays.
+
+        dataset = wds.WebDataset(urls).select(lambda s: keep_in_epoch(s, epoch))   # docs/filters.md
+    """
+    import json
+    meta = sample.get("json", sample) if isinstance(sample, dict) else sample
+    if isinstance(meta, (bytes, str)):
+        meta = json.loads(meta)
+    prob = meta.get("balance_prob")
+    return True if prob is None else epoch_uniform(str(meta["uid"]), epoch, seed) < prob
+
+
 _INDEXES: dict = {}
 
 
