@@ -77,8 +77,8 @@ def eval_set(curated_out, curate_site, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["folder", "parquet", "wds"])
 def test_every_format_reads_the_same_items(eval_set, spark, kind):
-    from capfilt.pipelines.decontaminate import eval_images
-    got = {r["eval_id"]: bytes(r["image"]) for r in eval_images(spark, str(eval_set[kind])).collect()}
+    from capfilt.pipelines.image_sets import set_images
+    got = {r["eval_id"]: bytes(r["image"]) for r in set_images(spark, str(eval_set[kind]), "decontaminate.sets").collect()}
     assert got == eval_set["bytes"]
 
 
@@ -86,10 +86,10 @@ def test_every_format_reads_the_same_items(eval_set, spark, kind):
 @pytest.mark.parametrize("fmt", ["folder", "parquet", "wds"])
 def test_the_worlds_evaluation_sets_read_as_written(tmp_path, spark, fmt):
     """make_eval_set's layouts (with eval_set.json beside the images, Parquet or tars)."""
-    from capfilt.pipelines.decontaminate import eval_images
+    from capfilt.pipelines.image_sets import set_images
     from capfilt.world.evalset import make_eval_set, read_eval_set
     make_eval_set(tmp_path / "set", 7, seed=3, fmt=fmt)
-    got = {r["eval_id"]: bytes(r["image"]) for r in eval_images(spark, str(tmp_path / "set")).collect()}
+    got = {r["eval_id"]: bytes(r["image"]) for r in set_images(spark, str(tmp_path / "set"), "decontaminate.sets").collect()}
     assert got == {f"set/{e.id}": e.jpeg for e in read_eval_set(tmp_path / "set")}
 
 
@@ -220,13 +220,13 @@ def test_curate_refuses_an_unreadable_evaluation_set_before_downloading(curate_a
 
 
 def test_readable_tars_pass_the_driver_check_plain_and_compressed(tmp_path):
-    from capfilt.pipelines.decontaminate import check_eval_sets
+    from capfilt.pipelines.image_sets import check_sets
     _tar(tmp_path / "plain.tar", [("a.jpg", _jpeg()), ("a.txt", b"a caption")])
     with tarfile.open(tmp_path / "gz.tar", "w:gz") as tar:
         info = tarfile.TarInfo("b.png")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"png"))
-    check_eval_sets([str(tmp_path)])
+    check_sets([str(tmp_path)], "decontaminate.sets")
 
 
 @pytest.mark.slow
@@ -234,11 +234,12 @@ def test_an_evaluation_set_where_no_image_decodes_is_an_error_not_a_silent_pass(
     """Files named .jpg that are not images pass the driver check (decoding them is the workers' job); with
     nothing embedded, every copy would pass: the stage stops instead."""
     from capfilt.pipelines.config import load_config
-    from capfilt.pipelines.decontaminate import embed_eval_sets
+    from capfilt.pipelines.image_sets import embed_sets
     folder = tmp_path / "evals"
     folder.mkdir()
     for i in range(2):
         (folder / f"{i}.jpg").write_bytes(b"not a picture")
     cfg = load_config(None, [f"decontaminate.sets=[{folder}]", f"filter.model={SHAPES_CLIP}", "download.image_size=64"])
-    with pytest.raises(ValueError, match="none of the 2 evaluation images decodes as an image"):
-        embed_eval_sets(spark, cfg, str(tmp_path / "embedded"), cfg.download)
+    with pytest.raises(ValueError, match="decontaminate.sets: none of the 2 images decodes as an image"):
+        embed_sets(spark, cfg.decontaminate.sets, "decontaminate.sets", cfg.filter, str(tmp_path / "embedded"),
+                   cfg.download)
