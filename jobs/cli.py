@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     # name: (module, one-line help); each stage's command comes from its declaration (stage_commands)
     "demo": ("capfilt.jobs.demo", "run the demo end to end on a generated shapes-world corpus"),
-    "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, [decontaminate, heads,] dedup, [balance,] write"),
+    "curate": ("capfilt.jobs.curate", "the whole chain: download, caption, filter, [decontaminate, heads, target,] dedup, [balance,] write"),
     "package": ("capfilt.jobs.package", "build the zip that spark-submit --py-files ships to executors"),
     "export": ("capfilt.jobs.export", "write training manifests (WebDataset, CSV, JSON) from a curated output"),
     "inspect": ("capfilt.jobs.report", "print the funnel, score quantiles and files of a curated output; --html report"),

@@ -273,6 +273,19 @@ class HeadsSettings:
 
 
 @dataclass
+class TargetSettings:
+    """DataComp's image-based filter (the target stage, after filter); off unless `sets` names images (docs/filters.md)."""
+    sets: list[str] = _opt(list, "images of the target task (folders of images, Parquet or WebDataset, as "
+                                 "decontaminate.sets): rows whose image lies in a pool cluster none of them is "
+                                 "nearest to leave (off_target); empty = off")
+    clusters: int = _opt(100_000, "k-means clusters of the stored image embeddings (DataComp: 100,000); at most "
+                                  "one per 10 sampled rows", min=1)
+    sample: int = _opt(1_000_000, "rows (chosen by a hash of seed and uid) the centroids are trained on", min=1)
+    iterations: int = _opt(20, "k-means iterations", min=1)
+    nearest: int = _opt(1, "clusters each target image keeps: its nearest centroids (DataComp: 1)", min=1)
+
+
+@dataclass
 class BalanceSettings:
     """Concept balancing (MetaCLIP), the last stage of the chain; off unless `entries` names a file (docs/filters.md)."""
     entries: str = _opt("", "metadata entries to balance over: a text file (one entry per line) or Parquet; "
@@ -302,6 +315,7 @@ class Config:
     dedup: DedupSettings = _opt(DedupSettings)
     prefilter: PrefilterSettings = _opt(PrefilterSettings)
     heads: HeadsSettings = _opt(HeadsSettings)
+    target: TargetSettings = _opt(TargetSettings)
     balance: BalanceSettings = _opt(BalanceSettings)
     output: OutputSettings = _opt(OutputSettings)
 

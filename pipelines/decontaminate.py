@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd  # module level: Spark reads the pandas UDFs' type hints from these globals
 
-from capfilt.pipelines.image_sets import check_sets, embed_sets
+from capfilt.pipelines.image_sets import check_sets, embed_sets, sets_digest
 from capfilt.pipelines.stage import Result, Stage, reject_rows
 from capfilt.schemas import SCORED
 
@@ -40,7 +40,7 @@ def same_clip(clip: str | None, cfg) -> None:
     from capfilt.udfs.heads import same_reference
     if clip is not None and not same_reference(clip, cfg.filter.model):
         raise ValueError(f"the stored embeddings come from {clip} (the filter stage's CLIP), this run's filter.model "
-                         f"is {cfg.filter.model}: evaluation images must be embedded by the same model")
+                         f"is {cfg.filter.model}: images given must be embedded by the same model")
 
 
 def stored_settings(chain, cfg):
@@ -113,4 +113,5 @@ DEFINITION = Stage(name=STAGE, reads=SCORED, adds=(), reasons=REASONS, split=spl
                    depends=("download.image_size", "download.resize_mode", "download.resize_only_if_bigger",
                             "download.encode_format", "download.encode_quality"),
                    enabled=lambda cfg: bool(cfg.decontaminate.sets),
+                   inputs=lambda cfg: {"decontaminate.sets": sets_digest(cfg.decontaminate.sets)},
                    models=lambda cfg: {"clip": cfg.filter.model})

@@ -216,3 +216,22 @@ def embed_sets(spark, paths, key: str, clip_settings, folder: str, download) -> 
     return {"images": counts.get(True, 0), "unreadable": counts.get(False, 0), "embed_seconds": seconds}
 
 
+
+
+def sets_digest(paths) -> str | None:
+    """A digest of the sets' files (name, size, modification time), to see a set changed under the same path
+    (Stage.inputs). None when a set cannot be listed: the stage's check refuses it with one line."""
+    import hashlib
+    import json
+
+    import fsspec
+    files = []
+    try:
+        for path in paths:
+            fs, root = fsspec.core.url_to_fs(path)
+            for name in sorted(fs.find(root)) if fs.isdir(root) else [root]:
+                info = fs.info(name)
+                files.append([name, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")])
+    except OSError:
+        return None
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-BUILTIN = ("download_stage", "caption", "filter", "decontaminate", "heads", "dedup", "balance")  # modules of pipelines/
+BUILTIN = ("download_stage", "caption", "filter", "decontaminate", "heads", "target", "dedup", "balance")  # modules of pipelines/
 GROUP = "capfilt.stages"
 
 
