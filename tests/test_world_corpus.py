@@ -539,3 +539,26 @@ def test_cli_eval_set_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert cli.main(["eval-set", "--out", str(tmp_path / "f"), "--n", "3"]) == 2
     assert capsys.readouterr().err == f"capfilt world: error: {tmp_path / 'f'} exists and is not a folder\n"
+
+
+def test_a_skewed_world_follows_zipfs_law_over_colour_and_shape_concepts(tmp_path):
+    """--zipf 1.2: corpus.json ranks the 24 concepts; the rows drawn from scenes show each concept about as
+    often as its probability says (within 4 standard errors), the head far more than the tail; exponent 0
+    is the uniform corpus byte for byte; a negative or NaN exponent is refused."""
+    from capfilt.world.scene import CONCEPTS
+    summary = make_web_corpus(tmp_path / "skewed", 3000, seed=5, zipf=1.2)
+    ranking = summary["concepts"]
+    assert sorted((c, s) for c, s, _ in ranking) == sorted(CONCEPTS)
+    probs = [p for _, _, p in ranking]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5 and probs[0] / probs[-1] > 40
+    truth = pq.read_table(tmp_path / "skewed" / "truth.parquet").to_pylist()
+    seen = Counter((o.colour, o.shape) for r in truth if r["kind"] in ("clean", "web_phrasing") and r["scene"]
+                               for o in Scene.from_json(r["scene"]).objects)
+    total = sum(seen.values())
+    for colour, shape, p in ranking:
+        assert abs(seen[(colour, shape)] / total - p) <= 4 * (p * (1 - p) / total) ** 0.5 + 0.003, (colour, shape)
+    make_web_corpus(tmp_path / "flat", 120, seed=5, zipf=0.0)
+    assert corpus_digest(tmp_path / "flat") == DEFAULT_CORPUS_DIGEST
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="zipf must be an exponent"):
+            make_web_corpus(tmp_path / "bad", 120, seed=5, zipf=bad)

@@ -53,7 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
                                   fault_rate=args.fault_rate, slow_ms=args.slow_ms, image_size=image_size,
                                   jpeg_quality=jpeg_quality, overwrite=args.overwrite,
                                   watermark_rate=args.watermark_rate, eval_set=args.eval_set,
-                                  eval_rate=args.eval_rate)
+                                  eval_rate=args.eval_rate, zipf=args.zipf)
     except FileExistsError:
         raise ValueError(f"{out} already holds a corpus: pass --overwrite to replace it") from None
     print(f"web corpus: {out / 'site'} (files), {out / 'truth.parquet'} (ground truth), {out / 'corpus.json'}")
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--eval-rate", type=float, default=0.01, metavar="SHARE",
                           help="with --eval-set: share of rows whose image becomes a cropped, resized, "
                                "re-encoded copy of an evaluation image (truth: eval_id; default 0.01)")
+    generate.add_argument("--zipf", type=float, default=0.0, metavar="EXPONENT",
+                          help="a skewed world: the objects' colour x shape concepts follow Zipf's law with this "
+                               "exponent (corpus.json lists them, most frequent first; default 0: uniform)")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing corpus in OUT")
     generate.set_defaults(run=_generate)
 

@@ -26,7 +26,8 @@ from PIL import Image
 from capfilt.world.captions import N_PHRASINGS, describe, parse, web_phrasing
 from capfilt.world.evalset import EvalImage, modified_copy, read_eval_set
 from capfilt.world.scene import (
-    WATERMARK_OPACITY, Scene, Watermark, change_one_attribute, draw_watermark, encode_jpeg, render, sample_scene,
+    WATERMARK_OPACITY, Scene, Watermark, change_one_attribute, concept_ranking, concept_weights, draw_watermark,
+    encode_jpeg, render, sample_scene,
     sample_watermark,
 )
 
@@ -302,7 +303,7 @@ def _copy_caption(original: _Row, rng, plant_rng, web_share: float) -> bytes:
 
 
 def _fill_copy(row: _Row, original: _Row, rng, web_share: float, image_size: int | tuple[int, int],
-               jpeg_quality: int | tuple[int, int], plant_rng=None) -> None:
+               jpeg_quality: int | tuple[int, int], plant_rng=None, weights=None) -> None:
     """Image and caption of a row that copies (duplicates) or borrows from (swapped) an original."""
     if row.kind in ("duplicate_image", "near_duplicate_image"):  # a copy shows what the original shows
         row.shape, row.watermark, row.eval_id = original.shape, original.watermark, original.eval_id
@@ -320,9 +321,9 @@ def _fill_copy(row: _Row, original: _Row, rng, web_share: float, image_size: int
         _set_image(row, original.scene, encode_jpeg(image, row.quality))
         row.caption = _copy_caption(original, rng, plant_rng, web_share)
     else:  # swapped, near_duplicate_caption: a fresh image under the original's caption
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, weights)
         while scene in (original.scene, original.drawn_scene):
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, weights)
         row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
         _set_image(row, scene, encode_jpeg(_marked(render(scene, row.side, rng), row), row.quality))
         caption = original.caption.decode()
@@ -442,6 +443,7 @@ def make_web_corpus(
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
     eval_set: str | Path | Sequence | None = None,
     eval_rate: float = 0.01,
+    zipf: float = 0.0,
 ) -> dict:
     """Write a noisy web corpus of n rows under out_dir and return its summary (also written to
     out_dir/corpus.json).
@@ -461,6 +463,8 @@ def make_web_corpus(
     plain rows show a modified copy of one of its images (evalset.modified_copy), and copies of those
     rows do too (swapped rows that borrow such a row's caption change with it).
     truth.parquet's `watermark` and `eval_id` columns say which (always present: False / null when off).
+    zipf: a skewed world: the objects' colour x shape concepts follow Zipf's law with this exponent over a
+    seeded order (scene.concept_ranking; corpus.json's `concepts` lists them, most frequent first); 0: uniform.
     """
     unknown = (set(faults) - set(FAULTS)) | (set(variants) - set(VARIANTS))
     if unknown:
@@ -468,6 +472,10 @@ def make_web_corpus(
     for name, share in (("watermark_rate", watermark_rate), ("eval_rate", eval_rate)):
         if not 0 <= share <= 1:  # also refuses nan
             raise ValueError(f"{name} must be a share between 0 and 1, not {share}")
+    if not zipf >= 0:  # also refuses nan
+        raise ValueError(f"zipf must be an exponent >= 0 (0: uniform), not {zipf}")
+    ranking = concept_ranking(zipf, seed) if zipf > 0 else None
+    weights = concept_weights(ranking)
     eval_images = None if eval_set is None else read_eval_set(eval_set)
     if eval_images is not None and not eval_images:
         raise ValueError("eval_set holds no images")
@@ -498,7 +506,7 @@ def make_web_corpus(
     for row in rows:
         if row.kind in dependent_kinds:
             continue
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, weights)
         row.side, row.quality = _drawn(image_size, rng), _drawn(jpeg_quality, rng)
         image = render(scene, row.side, rng)
         row.drawn_scene = scene
@@ -523,7 +531,7 @@ def make_web_corpus(
             original = _pick_original(pool, rng, before=row.index)
             row.id = row.duplicate_of = original.id
         if row.kind in dependent_kinds:
-            _fill_copy(row, _pick_original(pool, rng), rng, web_share, image_size, jpeg_quality, plant_rng)
+            _fill_copy(row, _pick_original(pool, rng), rng, web_share, image_size, jpeg_quality, plant_rng, weights)
 
     (site_dir / "img").mkdir(parents=True)
     for row in rows:
@@ -555,6 +563,9 @@ def make_web_corpus(
         summary["params"].update(eval_rate=eval_rate, eval_set=str(eval_set) if isinstance(eval_set, (str, Path))
                                  else f"{len(eval_images)} images")
         summary["planted"] = sum(r.eval_id is not None for r in rows)
+    if ranking is not None:
+        summary["params"]["zipf"] = zipf
+        summary["concepts"] = [[colour, shape, round(p, 6)] for colour, shape, p in ranking]
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

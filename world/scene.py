@@ -87,19 +87,43 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _sample_object(rng: np.random.Generator) -> SceneObject:
-    return SceneObject(_pick(rng, COLOURS), _pick(rng, SHAPES), _pick(rng, SIZES))
+CONCEPTS = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)  # 24 colour x shape concepts
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A random scene; two objects (60%) are always distinct, so their order is observable."""
+def concept_ranking(exponent: float, seed: int) -> list[tuple[str, str, float]]:
+    """A skewed world's concepts, most frequent first: [(colour, shape, probability)], Zipf's law over a
+    seeded order of the 24 colour x shape concepts (P(rank r) ~ r^-exponent; 0: uniform)."""
+    order = np.random.default_rng([seed, 24]).permutation(len(CONCEPTS))
+    weights = np.arange(1, len(CONCEPTS) + 1, dtype=np.float64) ** -float(exponent)
+    weights /= weights.sum()
+    return [(*CONCEPTS[i], float(w)) for i, w in zip(order, weights)]
+
+
+def concept_weights(ranking: list[tuple[str, str, float]] | None) -> np.ndarray | None:
+    """The probability of each of CONCEPTS (in CONCEPTS' order) from a ranking; None: uniform draws."""
+    if ranking is None:
+        return None
+    p = dict(((c, s), w) for c, s, w in ranking)
+    return np.array([p[c] for c in CONCEPTS])
+
+
+def _sample_object(rng: np.random.Generator, weights: np.ndarray | None = None) -> SceneObject:
+    if weights is None:  # uniform: the draws every corpus made before skewed worlds existed
+        return SceneObject(_pick(rng, COLOURS), _pick(rng, SHAPES), _pick(rng, SIZES))
+    colour, shape = CONCEPTS[int(rng.choice(len(CONCEPTS), p=weights))]
+    return SceneObject(colour, shape, _pick(rng, SIZES))
+
+
+def sample_scene(rng: np.random.Generator, weights: np.ndarray | None = None) -> Scene:
+    """A random scene; two objects (60%) are always distinct, so their order is observable. `weights`: the
+    probability of each colour x shape concept (concept_weights; None: uniform)."""
     background = _pick(rng, BACKGROUNDS)
     if rng.random() < 0.4:
-        return Scene((_sample_object(rng),), background)
-    left = _sample_object(rng)
-    right = _sample_object(rng)
+        return Scene((_sample_object(rng, weights),), background)
+    left = _sample_object(rng, weights)
+    right = _sample_object(rng, weights)
     while right == left:
-        right = _sample_object(rng)
+        right = _sample_object(rng, weights)
     return Scene((left, right), background)
 
 
