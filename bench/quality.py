@@ -267,7 +267,7 @@ def train_and_measure(task: tuple) -> dict:
     from transformers import PreTrainedTokenizerFast
 
     from capfilt.lab.common import seed_everything
-    from capfilt.lab.metrics import recall_at_1
+    from capfilt.lab.metrics import hits_at_1
     from capfilt.lab.tokens import save_clip_tokenizer
     from capfilt.lab.train_clip import MEAN, STD, fit, model_config
 
@@ -298,9 +298,12 @@ def train_and_measure(task: tuple) -> dict:
     result = {"arm": arm, "seed": seed, "train_images": len(images), "train_seconds": round(seconds, 1),
               "final_loss": history[-1]["loss"]}
     for pool in (100, 1000):
-        recall = recall_at_1(image_features, text_features, eval_keys, pool)
+        hits = hits_at_1(image_features, text_features, eval_keys, pool)
+        recall = {k: float(h.mean()) for k, h in hits.items()}
         result[f"r1_{pool}"] = round((recall["image_to_text"] + recall["text_to_image"]) / 2, 4)
         result[f"r1_{pool}_by_direction"] = {k: round(v, 4) for k, v in recall.items()}
+        # per query, both directions averaged: a subset's R@1 (a concept's) is the mean over its queries
+        result[f"hits_{pool}"] = ((hits["image_to_text"].astype(float) + hits["text_to_image"]) / 2).tolist()
     print(f"[quality] {arm:<12} seed {seed}: R@1/100 {result['r1_100']:.3f}, R@1/1000 {result['r1_1000']:.3f} "
           f"({len(images)} images, {seconds:.0f}s)", flush=True)
     return result

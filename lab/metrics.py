@@ -27,6 +27,12 @@ def recall_at_1(image_features, text_features, keys, pool: int) -> dict:
     """Retrieval R@1 of n (image, text) pairs split into n // pool disjoint pools of `pool` pairs,
     in both directions. A hit when the top-ranked item has the query's key: two pairs with the same
     key (the same scene) are indistinguishable, so retrieving either counts."""
+    return {direction: float(h.mean()) for direction, h in hits_at_1(image_features, text_features, keys, pool).items()}
+
+
+def hits_at_1(image_features, text_features, keys, pool: int) -> dict:
+    """recall_at_1 per query: {direction: bool array over the pairs in whole pools, in pair order}, so that
+    the recall of a subset of the pairs (a concept's) is the mean over its queries."""
     images = np.asarray(image_features, dtype=np.float32)
     texts = np.asarray(text_features, dtype=np.float32)
     keys = np.asarray(keys)
@@ -39,4 +45,4 @@ def recall_at_1(image_features, text_features, keys, pool: int) -> dict:
         k = keys[sl]
         hits["image_to_text"].append(k[sims.argmax(axis=1)] == k)
         hits["text_to_image"].append(k[sims.argmax(axis=0)] == k)
-    return {direction: float(np.concatenate(h).mean()) for direction, h in hits.items()}
+    return {direction: np.concatenate(h) for direction, h in hits.items()}

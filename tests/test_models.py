@@ -713,3 +713,15 @@ def test_recall_at_1_counts_hits_per_pool_and_items_of_the_same_key_as_hits():
     assert recall_at_1(eye, near, list("abcd"), pool=2) == {"image_to_text": 1.0, "text_to_image": 1.0}
     with pytest.raises(ValueError):
         recall_at_1(eye, eye, list("abcd"), pool=5)
+
+
+def test_hits_at_1_are_the_per_query_recall_a_subset_is_measured_by():
+    from capfilt.lab.metrics import hits_at_1, recall_at_1
+    rng = np.random.default_rng(0)
+    images, texts = rng.normal(size=(40, 8)), rng.normal(size=(40, 8))
+    keys = [str(i % 13) for i in range(40)]
+    hits = hits_at_1(images, texts, keys, pool=10)
+    assert {k: float(v.mean()) for k, v in hits.items()} == recall_at_1(images, texts, keys, pool=10)
+    assert all(len(v) == 40 and v.dtype == bool for v in hits.values())
+    eye = np.eye(4)
+    assert hits_at_1(eye, eye[[1, 0, 2, 3]], list("abcd"), pool=4)["image_to_text"].tolist() == [False, False, True, True]
