@@ -122,8 +122,8 @@ def split(rows, cfg, context) -> Result:
     def match(captions: pd.Series) -> pd.Series:
         from capfilt.udfs.balance import index_for
         index = index_for(digest, shipped.value)
-        return pd.Series([sorted({i for text in (texts if texts is not None else ()) if text
-                                  for i in index.match(text)}) for texts in captions])
+        return pd.Series([sorted({i for text in (row if row is not None else ()) if text
+                                  for i in index.match(text)}) for row in captions])
     matched = rows.withColumn("_ids", F.pandas_udf(match, T.ArrayType(T.IntegerType()))(texts(s.captions))) \
         .localCheckpoint()
     counts = np.zeros(len(entries), dtype=np.int64)
@@ -133,31 +133,31 @@ def split(rows, cfg, context) -> Result:
     table = sc.broadcast((counts, probs))
 
     def keep(ids: pd.Series) -> pd.DataFrame:
+        """Per row: its keep probability, and its most frequent entry with that entry's row count."""
         c, p = table.value
-        prob, top = [], []
+        prob, top, top_count = [], [], []
         for row in ids:
             row = np.asarray(row, dtype=np.int64)
+            first = row[np.argmax(c[row])] if len(row) else None
             prob.append(1.0 - float(np.prod(1.0 - p[row])) if len(row) else None)
-            top.append(int(row[np.argmax(c[row])]) if len(row) else None)
-        return pd.DataFrame({"prob": prob, "top": top})
-    shape = T.StructType([T.StructField("prob", T.DoubleType()), T.StructField("top", T.IntegerType())])
+            top.append(None if first is None else shipped.value[first])
+            top_count.append(None if first is None else int(c[first]))
+        return pd.DataFrame({"prob": prob, "top": top, "top_count": top_count})
+    shape = T.StructType([T.StructField("prob", T.DoubleType()), T.StructField("top", T.StringType()),
+                          T.StructField("top_count", T.LongType())])
     unmatched = 1.0 if s.unmatched == "keep" else 0.0
     names = F.pandas_udf(lambda ids: pd.Series([[shipped.value[i] for i in row] for row in ids]),
                          T.ArrayType(T.StringType()))
     marked = matched.withColumn("_keep", F.pandas_udf(keep, shape)("_ids")) \
         .withColumn(PROB.name, F.coalesce(F.col("_keep.prob"), F.lit(unmatched))) \
         .withColumn("_u", uniform(cfg.seed)) \
-        .withColumn(ENTRIES.name, names("_ids"))
+        .withColumn(ENTRIES.name, names("_ids")).localCheckpoint()  # read by four jobs below
     # drop: the row's draw decides here; loader: every row a draw could keep stays, for a draw per epoch
     stays = (F.col("_u") < F.col(PROB.name)) if s.mode == "drop" else (F.col(PROB.name) > 0)
     kept, dropped = marked.filter(stays), marked.filter(~stays)
-    top_name = F.pandas_udf(lambda top: pd.Series([None if pd.isna(i) else shipped.value[int(i)] for i in top]),
-                            T.StringType())
-    top_count = F.pandas_udf(lambda top: pd.Series([None if pd.isna(i) else int(table.value[0][int(i)]) for i in top]),
-                             T.LongType())
     reason = F.when(F.size("_ids") == 0, F.lit("no_entry")).otherwise(F.lit("balanced_out"))
     detail = F.when(F.size("_ids") == 0, F.lit(f"no entry matched balance.captions={s.captions}")).otherwise(F.concat(
-        F.lit("most frequent entry '"), top_name("_keep.top"), F.lit("' in "), top_count("_keep.top").cast("string"),
+        F.lit("most frequent entry '"), F.col("_keep.top"), F.lit("' in "), F.col("_keep.top_count").cast("string"),
         F.lit(" rows; keep probability "), F.format_number(F.col(PROB.name), 6)))
     after = np.zeros(len(entries), dtype=np.int64)
     for row in kept.select(F.explode("_ids").alias("id")).groupBy("id").count().collect():
