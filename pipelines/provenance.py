@@ -135,4 +135,3 @@ def _get(config: dict, key: str):
     for part in key.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config
-

@@ -280,8 +280,9 @@ def aligned(rows: list[tuple], right: set[int]) -> list[str]:
 
 
 def sections(spark, root: str, top: int = TOP_HOSTS, stages=None) -> dict:
-    """{key: figures} of the sections the chain's stages add to the report (Stage.inspect: the
-    download's failure map), each computed from root (a curate OUT, or the stage's own output)."""
+    """{key: figures} of the sections the stages add to the report (Stage.inspect: the download's failure
+    map), each computed from root (a curate OUT, or the stage's own output); `stages`: those of the run
+    (default: every stage of the chain)."""
     return {section.key: section.compute(spark, root, top)
             for stage in stages or registry.stages() for section in stage.inspect}
 
@@ -301,5 +302,5 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8, top_hosts: 
             "reasons": manifest.get("reasons") or {}, "funnel": funnel(spark, root, manifest),
             "stages": stage_figures(manifest),
             "scores": scores(spark, root), "shards": files,
-            "sections": sections(spark, root, top_hosts),
+            "sections": sections(spark, root, top_hosts, [registry.definition(s) for s in manifest.get("stages", {})]),
             "gallery": gallery(spark, root, kept, per_reason)}

@@ -1,11 +1,13 @@
 """The target-aware image filter (DataComp's image-based filter) in a curate run."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.jobs.cli import main as cli
 from capfilt.jobs.curate import main as curate
 from capfilt.pipelines.output import read_manifest
 
@@ -52,6 +54,9 @@ def test_rows_outside_the_targets_clusters_leave_and_the_target_images_own_rows_
     assert {r["uid"] for r in stage} == {u for u, c in cluster.items() if c in kept_clusters} >= set(chosen)
     rejects = [r for r in pq.read_table(out / "rejects").to_pylist() if r["stage"] == "target"]
     assert rejects and all(r["reason"] == "off_target" and r["detail"].startswith("cluster ") for r in rejects)
+    assert cli(["inspect", str(out)]) == 0  # a stage of no run here (balance) adds no section
+    text = capsys.readouterr().out
+    assert re.search(r"target\s+off_target\s+\d", text) and "concept balance" not in text
     filtered = read_manifest(curated_out / "stages" / "filter")["counts"]["output"]
     assert len(rejects) + len(stage) == filtered  # it read the filter's rows: both rules must pass
     first = pq.read_table(out / "curated").sort_by("uid")
