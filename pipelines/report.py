@@ -302,5 +302,6 @@ def build(spark, out_root: str, kept: int = 24, per_reason: int = 8, top_hosts: 
             "reasons": manifest.get("reasons") or {}, "funnel": funnel(spark, root, manifest),
             "stages": stage_figures(manifest),
             "scores": scores(spark, root), "shards": files,
-            "sections": sections(spark, root, top_hosts, [registry.definition(s) for s in manifest.get("stages", {})]),
+            "sections": sections(spark, root, top_hosts,
+                                 [s for s in registry.stages() if s.name in manifest.get("stages", {})]),
             "gallery": gallery(spark, root, kept, per_reason)}

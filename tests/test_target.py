@@ -56,7 +56,7 @@ def test_rows_outside_the_targets_clusters_leave_and_the_target_images_own_rows_
     assert rejects and all(r["reason"] == "off_target" and r["detail"].startswith("cluster ") for r in rejects)
     assert cli(["inspect", str(out)]) == 0  # a stage of no run here (balance) adds no section
     text = capsys.readouterr().out
-    assert re.search(r"target\s+off_target\s+\d", text) and "concept balance" not in text
+    assert re.search(r"\n  target +\d+\n    - off_target +\d", text) and "concept balance" not in text
     filtered = read_manifest(curated_out / "stages" / "filter")["counts"]["output"]
     assert len(rejects) + len(stage) == filtered  # it read the filter's rows: both rules must pass
     first = pq.read_table(out / "curated").sort_by("uid")
