@@ -14,6 +14,7 @@ from capfilt.jobs.cli import main as cli
 from capfilt.jobs.curate import main as curate
 from capfilt.pipelines.output import read_manifest
 from capfilt.udfs.balance import EntryIndex, prepare_entries, spacing, substring_matches
+from helpers import shapes_args
 
 WORDS = ["red", "blue", "a", "st", "louis", "new", "york", "circle", "square", "c++", "é", "x", ""]
 TRICKY = [",", ".", ";", ":", "?", "!", "`", "\t", "\n", "\r", "  ", "St.", "New York", "U.S.", "'s", "-"]
@@ -62,17 +63,6 @@ def test_an_index_of_500k_entries_builds_in_seconds_and_answers_without_scanning
     assert [entries[i] for i in got] == [f"w{i}" for i in range(0, 60, 2) if i % 3]
 
 
-def _shapes_args(tmp_path):
-    """curate's arguments with the project's shapes models (no hub) on a one-row input."""
-    from capfilt.jobs.demo import _as_overrides, shapes_world_settings
-    from capfilt.pipelines.config import load_config
-    from capfilt.udfs.models import SHAPES_CLIP
-    metadata = tmp_path / "in.csv"
-    metadata.write_text("url,caption\nhttp://127.0.0.1:1/a.jpg,a red circle\n")
-    return ["--input", metadata, *_as_overrides(shapes_world_settings(load_config(None))),
-            "--set", f"filter.model={SHAPES_CLIP}"]
-
-
 @pytest.mark.parametrize("content, says", [
     (b"", "holds no entry"),
     (b"\n  \n\n", "holds no entry"),
@@ -88,7 +78,7 @@ def test_a_bad_entries_file_is_one_line_before_spark(tmp_path, refused_before_sp
     elif content is not None:
         entries.write_bytes(content)
     out = tmp_path / "out"
-    err = refused_before_spark(curate, [*_shapes_args(tmp_path), "--output", out,
+    err = refused_before_spark(curate, [*shapes_args(tmp_path), "--output", out,
                                         "--set", f"balance.entries={entries}"], tmp_path)
     assert says in err and "balance.entries" in err and not out.exists()
 
@@ -96,7 +86,7 @@ def test_a_bad_entries_file_is_one_line_before_spark(tmp_path, refused_before_sp
 def test_t_below_one_is_refused(tmp_path, refused_before_spark):
     entries = tmp_path / "entries.txt"
     entries.write_text("red\n")
-    err = refused_before_spark(curate, [*_shapes_args(tmp_path), "--output", tmp_path / "out",
+    err = refused_before_spark(curate, [*shapes_args(tmp_path), "--output", tmp_path / "out",
                                         "--set", f"balance.entries={entries}", "--set", "balance.t=0"], tmp_path)
     assert "balance.t" in err
 

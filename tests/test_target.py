@@ -10,15 +10,15 @@ import pytest
 from capfilt.jobs.cli import main as cli
 from capfilt.jobs.curate import main as curate
 from capfilt.pipelines.output import read_manifest
+from helpers import shapes_args
 
 
 def test_a_target_folder_without_images_is_one_line_before_spark(tmp_path, refused_before_spark):
-    from tests.test_balance import _shapes_args
     empty = tmp_path / "target"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     out = tmp_path / "out"
-    err = refused_before_spark(curate, [*_shapes_args(tmp_path), "--output", out, "--set", f"target.sets=[{empty}]"],
+    err = refused_before_spark(curate, [*shapes_args(tmp_path), "--output", out, "--set", f"target.sets=[{empty}]"],
                                tmp_path)
     assert "target.sets:" in err and "holds no images" in err and not out.exists()
 
