@@ -280,7 +280,8 @@ class TargetSettings:
                                  "nearest to leave (off_target); empty = off")
     clusters: int = _opt(100_000, "k-means clusters of the stored image embeddings (DataComp: 100,000); at most "
                                   "one per 10 sampled rows", min=1)
-    sample: int = _opt(1_000_000, "rows (chosen by a hash of seed and uid) the centroids are trained on", min=1)
+    sample: int = _opt(200_000, "rows (chosen by a hash of seed and uid) the centroids are trained on; their "
+                                "embeddings are gathered on the driver (200,000 x 768-d: ~600 MB)", min=1)
     iterations: int = _opt(20, "k-means iterations", min=1)
     nearest: int = _opt(1, "clusters each target image keeps: its nearest centroids (DataComp: 1)", min=1)
 
