@@ -103,10 +103,11 @@ def texts(which: str):
     return F.expr("transform(filter(candidates, c -> c.kept), c -> c.text)")
 
 
-def uniform(seed: int):
-    """A draw in [0, 1) per row from (seed, uid): the same on every rerun, independent of partitioning."""
+def uniform(seed: int, salt: str = STAGE):
+    """A draw in [0, 1) per row from (seed, salt, uid): the same on every rerun, independent of partitioning;
+    another salt (the export's caption mix) draws independently of balancing's."""
     from pyspark.sql import functions as F
-    bits = F.xxhash64(F.lit(seed), F.lit(STAGE), F.col("uid")).bitwiseAND(F.lit((1 << 53) - 1))
+    bits = F.xxhash64(F.lit(seed), F.lit(salt), F.col("uid")).bitwiseAND(F.lit((1 << 53) - 1))
     return bits.cast("double") / float(1 << 53)
 
 

@@ -1,7 +1,7 @@
 """Training manifests from OUT/curated, for the loaders trainers already use.
 
-    webdataset   DIR/shard-00000.tar ...: <key>.jpg|png|webp (image bytes), <key>.txt (caption_primary),
-                 <key>.json (uid, url, web caption, size, sha256, candidates; balance_entries and
+    webdataset   DIR/shard-00000.tar ...: <key>.jpg|png|webp (image bytes), <key>.txt (the sample's caption),
+                 <key>.json (uid, url, web caption, size, sha256, candidates, caption_source; balance_entries and
                  balance_prob when the run balanced: udfs/balance.py keep_in_epoch); DIR/shards.txt and
                  DIR/export.json with the brace pattern and sample count open_clip takes as
                  --train-data / --train-num-samples
@@ -10,7 +10,13 @@
     json         DIR/images/<key>.<ext> + DIR/annotations.json: [{"image", "caption", "image_id"}], the
                  LAVIS/BLIP caption dataset format (image paths relative to DIR/images)
 
-Every row gets a global index (per-partition counts, gathered as one small row per input partition,
+Which caption each sample trains on (`captions`, CAPTIONS): `primary` (caption_primary, one sample per
+row), `web` or `synthetic` (the kept caption of that source, the best-scored one; a row without one is
+left out and counted), `all` (every kept caption its own sample, as BLIP trains: the image repeats), or
+`mix` (per row a seeded draw picks synthetic with probability `synthetic_share`, else web; a row without
+a kept caption of the drawn source takes the other, counted as a fallback: Recap-DataComp's mix).
+
+Every sample gets a global index (per-partition counts, gathered as one small row per input partition,
 give each partition its offset); the key is that index, zero-padded: unique, no dots, a safe file
 name. Shard k holds indices [k*n, (k+1)*n), so every shard but the last has exactly n samples.
 Executors write the files (mapInPandas, one Spark partition writes whole shards or one text part);
@@ -33,6 +39,8 @@ import pandas as pd  # module level: pandas UDF type hints are resolved in these
 
 FORMATS = ("webdataset", "csv", "json")
 COLUMNS = ["uid", "url", "caption", "image", "width", "height", "sha256", "candidates", "caption_primary"]
+CAPTIONS = ("primary", "web", "synthetic", "all", "mix")
+SAMPLE = ["text", "caption_source", "caption_index", "fallback"]  # what _samples adds to each sample
 BALANCE = ["balance_entries", "balance_prob"]  # in each sample's json when the run balanced (a loader draws on them)
 KEY_DIGITS = 9  # zero-padded sample index; wider only past a billion samples, still unique
 # Strings pandas.read_csv turns into NaN even when quoted (its default na_values, pandas 2.x); open_clip's
@@ -60,9 +68,31 @@ def _metadata(row) -> dict:
             "height": int(row.height), "sha256": row.sha256,
             "candidates": [{"text": c["text"], "source": c["source"],
                             "score": None if c["score"] is None else float(c["score"]), "kept": bool(c["kept"])}
-                           for c in row.candidates]} | (
+                           for c in row.candidates], "caption_source": row.caption_source} | (
         {"balance_entries": list(row.balance_entries), "balance_prob": float(row.balance_prob)}
         if hasattr(row, "balance_prob") else {})
+
+
+class _Tally:
+    """What one writer task wrote, beyond its files: samples per caption source, mix fallbacks, captions
+    pandas reads as missing (csv) and the sum of the samples' keep probabilities (a balanced run)."""
+    SCHEMA = "file string, samples long, na_like long, synthetic long, fallbacks long, balance_prob double"
+
+    def __init__(self):
+        self.na_like = self.synthetic = self.fallbacks = 0
+        self.balance_prob = 0.0
+
+    def add(self, row) -> None:
+        self.na_like += row.text in PANDAS_NA
+        self.synthetic += row.caption_source == "synthetic"
+        self.fallbacks += bool(row.fallback)
+        self.balance_prob += float(getattr(row, "balance_prob", 0.0))
+
+    def frame(self, files: list[str], samples: list[int]) -> pd.DataFrame:
+        rest = [0] * (len(files) - 1)  # the tallies go on the task's first file
+        return pd.DataFrame({"file": files, "samples": samples, "na_like": [self.na_like, *rest],
+                             "synthetic": [self.synthetic, *rest], "fallbacks": [self.fallbacks, *rest],
+                             "balance_prob": [self.balance_prob, *rest]})
 
 
 def _add(tar: tarfile.TarFile, name: str, body: bytes) -> None:
@@ -76,7 +106,7 @@ def _shard_writer(folder: str):
     (file, samples, na_like) row per tar."""
     def write(frames):
         root, tar, name, samples, shard = Path(folder), None, None, 0, None
-        written = []
+        written, tally = [], _Tally()
         try:
             for frame in frames:
                 for row in frame.itertuples(index=False):
@@ -89,9 +119,10 @@ def _shard_writer(folder: str):
                         tar = tarfile.open(root / name, "w")
                     key = sample_key(row.sample_index)
                     _add(tar, f"{key}.{image_extension(row.image)}", row.image)
-                    _add(tar, f"{key}.txt", row.caption_primary.encode("utf-8"))
+                    _add(tar, f"{key}.txt", row.text.encode("utf-8"))
                     _add(tar, f"{key}.json", json.dumps(_metadata(row), ensure_ascii=False).encode("utf-8"))
                     samples += 1
+                    tally.add(row)
             if tar is not None:
                 tar.close()
                 written.append((name, samples))
@@ -99,8 +130,7 @@ def _shard_writer(folder: str):
             if tar is not None and not tar.closed:
                 tar.close()
         if written:
-            yield pd.DataFrame({"file": [n for n, _ in written], "samples": [s for _, s in written],
-                                "na_like": [0] * len(written)})
+            yield tally.frame([n for n, _ in written], [s for _, s in written])
     return write
 
 
@@ -111,34 +141,68 @@ def _files_writer(fmt: str, folder: str, final: str):
         from pyspark import TaskContext
         root = Path(folder)
         name = f"part-{TaskContext.get().partitionId():05d}.{'tsv' if fmt == 'csv' else 'jsonl'}"
-        samples = na_like = 0
+        samples, tally = 0, _Tally()
         with open(root / "parts" / name, "w", encoding="utf-8", newline="") as out:
             table = csv.writer(out, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
             for frame in frames:
                 for row in frame.itertuples(index=False):
-                    file = f"{sample_key(row.sample_index)}.{image_extension(row.image)}"
-                    (root / "images" / file).write_bytes(row.image)
+                    # One file per image: the samples of one row (`all`) name the file of its first sample,
+                    # written by whichever partition holds that sample.
+                    file = f"{sample_key(row.sample_index - row.caption_index)}.{image_extension(row.image)}"
+                    if row.caption_index == 0:
+                        (root / "images" / file).write_bytes(row.image)
                     if fmt == "csv":
-                        table.writerow([f"{final}/images/{file}", row.caption_primary])
-                        na_like += row.caption_primary in PANDAS_NA
+                        table.writerow([f"{final}/images/{file}", row.text])
                     else:
-                        out.write(json.dumps({"image": file, "caption": row.caption_primary,
+                        out.write(json.dumps({"image": file, "caption": row.text,
                                               "image_id": row.uid}, ensure_ascii=False) + "\n")
                     samples += 1
+                    tally.add(row)
         if samples == 0:
             (root / "parts" / name).unlink()
         else:
-            yield pd.DataFrame({"file": [name], "samples": [samples], "na_like": [na_like]})
+            yield tally.frame([name], [samples])
     return write
 
 
-def _indexed(curated, samples_per_shard: int):
-    """(rows with a global `sample_index` and `shard`, total rows). One small job counts the rows of each
-    input partition; the index is the partition's offset plus the row's position in it (the same
-    scan, so the same partitions and order, as zipWithIndex relies on)."""
+def _samples(curated, captions: str, synthetic_share: float, seed: int):
+    """One row per training sample: the curated columns an export writes plus SAMPLE (`text`, the caption
+    it trains on; `caption_source`; `caption_index`, its place among its row's samples; `fallback`, a mix
+    draw whose source the row had not kept)."""
     from pyspark.sql import functions as F
     columns = COLUMNS + [c for c in BALANCE if c in curated.columns]
-    rows = (curated.select(*columns).withColumn("_part", F.spark_partition_id())
+    best_first = lambda a, b: (F.when(a["score"] > b["score"], -1).when(a["score"] < b["score"], 1)  # noqa: E731
+                               .otherwise(0))  # filter.select's order: caption_primary is the first kept
+    kept = lambda source: F.array_sort(F.filter("candidates", lambda c: c["kept"] & (c["source"] == source)),  # noqa: E731
+                                       best_first)
+    web, synthetic = F.get(kept("web"), 0), F.get(kept("synthetic"), 0)
+    if captions == "primary":
+        source = F.filter("candidates", lambda c: c["kept"] & (c["text"] == F.col("caption_primary")))[0]["source"]
+        chosen = F.struct(F.col("caption_primary").alias("text"), source.alias("source"))
+    elif captions in ("web", "synthetic"):
+        chosen = web if captions == "web" else synthetic
+    elif captions == "mix":
+        from capfilt.pipelines.balance import uniform
+        draw = uniform(seed, "export-mix") < F.lit(float(synthetic_share))
+        chosen = F.when(draw, F.coalesce(synthetic, web)).otherwise(F.coalesce(web, synthetic))
+        fallback = F.when(draw, synthetic.isNull()).otherwise(web.isNull())
+    if captions == "all":
+        every = F.concat(kept("web"), kept("synthetic"))
+        samples = curated.select(*columns, F.posexplode(every).alias("caption_index", "_c"))
+    else:
+        samples = curated.select(*columns, F.lit(0).alias("caption_index"), chosen.alias("_c")) \
+            .where(F.col("_c").isNotNull())
+    return samples.select(*columns, F.col("_c.text").alias("text"), F.col("_c.source").alias("caption_source"),
+                          "caption_index", (fallback if captions == "mix" else F.lit(False)).alias("fallback"))
+
+
+def _indexed(samples, samples_per_shard: int):
+    """(samples with a global `sample_index` and `shard`, total samples). One small job counts the samples
+    of each input partition; the index is the partition's offset plus the sample's position in it (the
+    same scan, so the same partitions and order, as zipWithIndex relies on)."""
+    from pyspark.sql import functions as F
+    columns = samples.columns
+    rows = (samples.withColumn("_part", F.spark_partition_id())
             .withColumn("_id", F.monotonically_increasing_id()))
     sizes = sorted((r["_part"], r["n"]) for r in rows.groupBy("_part").agg(F.count("*").alias("n")).collect())
     offsets, total = [], 0
@@ -216,16 +280,13 @@ def _join_parts(work: Path, fmt: str, parts: list[str]) -> str:
 
 
 def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_000,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, captions: str = "primary", synthetic_share: float = 0.8, seed: int = 0) -> dict:
     """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
     also written as DIR/export.json."""
     from capfilt.pipelines.output import check_current, read_manifest
     from capfilt.schemas import CURATED
 
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
-    if samples_per_shard < 1:
-        raise ValueError("samples per shard must be at least 1")
+    check_options(fmt, samples_per_shard, captions, synthetic_share)
     source = read_manifest(out_root)  # refuses an unfinished OUT
     check_current(out_root, source)  # and one whose stages changed after its curated rows were written
     target = check_target(out_root, to, overwrite)
@@ -239,23 +300,28 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
 
     curated = spark.read.option("pathGlobFilter", "*.parquet").parquet(f"{str(out_root).rstrip('/')}/curated")
     CURATED.validate(curated, where=f"{out_root}/curated")
-    rows, n = _indexed(curated, samples_per_shard)
+    rows = curated.count()
     expected = source.get("counts", {}).get("output")
-    if expected is not None and n != expected:
+    if expected is not None and rows != expected:
         shutil.rmtree(work)
-        raise ValueError(f"{out_root}/curated has {n} rows but its manifest counts {expected}: not exporting")
+        raise ValueError(f"{out_root}/curated has {rows} rows but its manifest counts {expected}: not exporting")
+    samples, n = _indexed(_samples(curated, captions, synthetic_share, seed), samples_per_shard)
     shards = max(1, math.ceil(n / samples_per_shard))
     # Whole shards per partition (range partitioning never splits one key), in index order.
-    rows = rows.repartitionByRange(shards, "shard").sortWithinPartitions("sample_index")
+    samples = samples.repartitionByRange(shards, "shard").sortWithinPartitions("sample_index")
     writer = _shard_writer(str(work)) if fmt == "webdataset" else _files_writer(fmt, str(work), str(target))
-    written = (rows.mapInPandas(writer, "file string, samples long, na_like long")
+    written = (samples.mapInPandas(writer, _Tally.SCHEMA)
                .toPandas().sort_values("file").reset_index(drop=True))  # one small row per file written
     total = int(written.samples.sum())
     if total != n:
-        raise RuntimeError(f"exported {total} samples but {out_root} has {n} curated rows: nothing was committed")
+        raise RuntimeError(f"exported {total} samples but the export of {out_root} has {n}: nothing was committed")
 
     summary = {"format": fmt, "source": str(out_root), "source_finished_at": source.get("finished_at"),
                "samples": total}
+    synthetic = int(written.synthetic.sum())
+    summary["captions"] = {"mode": captions, "rows": rows, "web": total - synthetic, "synthetic": synthetic} | (
+        {"synthetic_share": synthetic_share, "seed": seed, "fallbacks": int(written.fallbacks.sum())}
+        if captions == "mix" else {}) | ({"rows_left_out": rows - total} if captions in ("web", "synthetic") else {})
     if fmt == "webdataset":
         names = written.file.tolist()
         if names != [f"shard-{i:05d}.tar" for i in range(shards)]:
@@ -265,9 +331,7 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
         summary.update(shards=shards, samples_per_shard=samples_per_shard, shard_samples=written.samples.tolist(),
                        train_data=str(target / pattern), train_num_samples=total)
         if "balance_prob" in curated.columns:  # a loader drawing per epoch (keep_in_epoch) sees about this many
-            from pyspark.sql import functions as F
-            summary["balance_expected_samples_per_epoch"] = round(float(
-                curated.agg(F.sum("balance_prob")).first()[0] or 0), 1)
+            summary["balance_expected_samples_per_epoch"] = round(float(written.balance_prob.sum()), 1)
     else:
         name = _join_parts(work, fmt, written.file.tolist())
         summary.update(file=str(target / name), images=str(target / "images"))
@@ -279,3 +343,15 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
     from capfilt.pipelines.output import move_into_place
     move_into_place(fsspec.filesystem("file"), str(work), str(target))
     return summary
+
+
+def check_options(fmt: str, samples_per_shard: int, captions: str, synthetic_share: float) -> None:
+    """ValueError for options no export can honour (jobs/export.py asks before Spark starts)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    if samples_per_shard < 1:
+        raise ValueError("samples per shard must be at least 1")
+    if captions not in CAPTIONS:
+        raise ValueError(f"unknown --captions {captions!r}: one of {', '.join(CAPTIONS)}")
+    if not 0.0 <= synthetic_share <= 1.0:
+        raise ValueError(f"--synthetic-share must be between 0 and 1 (got {synthetic_share})")

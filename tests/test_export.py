@@ -211,6 +211,12 @@ def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out,
             assert err.startswith("capfilt: error: ") and message in err and err.count("\n") == 1, err
     assert pq.read_table(source / "curated").num_rows == N_ROWS  # nothing touched
     assert sorted(os.listdir(source)) == sorted(os.listdir(out))
+    for share in ("1.5", "-0.1", "nan"):
+        assert cli(["export", str(source), "--format", "json", "--to", str(tmp_path / "x"), "--captions", "mix",
+                    "--synthetic-share", share]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("capfilt: error: --synthetic-share must be between 0 and 1") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
 
 
 def _tree(folder):
@@ -337,3 +343,80 @@ def test_open_clip_training_runs_on_the_export(spark, out, clip_dir, tmp_path, f
     # 45 samples, batches of 16: the webdataset loader rounds up to 3 batches, the csv loader drops the last
     assert len(steps) == (3 if fmt == "webdataset" else 2), log[-4000:]
     assert (logs / fmt / "checkpoints" / "epoch_1.pt").exists(), log[-2000:]
+
+
+def _mixed_out(root, n: int):
+    """Rows in three kinds by i % 3: web and two synthetic captions kept (the first synthetic best); only
+    the first synthetic kept; only the web caption kept."""
+    rows = _curated_rows(n)
+    for i, row in enumerate(rows):
+        web, first, second = row["caption"], f"first synthetic {i}", f"second synthetic {i}"
+        kept = [(True, True, True), (False, True, False), (True, False, False)][i % 3]
+        scores = [(0.5, 0.9, 0.7), (0.1, 0.8, 0.2), (0.6, 0.3, 0.2)][i % 3]
+        row["candidates"] = [{"text": t, "source": s, "score": sc, "kept": k} for t, s, sc, k in zip(
+            (web, first, second), ("web", "synthetic", "synthetic"), scores, kept)]
+        row["caption_primary"] = first if i % 3 < 2 else web
+    _write_out(root, rows)
+    return {row["uid"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_captions_mixed_at_export_primary_web_synthetic_all_and_a_seeded_mix(spark, tmp_path):
+    import webdataset as wds
+    rows = _mixed_out(tmp_path / "out", 300)
+    kind = {uid: int(uid[1:]) % 3 for uid in rows}
+
+    def samples(captions, fmt="json", **options):
+        to = tmp_path / f"{captions}-{fmt}-{len(list(tmp_path.iterdir()))}"
+        summary = export(spark, str(tmp_path / "out"), fmt, str(to), samples_per_shard=64, captions=captions,
+                         **options)
+        if fmt == "webdataset":
+            got = [(s["json"]["uid"], s["txt"], s["json"]["caption_source"], s["__key__"])
+                   for s in wds.WebDataset(summary["train_data"], shardshuffle=False).decode()]
+        else:
+            got = [(a["image_id"], a["caption"], a["image"]) for a in json.loads((to / "annotations.json").read_text())]
+        assert summary["samples"] == len(got) and summary["captions"]["rows"] == 300
+        return summary, got, to
+
+    summary, got, _ = samples("primary")
+    assert {uid: text for uid, text, _ in got} == {uid: r["caption_primary"] for uid, r in rows.items()}
+    assert summary["captions"] == {"mode": "primary", "rows": 300, "web": 100, "synthetic": 200}
+    summary, got, _ = samples("web")
+    assert {uid: text for uid, text, _ in got} == {uid: r["caption"] for uid, r in rows.items() if kind[uid] != 1}
+    assert summary["captions"]["rows_left_out"] == 100 and summary["captions"]["synthetic"] == 0
+    summary, got, _ = samples("synthetic")  # the best kept synthetic caption, never a dropped one
+    assert {uid: text for uid, text, _ in got} == {uid: f"first synthetic {uid[1:].lstrip('0') or 0}"
+                                                   for uid in rows if kind[uid] != 2}
+    assert summary["captions"]["rows_left_out"] == 100 and summary["captions"]["web"] == 0
+
+    # all: every kept caption is a sample; one image file per row, the samples of a row name it
+    summary, got, to = samples("all")
+    per_row = {}
+    for uid, text, image in got:
+        per_row.setdefault(uid, []).append((text, image))
+    assert {uid: sorted(t for t, _ in v) for uid, v in per_row.items()} == {
+        uid: sorted(c["text"] for c in r["candidates"] if c["kept"]) for uid, r in rows.items()}
+    assert len(got) == 500 and all(len({image for _, image in v}) == 1 for v in per_row.values())
+    assert len(list((to / "images").iterdir())) == 300
+    for uid, v in per_row.items():
+        assert hashlib.sha256((to / "images" / v[0][1]).read_bytes()).hexdigest() == rows[uid]["sha256"]
+    summary, got, _ = samples("all", "webdataset")  # self-contained samples: the image repeats, keys stay unique
+    assert len(got) == 500 and len({key for *_, key in got}) == 500 and summary["captions"]["synthetic"] == 300
+
+    # mix: one sample per row; rows with both sources follow a seeded draw with the asked share
+    summary, got, _ = samples("mix", "webdataset", synthetic_share=0.8, seed=0)
+    source = {uid: s for uid, _, s, _ in got}
+    both = [uid for uid in rows if kind[uid] == 0]
+    drawn_synthetic = sum(source[uid] == "synthetic" for uid in both)
+    assert abs(drawn_synthetic - 0.8 * len(both)) <= 4 * (len(both) * 0.8 * 0.2) ** 0.5
+    assert all(source[uid] == ("synthetic" if kind[uid] == 1 else "web") for uid in rows if kind[uid] != 0)
+    # expected fallbacks: 100 rows drawn web w.p. 0.2 that kept none, 100 drawn synthetic w.p. 0.8 that kept none
+    assert abs(summary["captions"]["fallbacks"] - 100) <= 4 * (100 * 0.16 * 2) ** 0.5
+    for share in (0.0, 1.0):  # every row drawn web (100 kept none) or synthetic (100 kept none)
+        extreme, every, _ = samples("mix", synthetic_share=share, seed=0)
+        assert extreme["captions"]["fallbacks"] == 100 and len(every) == 300
+        assert extreme["captions"]["synthetic"] == (100 if share == 0 else 200)
+    again, got_again, _ = samples("mix", "webdataset", synthetic_share=0.8, seed=0)
+    assert [(u, t) for u, t, *_ in got_again] == [(u, t) for u, t, *_ in got]  # a rerun draws the same
+    other, got_other, _ = samples("mix", "webdataset", synthetic_share=0.8, seed=1)
+    assert {uid: s for uid, _, s, _ in got_other} != source
