@@ -6,6 +6,8 @@ for the runner (capfilt.pipelines.stage); `CAPTIONER` its model pass, which cura
 """
 from __future__ import annotations
 
+import time
+
 from capfilt.pipelines.config import CaptionSettings
 from capfilt.pipelines.stage import PASS, ModelPass, Result, Stage, reject_rows
 from capfilt.schemas import CAPTIONED, DOWNLOADED
@@ -23,7 +25,8 @@ KEYS = ("caption.model", "caption.device", "caption.num_captions", "caption.top_
 
 def _fields():
     from pyspark.sql import types as T
-    return [T.StructField("captions", T.ArrayType(T.StringType()), True)]
+    return [T.StructField("captions", T.ArrayType(T.StringType()), True),
+            T.StructField("caption_seconds", T.DoubleType(), True)]  # "seconds" is the filter's, in a fused pass
 
 
 class CaptionBatch:
@@ -40,12 +43,16 @@ class CaptionBatch:
 
         s = self.settings
         if s.num_captions == 0:  # filter only: no captioner is loaded, images are still checked
-            return {"captions": [None if image is None else [] for image in images]}
+            return {"captions": [None if image is None else [] for image in images],
+                    "caption_seconds": [None] * len(images)}
         captioner = worker_model(s, cached_captioner)
         params = CaptionParams(num_captions=s.num_captions, top_p=s.top_p, temperature=s.temperature,
                                max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens,
                                repetition_penalty=s.repetition_penalty, batch_size=s.batch_size, seed=self.seed)
-        return {"captions": caption_batch(captioner, images, frame["uid"].tolist(), params)}
+        started = time.perf_counter()
+        captions = caption_batch(captioner, images, frame["uid"].tolist(), params)
+        share = (time.perf_counter() - started) / max(sum(image is not None for image in images), 1)
+        return {"captions": captions, "caption_seconds": [None if image is None else share for image in images]}
 
 
 CAPTIONER = ModelPass(
@@ -64,6 +71,21 @@ def caption(df, settings: CaptionSettings, seed: int = 0):
     return infer(df, cfg, [CAPTIONER], df.sparkSession.sparkContext.accumulator(0))
 
 
+def captioning_cost(marked) -> dict:
+    """The captioner's cost as the model pass measured it: images, captions written, model seconds (a
+    pass stored before the cost was recorded, or one without a captioner: {})."""
+    from pyspark.sql import functions as F
+    if "caption_seconds" not in marked.schema[PASS].dataType.fieldNames():
+        return {}
+    timed = F.col(f"{PASS}.caption_seconds").isNotNull()
+    row = marked.agg(F.sum(timed.cast("long")).alias("images"), F.sum(f"{PASS}.caption_seconds").alias("seconds"),
+                     F.sum(F.when(timed, F.size(f"{PASS}.captions"))).alias("captions")).first()
+    if not row["images"]:
+        return {}
+    return {"images": row["images"], "captions": row["captions"], "seconds": round(row["seconds"], 3),
+            "ms_per_image": round(1000 * row["seconds"] / row["images"], 2)}
+
+
 def split_captioned(marked):
     """(captioned records, rejects) from the output of `caption`."""
     from pyspark.sql import functions as F
@@ -75,7 +97,8 @@ def split_captioned(marked):
 
 DEFINITION = Stage(
     name=STAGE, reads=DOWNLOADED, adds=(CAPTIONED.field("synthetic_captions"),), reasons=REASONS,
-    split=lambda marked, cfg, context: Result(*split_captioned(marked)), model=CAPTIONER, depends=("seed",),
+    split=lambda marked, cfg, context: Result(*split_captioned(marked), {"captioning": captioning_cost(marked)}),
+    model=CAPTIONER, depends=("seed",),
     help="write K synthetic captions per image (nucleus sampling)",
     fuse_next=lambda cfg: cfg.caption.fuse_filter,
     models=lambda cfg: {"captioner": cfg.caption.model if cfg.caption.num_captions else None})

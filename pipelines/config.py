@@ -174,6 +174,10 @@ class FilterSettings(ModelRuntime):
                                      "and two_step)", min=0, max=1)
     clip_floor: float = _opt(0.2, "two_step: candidates whose CLIP cosine is below this are dropped without an "
                                   "ITM score", min=-1, max=1)
+    clip_top: int = _opt(0, "two_step: only each image's clip_top best CLIP candidates (at or above clip_floor) "
+                            "go to the ITM; 0 = all of them. LAION-COCO: 40 sampled captions, CLIP's top 5, "
+                            "the second model chooses one (caption.num_captions=40, filter.clip_top=5, "
+                            "filter.rule=topk, filter.top_k=1)", min=0)
     itm_batch_size: int = _opt(256, "captions per ITM call", min=1)
 
 

@@ -29,7 +29,7 @@ REASONS = {
 }
 # What the scores depend on: a change needs a new CLIP pass. The selection settings (rule, threshold,
 # top_k, percentile) do not: a rerun that changes only them re-selects from the stored scores.
-KEYS = ("filter.model", "filter.device", "filter.scorer", "filter.itm_model", "filter.clip_floor")
+KEYS = ("filter.model", "filter.device", "filter.scorer", "filter.itm_model", "filter.clip_floor", "filter.clip_top")
 
 
 def _fields():
@@ -73,8 +73,9 @@ class ScoreBatch:
         matched, itm_seconds = [None] * len(images), None
         if itm is not None:
             started = time.perf_counter()
-            matched, _ = itm_scores(itm, images, web, synthetic, scores,
-                                    s.clip_floor if s.scorer == "two_step" else None, s.batch_size, s.itm_batch_size)
+            two_step = s.scorer == "two_step"
+            matched, _ = itm_scores(itm, images, web, synthetic, scores, s.clip_floor if two_step else None,
+                                    s.batch_size, s.itm_batch_size, s.clip_top if two_step else 0)
             itm_seconds = time.perf_counter() - started
         share = 1 / max(len(images), 1)
         return {
@@ -169,13 +170,15 @@ def scoring_costs(marked) -> dict:
         return {}
     row = marked.agg(pairs("scores").alias("clip_pairs"), pairs("itm_scores").alias("itm_pairs"),
                      F.sum(f"{PASS}.seconds.clip").alias("clip_seconds"),
-                     F.sum(f"{PASS}.seconds.itm").alias("itm_seconds")).first()
+                     F.sum(f"{PASS}.seconds.itm").alias("itm_seconds"),
+                     F.count(f"{PASS}.embedding").alias("images")).first()
     costs = {}
     for step in ("clip", "itm"):
-        n, seconds = row[f"{step}_pairs"] or 0, row[f"{step}_seconds"]
+        n, seconds, images = row[f"{step}_pairs"] or 0, row[f"{step}_seconds"], row["images"]
         if seconds is not None:
             costs[step] = {"pairs": n, "seconds": round(seconds, 3),
-                           "ms_per_pair": round(1000 * seconds / n, 4) if n else None}
+                           "ms_per_pair": round(1000 * seconds / n, 4) if n else None,
+                           "ms_per_image": round(1000 * seconds / images, 3) if images else None}
     return costs
 
 

@@ -121,6 +121,8 @@ def test_a_killed_caption_run_resumes_from_its_finished_parts(spark, tiny_blip, 
                    timeout=300)
     manifest = read_manifest(tmp_path / "caption")
     assert manifest["parts"] == {"total": total, "reused_from_a_killed_run": finished}
+    cost = manifest["models"]["captioning"]  # the killed run's parts keep the seconds they cost
+    assert cost["images"] == 24 and cost["captions"] == 48 and cost["ms_per_image"] > 0
     got = {r.uid: r.synthetic_captions for r in spark.read.parquet(str(tmp_path / "caption" / "data")).collect()}
     assert "image" not in spark.read.parquet(str(tmp_path / "caption" / "data")).columns  # images stay in download
     settings = CaptionSettings(model=tiny_blip, num_captions=2, max_new_tokens=6, device="cpu")

@@ -381,6 +381,7 @@ def test_the_two_step_scorer_keeps_both_scores_reports_each_step_and_reselects_w
     candidates = _candidates(out / "data")
     rescored = [c for c in candidates if c["itm_score"] is not None]
     assert 0 < steps["itm"]["pairs"] < steps["clip"]["pairs"] and steps["itm"]["seconds"] > 0
+    assert steps["itm"]["ms_per_image"] > 0 and steps["clip"]["ms_per_image"] > 0  # the rule's cost per image
     assert all((c["itm_score"] is not None) == (c["clip_score"] >= floor) for c in candidates)
     assert all(c["score"] == c["itm_score"] and c["kept"] == (c["itm_score"] >= 0.5) for c in rescored)
     assert any(c["kept"] for c in rescored) and any(not c["kept"] for c in rescored)

@@ -167,9 +167,10 @@ def _direct_itm(ref: str, image: bytes, texts: list[str]) -> np.ndarray:
     return torch.softmax(logits, dim=-1)[:, 1].numpy()
 
 
-@pytest.mark.parametrize("scorer", ["itm", "two_step"])
+@pytest.mark.parametrize("scorer", ["itm", "two_step", "two_step_top"])
 @pytest.mark.slow
 def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
+    """two_step_top: the ITM sees only each row's best CLIP candidate (filter.clip_top=1), floor or not."""
     from capfilt.udfs.models import SHAPES_CLIP, SHAPES_ITM
     from capfilt.world.scene import Scene, SceneObject, render
     scenes = [Scene((SceneObject("red", "square", "large"),), "white"),
@@ -183,21 +184,26 @@ def test_spark_itm_scores_equal_a_direct_blip_itm_call(spark, scorer):
     clip_only = {r.uid: r[PASS] for r in score(_captioned(spark, rows), FilterSettings(
         model=SHAPES_CLIP, device="cpu")).select("uid", PASS).collect()}
     floor = float(np.median([v for r in clip_only.values() for v in r["scores"] if v is not None]))
-    settings = FilterSettings(model=SHAPES_CLIP, device="cpu", scorer=scorer, itm_model=SHAPES_ITM, clip_floor=floor)
+    top = 1 if scorer == "two_step_top" else 0
+    floor = -1.0 if top else floor
+    settings = FilterSettings(model=SHAPES_CLIP, device="cpu", scorer=scorer.removesuffix("_top"),
+                              itm_model=SHAPES_ITM, clip_floor=floor, clip_top=top)
     got = {r.uid: r[PASS] for r in score(_captioned(spark, rows), settings).select("uid", PASS).collect()}
     rescored = skipped = 0
     for uid, caption, image, synthetic in rows:
         assert got[uid]["scores"] == clip_only[uid]["scores"], "the CLIP step is the same in every scorer"
         texts = [caption if caption.strip() else None] + synthetic
         expected = _direct_itm(SHAPES_ITM, image, [t if t is not None else "" for t in texts])
-        for text, clip_score, itm_score, want in zip(texts, got[uid]["scores"], got[uid]["itm_scores"], expected):
-            if text is None or scorer == "two_step" and clip_score < floor:
+        best = max((j for j, t in enumerate(texts) if t is not None), key=lambda j: got[uid]["scores"][j])
+        for j, (text, clip_score, itm_score, want) in enumerate(zip(texts, got[uid]["scores"], got[uid]["itm_scores"],
+                                                                    expected)):
+            if text is None or scorer == "two_step" and clip_score < floor or top and j != best:
                 assert itm_score is None
                 skipped += text is not None
             else:
                 assert itm_score == pytest.approx(float(want), abs=1e-5)
                 rescored += 1
-    assert rescored >= 3 and (skipped >= 2 if scorer == "two_step" else skipped == 0)
+    assert rescored == (3 if top else rescored) >= 3 and (skipped >= 2 if scorer.startswith("two_step") else skipped == 0)
     assert all(r["seconds"]["itm"] is not None for r in got.values())
 
 
