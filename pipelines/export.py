@@ -40,7 +40,6 @@ import pandas as pd  # module level: pandas UDF type hints are resolved in these
 FORMATS = ("webdataset", "csv", "json")
 COLUMNS = ["uid", "url", "caption", "image", "width", "height", "sha256", "candidates", "caption_primary"]
 CAPTIONS = ("primary", "web", "synthetic", "all", "mix")
-SAMPLE = ["text", "caption_source", "caption_index", "fallback"]  # what _samples adds to each sample
 BALANCE = ["balance_entries", "balance_prob"]  # in each sample's json when the run balanced (a loader draws on them)
 KEY_DIGITS = 9  # zero-padded sample index; wider only past a billion samples, still unique
 # Strings pandas.read_csv turns into NaN even when quoted (its default na_values, pandas 2.x); open_clip's
@@ -103,7 +102,7 @@ def _add(tar: tarfile.TarFile, name: str, body: bytes) -> None:
 
 def _shard_writer(folder: str):
     """Per partition: rows arrive sorted by index, whole shards only; one tar per shard, one
-    (file, samples, na_like) row per tar."""
+    (file, samples, tallies) row per tar."""
     def write(frames):
         root, tar, name, samples, shard = Path(folder), None, None, 0, None
         written, tally = [], _Tally()
@@ -136,7 +135,7 @@ def _shard_writer(folder: str):
 
 def _files_writer(fmt: str, folder: str, final: str):
     """Per partition: image files under images/ and one text part (csv rows or json lines) under
-    parts/; one (file, samples, na_like) row. CSV paths name the final folder, not the work folder."""
+    parts/; one (file, samples, tallies) row. CSV paths name the final folder, not the work folder."""
     def write(frames):
         from pyspark import TaskContext
         root = Path(folder)
@@ -166,7 +165,7 @@ def _files_writer(fmt: str, folder: str, final: str):
 
 
 def _samples(curated, captions: str, synthetic_share: float, seed: int):
-    """One row per training sample: the curated columns an export writes plus SAMPLE (`text`, the caption
+    """One row per training sample: the curated columns an export writes plus `text` (the caption
     it trains on; `caption_source`; `caption_index`, its place among its row's samples; `fallback`, a mix
     draw whose source the row had not kept)."""
     from pyspark.sql import functions as F
