@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--captions", default="primary", choices=["primary", "web", "synthetic", "all", "mix"],
                    help="the caption of each sample: primary (default), the kept web or best kept synthetic one "
                         "(rows without one are left out), all kept ones as separate samples, or mix")
-    p.add_argument("--synthetic-share", type=float, default=0.8, metavar="P",
+    p.add_argument("--synthetic-share", type=float, metavar="P",
                    help="mix: the share of rows drawn to train on their synthetic caption (default 0.8, "
                         "Recap-DataComp-1B's best for retrieval), the rest on their web caption")
     add_config_args(p)

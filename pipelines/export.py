@@ -11,8 +11,9 @@
                  LAVIS/BLIP caption dataset format (image paths relative to DIR/images)
 
 Which caption each sample trains on (`captions`, CAPTIONS): `primary` (caption_primary, one sample per
-row), `web` or `synthetic` (the kept caption of that source, the best-scored one; a row without one is
-left out and counted), `all` (every kept caption its own sample, as BLIP trains: the image repeats), or
+row), `web` or `synthetic` (the row's own kept caption of that source, the best-scored one; a row without
+one is left out and counted), `all` (every kept caption its own sample, those inherited from the duplicates
+the row replaced included, as BLIP trains: the image repeats), or
 `mix` (per row a seeded draw picks synthetic with probability `synthetic_share`, else web; a row without
 a kept caption of the drawn source takes the other, counted as a fallback: Recap-DataComp's mix).
 
@@ -40,6 +41,7 @@ import pandas as pd  # module level: pandas UDF type hints are resolved in these
 FORMATS = ("webdataset", "csv", "json")
 COLUMNS = ["uid", "url", "caption", "image", "width", "height", "sha256", "candidates", "caption_primary"]
 CAPTIONS = ("primary", "web", "synthetic", "all", "mix")
+SYNTHETIC_SHARE = 0.8  # mix's default: Recap-DataComp-1B's best share for retrieval
 BALANCE = ["balance_entries", "balance_prob"]  # in each sample's json when the run balanced (a loader draws on them)
 KEY_DIGITS = 9  # zero-padded sample index; wider only past a billion samples, still unique
 # Strings pandas.read_csv turns into NaN even when quoted (its default na_values, pandas 2.x); open_clip's
@@ -83,7 +85,7 @@ class _Tally:
 
     def add(self, row) -> None:
         self.na_like += row.text in PANDAS_NA
-        self.synthetic += row.caption_source == "synthetic"
+        self.synthetic += row.caption_source.endswith("synthetic")  # inherited_synthetic too
         self.fallbacks += bool(row.fallback)
         self.balance_prob += float(getattr(row, "balance_prob", 0.0))
 
@@ -186,7 +188,7 @@ def _samples(curated, captions: str, synthetic_share: float, seed: int):
         chosen = F.when(draw, F.coalesce(synthetic, web)).otherwise(F.coalesce(web, synthetic))
         fallback = F.when(draw, synthetic.isNull()).otherwise(web.isNull())
     if captions == "all":
-        every = F.concat(kept("web"), kept("synthetic"))
+        every = F.filter("candidates", lambda c: c["kept"])  # inherited ones too (dedup.inherit_captions)
         samples = curated.select(*columns, F.posexplode(every).alias("caption_index", "_c"))
     else:
         samples = curated.select(*columns, F.lit(0).alias("caption_index"), chosen.alias("_c")) \
@@ -279,13 +281,15 @@ def _join_parts(work: Path, fmt: str, parts: list[str]) -> str:
 
 
 def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_000,
-           overwrite: bool = False, captions: str = "primary", synthetic_share: float = 0.8, seed: int = 0) -> dict:
+           overwrite: bool = False, captions: str = "primary", synthetic_share: float | None = None,
+           seed: int = 0) -> dict:
     """Write the export to `to` (a local or shared folder every executor can write); returns its summary,
     also written as DIR/export.json."""
     from capfilt.pipelines.output import check_current, read_manifest
     from capfilt.schemas import CURATED
 
     check_options(fmt, samples_per_shard, captions, synthetic_share)
+    synthetic_share = SYNTHETIC_SHARE if synthetic_share is None else synthetic_share
     source = read_manifest(out_root)  # refuses an unfinished OUT
     check_current(out_root, source)  # and one whose stages changed after its curated rows were written
     target = check_target(out_root, to, overwrite)
@@ -344,7 +348,7 @@ def export(spark, out_root: str, fmt: str, to: str, samples_per_shard: int = 10_
     return summary
 
 
-def check_options(fmt: str, samples_per_shard: int, captions: str, synthetic_share: float) -> None:
+def check_options(fmt: str, samples_per_shard: int, captions: str, synthetic_share: float | None) -> None:
     """ValueError for options no export can honour (jobs/export.py asks before Spark starts)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
@@ -352,5 +356,7 @@ def check_options(fmt: str, samples_per_shard: int, captions: str, synthetic_sha
         raise ValueError("samples per shard must be at least 1")
     if captions not in CAPTIONS:
         raise ValueError(f"unknown --captions {captions!r}: one of {', '.join(CAPTIONS)}")
-    if not 0.0 <= synthetic_share <= 1.0:
+    if synthetic_share is not None and captions != "mix":
+        raise ValueError(f"--synthetic-share applies to --captions mix only (got --captions {captions})")
+    if synthetic_share is not None and not 0.0 <= synthetic_share <= 1.0:
         raise ValueError(f"--synthetic-share must be between 0 and 1 (got {synthetic_share})")

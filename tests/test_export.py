@@ -216,6 +216,10 @@ def test_export_refuses_any_target_inside_or_around_the_output_before_spark(out,
                     "--synthetic-share", share]) == 2
         err = capsys.readouterr().err
         assert err.startswith("capfilt: error: --synthetic-share must be between 0 and 1") and err.count("\n") == 1
+    assert cli(["export", str(source), "--format", "json", "--to", str(tmp_path / "x"), "--captions", "all",
+                "--synthetic-share", "0.5"]) == 2  # a share that would be ignored is refused, not dropped silently
+    err = capsys.readouterr().err
+    assert "--synthetic-share applies to --captions mix only" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 
@@ -346,7 +350,8 @@ def test_open_clip_training_runs_on_the_export(spark, out, clip_dir, tmp_path, f
 
 
 def _mixed_out(root, n: int):
-    """Rows in three kinds by i % 3: web and two synthetic captions kept (the first synthetic best); only
+    """Rows in three kinds by i % 3: web and two synthetic captions kept (the first synthetic best among the
+    row's own) plus a kept synthetic caption inherited from a duplicate (dedup) and a web one not kept; only
     the first synthetic kept; only the web caption kept."""
     rows = _curated_rows(n)
     for i, row in enumerate(rows):
@@ -355,6 +360,10 @@ def _mixed_out(root, n: int):
         scores = [(0.5, 0.9, 0.7), (0.1, 0.8, 0.2), (0.6, 0.3, 0.2)][i % 3]
         row["candidates"] = [{"text": t, "source": s, "score": sc, "kept": k} for t, s, sc, k in zip(
             (web, first, second), ("web", "synthetic", "synthetic"), scores, kept)]
+        if i % 3 == 0:  # the best score of all, but another image's caption: only `all` takes it
+            row["candidates"] += [
+                {"text": f"inherited {i}", "source": "inherited_synthetic", "score": 0.95, "kept": True},
+                {"text": f"dropped {i}", "source": "inherited_web", "score": 0.1, "kept": False}]
         row["caption_primary"] = first if i % 3 < 2 else web
     _write_out(root, rows)
     return {row["uid"]: row for row in rows}
@@ -389,19 +398,19 @@ def test_captions_mixed_at_export_primary_web_synthetic_all_and_a_seeded_mix(spa
                                                    for uid in rows if kind[uid] != 2}
     assert summary["captions"]["rows_left_out"] == 100 and summary["captions"]["web"] == 0
 
-    # all: every kept caption is a sample; one image file per row, the samples of a row name it
+    # all: every kept caption is a sample, inherited ones included; one image file per row, the samples name it
     summary, got, to = samples("all")
     per_row = {}
     for uid, text, image in got:
         per_row.setdefault(uid, []).append((text, image))
     assert {uid: sorted(t for t, _ in v) for uid, v in per_row.items()} == {
         uid: sorted(c["text"] for c in r["candidates"] if c["kept"]) for uid, r in rows.items()}
-    assert len(got) == 500 and all(len({image for _, image in v}) == 1 for v in per_row.values())
+    assert len(got) == 600 and all(len({image for _, image in v}) == 1 for v in per_row.values())
     assert len(list((to / "images").iterdir())) == 300
     for uid, v in per_row.items():
         assert hashlib.sha256((to / "images" / v[0][1]).read_bytes()).hexdigest() == rows[uid]["sha256"]
     summary, got, _ = samples("all", "webdataset")  # self-contained samples: the image repeats, keys stay unique
-    assert len(got) == 500 and len({key for *_, key in got}) == 500 and summary["captions"]["synthetic"] == 300
+    assert len(got) == 600 and len({key for *_, key in got}) == 600 and summary["captions"]["synthetic"] == 400
 
     # mix: one sample per row; rows with both sources follow a seeded draw with the asked share
     summary, got, _ = samples("mix", "webdataset", synthetic_share=0.8, seed=0)
