@@ -17,29 +17,33 @@ by R@1 among 1000 (both directions averaged) on bench/quality.py's uniform held-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.quality import _decode, retrieval_data, train_and_measure  # noqa: E402
+from bench.quality import _decode, retrieval_data, train_missing, training_args  # noqa: E402
 
 
 def export(out: Path, to: Path, options: list[str]) -> dict:
-    """`capfilt export` in a child process (reused when its export.json is there); its summary."""
-    if not (to / "export.json").exists():
-        cmd = [sys.executable, "-m", "capfilt.jobs.cli", "export", str(out), "--format", "webdataset",
-               "--to", str(to), "--overwrite", *options]
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode:
-            raise SystemExit(f"export failed for {to}:\n{proc.stdout[-4000:]}")
-    return json.loads((to / "export.json").read_text())
+    """`capfilt export` in a child process; its summary. An earlier export in `to` is reused only when it was
+    made from this OUT as it is now (its export.json names the source and the source's finish time)."""
+    finished = json.loads((out / "manifest.json").read_text()).get("finished_at")
+    summary = to / "export.json"
+    earlier = json.loads(summary.read_text()) if summary.exists() else {}
+    if (earlier.get("source"), earlier.get("source_finished_at")) == (str(out), finished):
+        return earlier
+    cmd = [sys.executable, "-m", "capfilt.jobs.cli", "export", str(out), "--format", "webdataset",
+           "--to", str(to), "--overwrite", *options]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        raise SystemExit(f"export failed for {to}:\n{proc.stdout[-4000:]}")
+    return json.loads(summary.read_text())
 
 
 def samples(folder: Path):
@@ -64,41 +68,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="a curated OUT whose rows kept synthetic captions")
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.5, 0.8, 1.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-n", type=int, default=2000)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--work", default="/tmp/capfilt-bench-mixing")
-    ap.add_argument("--json")
+    training_args(ap, "/tmp/capfilt-bench-mixing")
     args = ap.parse_args()
 
     import numpy as np
-    work, out = Path(args.work), Path(args.out)
+    work, out = Path(args.work), Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     arms = {f"mix-{p:g}": ["--captions", "mix", "--synthetic-share", str(p)] for p in args.shares}
     arms["all"] = ["--captions", "all"]
     summaries = {arm: export(out, work / "exports" / arm, options) for arm, options in arms.items()}
     print(json.dumps({arm: s["captions"] | {"samples": s["samples"]} for arm, s in summaries.items()}), flush=True)
 
-    images, texts, keys = retrieval_data(args.eval_n)
-    data_file = work / "arms.npz"
-    data = {arm: samples(work / "exports" / arm) for arm in arms}
-    np.savez(data_file, eval_images=images, eval_texts=np.array(texts), eval_keys=np.array(keys),
-             **{f"{arm}_images": d[0] for arm, d in data.items()},
-             **{f"{arm}_captions": np.array(d[1]) for arm, d in data.items()})
-    cache = work / "downstream"
+    # The trainings' results are kept per OUT (as it is now), arm, seed and budget: a rerun trains what is missing.
+    source = hashlib.sha256(f"{out}|{summaries['all']['source_finished_at']}".encode()).hexdigest()[:12]
+    data_file, cache = work / f"arms-{source}.npz", work / "downstream"
     cache.mkdir(exist_ok=True)
-    tag = f"{out.name}-{args.steps}x{args.batch}-lr{args.lr}"
+    tag = f"{source}-{args.steps}x{args.batch}-lr{args.lr}-eval{args.eval_n}"
     tasks = {cache / f"{arm}-seed{seed}-{tag}.json": (arm, seed, args.steps, args.batch, args.lr, str(data_file))
              for arm in arms for seed in args.seeds}
-    todo = [p for p in tasks if not p.exists()]
     started = time.time()
-    if todo:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for path, result in zip(todo, pool.map(train_and_measure, [tasks[p] for p in todo])):
-                path.write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("hits_")}) + "\n")
+    if not all(path.exists() for path in tasks):
+        images, texts, keys = retrieval_data(args.eval_n)
+        data = {arm: samples(work / "exports" / arm) for arm in arms}
+        np.savez(data_file, eval_images=images, eval_texts=np.array(texts), eval_keys=np.array(keys),
+                 **{f"{arm}_images": d[0] for arm, d in data.items()},
+                 **{f"{arm}_captions": np.array(d[1]) for arm, d in data.items()})
+        train_missing(tasks, args.jobs)
     results = [json.loads(p.read_text()) for p in tasks]
     per_arm = {arm: {r["seed"]: r["r1_1000"] for r in results if r["arm"] == arm} for arm in arms}
     report = {"out": str(out), "exports": {arm: s["captions"] | {"samples": s["samples"]} for arm, s in summaries.items()},

@@ -309,6 +309,28 @@ def train_and_measure(task: tuple) -> dict:
     return result
 
 
+def training_args(ap: argparse.ArgumentParser, work: str) -> None:
+    """The options of every bench that trains small CLIPs on curated pairs (this one, shaping.py, mixing.py)."""
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per arm")
+    ap.add_argument("--steps", type=int, default=600, help="optimiser steps per model (the shared budget)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-n", type=int, default=2000, help="held-out pairs: pools of 100 and of 1000")
+    ap.add_argument("--jobs", type=int, default=2, help="models trained at once (one torch thread each)")
+    ap.add_argument("--work", default=work)
+    ap.add_argument("--json", help="write the report here too")
+
+
+def train_missing(tasks: dict[Path, tuple], jobs: int) -> None:
+    """Train each task whose result file is missing (a rerun trains only those), `jobs` at once; each
+    result is written to its file as it comes."""
+    todo = [path for path in tasks if not path.exists()]
+    if todo:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            for path, result in zip(todo, pool.map(train_and_measure, [tasks[p] for p in todo])):
+                path.write_text(json.dumps(result) + "\n")
+
+
 def summarise(results: list[dict], names) -> dict:
     import numpy as np
     summary = {}
@@ -403,14 +425,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="rows in the web corpus")
     ap.add_argument("--noise", type=float, default=0.45, help="share of plain rows with a wrong caption")
     ap.add_argument("--runs", nargs="+", help="curate runs (default: every scorer, CapFilt and filter-only)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per arm")
-    ap.add_argument("--steps", type=int, default=600, help="optimiser steps per model (the shared budget)")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-n", type=int, default=2000, help="held-out pairs: pools of 100 and of 1000")
-    ap.add_argument("--jobs", type=int, default=2, help="models trained at once (one torch thread each)")
-    ap.add_argument("--work", default="/tmp/capfilt-bench-quality")
-    ap.add_argument("--json", help="write the report here too")
+    training_args(ap, "/tmp/capfilt-bench-quality")
     ap.add_argument("--svg", help="write the plot here")
     ap.add_argument("--skip-downstream", action="store_true", help="curation figures only")
     ap.add_argument("--raw", action="store_true", help="also train on the raw downloaded pairs")
@@ -473,16 +488,13 @@ def main() -> None:
         tasks = {cache / f"{arm}-seed{seed}-{args.steps}x{args.batch}-lr{args.lr}-eval{args.eval_n}-web.json":
                  (arm, seed, args.steps, args.batch, args.lr, str(data_file))
                  for seed in args.seeds for arm in arms(runs, args.raw)}
-        todo = [path for path in tasks if not path.exists()]
-        if todo:
+        if not all(path.exists() for path in tasks):
             data = arm_data(runs, truth, seed=0)
             eval_images, eval_texts, eval_keys = retrieval_data(args.eval_n)
             np.savez(data_file, eval_images=eval_images, eval_texts=np.array(eval_texts),
                      eval_keys=np.array(eval_keys), **{f"{arm}_images": d[0] for arm, d in data.items()},
                      **{f"{arm}_captions": np.array(d[1]) for arm, d in data.items()})
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-                for path, result in zip(todo, pool.map(train_and_measure, [tasks[p] for p in todo])):
-                    path.write_text(json.dumps(result) + "\n")
+            train_missing(tasks, args.jobs)
         results = [json.loads(path.read_text()) for path in tasks]
         report["downstream_runs"] = results
         downstream = report["downstream"] = summarise(results, arms(runs, args.raw))

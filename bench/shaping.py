@@ -28,13 +28,12 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.quality import arm_data, curate, load_truth, retrieval_data, run_overrides, train_and_measure  # noqa: E402
+from bench.quality import (arm_data, curate, load_truth, retrieval_data, run_overrides,  # noqa: E402
+                           train_missing, training_args)
 
 CORPUS_SEED = 10_011  # held out, and not bench/quality.py's corpus
 TARGET_SEED = 10_012
@@ -93,14 +92,7 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=400, help="balance.t")
     ap.add_argument("--clusters", type=int, default=64, help="target.clusters")
     ap.add_argument("--target-images", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eval-n", type=int, default=2000)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--work", default="/tmp/capfilt-bench-shaping")
-    ap.add_argument("--json")
+    training_args(ap, "/tmp/capfilt-bench-shaping")
     args = ap.parse_args()
 
     import numpy as np
@@ -159,12 +151,8 @@ def main() -> None:
              (arm, seed, args.steps, args.batch, args.lr, str(files[evalset]))
              for evalset, arms in (("uniform", ("clip", "balanced")), ("target", ("clip", "target")))
              for arm in arms for seed in args.seeds}
-    todo = [p for p in tasks if not p.exists()]
     started = time.time()
-    if todo:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for path, result in zip(todo, pool.map(train_and_measure, [tasks[p] for p in todo])):
-                path.write_text(json.dumps(result) + "\n")
+    train_missing(tasks, args.jobs)
     results = {p: json.loads(p.read_text()) for p in tasks}
     groups = thirds(uniform[2], ranking)
     per_seed = {}
