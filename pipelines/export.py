@@ -85,7 +85,7 @@ class _Tally:
 
     def add(self, row) -> None:
         self.na_like += row.text in PANDAS_NA
-        self.synthetic += row.caption_source.endswith("synthetic")  # inherited_synthetic too
+        self.synthetic += (row.caption_source or "").endswith("synthetic")  # inherited_synthetic too
         self.fallbacks += bool(row.fallback)
         self.balance_prob += float(getattr(row, "balance_prob", 0.0))
 
