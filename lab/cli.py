@@ -8,6 +8,7 @@
     python -m capfilt.lab eval --clip models/shapes-clip-web --itm models/shapes-itm
     python -m capfilt.lab train-head --kind watermark --out models/shapes-watermark-head
     python -m capfilt.lab eval-head --head models/shapes-watermark-head --seed 10000
+    python -m capfilt.lab finetune itm --init models/shapes-itm --data OUT --data annotated.parquet --out round2-itm
 
 `train` measures the fresh model with `eval` and writes the figures into its model_card.json;
 `train-head` measures the head on a held-out seed and writes the figures into its card.json.
@@ -23,6 +24,9 @@ import sys
 from pathlib import Path
 
 from capfilt.lab.data import EVAL_SEED_BASE
+
+# lab/finetune.py's budget and held-out share unless told otherwise
+FINETUNE = {"steps": 500, "batch": 32, "lr": 1e-4, "heldout": 500, "neighbours": 8}
 
 DEFAULTS = {  # the budgets the committed checkpoints were trained with (docs/models.md)
     # bf16 autocast: 1.5-1.8x faster for BLIP on this CPU (AMX), slower for open_clip's CLIP (measured)
@@ -91,7 +95,53 @@ def _parser() -> argparse.ArgumentParser:
     eh.add_argument("--seed", type=int, default=EVAL_SEED_BASE, help="held-out seed")
     eh.add_argument("--n", type=int, default=4000, help="images (half watermarked)")
     eh.add_argument("--threads", type=int, default=1)
+    ft = commands.add_parser("finetune", help="fine-tune a captioner, an ITM or a CLIP on pairs from data "
+                                              "(lab/finetune.py)")
+    ft.add_argument("model", choices=["captioner", "itm", "clip"])
+    ft.add_argument("--init", required=True, help="the model to start from: any reference the loader reads as this role")
+    ft.add_argument("--data", required=True, action="append",
+                    help="a curated OUT, a WebDataset (.tar or a folder of them) or a Parquet of pairs; repeatable")
+    ft.add_argument("--out", required=True, help="checkpoint folder to write (must not exist)")
+    ft.add_argument("--steps", type=int, default=FINETUNE["steps"], help="optimiser steps (default %(default)s)")
+    ft.add_argument("--batch", type=int, default=FINETUNE["batch"], help="images per step and process (default %(default)s)")
+    ft.add_argument("--lr", type=float, default=FINETUNE["lr"], help="peak learning rate (default %(default)s)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--heldout", type=int, default=FINETUNE["heldout"],
+                    help="pairs held out and measured before and after (at most a fifth; default %(default)s)")
+    ft.add_argument("--neighbours", type=int, default=FINETUNE["neighbours"],
+                    help="itm, clip: nearest images whose captions are negatives (default %(default)s)")
+    ft.add_argument("--minutes", type=float, help="wall-clock cap: stop early (and say so in the card)")
+    ft.add_argument("--threads", type=int, help="torch threads (default 1)")
+    ft_precision = ft.add_mutually_exclusive_group()
+    ft_precision.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                              help="bfloat16 autocast (default on a GPU)")
+    ft_precision.add_argument("--fp32", dest="bf16", action="store_false", help="plain fp32 (default on CPU)")
+    ft.add_argument("--shapes-eval", action="store_true",
+                    help="also measure the result on the shapes world's held-out seed (lab eval) into the card")
     return parser
+
+
+def _finetune(args) -> int:
+    from capfilt.lab.finetune import finetune
+    for name in ("steps", "batch", "heldout"):
+        if getattr(args, name) < (0 if name == "heldout" else 1):
+            raise ValueError(f"--{name} {getattr(args, name)}: must be {'>= 0' if name == 'heldout' else '>= 1'}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: must be > 0")
+    card = finetune(args.model, args.init, args.data, Path(args.out), steps=args.steps, batch=args.batch, lr=args.lr,
+                    seed=args.seed, heldout=args.heldout, neighbours=args.neighbours, minutes=args.minutes,
+                    threads=args.threads, bf16=args.bf16)
+    if card is None:  # a torchrun process other than rank 0
+        return 0
+    if args.shapes_eval:
+        import torch
+        torch.set_num_threads(args.threads or 1)
+        card["metrics"]["shapes"] = evaluate(**{f"{args.model}_ref": args.out})[args.model]
+        (Path(args.out) / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"fine-tuned {args.model} from {args.init}: {card['finetuned']['trained_steps']} steps on "
+          f"{card['finetuned']['pairs_trained_on']} pairs -> {args.out}")
+    print(json.dumps(card["metrics"], indent=2))
+    return 0
 
 
 def _train_head(args) -> int:
@@ -185,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capfilt: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "finetune":
+        from capfilt.udfs.models.errors import ModelNotAvailable, UnsafeCheckpoint
+        try:
+            return _finetune(args)
+        except (ValueError, FileNotFoundError, ModelNotAvailable, UnsafeCheckpoint) as e:  # bad input: one line
+            print(f"capfilt: error: {e}", file=sys.stderr)
+            return 2
     import torch
     if args.command == "train-head":
         return _train_head(args)

@@ -449,7 +449,7 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
     figures = {"model_passes": {p.role: passed for p in loaded} or
                ({stage.model.role: 0} if stage.model and stage.model.reference(cfg) else {}),
                "decoded_images": decoded.value, "bytes_written": written}
-    manifest = build_manifest(out, cfg.to_dict(), counts, models=stage.models(cfg) | result.report,
+    manifest = build_manifest(out, cfg.to_dict(), counts, models=with_lineage(stage.models(cfg) | result.report),
                               reasons=stage.reasons_for(cfg), source=source, inputs=stage.inputs(cfg),
                               **chain.to_manifest(stage.name, out.root, fused_scores or (
                                   f"{out.root}/model" if stage.keeps_scores and stage.model else None)),
@@ -462,6 +462,33 @@ def _run(spark, stage: Stage, cfg, input_root: str, source_manifest: dict, out, 
     print(f"{out.root}: {counts.input} rows in, {counts.output} out, {counts.rejected_total} rejected "
           f"{counts.rejected.get(stage.name, {})}", flush=True)
     return manifest
+
+
+def with_lineage(models: dict) -> dict:
+    """`models`, plus `lineage` where a local model folder it names was fine-tuned (`capfilt lab finetune`
+    writes `finetuned` into its model_card.json): from which model and on which data, round by round, so
+    that an OUT of a bootstrap's round k says which OUT made its models."""
+    from pathlib import Path
+    lineage = {}
+    for ref in models.values():
+        card = Path(ref) / "model_card.json" if isinstance(ref, str) and ref else None
+        if card is None or not card.is_file():
+            continue
+        try:
+            info = json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        rounds = []
+        while isinstance(info, dict) and isinstance(info.get("finetuned"), dict):
+            tuned = info["finetuned"]
+            rounds.append({"model": info.get("reference"), "init": tuned.get("init"),
+                           "trained_steps": tuned.get("trained_steps"),
+                           "data": [{k: d.get(k) for k in ("path", "kind", "pairs", "finished_at") if k in d}
+                                    for d in tuned.get("data", []) if isinstance(d, dict)]})
+            info = tuned.get("init_card")
+        if rounds:
+            lineage[ref] = rounds
+    return models | ({"lineage": lineage} if lineage else {})
 
 
 def image_bytes(spark, chain: Chain):
