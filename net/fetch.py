@@ -17,10 +17,12 @@ import http.client
 import io
 import re
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
 import numpy as np
@@ -55,6 +57,8 @@ class FetchPolicy:
     max_retry_after_answers: int = 0      # Retry-After answers in a row after which a host is given up; 0 = never
     max_retry_after_total_s: float = 0.0  # Retry-After seconds per host after which it is given up; 0 = no budget
     exempt: tuple[tuple[str, int | None], ...] = ()  # endpoints without rate/connection limits
+    ca_bundle: str | None = None          # PEM of the CAs HTTPS is checked against (None: the system's)
+    retry_tls: bool = False               # a tls failure is retryable
     # A fresh opener (and HostLimits) per run: Python workers outlive a run, and a host given up (or held
     # off) in one run must be asked again by the next (--retry-failed in the same session).
     run: str = ""
@@ -276,7 +280,8 @@ class _PoliteOpener(urllib.request.OpenerDirector):
                 if isinstance(e, urllib.error.HTTPError):
                     e.close()
                 code = failure_code(e)
-                if attempt == self.policy.retries or code not in RETRYABLE_CODES or code == "retry_after":
+                retryable = code in RETRYABLE_CODES or code == "tls" and self.policy.retry_tls
+                if attempt == self.policy.retries or not retryable or code == "retry_after":
                     text = str(e.reason) if isinstance(e, urllib.error.URLError) and not isinstance(
                         e, urllib.error.HTTPError) else str(e)
                     raise urllib.error.URLError(text if text.startswith(f"{code}: ") else f"{code}: {text}") from e
@@ -330,11 +335,35 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
             return polite_open(self.do_open, https_connection, req, context=self._context)
 
     opener = _PoliteOpener(policy)
-    for handler in (GuardedHTTPHandler(), GuardedHTTPSHandler(), _OnlyHttp(), _HttpOnlyRedirects(),
+    for handler in (GuardedHTTPHandler(), GuardedHTTPSHandler(context=tls_context(policy.ca_bundle)), _OnlyHttp(), _HttpOnlyRedirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                     _Limits(policy, limits)):
         opener.add_handler(handler)
     return opener
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """Certificates checked, names matched, TLS 1.2 and up: against ca_bundle's CAs, or the system's
+    (which SSL_CERT_FILE and SSL_CERT_DIR replace)."""
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def check_ca_bundle(path: str | None) -> None:
+    """download.ca_bundle on the driver, before any work: a readable file holding at least one certificate
+    (else one line, not every HTTPS row failing as tls)."""
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise ValueError(f"download.ca_bundle {path}: no such file (a PEM file of CA certificates)")
+    try:
+        context = ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise ValueError(f"download.ca_bundle {path}: holds no certificate a TLS client can load ({e})") from None
+    stats = context.cert_store_stats()
+    if not stats.get("x509", 0):
+        raise ValueError(f"download.ca_bundle {path}: holds no certificate (a PEM file of CA certificates)")
 
 
 _installed: FetchPolicy | None = None

@@ -116,6 +116,10 @@ class DownloadSettings:
                                         "(e.g. a local test server); everything else non-public is blocked")
     loopback_only: bool = _opt(False, "refuse every connection outside 127.0.0.0/8 and ::1 at the socket "
                                       "level (tests, air-gapped runs)")
+    ca_bundle: str = _opt("", "PEM file of the certificate authorities HTTPS servers are checked against instead of "
+                              "the system's (SSL_CERT_FILE works too); a path every executor can read")
+    retry_tls: bool = _opt(False, "count TLS failures (code tls: an untrusted certificate, one for another name, a "
+                                  "failed handshake) as retryable, in the run and for --retry-failed")
     # Input rules.
     drop_empty_captions: bool = _opt(True, "reject rows whose caption is empty or blank (empty_caption); "
                                            "false keeps them for the captioner")

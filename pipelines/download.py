@@ -201,7 +201,7 @@ def fetch_policy(settings: DownloadSettings, shares: dict[str, int] | None = Non
         max_retry_after_answers=settings.max_retry_after_answers,
         max_retry_after_total_s=settings.max_retry_after_total_s,
         exempt=() if settings.polite_to_allowed_hosts else exempt_entries(settings.allow_hosts),
-        run=uuid.uuid4().hex)
+        ca_bundle=settings.ca_bundle or None, retry_tls=settings.retry_tls, run=uuid.uuid4().hex)
 
 
 def fetch(spark, input_dir: str, shards_dir: str, extra_columns: list[str], settings: DownloadSettings,
@@ -336,9 +336,11 @@ def failure_code(detail):
     return F.regexp_extract(detail, CODE_PATTERN, 1)
 
 
-def retryable(rejects):
-    """The rejects --retry-failed fetches again: selected by code (by text for outputs from before codes)."""
+def retryable(rejects, tls: bool = False):
+    """The rejects --retry-failed fetches again: selected by code (by text for outputs from before codes);
+    tls failures too when asked (download.retry_tls)."""
     from pyspark.sql import functions as F
     code = failure_code(F.col("detail"))
+    codes = sorted(RETRYABLE_CODES | ({"tls"} if tls else set()))
     return rejects.filter((F.col("reason") == FAILED_TO_DOWNLOAD) & (
-        code.isin(*sorted(RETRYABLE_CODES)) | ((code == "") & F.col("detail").rlike(_LEGACY_RETRYABLE))))
+        code.isin(*codes) | ((code == "") & F.col("detail").rlike(_LEGACY_RETRYABLE))))

@@ -155,7 +155,7 @@ def _merge(spark, out, cfg, progress: bool, retry: bool) -> dict:
     kept_input.write.mode("overwrite").parquet(out.path("input"))
     report = committed.get("prefilter")
     if retry:
-        again = retryable(rejects).select("uid")
+        again = retryable(rejects, tls=cfg.download.retry_tls).select("uid")
         rejects = rejects.join(again, "uid", "left_anti")
         todo = kept_input.join(again, "uid", "left_semi")
         moved = 0
@@ -329,8 +329,10 @@ class Timer:
 
 
 def _check(cfg, input_root) -> None:
+    from capfilt.net.fetch import check_ca_bundle
     from capfilt.net.netguard import check_allow_list
     check_allow_list(cfg.download.allow_hosts)
+    check_ca_bundle(cfg.download.ca_bundle)
 
 
 DEFINITION = Stage(

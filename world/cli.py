@@ -96,15 +96,25 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
 
+    tls = None
+    if args.tls:
+        from capfilt.world.tls import CA_FILE, CERT_FILE, make_certificates
+        tls = out / "tls"
+        if not (tls / CERT_FILE).is_file():
+            make_certificates(tls)
+
     def announce(server: WorldServer) -> None:
         paths = [write_metadata(out, server.base_url, fmt=fmt) for fmt in args.format or ["parquet"]]
         print(f"serving {out / 'site'} at {server.base_url}", flush=True)
+        if tls is not None:
+            print(f"its certificate is signed by a test CA: trust it with --set download.ca_bundle={tls / CA_FILE}",
+                  flush=True)
         for path in paths:
             print(f"metadata: {path}", flush=True)
         print("Ctrl-C to stop", flush=True)
 
     try:
-        serve_until_interrupted(out / "site", args.port, on_start=announce)
+        serve_until_interrupted(out / "site", args.port, on_start=announce, tls=tls)
     except PortUnavailable as e:
         raise ValueError(f"{e}: choose another with --port, or --port 0 for any free one") from None
     print("stopped")
@@ -183,13 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.set_defaults(run=_eval_set)
 
     serve_cmd = commands.add_parser(
-        "serve", help="serve DIR/site on 127.0.0.1 and write DIR/metadata.parquet for it",
+        "serve", help="serve DIR/site on 127.0.0.1 (HTTP, or HTTPS with --tls) and write DIR/metadata.parquet for it",
         description="Serve DIR/site on 127.0.0.1 until Ctrl-C. The metadata's URLs name the server's "
                     "port, so it is (re)written at start: DIR/metadata.<format>.")
     serve_cmd.add_argument("dir", metavar="DIR", help="a directory written by `generate`")
     serve_cmd.add_argument("--port", type=int, default=0, help="port to bind (default: an ephemeral one)")
     serve_cmd.add_argument("--format", action="append", choices=METADATA_FORMATS,
                            help="metadata format, repeatable (default: parquet)")
+    serve_cmd.add_argument("--tls", action="store_true",
+                           help="serve HTTPS with a certificate from a test CA written to DIR/tls (once; ca.pem is "
+                                "what a client trusts: download.ca_bundle)")
     serve_cmd.set_defaults(run=_serve)
     return parser
 

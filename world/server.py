@@ -172,10 +172,11 @@ class _FaultyServer(ThreadingHTTPServer):
     block_on_close = True  # server_close() joins every handler thread: nothing is left running
 
     def __init__(self, site_dir: Path, address: tuple[str, int],
-                 robots: tuple[int, str | None, str | None] | None, throttle_s: float):
+                 robots: tuple[int, str | None, str | None] | None, throttle_s: float, tls=None):
         super().__init__(address, _Handler)
         self.site_dir = site_dir
-        self.base_url = f"http://{address[0]}:{self.server_address[1]}"
+        self.tls = tls  # an ssl.SSLContext: HTTPS
+        self.base_url = f"{'https' if tls else 'http'}://{address[0]}:{self.server_address[1]}"
         self.robots = robots
         self.throttle_s = throttle_s
         self.stopping = threading.Event()
@@ -205,6 +206,14 @@ class _FaultyServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass  # clients hanging up mid-response (the reset fault, timeouts) are normal here
 
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake runs in the handler's thread (on its first read), not in the accepting loop,
+        # so a client that never finishes one holds only its own thread.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
 
 class PortUnavailable(OSError):
     """The port is taken, or not ours to bind; str() is the message alone."""
@@ -216,10 +225,12 @@ class PortUnavailable(OSError):
 class WorldServer:
     """A running server: base_url, port, requests (a snapshot of (path, status)), timed_requests, stop().
 
-    robots and throttle_s are the server-wide behaviours of the module docstring."""
+    robots and throttle_s are the server-wide behaviours of the module docstring; tls, a folder
+    world/tls.py's make_certificates wrote, serves HTTPS with its certificate."""
 
     def __init__(self, site_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 allow_non_loopback: bool = False, *, robots: Robots = None, throttle_s: float = 0):
+                 allow_non_loopback: bool = False, *, robots: Robots = None, throttle_s: float = 0,
+                 tls: str | Path | None = None):
         if not allow_non_loopback and not _is_loopback(host):
             raise ValueError(f"refusing to bind {host!r}: the world server binds loopback only "
                              "unless allow_non_loopback=True")
@@ -227,8 +238,12 @@ class WorldServer:
         if not (site_dir / "img").is_dir():
             raise FileNotFoundError(f"{site_dir}/img does not exist: generate a corpus first")
         rule = _robots_rule(robots)
+        context = None
+        if tls is not None:
+            from capfilt.world.tls import server_context
+            context = server_context(tls)
         try:  # closes its socket if bind fails
-            self._server = _FaultyServer(site_dir, (host, port), rule, throttle_s)
+            self._server = _FaultyServer(site_dir, (host, port), rule, throttle_s, context)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortUnavailable(e.errno, f"port {port} is in use on {host}") from None
@@ -286,9 +301,9 @@ def _is_loopback(host: str) -> bool:
 
 @contextmanager
 def serve(site_dir: str | Path, host: str = "127.0.0.1", port: int = 0, allow_non_loopback: bool = False, *,
-          robots: Robots = None, throttle_s: float = 0) -> Iterator[WorldServer]:
+          robots: Robots = None, throttle_s: float = 0, tls: str | Path | None = None) -> Iterator[WorldServer]:
     """Serve site_dir on host:port (0: an ephemeral port) for the duration of a with-block."""
-    server = WorldServer(site_dir, host, port, allow_non_loopback, robots=robots, throttle_s=throttle_s)
+    server = WorldServer(site_dir, host, port, allow_non_loopback, robots=robots, throttle_s=throttle_s, tls=tls)
     try:
         yield server
     finally:
@@ -300,7 +315,7 @@ def serve_hosts(site_dir: str | Path, n: int, per_host: dict[int, dict] | None =
                 **kwargs) -> Iterator[list[WorldServer]]:
     """n servers of site_dir, the i-th on 127.0.0.(i+2) at an ephemeral port, for a with-block.
 
-    kwargs (robots, throttle_s) go to every server; per_host[i] overrides them for the i-th, e.g.
+    kwargs (robots, throttle_s, tls) go to every server; per_host[i] overrides them for the i-th, e.g.
     per_host={0: {"robots": 500}}. All are stopped on exit, and if any fails to start."""
     per_host = per_host or {}
     if not set(per_host) <= set(range(n)):
@@ -311,9 +326,10 @@ def serve_hosts(site_dir: str | Path, n: int, per_host: dict[int, dict] | None =
 
 
 def serve_until_interrupted(site_dir: str | Path, port: int = 0,
-                            on_start: Callable[[WorldServer], None] | None = None) -> None:
+                            on_start: Callable[[WorldServer], None] | None = None,
+                            tls: str | Path | None = None) -> None:
     """Blocking mode (for the CLI): serve on 127.0.0.1, call on_start(server), then wait for Ctrl-C."""
-    with serve(site_dir, port=port) as server:
+    with serve(site_dir, port=port, tls=tls) as server:
         if on_start is not None:
             on_start(server)
         try:
