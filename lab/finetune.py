@@ -389,7 +389,8 @@ def finetune(kind: str, init: str, data: list[str], out: Path, *, steps: int, ba
         "weights": "model.safetensors (fp16)" if kind != "clip" else "open_clip_model.safetensors (fp16)",
         "parameters": sum(p.numel() for p in model.parameters()),
         "finetuned": {
-            "kind": kind, "init": init, "data": pairs.sources, "pairs_trained_on": len(train_pairs),
+            "kind": kind, "init": str(Path(init).resolve()) if Path(init).exists() else init,
+            "data": pairs.sources, "pairs_trained_on": len(train_pairs),
             **({"captions_with_unknown_tokens": unknown} if kind == "captioner" else {}),
             "objective": {"captioner": "language-model loss on one of the image's captions",
                           "itm": "ITM cross-entropy: a fitting caption, a rejected (else neighbour's) caption and "

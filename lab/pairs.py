@@ -59,7 +59,7 @@ class _Reader:
 
     def __init__(self, path: Path, kind: str):
         self.pairs = Pairs()
-        self.figures = {"path": str(path), "kind": kind, "records": 0, "pairs": 0, "without_caption": 0,
+        self.figures = {"path": str(path.resolve()), "kind": kind, "records": 0, "pairs": 0, "without_caption": 0,
                         "unreadable_image": 0, "with_negatives": 0}
 
     def add(self, image, positives, negatives=()) -> None:
