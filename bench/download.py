@@ -14,8 +14,13 @@ them) and adds an arm "capfilt, polite": robots.txt fetched from every host and 
 (--polite-rate 1000 --polite-connections 64 by default: limits that never bind; 10 and 6 are capfilt's
 defaults), against the plain "capfilt" arm with politeness off (goal >= 0.90 of img2dataset).
 
+HTTPS: `--tls` serves every host with a certificate from the world's test CA (world/tls.py), kept alive
+(HTTP/1.1); capfilt trusts it through download.ca_bundle, img2dataset through SSL_CERT_FILE (set before
+Spark starts, so its workers inherit it). `--keep-alive` alone: plain HTTP, kept alive. Each arm's
+connections and requests are counted by the servers themselves (requests per connection).
+
     .venv/bin/python bench/download.py [--rows 2000] [--repeats 3] [--threads 16] [--hosts 1]
-                                       [--image-size 64 | 1024 | 512-2048] [--store-size 64]
+                                       [--image-size 64 | 1024 | 512-2048] [--store-size 64] [--tls]
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ def main() -> None:
     ap.add_argument("--image-size", default="64", help="side of the corpus images: N or LOW-HIGH")
     ap.add_argument("--store-size", type=int, default=None, help="download.image_size (default: 64 for 64-px "
                                                                    "corpora, else 256)")
+    ap.add_argument("--tls", action="store_true", help="serve HTTPS (kept alive) from a test CA both arms trust")
+    ap.add_argument("--keep-alive", action="store_true", help="servers keep connections alive (HTTP/1.1)")
     args = ap.parse_args()
     sizes = [int(v) for v in args.image_size.split("-", 1)]
     web = max(sizes) > 64
@@ -64,7 +71,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-download-"))
     make_web_corpus(work / "corpus", n=args.rows, seed=11, slow_ms=100,
                     image_size=sizes[0] if len(sizes) == 1 else tuple(sizes), jpeg_quality=(60, 95) if web else 90)
-    with serve_hosts(work / "corpus" / "site", args.hosts) as servers:
+    tls, trust = None, []
+    if args.tls:
+        from capfilt.world.tls import CA_FILE, make_certificates
+        tls = make_certificates(work / "tls")
+        os.environ["SSL_CERT_FILE"] = str(tls / CA_FILE)  # img2dataset's urllib; before Spark's workers start
+        trust = [f"download.ca_bundle={tls / CA_FILE}"]
+    with serve_hosts(work / "corpus" / "site", args.hosts, tls=tls, keep_alive=args.tls or args.keep_alive) as servers:
         metadata = valid_utf8_copy(write_metadata(work / "corpus", servers[0].base_url),
                                    [server.base_url for server in servers])
         endpoints = [f"'{server.base_url.split('//')[1]}'" for server in servers]
@@ -72,7 +85,7 @@ def main() -> None:
                "download.robots_txt=false"]
         cfg = load_config(None, [f"spark.master={args.master}", "spark.log_level=ERROR",
                                  f"download.image_size={store}", f"download.threads={args.threads}",
-                                 "download.timeout=5", *off,
+                                 "download.timeout=5", *off, *trust,
                                  f"download.allow_hosts=[{', '.join(endpoints)}, '127.0.0.1:1']"])
         spark = spark_session(cfg.spark)
         parallelism = spark.sparkContext.defaultParallelism
@@ -86,7 +99,17 @@ def main() -> None:
                 max_requests_per_second_per_host=args.polite_rate,
                 max_connections_per_host=args.polite_connections))} if args.hosts > 1 else {})}
         times = {"img2dataset": [], **{arm: [] for arm in arms}}
+        served = {arm: [0, 0] for arm in times}  # connections, requests the servers saw
+
+        def count(arm: str, before: tuple[int, int]) -> None:
+            served[arm][0] += sum(s.connections for s in servers) - before[0]
+            served[arm][1] += sum(len(s.requests) for s in servers) - before[1]
+
+        def now() -> tuple[int, int]:
+            return sum(s.connections for s in servers), sum(len(s.requests) for s in servers)
+
         for i in range(args.repeats):
+            before = now()
             start = time.perf_counter()
             img2dataset.download(
                 url_list=str(metadata), input_format="parquet", url_col="url", caption_col="caption",
@@ -97,20 +120,26 @@ def main() -> None:
                 max_image_area=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio, timeout=d.timeout,
                 extract_exif=False, compute_hash="sha256", user_agent_token=d.user_agent_token)
             times["img2dataset"].append(time.perf_counter() - start)
+            count("img2dataset", before)
             for j, (arm, arm_cfg) in enumerate(arms.items()):
                 out = work / f"capfilt{i}_{j}"
+                before = now()
                 start = time.perf_counter()
                 counts = download(spark, spec, StageOutput(str(out), "download"), arm_cfg,
                                   progress=True)  # img2dataset always prints its progress too
                 times[arm].append(time.perf_counter() - start)
+                count(arm, before)
                 print(f"  {arm} phases:", json.loads((out / "manifest.json").read_text())["timings"])
                 print(f"repeat {i}: img2dataset {times['img2dataset'][-1]:.2f}s, {arm} {times[arm][-1]:.2f}s "
                       f"({counts.output} downloaded, {counts.rejected_total} rejected)", flush=True)
     rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
     print(f"\nrows={args.rows} threads={args.threads} master={args.master} shards of {shard} rows; images "
-          f"{args.image_size} px stored at {store} px; {args.hosts} host(s)")
+          f"{args.image_size} px stored at {store} px; {args.hosts} host(s); "
+          f"{'HTTPS' if args.tls else 'HTTP'}{', kept alive' if args.tls or args.keep_alive else ''}")
     for k, v in rate.items():
-        print(f"{k:<22} {v:8.1f} rows/s  (median of {args.repeats}: {statistics.median(times[k]):.2f}s)")
+        connections, requests = served[k]
+        print(f"{k:<22} {v:8.1f} rows/s  (median of {args.repeats}: {statistics.median(times[k]):.2f}s); "
+              f"{connections} connections, {requests / max(connections, 1):.1f} requests per connection")
     for arm in arms:
         goal = 1.3 if web and arm == "capfilt" else 0.90 if arm == "capfilt, polite" else 0.95
         print(f"ratio {arm} / img2dataset = {rate[arm] / rate['img2dataset']:.3f}  (goal >= {goal})")

@@ -183,11 +183,32 @@ def _blip_tokens(tokenizer, texts, start: int | None = None):
     return ids, tokens.attention_mask
 
 
-def step_batch(kind: str, wrapper, pairs: Pairs, draws: Draws, index: np.ndarray, device: str) -> dict:
+class Pixels:
+    """The training images as the model's preprocessing makes them: computed once and kept when they fit in
+    CACHE_BYTES (a small annotated set is trained on for many epochs), else decoded per step."""
+    CACHE_BYTES = 2 << 30
+
+    def __init__(self, kind: str, wrapper, pairs: Pairs, block: int = 256):
+        self.kind, self.wrapper, self.pairs = kind, wrapper, pairs
+        self.cache = None
+        if self._compute([0]).numel() * 4 * len(pairs) <= self.CACHE_BYTES:
+            self.cache = torch.cat([self._compute(range(s, min(s + block, len(pairs))))
+                                    for s in range(0, len(pairs), block)])
+
+    def _compute(self, index) -> torch.Tensor:
+        images = [self.pairs.pil(int(i)) for i in index]
+        if self.kind == "clip":
+            return torch.stack([self.wrapper.preprocess(im) for im in images])
+        return self.wrapper.preprocess(images)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.cache[torch.as_tensor(np.asarray(index))] if self.cache is not None else self._compute(index)
+
+
+def step_batch(kind: str, wrapper, pairs: Pairs, pixels: Pixels, draws: Draws, index: np.ndarray, device: str) -> dict:
     """The tensors of one step for the images at `index`."""
-    images = [pairs.pil(int(i)) for i in index]
     if kind == "clip":
-        pixels = torch.stack([wrapper.preprocess(im) for im in images]).to(device)
+        pixels = pixels[index].to(device)
         positives = [draws.positive(int(i)) for i in index]
         negatives = [draws.hard(int(i)) for i in index]
         tokens = wrapper.tokenize(positives + negatives).to(device)
@@ -195,7 +216,7 @@ def step_batch(kind: str, wrapper, pairs: Pairs, draws: Draws, index: np.ndarray
         texts = positives + negatives
         mask = torch.tensor([[t in own[r] and c != r for c, t in enumerate(texts)] for r in range(len(index))])
         return {"pixels": pixels, "tokens": tokens, "mask": mask.to(device)}
-    pixels = wrapper.preprocess(images).to(device)
+    pixels = pixels[index].to(device)
     if kind == "captioner":
         ids, attention = _blip_tokens(wrapper.tokenizer, [draws.positive(int(i)) for i in index],
                                       start=wrapper.special["start"])
@@ -340,6 +361,7 @@ def finetune(kind: str, init: str, data: list[str], out: Path, *, steps: int, ba
     before = heldout_figures(kind, wrapper, heldout_pairs, seed) if rank == 0 and len(heldout_pairs) else None
     neighbour_index = nearest(image_features(kind, wrapper, train_pairs), neighbours) if kind != "captioner" \
         else np.zeros((len(train_pairs), 0), dtype=np.int64)
+    pixels = Pixels(kind, wrapper, train_pairs)
     data_seconds = time.perf_counter() - started
     log(f"data: {len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out, {data_seconds:.1f}s")
 
@@ -357,7 +379,7 @@ def finetune(kind: str, init: str, data: list[str], out: Path, *, steps: int, ba
     history = []
     for step in scheduled_steps(optimizer, steps, lr, budget, log):
         index = rng.choice(len(train_pairs), batch, replace=False)
-        tensors = step_batch(kind, wrapper, train_pairs, draws, index, device)
+        tensors = step_batch(kind, wrapper, train_pairs, pixels, draws, index, device)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             loss = objective(**tensors)
         optimizer.zero_grad(set_to_none=True)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import json
 import re
+import select
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -191,11 +194,14 @@ class _DeadlineReader(io.RawIOBase):
         self.raw = sock.makefile("rb", buffering=0)  # keeps the fd open after urllib closes `sock`
         self.sock = sock
         self.deadline = deadline
+        self.holding = False  # True: answer "nothing yet" without touching the socket (a peek at the buffer)
 
     def readable(self):
         return True
 
     def readinto(self, b):
+        if self.holding:
+            return None
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise _deadline_passed()
@@ -214,7 +220,20 @@ class _DeadlineResponse(http.client.HTTPResponse):
     def __init__(self, sock, *args, deadline: float, **kwargs):
         super().__init__(sock, *args, **kwargs)
         self.fp.close()  # the plain file made by HTTPResponse; headers are read from ours
-        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+        self.capfilt_reader = _DeadlineReader(sock, deadline)
+        self.fp = io.BufferedReader(self.capfilt_reader)
+        self.capfilt_overran = False  # bytes after the body were read with it: the connection is not reused
+
+    def _close_conn(self):
+        fp = self.fp
+        if fp is not None and not fp.closed:
+            self.capfilt_reader.holding = True
+            try:
+                self.capfilt_overran = bool(fp.peek(1))  # what the buffer holds past the body, if anything
+            except (OSError, ValueError):
+                self.capfilt_overran = True
+            self.capfilt_reader.holding = False
+        super()._close_conn()
 
 
 def _guarded(connection_class, addresses: netguard.AddressPolicy):
@@ -224,9 +243,15 @@ def _guarded(connection_class, addresses: netguard.AddressPolicy):
         def __init__(self, *args, deadline: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self._create_connection = self._connect
+            self.renew(deadline)
+
+        def renew(self, deadline: float | None) -> None:
+            """The next request's deadline (a kept-alive connection serves several)."""
             self._deadline = deadline
-            if deadline is not None:
-                self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+            self.response_class = functools.partial(_DeadlineResponse, deadline=deadline) \
+                if deadline is not None else http.client.HTTPResponse
+            if deadline is not None and self.sock is not None:  # sending the request gets what is left
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
 
         def _connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
             if self._deadline is None:
@@ -256,6 +281,140 @@ class _Fetched(io.BytesIO):
     def __init__(self, body: bytes, response):
         super().__init__(body)
         self.headers, self.status, self.url = response.headers, response.status, response.url
+
+
+def _dropped(sock) -> bool:
+    """An idle connection the server has closed, or sent anything on (neither is reused)."""
+    if sock is None or getattr(sock, "pending", lambda: 0)():
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+class ConnectionPool:
+    """The kept-alive connections of one worker process, by (scheme, host:port), and what they did, by host.
+
+    A connection goes back to the pool only when its response was read to the end of its framing, the
+    server did not ask to close, and nothing past the body arrived; it is taken again only if the server
+    has neither closed it nor sent anything since, and within IDLE_S. A new connection to a host is
+    opened only when none of the host's is idle, and then one idle under another scheme or port of the
+    same host is closed: the host's open connections are never more than its requests in flight
+    (HostLimits), so `max_connections_per_host` bounds pooled connections too."""
+
+    IDLE_S = 30.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str], list[tuple[object, float]]] = {}
+        self.stats: dict[str, dict[str, int]] = {}  # host -> connections, tls_handshakes, requests, reused
+
+    def count(self, host: str, **add: int) -> None:
+        with self._lock:
+            figures = self.stats.setdefault(host, {"connections": 0, "tls_handshakes": 0, "requests": 0, "reused": 0})
+            for key, n in add.items():
+                figures[key] += n
+
+    def take(self, key: tuple[str, str]):
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if time.monotonic() - since <= self.IDLE_S and not _dropped(conn.sock):
+                return conn
+            conn.close()
+
+    def make_room(self, key: tuple[str, str], host: str) -> None:
+        """Close one idle connection of `host` under another key (scheme or port)."""
+        with self._lock:
+            for other, idle in self._idle.items():
+                if other != key and idle and _host_of(other[1]) == host:
+                    conn, _ = idle.pop(0)
+                    break
+            else:
+                return
+        conn.close()
+
+    def give(self, key: tuple[str, str], conn) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append((conn, time.monotonic()))
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
+def _host_of(authority: str) -> str:
+    return (urlsplit(f"//{authority}").hostname or "").lower()
+
+
+def _reusable(response) -> bool:
+    return (not response.will_close and response.isclosed() and not getattr(response, "capfilt_overran", True)
+            and not getattr(response, "capfilt_failed", False))
+
+
+def _pooled_open(pool: ConnectionPool, connection_class, req, deadline: float | None, **kwargs):
+    """urllib's do_open on a kept-alive connection of the pool when one is idle, else on a new one: the
+    request (HTTP/1.1, no `Connection: close`), its response, and on close the connection back to the
+    pool or closed. A kept-alive connection the server closed meanwhile (the request fails before any
+    answer) is replaced by a new one once, within the same deadline."""
+    if not req.host:
+        raise urllib.error.URLError("no host given")
+    key, host = (req.type, req.host), _host_of(req.host)
+    headers = {**{k: v for k, v in req.headers.items() if k not in req.unredirected_hdrs}, **req.unredirected_hdrs}
+    headers = {name.title(): value for name, value in headers.items() if name.lower() != "connection"}
+
+    def send(conn):
+        conn.request(req.get_method(), req.selector, req.data, headers,
+                     encode_chunked=req.has_header("Transfer-encoding"))
+        return conn.getresponse()
+
+    def fresh():
+        pool.make_room(key, host)
+        pool.count(host, connections=1, tls_handshakes=int(req.type == "https"))
+        return connection_class(req.host, timeout=req.timeout, deadline=deadline, **kwargs)
+
+    conn = pool.take(key)
+    reused = conn is not None
+    if reused:
+        conn.renew(deadline)
+    else:
+        conn = fresh()
+    pool.count(host, requests=1, reused=int(reused))
+    try:
+        try:
+            response = send(conn)
+        except (ConnectionError, ssl.SSLEOFError, http.client.BadStatusLine, http.client.ImproperConnectionState):
+            if not reused:
+                raise
+            conn.close()  # closed by the server while idle (or left unusable): one new connection
+            conn = fresh()
+            response = send(conn)
+    except OSError as err:
+        conn.close()
+        raise urllib.error.URLError(err) from err
+    except BaseException:
+        conn.close()
+        raise
+    response.url, response.msg = req.get_full_url(), response.reason
+    close = response.close
+
+    def close_or_keep():
+        try:
+            close()
+        finally:
+            if _reusable(response):
+                pool.give(key, conn)
+            else:
+                conn.close()
+    response.close = close_or_keep
+    return response
 
 
 class _PoliteOpener(urllib.request.OpenerDirector):
@@ -326,15 +485,19 @@ def build_opener(policy: FetchPolicy) -> urllib.request.OpenerDirector:
         response.close, response.capfilt_release = close_and_release, release
         return response
 
+    pool = ConnectionPool()
+    pooled_open = functools.partial(_pooled_open, pool)
+
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
-            return polite_open(self.do_open, http_connection, req)
+            return polite_open(pooled_open, http_connection, req)
 
     class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return polite_open(self.do_open, https_connection, req, context=self._context)
+            return polite_open(pooled_open, https_connection, req, context=self._context)
 
     opener = _PoliteOpener(policy)
+    opener.pool = pool
     for handler in (GuardedHTTPHandler(), GuardedHTTPSHandler(context=tls_context(policy.ca_bundle)), _OnlyHttp(), _HttpOnlyRedirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                     _Limits(policy, limits)):
@@ -378,7 +541,10 @@ def prepare_worker(policy: FetchPolicy) -> None:
         netguard.refuse_non_loopback()
     else:
         netguard.allow_any_connect()
+    previous = urllib.request._opener
     urllib.request.install_opener(build_opener(policy))
+    if getattr(previous, "pool", None) is not None:
+        previous.pool.close()  # another run's kept-alive connections
     _installed = policy
 
 
@@ -394,6 +560,28 @@ class GuardedDownloader:
 
     def __call__(self, row):
         prepare_worker(self.policy)
+        pool = urllib.request._opener.pool
+        before = {host: dict(figures) for host, figures in pool.stats.items()}
+        try:
+            return self._download(row)
+        finally:
+            self._report(row[0], before, pool.stats)
+
+    def _report(self, shard_id: int, before: dict, after: dict) -> None:
+        """This shard's connection figures by host (ConnectionPool.stats, the difference this shard made):
+        <shard>_connections.json beside img2dataset's <shard>_stats.json, summed at commit
+        (pipelines/download_stage.py: connection_stats)."""
+        import fsspec
+        changed = {host: {k: v - before.get(host, {}).get(k, 0) for k, v in figures.items()}
+                   for host, figures in list(after.items())}
+        changed = {host: f for host, f in changed.items() if f["requests"]}
+        if not changed:
+            return
+        name = f"{str(shard_id).zfill(self.downloader.oom_shard_count)}_connections.json"
+        fs, folder = fsspec.core.url_to_fs(self.downloader.output_folder)
+        fs.pipe(f"{folder}/{name}", json.dumps(changed).encode())
+
+    def _download(self, row):
         shard_id, path = row
         if path.endswith(".feather"):
             return self.downloader(row)

@@ -138,7 +138,12 @@ def download_failures(spark, root: str, top_hosts: int = TOP_HOSTS) -> dict | No
                   "reason": most.get((r["host"], "reason")), "code": most.get((r["host"], "code"))} for r in top]
     finally:
         cells.unpersist()
-    return {"fetched": fetched, "downloaded": downloaded, "failed": fetched - downloaded,
+    stage = root if is_download_output(root) else stage_dir(root, "download")
+    try:
+        connections = read_manifest(stage).get("connections") or None
+    except NotCommittedError:
+        connections = None
+    return {"connections": connections, "fetched": fetched, "downloaded": downloaded, "failed": fetched - downloaded,
             "not_fetched": sum(n for _, n in skipped), "outcomes": outcomes, "codes": codes,
             "other_codes": other_codes, "statuses": statuses, "hosts": hosts,
             "host_count": totals["hosts"], "failing_hosts": totals["failing"] or 0}
@@ -172,6 +177,20 @@ def failure_map(failures: dict | None, root: str = "OUT") -> list[str]:
             for h in failures["hosts"]], {1, 2, 3})
         lines.append(f"  ({len(failures['hosts'])} of {failures['failing_hosts']:,} hosts with failures shown, "
                      f"most failures first; {failures['host_count']:,} hosts fetched from)")
+    return lines + connection_lines(failures.get("connections"))
+
+
+def connection_lines(connections: dict | None) -> list[str]:
+    """The fetch's connection reuse (the download manifest's `connections`), by host."""
+    if not connections:
+        return []
+    lines = ["", f"connections: {connections['connections']:,} opened for {connections['requests']:,} requests "
+                 f"({connections['requests_per_connection']} per connection), {connections['tls_handshakes']:,} "
+                 f"TLS handshakes, {connections['hosts']:,} hosts"]
+    top = connections.get("top_hosts") or {}
+    lines += aligned([("host", "connections", "requests", "per connection", "TLS handshakes")] + [
+        (clipped(plain(host), HOST_WIDTH), f"{f['connections']:,}", f"{f['requests']:,}",
+         str(f["requests_per_connection"]), f"{f['tls_handshakes']:,}") for host, f in top.items()], {1, 2, 3, 4})
     return lines
 
 
@@ -204,4 +223,7 @@ def failure_html(failures: dict | None, root: str) -> str:
                      "downloaded records and failed fetches; the precheck's rejects were never fetched. Codes "
                      "begin the detail (<code>dns</code>, <code>timeout</code>, <code>http_404</code>...); "
                      "<code>-</code>: a detail without one.</p>")
+    lines = connection_lines(failures.get("connections"))
+    if lines:  # the same aligned table as the terminal's
+        parts.append(f"<pre>{e(chr(10).join(lines[1:]))}</pre>")
     return "".join(parts)

@@ -132,6 +132,7 @@ def _download(spark, spec, out, cfg, progress: bool) -> dict:
         rejects = rejects.unionByName(spark.read.parquet(out.path("prefilter")))
     return _commit(out, cfg, downloaded, rejects, prepared["input_rows"], input=spec.__dict__,
                    source=input_source(spec), shards=shard_stats(out.path("shards")) if prepared["todo"] else {},
+                   connections=connection_stats(out.path("shards")) if prepared["todo"] else {},
                    timings=timer, prefilter=prepared.get("prefilter"))
 
 
@@ -298,6 +299,31 @@ def read_stats(shards_dir: str) -> list[tuple[str, dict]]:
     fs, path = fsspec.core.url_to_fs(shards_dir)
     files = sorted(fs.glob(f"{path}/*_stats.json"))[:STATS_READ]
     return [(f, json.loads(fs.cat(f))) for f in files]
+
+
+TOP_CONNECTION_HOSTS = 20
+
+
+def connection_stats(shards_dir: str) -> dict:
+    """The fetch's connections, summed over the shards' <shard>_connections.json (net/fetch.py:
+    GuardedDownloader): totals, and the hosts with the most requests (aggregates only)."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(shards_dir)
+    by_host: dict[str, dict[str, int]] = {}
+    for file in fs.glob(f"{path}/*_connections.json"):
+        for host, figures in json.loads(fs.cat(file)).items():
+            mine = by_host.setdefault(host, {})
+            for key, n in figures.items():
+                mine[key] = mine.get(key, 0) + n
+    if not by_host:
+        return {}
+
+    def per_connection(f: dict) -> dict:
+        return {**f, "requests_per_connection": round(f["requests"] / f["connections"], 2) if f["connections"] else None}
+    keys = ("connections", "tls_handshakes", "requests", "reused")
+    total = {k: sum(f.get(k, 0) for f in by_host.values()) for k in keys}
+    top = sorted(by_host.items(), key=lambda kv: (-kv[1].get("requests", 0), kv[0]))[:TOP_CONNECTION_HOSTS]
+    return {"hosts": len(by_host), **per_connection(total), "top_hosts": {h: per_connection(f) for h, f in top}}
 
 
 def shard_stats(shards_dir: str) -> dict:

@@ -110,16 +110,28 @@ def test_a_download_over_https_keeps_every_row_with_the_ca_and_fails_each_as_tls
 
     from capfilt.jobs.download import main as download_main
     from test_download import SETTINGS
-    with serve(site, tls=world_ca) as server:
+    with serve(site, tls=world_ca, keep_alive=True) as server:
         rows = [{"id": f"r{i}", "url": f"{server.base_url}/img/{PICTURE}?{i}", "caption": "a red square"}
-                for i in range(4)]
+                for i in range(12)]
         pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
         args = ["--input", str(tmp_path / "m.parquet"), "--id-col", "id", "--allow-host", f"127.0.0.1:{server.port}",
                 *SETTINGS]
-        assert download_main([*args, "--output", str(tmp_path / "trusted"),
+        assert download_main([*args, "--output", str(tmp_path / "trusted"), "--set", "download.threads=1",
                               "--set", f"download.ca_bundle={world_ca / CA_FILE}"]) in (0, None)
         assert download_main([*args, "--output", str(tmp_path / "untrusted")]) in (0, None)
-    assert ds.dataset(tmp_path / "trusted" / "data").count_rows() == 4
+        served = server.connections
+    assert ds.dataset(tmp_path / "trusted" / "data").count_rows() == 12
     rejects = ds.dataset(tmp_path / "untrusted" / "rejects").to_table().to_pandas()
-    assert len(rejects) == 4 and set(rejects.reason) == {"failed_to_download"}
+    assert len(rejects) == 12 and set(rejects.reason) == {"failed_to_download"}
     assert all(d.startswith("tls: ") for d in rejects.detail), list(rejects.detail)
+    # the per-host view of reuse: the manifest's aggregates, as inspect shows them
+    from capfilt.pipelines.download_report import download_failures, failure_map
+    from capfilt.pipelines.output import read_manifest
+    figures = read_manifest(str(tmp_path / "trusted"))["connections"]
+    host = figures["top_hosts"]["127.0.0.1"]
+    assert figures["requests"] == host["requests"] == 12 and figures["hosts"] == 1
+    # one thread per shard: each shard's requests take turns on one kept-alive connection
+    assert 1 <= host["connections"] == host["tls_handshakes"] <= 2
+    assert host["connections"] + read_manifest(str(tmp_path / "untrusted"))["connections"]["connections"] == served
+    lines = failure_map(download_failures(spark, str(tmp_path / "trusted")))
+    assert any(line.startswith(f"connections: {host['connections']} opened for 12 requests") for line in lines)

@@ -167,13 +167,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
 
 
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1: the connection stays open for the next request until the client closes it (or asks to)."""
+    protocol_version = "HTTP/1.1"
+
+
 class _FaultyServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True  # server_close() joins every handler thread: nothing is left running
 
     def __init__(self, site_dir: Path, address: tuple[str, int],
-                 robots: tuple[int, str | None, str | None] | None, throttle_s: float, tls=None):
-        super().__init__(address, _Handler)
+                 robots: tuple[int, str | None, str | None] | None, throttle_s: float, tls=None,
+                 keep_alive: bool = False):
+        super().__init__(address, _KeepAliveHandler if keep_alive else _Handler)
+        self.open_connections: set = set()  # shut down on stop: an idle kept-alive one would hold it up
+        self.connections = 0  # accepted so far
         self.site_dir = site_dir
         self.tls = tls  # an ssl.SSLContext: HTTPS
         self.base_url = f"{'https' if tls else 'http'}://{address[0]}:{self.server_address[1]}"
@@ -208,11 +216,29 @@ class _FaultyServer(ThreadingHTTPServer):
 
     def get_request(self):
         sock, address = super().get_request()
-        if self.tls is None:
-            return sock, address
-        # The handshake runs in the handler's thread (on its first read), not in the accepting loop,
-        # so a client that never finishes one holds only its own thread.
-        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        if self.tls is not None:
+            # The handshake runs in the handler's thread (on its first read), not in the accepting loop,
+            # so a client that never finishes one holds only its own thread.
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self._lock:
+            self.connections += 1
+            self.open_connections.add(sock)
+        return sock, address
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up_all(self) -> None:
+        """Wake every handler blocked reading its next request (kept-alive connections)."""
+        with self._lock:
+            conns = list(self.open_connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class PortUnavailable(OSError):
@@ -226,11 +252,13 @@ class WorldServer:
     """A running server: base_url, port, requests (a snapshot of (path, status)), timed_requests, stop().
 
     robots and throttle_s are the server-wide behaviours of the module docstring; tls, a folder
-    world/tls.py's make_certificates wrote, serves HTTPS with its certificate."""
+    world/tls.py's make_certificates wrote, serves HTTPS with its certificate; keep_alive answers in
+    HTTP/1.1 and keeps each connection open for the client's next request (default: HTTP/1.0, one request
+    per connection)."""
 
     def __init__(self, site_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
                  allow_non_loopback: bool = False, *, robots: Robots = None, throttle_s: float = 0,
-                 tls: str | Path | None = None):
+                 tls: str | Path | None = None, keep_alive: bool = False):
         if not allow_non_loopback and not _is_loopback(host):
             raise ValueError(f"refusing to bind {host!r}: the world server binds loopback only "
                              "unless allow_non_loopback=True")
@@ -243,7 +271,7 @@ class WorldServer:
             from capfilt.world.tls import server_context
             context = server_context(tls)
         try:  # closes its socket if bind fails
-            self._server = _FaultyServer(site_dir, (host, port), rule, throttle_s, context)
+            self._server = _FaultyServer(site_dir, (host, port), rule, throttle_s, context, keep_alive)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortUnavailable(e.errno, f"port {port} is in use on {host}") from None
@@ -254,6 +282,11 @@ class WorldServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="world-server", daemon=True)
         self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far."""
+        return self._server.connections
 
     @property
     def requests(self) -> list[tuple[str, int]]:
@@ -272,6 +305,7 @@ class WorldServer:
             return
         self._server.stopping.set()
         self._server.shutdown()
+        self._server.hang_up_all()
         self._server.server_close()
         self._thread.join()
 
@@ -301,9 +335,11 @@ def _is_loopback(host: str) -> bool:
 
 @contextmanager
 def serve(site_dir: str | Path, host: str = "127.0.0.1", port: int = 0, allow_non_loopback: bool = False, *,
-          robots: Robots = None, throttle_s: float = 0, tls: str | Path | None = None) -> Iterator[WorldServer]:
+          robots: Robots = None, throttle_s: float = 0, tls: str | Path | None = None,
+          keep_alive: bool = False) -> Iterator[WorldServer]:
     """Serve site_dir on host:port (0: an ephemeral port) for the duration of a with-block."""
-    server = WorldServer(site_dir, host, port, allow_non_loopback, robots=robots, throttle_s=throttle_s, tls=tls)
+    server = WorldServer(site_dir, host, port, allow_non_loopback, robots=robots, throttle_s=throttle_s, tls=tls,
+                         keep_alive=keep_alive)
     try:
         yield server
     finally:
@@ -315,7 +351,7 @@ def serve_hosts(site_dir: str | Path, n: int, per_host: dict[int, dict] | None =
                 **kwargs) -> Iterator[list[WorldServer]]:
     """n servers of site_dir, the i-th on 127.0.0.(i+2) at an ephemeral port, for a with-block.
 
-    kwargs (robots, throttle_s, tls) go to every server; per_host[i] overrides them for the i-th, e.g.
+    kwargs (robots, throttle_s, tls, keep_alive) go to every server; per_host[i] overrides them for the i-th, e.g.
     per_host={0: {"robots": 500}}. All are stopped on exit, and if any fails to start."""
     per_host = per_host or {}
     if not set(per_host) <= set(range(n)):
