@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -60,10 +59,8 @@ def main() -> None:
 
     import img2dataset
 
-    from capfilt.jobs.download import download
+    from capfilt.jobs.download import main as download
     from capfilt.pipelines.config import load_config
-    from capfilt.pipelines.inputs import InputSpec
-    from capfilt.pipelines.output import StageOutput
     from capfilt.pipelines.session import spark_session
     from capfilt.world.corpus import make_web_corpus, write_metadata
     from capfilt.world.server import serve_hosts
@@ -83,21 +80,20 @@ def main() -> None:
         endpoints = [f"'{server.base_url.split('//')[1]}'" for server in servers]
         off = ["download.max_requests_per_second_per_host=0", "download.max_connections_per_host=0",
                "download.robots_txt=false"]
-        cfg = load_config(None, [f"spark.master={args.master}", "spark.log_level=ERROR",
-                                 f"download.image_size={store}", f"download.threads={args.threads}",
-                                 "download.timeout=5", *off, *trust,
-                                 f"download.allow_hosts=[{', '.join(endpoints)}, '127.0.0.1:1']"])
-        spark = spark_session(cfg.spark)
+        base = [f"spark.master={args.master}", "spark.log_level=ERROR", f"download.image_size={store}",
+                f"download.threads={args.threads}", "download.timeout=5", *off, *trust,
+                f"download.allow_hosts=[{', '.join(endpoints)}, '127.0.0.1:1']"]
+        cfg = load_config(None, base)
+        spark = spark_session(cfg.spark)  # the download jobs below find it running
         parallelism = spark.sparkContext.defaultParallelism
         shard = -(-args.rows // parallelism)  # what the stage picks: one shard per core
-        spec = InputSpec(str(metadata), id_col="id")
         extras = ["id", "source_site", "license"]  # img2dataset refuses width/height; capfilt keeps them as input_*
         d = cfg.download
-        arms = {"capfilt": cfg, **({"capfilt, full decode": replace(cfg, download=replace(
-            cfg.download, reduced_decode=False))} if web else {}), **({"capfilt, polite": replace(cfg, download=replace(
-                cfg.download, robots_txt=True, polite_to_allowed_hosts=True,
-                max_requests_per_second_per_host=args.polite_rate,
-                max_connections_per_host=args.polite_connections))} if args.hosts > 1 else {})}
+        arms = {"capfilt": [], **({"capfilt, full decode": ["download.reduced_decode=false"]} if web else {}),
+                **({"capfilt, polite": ["download.robots_txt=true", "download.polite_to_allowed_hosts=true",
+                                        f"download.max_requests_per_second_per_host={args.polite_rate}",
+                                        f"download.max_connections_per_host={args.polite_connections}"]}
+                   if args.hosts > 1 else {})}
         times = {"img2dataset": [], **{arm: [] for arm in arms}}
         served = {arm: [0, 0] for arm in times}  # connections, requests the servers saw
 
@@ -121,17 +117,21 @@ def main() -> None:
                 extract_exif=False, compute_hash="sha256", user_agent_token=d.user_agent_token)
             times["img2dataset"].append(time.perf_counter() - start)
             count("img2dataset", before)
-            for j, (arm, arm_cfg) in enumerate(arms.items()):
+            for j, (arm, overrides) in enumerate(arms.items()):
                 out = work / f"capfilt{i}_{j}"
                 before = now()
                 start = time.perf_counter()
-                counts = download(spark, spec, StageOutput(str(out), "download"), arm_cfg,
-                                  progress=True)  # img2dataset always prints its progress too
+                # img2dataset always prints its progress too
+                assert download(["--input", str(metadata), "--id-col", "id", "--output", str(out),
+                                 *[a for kv in base + overrides for a in ("--set", kv)]]) in (0, None)
                 times[arm].append(time.perf_counter() - start)
                 count(arm, before)
-                print(f"  {arm} phases:", json.loads((out / "manifest.json").read_text())["timings"])
+                manifest = json.loads((out / "manifest.json").read_text())
+                print(f"  {arm} phases:", manifest["timings"], "connections:",
+                      {k: v for k, v in (manifest.get("connections") or {}).items() if k != "top_hosts"})
                 print(f"repeat {i}: img2dataset {times['img2dataset'][-1]:.2f}s, {arm} {times[arm][-1]:.2f}s "
-                      f"({counts.output} downloaded, {counts.rejected_total} rejected)", flush=True)
+                      f"({manifest['counts']['output']} downloaded, {manifest['counts']['rejected_total']} rejected)",
+                      flush=True)
     rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
     print(f"\nrows={args.rows} threads={args.threads} master={args.master} shards of {shard} rows; images "
           f"{args.image_size} px stored at {store} px; {args.hosts} host(s); "

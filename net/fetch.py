@@ -12,6 +12,7 @@ and decodes a large plain JPEG at reduced size (net/reduced_decode.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import io
@@ -530,22 +531,34 @@ def check_ca_bundle(path: str | None) -> None:
 
 
 _installed: FetchPolicy | None = None
+_opener: urllib.request.OpenerDirector | None = None
 
 
 def prepare_worker(policy: FetchPolicy) -> None:
-    """Install the guarded opener in this (reused) worker process; cheap when already done."""
-    global _installed
-    if _installed == policy:
-        return
-    if policy.loopback_only:
-        netguard.refuse_non_loopback()
-    else:
-        netguard.allow_any_connect()
+    """Install the guarded opener of `policy` in this (reused) worker process; built once per policy."""
+    global _installed, _opener
+    if _installed != policy:
+        if policy.loopback_only:
+            netguard.refuse_non_loopback()
+        else:
+            netguard.allow_any_connect()
+        if _opener is not None:
+            _opener.pool.close()  # another run's kept-alive connections
+        _opener, _installed = build_opener(policy), policy
+    urllib.request.install_opener(_opener)
+
+
+@contextlib.contextmanager
+def guarded(policy: FetchPolicy):
+    """The guarded opener of `policy` installed for a with-block (a shard, a robots.txt pass) and the opener
+    that was there put back after, so that a reused Python worker running other code later (another job's
+    tasks, bare img2dataset) gets urllib as it was; the kept-alive connections stay with the policy's opener."""
     previous = urllib.request._opener
-    urllib.request.install_opener(build_opener(policy))
-    if getattr(previous, "pool", None) is not None:
-        previous.pool.close()  # another run's kept-alive connections
-    _installed = policy
+    prepare_worker(policy)
+    try:
+        yield _opener
+    finally:
+        urllib.request.install_opener(previous)
 
 
 class GuardedDownloader:
@@ -559,13 +572,12 @@ class GuardedDownloader:
         self.tmp_dir = tmp_dir
 
     def __call__(self, row):
-        prepare_worker(self.policy)
-        pool = urllib.request._opener.pool
-        before = {host: dict(figures) for host, figures in pool.stats.items()}
-        try:
-            return self._download(row)
-        finally:
-            self._report(row[0], before, pool.stats)
+        with guarded(self.policy) as opener:
+            before = {host: dict(figures) for host, figures in opener.pool.stats.items()}
+            try:
+                return self._download(row)
+            finally:
+                self._report(row[0], before, opener.pool.stats)
 
     def _report(self, shard_id: int, before: dict, after: dict) -> None:
         """This shard's connection figures by host (ConnectionPool.stats, the difference this shard made):

@@ -131,13 +131,13 @@ def robots_refusals(todo, settings: DownloadSettings, partitions: int):
     def check(batches):
         import pandas as pd
 
-        from capfilt.net.fetch import prepare_worker
+        from capfilt.net.fetch import guarded
         from capfilt.net.robots import RobotsCache
-        prepare_worker(policy)
-        cache = RobotsCache(token, tokens, timeout, threads)
-        for pdf in batches:
-            pdf = pdf.assign(detail=cache.refusals(pdf["_authority"].tolist(), pdf["url"].tolist()))
-            yield pd.DataFrame(pdf[pdf.detail.notna()][["uid", "url", "caption", "detail"]])
+        with guarded(policy):
+            cache = RobotsCache(token, tokens, timeout, threads)
+            for pdf in batches:
+                pdf = pdf.assign(detail=cache.refusals(pdf["_authority"].tolist(), pdf["url"].tolist()))
+                yield pd.DataFrame(pdf[pdf.detail.notna()][["uid", "url", "caption", "detail"]])
 
     schema = StructType([StructField(c, StringType()) for c in ("uid", "url", "caption", "detail")])
     rows = with_hosts(todo, settings).filter("_limited").select("uid", "url", "caption", "_authority")

@@ -188,7 +188,7 @@ def guarded_worker(loopback_only):
     try:
         yield install
     finally:
-        fetch._installed = None
+        fetch._installed = fetch._opener = None
         urllib.request.install_opener(None)
 
 

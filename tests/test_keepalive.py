@@ -161,3 +161,21 @@ def test_a_redirect_to_a_blocked_address_on_a_kept_alive_connection_is_refused(g
             assert body is None and "blocked_address" in err
             assert len(accepted) == 1  # the redirect came on the kept-alive connection
         assert connections() == 0
+
+
+def test_the_opener_is_installed_per_shard_and_its_connections_outlive_the_shard(site, guarded_worker):
+    """A reused Python worker gets urllib back as it was after a shard (bare img2dataset, another job's
+    tasks), while the policy's kept-alive connections serve its next shard."""
+    import urllib.request
+
+    from capfilt.net.fetch import FetchPolicy, guarded
+    guarded_worker()  # the fixture's clean-up: a fresh opener afterwards
+    policy = FetchPolicy(loopback_only=True, allow_hosts=("127.0.0.1",))
+    with serve(site, keep_alive=True) as server:
+        urllib.request.install_opener(None)
+        for _ in range(2):
+            with guarded(policy) as opener:
+                assert urllib.request._opener is opener
+                assert _fetch(f"{server.base_url}/img/p0.png")[1] is None
+            assert urllib.request._opener is None
+        assert server.connections == 1 and opener.pool.stats["127.0.0.1"]["reused"] == 1

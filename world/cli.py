@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("Ctrl-C to stop", flush=True)
 
     try:
-        serve_until_interrupted(out / "site", args.port, on_start=announce, tls=tls)
+        serve_until_interrupted(out / "site", args.port, on_start=announce, tls=tls, keep_alive=args.keep_alive)
     except PortUnavailable as e:
         raise ValueError(f"{e}: choose another with --port, or --port 0 for any free one") from None
     print("stopped")
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--tls", action="store_true",
                            help="serve HTTPS with a certificate from a test CA written to DIR/tls (once; ca.pem is "
                                 "what a client trusts: download.ca_bundle)")
+    serve_cmd.add_argument("--keep-alive", action="store_true",
+                           help="answer in HTTP/1.1 and keep connections open between requests, as web servers do "
+                                "(default: HTTP/1.0, one request per connection)")
     serve_cmd.set_defaults(run=_serve)
     return parser
 

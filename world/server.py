@@ -363,9 +363,9 @@ def serve_hosts(site_dir: str | Path, n: int, per_host: dict[int, dict] | None =
 
 def serve_until_interrupted(site_dir: str | Path, port: int = 0,
                             on_start: Callable[[WorldServer], None] | None = None,
-                            tls: str | Path | None = None) -> None:
+                            tls: str | Path | None = None, keep_alive: bool = False) -> None:
     """Blocking mode (for the CLI): serve on 127.0.0.1, call on_start(server), then wait for Ctrl-C."""
-    with serve(site_dir, port=port, tls=tls) as server:
+    with serve(site_dir, port=port, tls=tls, keep_alive=keep_alive) as server:
         if on_start is not None:
             on_start(server)
         try:
