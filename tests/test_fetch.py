@@ -4,7 +4,6 @@ in front of img2dataset's resizer."""
 import contextlib
 import io
 import socket
-import threading
 import time
 
 import numpy as np
@@ -16,7 +15,7 @@ from capfilt.net import netguard
 from capfilt.net.fetch import SafeResizer, normalise
 from capfilt.net.polite import RETRYABLE_CODES
 from capfilt.world.corpus import bomb_png
-from helpers import encoded
+from helpers import encoded, loopback_server
 
 
 @pytest.mark.parametrize("ip, reason", [
@@ -220,12 +219,7 @@ def test_a_plain_jpeg_stores_what_img2dataset_stores_byte_for_byte(monkeypatch, 
 def _server(respond):
     """A loopback HTTP server: `respond(path, conn, stop)` writes the raw answer to each request.
     Stopped (and its connection threads joined) on exit."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
-    workers = []
-
-    def serve(conn):
+    def serve(conn, stop):
         with conn:
             conn.settimeout(5)
             request = b""
@@ -239,26 +233,8 @@ def _server(respond):
             except OSError:
                 pass  # the client went away
 
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
-                continue
-            worker = threading.Thread(target=serve, args=(conn,), daemon=True)
-            worker.start()
-            workers.append(worker)
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        acceptor.join(5)
-        listener.close()
-        for worker in workers:
-            worker.join(5)
+    with loopback_server(serve) as (port, _):
+        yield port
 
 
 @contextlib.contextmanager

@@ -7,8 +7,6 @@ kept-alive connection to a blocked address is refused without a connection."""
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +14,7 @@ from img2dataset.downloader import download_image
 
 from capfilt.world.server import serve
 from capfilt.world.tls import CA_FILE, make_certificates
+from helpers import loopback_server
 
 N_FILES = 6
 
@@ -94,11 +93,7 @@ def test_a_body_cut_half_way_fails_its_row_alone_and_its_connection_is_not_reuse
 def _raw_keep_alive(answers):
     """A loopback server answering the requests of each connection in turn with answers[k] (raw bytes);
     yields (port, accepted connections)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop, accepted, threads = threading.Event(), [], []
-
-    def serve_conn(conn):
+    def serve(conn, stop):
         with conn:
             conn.settimeout(5)
             buffer, k = b"", 0
@@ -115,27 +110,8 @@ def _raw_keep_alive(answers):
             except OSError:
                 pass
 
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
-                continue
-            accepted.append(conn)
-            worker = threading.Thread(target=serve_conn, args=(conn,), daemon=True)
-            worker.start()
-            threads.append(worker)
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield listener.getsockname()[1], accepted
-    finally:
-        stop.set()
-        acceptor.join(5)
-        listener.close()
-        for worker in threads:
-            worker.join(5)
+    with loopback_server(serve) as served:
+        yield served
 
 
 def _ok(body: bytes, extra: bytes = b"") -> bytes:
