@@ -89,11 +89,12 @@ def _header_parses(data: bytes) -> bool:
 
 def _curated(root: Path) -> _Reader:
     import pyarrow.parquet as pq
-
-    from capfilt.pipelines.output import read_manifest
-    manifest = read_manifest(str(root))  # refuses an unfinished OUT
-    if manifest.get("stage") != "curate" and not (root / "curated").is_dir():
-        raise ValueError(f"--data {root}: a stage output without curated/ (give a curate OUT)")
+    try:  # manifest.json is written last: an OUT without one is unfinished (pipelines/output.py)
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--data {root}: its manifest.json does not read ({e}): not a finished curate OUT") from None
+    if not (root / "curated").is_dir():
+        raise ValueError(f"--data {root}: a stage output without curated/ (give a `capfilt curate` OUT)")
     files = sorted((root / "curated").glob("*.parquet"))
     reader = _Reader(root, "curated")
     reader.figures["finished_at"] = manifest.get("finished_at")

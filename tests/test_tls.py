@@ -66,8 +66,8 @@ def test_serve_hosts_addresses_are_in_the_certificate(site, world_ca, guarded_wo
 
 def test_an_untrusted_certificate_or_one_for_another_name_fails_as_tls(site, world_ca, tmp_path, guarded_worker,
                                                                        monkeypatch):
-    sleeps = []
-    monkeypatch.setattr(fetch.time, "sleep", sleeps.append)
+    sleeps = []  # the backoffs before retries (fetch.time.sleep is every thread's time.sleep)
+    monkeypatch.setattr(fetch, "backoff_s", lambda attempt, base: sleeps.append(attempt) or 0.0)
     guarded_worker(allow_hosts=("127.0.0.1",), retries=2)  # the system's CAs: the test CA is not among them
     with serve(site, tls=world_ca) as server:
         body, err = _fetch(f"{server.base_url}/img/{PICTURE}")
