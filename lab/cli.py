@@ -128,6 +128,8 @@ def _finetune(args) -> int:
             raise ValueError(f"--{name} {getattr(args, name)}: must be {'>= 0' if name == 'heldout' else '>= 1'}")
     if not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: must be > 0")
+    if args.neighbours < 1:
+        raise ValueError(f"--neighbours {args.neighbours}: must be >= 1")
     card = finetune(args.model, args.init, args.data, Path(args.out), steps=args.steps, batch=args.batch, lr=args.lr,
                     seed=args.seed, heldout=args.heldout, neighbours=args.neighbours, minutes=args.minutes,
                     threads=args.threads, bf16=args.bf16)

@@ -123,7 +123,7 @@ def _parquet(path: Path) -> _Reader:
             image = row["image"]
             if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
                 image = image.get("bytes")
-            captions = row[text] if text == "captions" else [row[text]]
+            captions = row[text] if text == "captions" and not isinstance(row[text], str) else [row[text]]
             reader.add(image, captions, row.get("negatives") or [])
     return reader
 

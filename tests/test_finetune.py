@@ -68,6 +68,10 @@ def test_pairs_from_a_curated_out_a_webdataset_and_parquet_count_what_they_leave
                   {"text": "synthetic", "source": "synthetic", "score": 0.9, "kept": True}]
     pq.write_table(pa.table({"image": [image[3]], "candidates": [candidates], "caption_primary": ["synthetic"]}),
                    out / "curated" / "part-0.parquet")
+    # a `captions` column holding a string is one caption, not one per character
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"image": [image[4]], "captions": ["a blue square"]}), one)
+    assert read_pairs([str(one)]).positives == [["a blue square"]]
     pairs = read_pairs([str(tmp_path / "shard-00000.tar"), str(out), str(annotated)])
     assert len(pairs) == 2 + 1 + 40
     assert pairs.positives[:3] == [["a red circle"], ["kept one"], ["synthetic"]]
@@ -205,4 +209,5 @@ def test_bad_input_is_one_line_before_any_training(annotated, tmp_path, capsys, 
     assert "exists" in _refusal(capsys, ["finetune", "itm", "--init", str(MODELS["itm"]), "--data", str(annotated),
                                          "--out", str(taken)])
     assert "--steps 0" in _refusal(capsys, [*base, "--data", str(annotated), "--steps", "0"])
+    assert "--neighbours -1" in _refusal(capsys, [*base, "--data", str(annotated), "--neighbours", "-1"])
     assert not (tmp_path / "new").exists() and (taken / "weights").read_text() == "someone's"

@@ -5,7 +5,7 @@ signed, valid for 127.0.0.1, the addresses serve_hosts uses (127.0.0.2 and up) a
 
     folder/ca.pem           the CA certificate: what a client trusts (download.ca_bundle, SSL_CERT_FILE)
     folder/server.pem       the server certificate, then the CA's (the chain a server sends)
-    folder/server-key.pem   the server's private key (ECDSA P-256, as most CDNs serve first)
+    folder/server-key.pem   the server's private key (ECDSA P-256)
 
 The CA's private key is not kept: nothing else can be signed with it. Nothing here is a secret worth
 protecting: the certificates exist to make the loopback server speak TLS as the web does.
