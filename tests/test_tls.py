@@ -135,3 +135,14 @@ def test_a_download_over_https_keeps_every_row_with_the_ca_and_fails_each_as_tls
     assert host["connections"] + read_manifest(str(tmp_path / "untrusted"))["connections"]["connections"] == served
     lines = failure_map(download_failures(spark, str(tmp_path / "trusted")))
     assert any(line.startswith(f"connections: {host['connections']} opened for 12 requests") for line in lines)
+
+
+def test_world_serve_tls_with_a_broken_certificate_folder_is_one_line(tmp_path, capsys):
+    from capfilt.world.cli import main as world
+    from capfilt.world.corpus import make_web_corpus
+    make_web_corpus(tmp_path / "corpus", n=40, seed=3)
+    make_certificates(tmp_path / "corpus" / "tls")
+    (tmp_path / "corpus" / "tls" / "server.pem").write_text("not a certificate\n")
+    assert world(["serve", str(tmp_path / "corpus"), "--tls"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt world: error: ") and err.count("\n") == 1 and "does not load" in err

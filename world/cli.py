@@ -98,10 +98,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     tls = None
     if args.tls:
-        from capfilt.world.tls import CA_FILE, CERT_FILE, make_certificates
+        from capfilt.world.tls import CA_FILE, CERT_FILE, make_certificates, server_context
         tls = out / "tls"
         if not (tls / CERT_FILE).is_file():
             make_certificates(tls)
+        try:  # a certificate folder someone changed: one line, not a traceback from the server's start
+            server_context(tls)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{tls}: its certificate or key does not load ({e}); remove the folder to make a "
+                             f"new test CA") from None
 
     def announce(server: WorldServer) -> None:
         paths = [write_metadata(out, server.base_url, fmt=fmt) for fmt in args.format or ["parquet"]]
